@@ -1,0 +1,238 @@
+"""Capture a model as an aten-level ``torch.fx`` graph with shapes and parameter names.
+
+Two tracers, one result type:
+
+* ``torch.export.export(..., strict=False)`` (the default): symbolic, never runs the model.
+* a concrete trace, ``make_fx(functional_call(...), tracing_mode="real", pre_dispatch=True)``,
+  for models ``torch.export`` rejects (data-dependent post-processing such as torchvision's
+  detectors). It runs the model once on the example inputs, on copies of the buffers.
+
+Both produce the same "training IR" op set (``aten.conv2d``, ``aten.batch_norm``,
+``aten.linear``, in-place ops kept), so one rule table serves both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+__all__ = ["Capture", "capture", "OutputSelector"]
+
+OutputSelector = Callable[[Any], Any]
+
+
+@dataclass
+class Capture:
+    """A traced model.
+
+    Attributes:
+        graph: the aten-level graph; every tensor node has ``meta["val"]`` (shape, dtype).
+        param_names: placeholder node name -> fully qualified name of the parameter or buffer.
+        input_names: placeholder node names of the user inputs, in call order.
+        output_nodes: the nodes whose values form the model's output contract.
+        method: ``"export"`` or ``"concrete"``, the tracer that produced the graph.
+        notes: why a fallback was taken, if one was.
+    """
+
+    graph: torch.fx.Graph
+    param_names: dict[str, str]
+    input_names: list[str]
+    output_nodes: list[torch.fx.Node]
+    method: str
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        n_ops = sum(1 for n in self.graph.nodes if n.op == "call_function")
+        return (f"Capture(method={self.method}, ops={n_ops}, params={len(self.param_names)}, "
+                f"outputs={len(self.output_nodes)})")
+
+
+class _Selected(torch.nn.Module):
+    """Wraps a model so that only the contract outputs are returned (and so traced as outputs)."""
+
+    def __init__(self, model: torch.nn.Module, select: Optional[OutputSelector]) -> None:
+        super().__init__()
+        self.model = model
+        self.select = select
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.model(*args, **kwargs)
+        return self.select(out) if self.select is not None else out
+
+
+_PREFIX = "model."
+
+
+def _strip(fqn: str) -> str:
+    return fqn[len(_PREFIX):] if fqn.startswith(_PREFIX) else fqn
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    return (example_inputs,)
+
+
+def _capture_export(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(wrapped, args, kwargs, strict=False)
+    sig = ep.graph_signature
+    param_names: dict[str, str] = {}
+    input_names: list[str] = []
+    for spec in sig.input_specs:
+        name = spec.arg.name
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            param_names[name] = _strip(spec.target)
+        elif spec.kind == InputKind.USER_INPUT:
+            input_names.append(name)
+    user_outputs = {spec.arg.name for spec in sig.output_specs
+                    if spec.kind == OutputKind.USER_OUTPUT and hasattr(spec.arg, "name")}
+    graph = ep.graph
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    outputs = [n for n in pytree.tree_leaves(out_node.args[0])
+               if isinstance(n, torch.fx.Node) and n.name in user_outputs]
+    return Capture(graph, param_names, input_names, outputs, "export")
+
+
+def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model = wrapped.model
+    params = dict(model.named_parameters())
+    # Copies, so a train-mode forward does not update the user's running statistics.
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+
+    def run(p: dict, b: dict, a: tuple, k: dict) -> Any:
+        out = functional_call(model, {**p, **b}, a, k)
+        return wrapped.select(out) if wrapped.select is not None else out
+
+    gm = make_fx(run, tracing_mode="real", pre_dispatch=True)(params, buffers, args, kwargs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat_p = pytree.tree_leaves(params)
+    flat_b = pytree.tree_leaves(buffers)
+    flat_in = pytree.tree_leaves((args, kwargs))
+    if len(placeholders) != len(flat_p) + len(flat_b) + len(flat_in):
+        raise CaptureError("concrete trace produced an unexpected number of graph inputs")
+    names = list(params) + list(buffers)
+    param_names = {ph.name: fqn for ph, fqn in zip(placeholders, names)}
+    input_names = [ph.name for ph in placeholders[len(names):]]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = [n for n in pytree.tree_leaves(out_node.args[0]) if isinstance(n, torch.fx.Node)]
+    return Capture(gm.graph, param_names, input_names, outputs, "concrete")
+
+
+def capture(model: torch.nn.Module, example_inputs: Any, *,
+            example_kwargs: Optional[dict] = None,
+            outputs: Optional[OutputSelector] = None,
+            method: str = "auto") -> Capture:
+    """Trace ``model`` on ``example_inputs`` into an aten graph.
+
+    Args:
+        model: any ``nn.Module``; it is not modified.
+        example_inputs: a tensor or a tuple of positional arguments (tensors, lists, dicts).
+        example_kwargs: keyword arguments for ``forward``.
+        outputs: picks the model's output contract from its return value, e.g.
+            ``lambda out: out[0]`` for an Ultralytics detector, whose second output holds raw
+            per-level maps. Default: everything ``forward`` returns.
+        method: ``"export"``, ``"concrete"`` or ``"auto"`` (export, then concrete on failure).
+
+    Returns:
+        A :class:`Capture`.
+
+    Raises:
+        CaptureError: neither tracer could trace the model; the message holds both causes.
+
+    Example:
+        >>> import torch
+        >>> cap = capture(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8))
+        >>> cap.method
+        'export'
+    """
+    if method not in ("auto", "export", "concrete"):
+        raise ValueError(f"method must be 'auto', 'export' or 'concrete', got {method!r}")
+    args = _as_args(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    with _attributes_restored(model):
+        return _capture(model, args, kwargs, outputs, method)
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
+             outputs: Optional[OutputSelector], method: str) -> Capture:
+    wrapped = _Selected(model, outputs)
+    notes: list[str] = []
+    errors: list[str] = []
+    if method in ("auto", "export"):
+        try:
+            return _capture_export(wrapped, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - any tracer failure means: try the other one
+            errors.append(f"torch.export: {type(exc).__name__}: {_first_line(exc)}")
+            notes.append(f"torch.export failed ({type(exc).__name__}); used the concrete trace")
+            if method == "export":
+                raise CaptureError(_capture_message(model, errors)) from exc
+    try:
+        with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
+            cap = _capture_concrete(wrapped, args, kwargs)
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"concrete trace: {type(exc).__name__}: {_first_line(exc)}")
+        raise CaptureError(_capture_message(model, errors)) from exc
+    cap.notes.extend(notes)
+    return cap
+
+
+@contextlib.contextmanager
+def _attributes_restored(model: torch.nn.Module):
+    """Undo attribute assignments made by ``forward`` during tracing.
+
+    Tracing with fake tensors runs the model's Python code: a forward that caches
+    ``self.anchors = ...`` (Ultralytics' Detect does) would otherwise leave fake tensors on the
+    user's model.
+    """
+    saved = []
+    for module in model.modules():
+        state = dict(module.__dict__)
+        inner = {k: dict(v) for k, v in state.items() if k in ("_parameters", "_buffers")}
+        saved.append((module, state, inner))
+    try:
+        yield
+    finally:
+        for module, state, inner in saved:
+            for key in list(module.__dict__):
+                if key not in state:
+                    del module.__dict__[key]
+            for key, value in state.items():
+                if module.__dict__.get(key) is not value:
+                    module.__dict__[key] = value
+            for key, value in inner.items():
+                current = module.__dict__[key]
+                if current != value:
+                    current.clear()
+                    current.update(value)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else "(no message)"
+
+
+def _capture_message(model: torch.nn.Module, errors: list[str]) -> str:
+    return (f"could not capture {type(model).__name__}: " + "; ".join(errors) +
+            ". Check that the example inputs are ones the model accepts (run model(*inputs) "
+            "once), and that forward has no Python side effects that depend on tensor values.")
+
+
+def clone_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy; kept here so every stage copies models the same way."""
+    return copy.deepcopy(model)

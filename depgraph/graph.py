@@ -1,0 +1,189 @@
+"""The result of analysis: pruning units, groups, frozen channels, and views of them.
+
+Vocabulary:
+    slice   one parameter dimension and the indices along it, e.g. ``layer1.0.conv1.weight``
+            dim 0, indices (3, 17).
+    unit    the smallest thing that can be pruned: an equivalence class of channel atoms.
+            Removing a unit removes every slice it owns, in every parameter and buffer.
+    group   units that share a layer dimension (transitively): a residual stage, a concat
+            block. Allocation normalises scores and enforces widths per group.
+    frozen  channels that must never be pruned, each with the reason.
+    exact   a unit whose removal leaves the remaining outputs unchanged once its consumers'
+            input slices are zeroed (not true through LayerNorm/GroupNorm statistics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .rules.registry import LayerUse
+
+__all__ = ["Slice", "Unit", "Group", "FrozenChannels", "ChannelGraph"]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Indices along one dimension of one parameter or buffer."""
+
+    param: str
+    dim: int
+    indices: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.param}[dim {self.dim}: {len(self.indices)}]"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A set of channels that is pruned as one."""
+
+    id: int
+    group: int
+    slices: tuple[Slice, ...]
+    exact: bool = True
+    note: Optional[str] = None  # why the unit is inexact
+
+    def __str__(self) -> str:
+        return f"Unit({self.id}, group={self.group}, slices={len(self.slices)})"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Units that must keep a common layout; ``dims`` are the layer dims they span."""
+
+    id: int
+    units: tuple[int, ...]
+    dims: tuple[tuple[str, int, int], ...]  # (param, dim, size) for every layer dim touched
+    frozen: int = 0  # frozen channels living in the same dims
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Owning module names, in first-seen order."""
+        seen: dict[str, None] = {}
+        for param, _, _ in self.dims:
+            seen.setdefault(param.rpartition(".")[0], None)
+        return tuple(seen)
+
+    def __str__(self) -> str:
+        return f"Group({self.id}, units={len(self.units)}, layers={len(self.layers)})"
+
+
+@dataclass(frozen=True)
+class FrozenChannels:
+    """Channels that are never pruned, and why."""
+
+    reason: str
+    dims: tuple[tuple[str, int, int], ...]  # (param, dim, number of frozen indices)
+
+    @property
+    def count(self) -> int:
+        return sum(n for _, _, n in self.dims)
+
+    def __str__(self) -> str:
+        return f"{self.count} channels: {self.reason}"
+
+
+@dataclass
+class ChannelGraph:
+    """Coupled channels of a captured model.
+
+    Attributes:
+        units: every prunable unit, by id.
+        groups: every group, by id.
+        frozen: frozen channels grouped by reason.
+        unit_index: ``(param, dim) -> array`` with the unit id of every index (-1: not prunable).
+        param_shapes: shape of every parameter and buffer seen in the graph.
+        consumers: ``(param, dim)`` pairs that read channels (conv/linear inputs).
+        layers: every weighted op call, in graph order.
+    """
+
+    units: list[Unit]
+    groups: list[Group]
+    frozen: list[FrozenChannels]
+    unit_index: dict[tuple[str, int], np.ndarray]
+    param_shapes: dict[str, tuple[int, ...]]
+    consumers: set[tuple[str, int]]
+    layers: list[LayerUse]
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f"ChannelGraph(units={len(self.units)}, groups={len(self.groups)}, "
+                f"frozen={sum(f.count for f in self.frozen)})")
+
+    # ---- queries -------------------------------------------------------------------------
+    def exact_units(self) -> list[int]:
+        return [u.id for u in self.units if u.exact]
+
+    def kept_indices(self, removed: set[int] | frozenset[int]) -> dict[tuple[str, int], np.ndarray]:
+        """For every channel-bearing parameter dim, the indices that stay once ``removed`` go."""
+        removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
+        return {key: np.nonzero(~np.isin(ids, removed_arr))[0]
+                for key, ids in self.unit_index.items()}
+
+    def prunable_share(self, kind: str = "conv") -> tuple[int, int]:
+        """(prunable, total) output channels over all layers of ``kind`` (e.g. "conv")."""
+        prunable = total = 0
+        seen = set()
+        for layer in self.layers:
+            if layer.kind != kind or layer.weight is None or layer.out_dim is None:
+                continue
+            key = (layer.weight, layer.out_dim)
+            if key in seen:
+                continue
+            seen.add(key)
+            ids = self.unit_index.get(key)
+            total += self.param_shapes[layer.weight][layer.out_dim]
+            prunable += int((ids >= 0).sum()) if ids is not None else 0
+        return prunable, total
+
+    # ---- views ---------------------------------------------------------------------------
+    def to_networkx(self):
+        """A graph of layers (modules) whose channels are coupled.
+
+        Nodes are module names with ``kind`` and ``params``; an edge joins two modules whose
+        parameters share at least one pruning unit, with the shared ``groups`` and ``units``.
+        """
+        import networkx as nx
+
+        g = nx.Graph()
+        kinds = {l.weight.rpartition(".")[0]: l.kind for l in self.layers if l.weight}
+        owners: dict[int, set[str]] = {}
+        for (param, dim), ids in self.unit_index.items():
+            module = param.rpartition(".")[0]
+            if not g.has_node(module):
+                g.add_node(module, kind=kinds.get(module, "other"), params=[])
+            g.nodes[module]["params"].append((param, dim))
+            for u in np.unique(ids[ids >= 0]).tolist():
+                owners.setdefault(u, set()).add(module)
+        for u, modules in owners.items():
+            ordered = sorted(modules)
+            for i, a in enumerate(ordered):
+                for b in ordered[i + 1:]:
+                    data = g.get_edge_data(a, b) or {"units": 0, "groups": set()}
+                    data["units"] += 1
+                    data["groups"].add(self.units[u].group)
+                    g.add_edge(a, b, **data)
+        return g
+
+    def summary(self, max_rows: int = 20) -> str:
+        """A printable table of groups and frozen channels."""
+        lines = [str(self)]
+        conv_p, conv_t = self.prunable_share("conv")
+        if conv_t:
+            lines.append(f"prunable conv output channels: {conv_p}/{conv_t} "
+                         f"({100 * conv_p / conv_t:.1f}%)")
+        lines.append(f"{'group':>5}  {'units':>5}  {'frozen':>6}  layers")
+        for grp in self.groups[:max_rows]:
+            names = ", ".join(grp.layers[:4]) + (" ..." if len(grp.layers) > 4 else "")
+            lines.append(f"{grp.id:>5}  {len(grp.units):>5}  {grp.frozen:>6}  {names}")
+        if len(self.groups) > max_rows:
+            lines.append(f"  ... {len(self.groups) - max_rows} more groups")
+        lines.append("frozen:")
+        for fr in self.frozen:
+            where = ", ".join(f"{p}[{d}]" for p, d, _ in fr.dims[:3])
+            more = " ..." if len(fr.dims) > 3 else ""
+            lines.append(f"  {fr.count:>6}  {fr.reason}  ({where}{more})")
+        return "\n".join(lines)

@@ -1,0 +1,290 @@
+"""Rules for ops with weights: convolution, linear and matmul, and the normalisations.
+
+Each rule unifies the input's channel atoms with the weight dim that reads them (and tells the
+context that this dim is a *consumer*, which verification zeroes), returns the weight dim that
+writes the output channels, and records a :class:`LayerUse` for reports and the cost model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .elementwise import broadcast_maps
+from .registry import LayerUse, RuleContext, register
+
+aten = torch.ops.aten
+
+_NO_SOURCE = "reads a tensor whose channels are fixed (a graph input or constant)"
+
+
+def _record(ctx: RuleContext, kind: str, weight, in_dim: Optional[int], out_dim: Optional[int],
+            macs: int) -> None:
+    ctx.layers.append(LayerUse(ctx.node.name, kind, ctx.param(weight), in_dim, out_dim,
+                               ctx.module(), int(macs)))
+
+
+def _conv_args(node) -> tuple[bool, int]:
+    """(transposed, groups) for every convolution overload."""
+    packet = node.target.overloadpacket
+    args = node.args
+    if packet in (aten.convolution, aten._convolution):
+        return bool(args[6]), int(args[8])
+    if packet in (aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d):
+        return True, int(args[6]) if len(args) > 6 else int(node.kwargs.get("groups", 1))
+    return False, int(args[6]) if len(args) > 6 else int(node.kwargs.get("groups", 1))
+
+
+# conv(x, W[O, I/g, k...], b[O]):
+#   groups == 1:        x atoms[C] == W atoms[1];             out atoms[C] = W atoms[0]
+#   depthwise (I/g==1): x atom[c] == W atoms[0][c*m:(c+1)*m];  out atoms[C] = W atoms[0]
+#                       (whole groups are pruned; ``groups`` shrinks with them)
+#   grouped:            x atom[j + k*I/g] == W atoms[1][j] for every group k, and W atoms[0][j]
+#                       is unified across groups (each group keeps the same width).
+# conv_transpose(x, W[I, O/g, k...]): the roles of W's dims 0 and 1 swap.
+@register(aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convolution,
+          aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+def conv_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x, w, b = inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None
+    transposed, groups = _conv_args(node)
+    x_shape, w_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node.args[1]), ctx.out_shape()
+    ch = 1 if len(x_shape) == len(w_shape) else 0
+    xc = x[ch] if x is not None else None
+    w = w if w is not None else (None,) * len(w_shape)
+    if x is not None:
+        ctx.freeze([m for i, m in enumerate(x) if i != ch], f"{ctx.where()} convolves over this dim")
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    w_in, w_out = w[in_dim], w[out_dim]
+    if transposed:
+        out_atoms = _conv_transpose(ctx, xc, w_in, w_out, groups)
+    else:
+        out_atoms = _conv_forward(ctx, xc, w_in, w_out, groups, w_shape)
+    if b is not None and b[0] is not None:
+        ctx.unify(b[0], out_atoms) if out_atoms is not None else ctx.freeze(b, _NO_SOURCE)
+    ctx.consumer(node.args[1], in_dim)
+    macs = math.prod(out_shape) * math.prod(w_shape[1:]) if not transposed else \
+        math.prod(x_shape) * math.prod(w_shape[1:])
+    _record(ctx, "conv_transpose" if transposed else "conv", node.args[1], in_dim, out_dim, macs)
+    out = [None] * len(out_shape)
+    out[ch] = out_atoms
+    return (tuple(out),)
+
+
+def _conv_forward(ctx: RuleContext, xc, w_in, w_out, groups: int, w_shape: tuple):
+    if groups == 1:
+        if xc is None:
+            ctx.freeze(w_in, f"{ctx.where()} {_NO_SOURCE}")
+        else:
+            ctx.unify(xc, w_in)
+        return w_out
+    per_group_in, out_channels = w_shape[1], w_shape[0]
+    if per_group_in == 1:  # depthwise (with channel multiplier m)
+        m = out_channels // groups
+        if xc is None:
+            ctx.freeze(w_out, f"{ctx.where()} is depthwise over a fixed-size input")
+        else:
+            ctx.unify(np.repeat(xc, m), w_out)
+        return w_out
+    if w_out is not None:
+        per_group_out = out_channels // groups
+        rows = w_out.reshape(groups, per_group_out)
+        for k in range(1, groups):
+            ctx.unify(rows[0], rows[k])
+    if xc is None:
+        ctx.freeze(w_in, f"{ctx.where()} {_NO_SOURCE}")
+    else:
+        for part in xc.reshape(groups, per_group_in):
+            ctx.unify(part, w_in)
+    return w_out
+
+
+def _conv_transpose(ctx: RuleContext, xc, w_in, w_out, groups: int):
+    if xc is None:
+        ctx.freeze(w_in, f"{ctx.where()} {_NO_SOURCE}")
+    else:
+        ctx.unify(xc, w_in)
+    if groups > 1:
+        rows = w_in.reshape(groups, -1)
+        for k in range(1, groups):
+            ctx.unify(rows[0], rows[k])
+        return np.tile(w_out, groups) if w_out is not None else None
+    return w_out
+
+
+# linear(x[..., I], W[O, I], b[O]): x atoms[-1] == W atoms[1]; out atoms[-1] = W atoms[0] == b.
+@register(aten.linear)
+def linear_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x, w = inputs[0], inputs[1]
+    b = inputs[2] if len(inputs) > 2 else None
+    w_shape = ctx.shape(node.args[1])
+    w = w if w is not None else (None,) * len(w_shape)
+    if x is None or x[-1] is None:
+        ctx.freeze(w[1], f"{ctx.where()} {_NO_SOURCE}")
+    else:
+        ctx.unify(x[-1], w[1])
+    if b is not None and b[0] is not None:
+        ctx.unify(b[0], w[0])
+    ctx.consumer(node.args[1], 1)
+    out_shape = ctx.out_shape()
+    _record(ctx, "linear", node.args[1], 1, 0, math.prod(out_shape) * w_shape[1])
+    lead = tuple(x[:-1]) if x is not None else (None,) * (len(out_shape) - 1)
+    return (lead + (w[0],),)
+
+
+def matmul_maps(ctx: RuleContext, a_node, a, b_node, b) -> tuple:
+    """a[..., n, k] @ b[..., k, m]: a atoms[-1] == b atoms[-2]; batch dims broadcast."""
+    a_shape, b_shape, out_shape = ctx.shape(a_node), ctx.shape(b_node), ctx.out_shape()
+    a = a if a is not None else (None,) * len(a_shape)
+    b = b if b is not None else (None,) * len(b_shape)
+    a_vec, b_vec = len(a_shape) == 1, len(b_shape) == 1
+    if a_vec:
+        a, a_shape = (None,) + tuple(a), (1,) + a_shape
+    if b_vec:
+        b, b_shape = tuple(b) + (None,), b_shape + (1,)
+    ka, kb = a[-1], b[-2]
+    if ka is not None and kb is not None:
+        ctx.unify(ka, kb)
+    elif (ka is None) != (kb is None):
+        ctx.freeze([ka, kb], f"{ctx.where()} contracts channels with a fixed-size dim")
+    ctx.consumer(b_node, len(b_shape) - 2)
+    ctx.consumer(a_node, len(a_shape) - 1)
+    batch_shape = out_shape[:len(out_shape) - (0 if a_vec else 1) - (0 if b_vec else 1)]
+    batch = broadcast_maps(ctx, [a_shape[:-2], b_shape[:-2]], [a[:-2], b[:-2]], batch_shape)
+    out = tuple(batch) + (() if a_vec else (a[-2],)) + (() if b_vec else (b[-1],))
+    kind = "matmul"
+    weight = b_node if ctx.param(b_node) else a_node
+    _record(ctx, kind, weight, None, None, math.prod(out_shape) * a_shape[-1])
+    return out
+
+
+# mm/bmm/matmul(a, b): see matmul_maps.
+@register(aten.mm, aten.bmm, aten.matmul)
+def matmul_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    return (matmul_maps(ctx, node.args[0], inputs[0], node.args[1], inputs[1]),)
+
+
+# addmm/baddbmm(c, a, b): matmul, then c broadcasts against the result.
+@register(aten.addmm, aten.baddbmm, aten.addbmm)
+def addmm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    out = matmul_maps(ctx, node.args[1], inputs[1], node.args[2], inputs[2])
+    c = inputs[0]
+    shapes = [ctx.shape(node.args[0]), ctx.out_shape()]
+    return (broadcast_maps(ctx, shapes, [c, out], ctx.out_shape()),)
+
+
+# sdpa(q[..., L, E], k[..., S, E], v[..., S, Ev]): q atoms[-1] == k atoms[-1];
+# out atoms = q atoms[:-1] ++ v atoms[-1]. The default 1/sqrt(E) scale depends on E: inexact.
+@register(aten.scaled_dot_product_attention)
+def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    q, k, v = inputs[0], inputs[1], inputs[2]
+    shapes = [ctx.shape(n) for n in node.args[:3]]
+    q, k, v = [m if m is not None else (None,) * len(s) for m, s in zip((q, k, v), shapes)]
+    if (q[-1] is None) != (k[-1] is None):
+        ctx.freeze([q[-1], k[-1]], f"{ctx.where()} contracts channels with a fixed-size dim")
+    else:
+        ctx.unify(q[-1], k[-1])
+        if ctx.arg(6, "scale") is None and q[-1] is not None:
+            ctx.mark_inexact(q[-1], f"{ctx.where()} scales scores by 1/sqrt(head width)")
+    ctx.freeze([k[-2], v[-2]], f"{ctx.where()} attends over this dim")
+    batch = broadcast_maps(ctx, [s[:-2] for s in shapes], [m[:-2] for m in (q, k, v)],
+                           ctx.out_shape()[:-2])
+    return (tuple(batch) + (q[-2], v[-1]),)
+
+
+def _per_channel_outputs(node, x: tuple, xc, ch: int) -> tuple:
+    """Main output keeps x's atoms; 1-D per-channel side outputs (stats) carry the channel."""
+    val = node.meta.get("val")
+    if not isinstance(val, (tuple, list)):
+        return (x,)
+    out = []
+    for v in val:
+        if isinstance(v, torch.Tensor) and len(v.shape) == len(x):
+            out.append(x)
+        elif isinstance(v, torch.Tensor) and len(v.shape) == 1 and xc is not None \
+                and v.shape[0] == len(xc):
+            out.append((xc,))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+_BN_PARAMS = (1, 2, 3, 4)  # weight, bias, running_mean, running_var
+
+
+# batch_norm/instance_norm(x, w, b, mean, var): x atoms[1] == w == b == mean == var (per channel)
+@register(aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
+          aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
+          aten.instance_norm, aten.cudnn_batch_norm, aten.miopen_batch_norm)
+def batch_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    x_shape = ctx.shape(node.args[0])
+    ch = 1 if len(x_shape) > 1 else 0
+    xc = x[ch] if x is not None else None
+    params = [inputs[i] for i in _BN_PARAMS if i < len(inputs) and inputs[i] is not None]
+    for p in params:
+        if xc is None:
+            ctx.freeze(p, f"{ctx.where()} normalises a fixed-size input")
+        else:
+            ctx.unify(xc, p[0])
+    _record(ctx, "batch_norm", node.args[1] if len(node.args) > 1 else None, None, 0,
+            math.prod(x_shape))
+    if x is None:
+        return tuple(None for _ in _per_channel_outputs(node, (None,) * len(x_shape), None, ch))
+    return _per_channel_outputs(node, x, xc, ch)
+
+
+# group_norm(x, G, w, b): channels split into G groups that share statistics. With one channel
+# per group it is per-channel (exact). Otherwise the same relative index is unified across groups
+# (G stays, each group shrinks) and pruning changes the group statistics: inexact.
+@register(aten.group_norm, aten.native_group_norm)
+def group_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    native = node.target.overloadpacket == aten.native_group_norm
+    groups = int(ctx.arg(6 if native else 1, "group" if native else "num_groups"))
+    w, b = (inputs[1], inputs[2]) if native else (inputs[2], inputs[3])
+    x_shape = ctx.shape(node.args[0])
+    xc = x[1] if x is not None else None
+    for p in (w, b):
+        if p is None:
+            continue
+        if xc is None:
+            ctx.freeze(p, f"{ctx.where()} normalises a fixed-size input")
+        else:
+            ctx.unify(xc, p[0])
+    if xc is not None and len(xc) != groups:
+        rows = xc.reshape(groups, -1)
+        for k in range(1, groups):
+            ctx.unify(rows[0], rows[k])
+        ctx.mark_inexact(xc, f"{ctx.where()} normalises over groups of channels")
+    _record(ctx, "group_norm", node.args[2 if not native else 1], None, 0, math.prod(x_shape))
+    if native:
+        return (x, None, None)
+    return (x,)
+
+
+# layer_norm(x, shape, w, b): normalises over the trailing len(shape) dims; w, b share their
+# atoms. Pruning a normalised channel changes the statistics: inexact.
+@register(aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
+def layer_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    k = len(ctx.arg(1, "normalized_shape"))
+    x_shape = ctx.shape(node.args[0])
+    params = [m for m in inputs[2:4] if isinstance(m, tuple)]
+    for j in range(k):
+        d = len(x_shape) - k + j
+        xd = x[d] if x is not None else None
+        for p in params:
+            if xd is None:
+                ctx.freeze(p[j], f"{ctx.where()} normalises a fixed-size dim")
+            else:
+                ctx.unify(xd, p[j])
+        if xd is not None:
+            ctx.mark_inexact(xd, f"{ctx.where()} normalises over channels")
+    _record(ctx, "layer_norm", node.args[2] if len(node.args) > 2 else None, None, 0,
+            math.prod(x_shape))
+    if node.target.overloadpacket == aten.native_layer_norm:
+        return (x, None, None)
+    return (x,)

@@ -1,0 +1,83 @@
+"""Reductions and ops that mix values along one dim (softmax, cumsum).
+
+Channel identities:
+    mean/var/std(x, dims):  reduced channel dims are normalisation statistics: inexact;
+                            kept dims pass through, reduced dims vanish (or become size 1).
+    sum/amax/...(x, dims):  reducing over channels mixes them: the atoms freeze.
+    softmax(x, dim):        mixes along dim: its atoms freeze; every dim passes through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .registry import RuleContext, register
+
+aten = torch.ops.aten
+
+_STATISTICS = [aten.mean, aten.var, aten.std, aten.var_mean, aten.std_mean]
+_MIXING_REDUCTIONS = [
+    aten.sum, aten.amax, aten.amin, aten.max, aten.min, aten.prod, aten.argmax, aten.argmin,
+    aten.logsumexp, aten.norm, aten.linalg_vector_norm, aten.any, aten.all, aten.nansum,
+    aten.median, aten.mode, aten.aminmax,
+]
+
+
+def _reduced_dims(ctx: RuleContext, node, rank: int) -> list[int]:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0) \
+            or not isinstance(dims, (int, list, tuple)):
+        return list(range(rank))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return sorted(d % rank for d in dims)
+
+
+# reduce(x, dims): see the module docstring.
+@register(*_STATISTICS, *_MIXING_REDUCTIONS)
+def reduction_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    val = node.meta.get("val")
+    n_out = len(val) if isinstance(val, (tuple, list)) else 1
+    if x is None:
+        return (None,) * n_out
+    rank = len(x)
+    reduced = _reduced_dims(ctx, node, rank) if rank else []
+    channel = [x[d] for d in reduced if x[d] is not None]
+    if channel:
+        if node.target.overloadpacket in _STATISTICS:
+            ctx.mark_inexact(channel, f"{ctx.where()} takes statistics over channels")
+        else:
+            ctx.freeze(channel, f"{ctx.where()} reduces over channels")
+    first = val[0] if isinstance(val, (tuple, list)) else val
+    keepdim = isinstance(first, torch.Tensor) and len(first.shape) == rank
+    out = tuple(None if d in reduced else m for d, m in enumerate(x) if keepdim or d not in reduced)
+    return (out,) * n_out
+
+
+# softmax/cumsum(x, dim): values mix along dim; frozen there, everything passes through.
+@register(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.cumsum,
+          aten.cumprod, aten.cummax, aten.cummin, aten.special_softmax, aten.sort, aten.topk,
+          aten.flip, aten.roll, aten.logcumsumexp)
+def mixing_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    val = node.meta.get("val")
+    n_out = len(val) if isinstance(val, (tuple, list)) else 1
+    if x is None:
+        return (None,) * n_out
+    packet = node.target.overloadpacket
+    if packet == aten.topk:
+        dim = ctx.arg(2, "dim", -1)
+    elif packet in (aten.flip, aten.roll):
+        dims = ctx.arg(1 if packet == aten.flip else 2, "dims", None)
+        dims = [dims] if isinstance(dims, int) else list(dims or range(len(x)))
+        ctx.freeze([x[d % len(x)] for d in dims], f"{ctx.where()} reorders this dim")
+        return (x,)
+    else:
+        dim = ctx.arg(1, "dim", -1)
+    d = dim % len(x) if len(x) else 0
+    if len(x) and x[d] is not None:
+        ctx.freeze(x[d], f"{ctx.where()} mixes values along channels")
+    first = val[0] if isinstance(val, (tuple, list)) else val
+    if isinstance(first, torch.Tensor) and tuple(first.shape) != ctx.shape(node.args[0]):
+        x = tuple(None if i == d else m for i, m in enumerate(x))
+    return (x,) * n_out

@@ -1,0 +1,174 @@
+"""The one registry of channel rules, keyed by aten overload packet, and the rule context.
+
+A rule has one signature::
+
+    rule(ctx: RuleContext, node: torch.fx.Node, inputs: list) -> tuple[AtomMap | None, ...]
+
+``inputs`` is aligned with ``node.args``: an fx node argument is replaced by its atom map
+(``None`` when the value carries no channels), a list of nodes by a list of maps, anything else
+by ``None``. The result is aligned with the node's outputs (one entry for a single tensor).
+Rules never look at the union-find: they only *record* unions, freezes and layer facts on the
+context, which the analysis resolves once at the end.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.fx
+from torch._ops import OpOverload, OpOverloadPacket
+
+from ..atoms import AtomMap, AtomTable
+
+__all__ = ["RuleContext", "LayerUse", "register", "lookup", "registered_ops"]
+
+Rule = Callable[["RuleContext", torch.fx.Node, list], tuple]
+_RULES: dict[Any, Rule] = {}
+_PYTHON_KEYS = (operator.getitem,)
+
+
+def _key(target: Any) -> Any:
+    return target.overloadpacket if isinstance(target, OpOverload) else target
+
+
+def register(*ops: Any) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for each aten overload packet in ``ops`` (e.g. ``aten.add``).
+
+    Raises:
+        TypeError: a key is an overload (``aten.add.Tensor``) or a Python function.
+        ValueError: an op already has a rule; one op, one rule.
+    """
+
+    def decorator(rule: Rule) -> Rule:
+        for op in ops:
+            if not isinstance(op, OpOverloadPacket) and op not in _PYTHON_KEYS:
+                raise TypeError(f"rules are keyed by overload packet, e.g. torch.ops.aten.add, "
+                                f"not {op!r}")
+            if op in _RULES:
+                raise ValueError(f"{op} already has the rule {_RULES[op].__name__}")
+            _RULES[op] = rule
+        return rule
+
+    return decorator
+
+
+def lookup(target: Any) -> Optional[Rule]:
+    return _RULES.get(_key(target))
+
+
+def registered_ops() -> list[str]:
+    return sorted(str(k) for k in _RULES)
+
+
+@dataclass(frozen=True)
+class LayerUse:
+    """One call of a layer with weights (conv, linear, norm), as seen in the graph.
+
+    ``in_dim``/``out_dim`` index the weight's dims that read and write channels; ``macs`` is the
+    multiply-accumulate count of this call at full width, used by the cost model.
+    """
+
+    node: str
+    kind: str
+    weight: Optional[str]
+    in_dim: Optional[int]
+    out_dim: Optional[int]
+    module: Optional[str]
+    macs: int = 0
+
+
+@dataclass
+class RuleContext:
+    """What rules may read (shapes, arguments, parameter names) and record (facts)."""
+
+    atoms: AtomTable
+    param_names: dict[str, str]
+    unions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    frozen: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    inexact: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    consumers: list[tuple[str, int]] = field(default_factory=list)
+    layers: list[LayerUse] = field(default_factory=list)
+    node: Optional[torch.fx.Node] = None
+
+    # ---- reading -------------------------------------------------------------------------
+    def shape(self, value: Any) -> tuple[int, ...]:
+        """Static shape of a node's tensor value (``value`` may be a node or a tensor)."""
+        val = value.meta.get("val") if isinstance(value, torch.fx.Node) else value
+        return tuple(int(s) for s in val.shape)
+
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape(self.node)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        args, kwargs = self.node.args, self.node.kwargs
+        if index < len(args):
+            return args[index]
+        return kwargs.get(name, default)
+
+    def param(self, value: Any) -> Optional[str]:
+        """FQN of the parameter or buffer a node argument is, or None if it is computed."""
+        if isinstance(value, torch.fx.Node) and value.op == "placeholder":
+            return self.param_names.get(value.name)
+        return None
+
+    def where(self) -> str:
+        node = self.node
+        stack = node.meta.get("nn_module_stack")
+        module = next(reversed(stack.values()))[0] if stack else None
+        target = getattr(node.target, "__name__", str(node.target))
+        text = f"{target} at node '{node.name}'"
+        return text + (f" in module '{_clean(module)}'" if module else "")
+
+    def module(self) -> Optional[str]:
+        stack = self.node.meta.get("nn_module_stack")
+        return _clean(next(reversed(stack.values()))[0]) if stack else None
+
+    # ---- recording -----------------------------------------------------------------------
+    def unify(self, a: Optional[np.ndarray], b: Optional[np.ndarray]) -> None:
+        """Atoms ``a[i]`` and ``b[i]`` must be pruned together."""
+        if a is None or b is None or a is b:
+            return
+        if len(a) != len(b):
+            raise ValueError(f"{self.where()}: cannot unify {len(a)} with {len(b)} channels")
+        self.unions.append((a, b))
+
+    def freeze(self, atoms: Any, why: str) -> None:
+        """Never prune these atoms (an array, an atom map, or a list of either)."""
+        for arr in _arrays(atoms):
+            self.frozen.append((arr, why))
+
+    def mark_inexact(self, atoms: Any, why: str) -> None:
+        """Prunable, but pruning changes values beyond the removed channels (normalisation)."""
+        for arr in _arrays(atoms):
+            self.inexact.append((arr, why))
+
+    def consumer(self, weight: Any, dim: int) -> None:
+        """``weight`` reads channels along ``dim``: verification zeroes those slices."""
+        fqn = self.param(weight)
+        if fqn is not None:
+            self.consumers.append((fqn, dim))
+
+
+def _clean(module: Optional[str]) -> Optional[str]:
+    if module is None:
+        return None
+    # torch.export names modules by attribute path, e.g. "L['self'].model.layer1" or "model.x"
+    for prefix in ("L['self'].model.", "L['self'].", "model."):
+        if module.startswith(prefix):
+            return module[len(prefix):]
+    return "" if module in ("model", "L['self']") else module
+
+
+def _arrays(atoms: Any):
+    if atoms is None:
+        return
+    if isinstance(atoms, np.ndarray):
+        yield atoms
+    elif isinstance(atoms, (tuple, list)):
+        for item in atoms:
+            yield from _arrays(item)
+

@@ -1,0 +1,328 @@
+"""Rules that move channels around without computing on them: concat, split, views, permutes,
+spatial ops (pooling, upsampling, padding), indexing.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .elementwise import broadcast_maps
+from .registry import RuleContext, register
+
+aten = torch.ops.aten
+
+__all__ = ["reshape_map"]
+
+
+def _dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+# getitem(outs, i): out atoms = outs[i] atoms
+@register(operator.getitem)
+def getitem_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    src = inputs[0]
+    index = node.args[1]
+    if isinstance(src, (tuple, list)) and isinstance(index, int) and index < len(src):
+        return (src[index],)
+    if isinstance(src, tuple) and src and not isinstance(src[0], (tuple, list, type(None))):
+        ctx.freeze(src, f"{ctx.where()} indexes a tensor with Python indexing")
+    return (None,)
+
+
+# cat(xs, dim): out atoms[dim] = xs[0] atoms ++ xs[1] atoms ++ ...; other dims unify.
+@register(aten.cat, aten.concat, aten.concatenate)
+def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    tensors = [(n, m) for n, m in zip(node.args[0], inputs[0]) if ctx.shape(n) != (0,)]
+    rank = len(ctx.out_shape())
+    dim = _dim(ctx.arg(1, "dim", 0), rank)
+    parts = [m[dim] if m is not None else None for _, m in tensors]
+    if all(p is None for p in parts):
+        cat_atoms = None
+    elif any(p is None for p in parts):
+        ctx.freeze(parts, f"{ctx.where()} concatenates channels with a fixed-size tensor")
+        cat_atoms = None
+    else:
+        cat_atoms = np.concatenate(parts)
+    out = list(_unify_other_dims(ctx, tensors, dim, rank))
+    out[dim] = cat_atoms
+    return (tuple(out),)
+
+
+# stack(xs, dim): a new dim of size len(xs); every other dim unifies across xs.
+@register(aten.stack)
+def stack_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    tensors = list(zip(node.args[0], inputs[0]))
+    rank = len(ctx.out_shape())
+    dim = _dim(ctx.arg(1, "dim", 0), rank)
+    inner = _unify_other_dims(ctx, tensors, None, rank - 1)
+    return (tuple(inner[:dim]) + (None,) + tuple(inner[dim:]),)
+
+
+def _unify_other_dims(ctx: RuleContext, tensors: list, skip: Optional[int], rank: int) -> list:
+    out: list = [None] * rank
+    for d in range(rank):
+        if d == skip:
+            continue
+        maps = [m[d] if m is not None else None for _, m in tensors]
+        carriers = [a for a in maps if a is not None]
+        if carriers and len(carriers) < len(maps):
+            ctx.freeze(carriers, f"{ctx.where()} joins channels with a fixed-size tensor")
+            continue
+        for other in carriers[1:]:
+            ctx.unify(carriers[0], other)
+        out[d] = carriers[0] if carriers else None
+    return out
+
+
+# split(x, sizes, dim): out[i] atoms[dim] = x atoms[dim][offset_i : offset_i + size_i].
+# Equal parts (chunk, split into equal sizes, unbind) also unify the same relative index across
+# parts, so every part keeps the same width and the unchanged Python code splits correctly.
+@register(aten.split, aten.split_with_sizes, aten.chunk, aten.unsafe_split,
+          aten.unsafe_chunk, aten.tensor_split, aten.unbind, aten.unsafe_split_with_sizes)
+def split_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    outs = node.meta["val"]
+    in_shape = ctx.shape(node.args[0])
+    rank = len(in_shape)
+    packet = node.target.overloadpacket
+    dim_index = {aten.unbind: 1}.get(packet, 2)
+    dim = _dim(ctx.arg(dim_index, "dim", 0), rank)
+    if x is None:
+        return tuple(None for _ in outs)
+    sizes = [int(t.shape[dim]) if packet != aten.unbind else 1 for t in outs]
+    atoms = x[dim]
+    results = []
+    offset = 0
+    for t, size in zip(outs, sizes):
+        part = None if atoms is None else atoms[offset:offset + size]
+        offset += size
+        if packet == aten.unbind:
+            results.append(tuple(m for i, m in enumerate(x) if i != dim))
+        else:
+            results.append(tuple(part if i == dim else m for i, m in enumerate(x)))
+    if atoms is not None:
+        if packet == aten.unbind:
+            ctx.freeze(atoms, f"{ctx.where()} unbinds a channel dim into separate tensors")
+        elif len(set(sizes)) == 1 and len(sizes) > 1:
+            first = atoms[:sizes[0]]
+            for i in range(1, len(sizes)):
+                ctx.unify(first, atoms[i * sizes[0]:(i + 1) * sizes[0]])
+    return tuple(results)
+
+
+# slice(x, dim, start, end, step): the full range passes through; a strict sub-range of a
+# channel dim has bounds baked into the code, so its atoms freeze.
+@register(aten.slice)
+def slice_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    in_shape = ctx.shape(node.args[0])
+    dim = _dim(ctx.arg(1, "dim", 0), len(in_shape))
+    if ctx.out_shape()[dim] == in_shape[dim]:
+        return (x,)
+    if x[dim] is not None:
+        ctx.freeze(x[dim], f"{ctx.where()} takes channels by fixed index bounds")
+    return (tuple(None if i == dim else m for i, m in enumerate(x)),)
+
+
+# select(x, dim, i): removes dim; selecting one channel freezes the channel dim.
+@register(aten.select)
+def select_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    dim = _dim(ctx.arg(1, "dim", 0), len(x))
+    if x[dim] is not None:
+        ctx.freeze(x[dim], f"{ctx.where()} picks one channel by a fixed index")
+    return (tuple(m for i, m in enumerate(x) if i != dim),)
+
+
+# permute(x, order): out atoms[i] = x atoms[order[i]]
+@register(aten.permute)
+def permute_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    order = [_dim(d, len(x)) for d in ctx.arg(1, "dims")]
+    return (tuple(x[d] for d in order),)
+
+
+# transpose(x, a, b) / t(x): swap two dims' atoms
+@register(aten.transpose, aten.transpose_, aten.swapaxes, aten.swapdims, aten.t, aten.numpy_T)
+def transpose_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    if len(x) < 2:
+        return (x,)
+    if node.target.overloadpacket in (aten.t, aten.numpy_T):
+        a, b = 0, len(x) - 1
+    else:
+        a, b = _dim(ctx.arg(1, "dim0"), len(x)), _dim(ctx.arg(2, "dim1"), len(x))
+    out = list(x)
+    out[a], out[b] = out[b], out[a]
+    return (tuple(out),)
+
+
+# view/reshape/flatten/unflatten/squeeze/unsqueeze: see reshape_map.
+@register(aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten,
+          aten.squeeze, aten.squeeze_, aten.unsqueeze, aten.unsqueeze_, aten.view_as,
+          aten.reshape_as, aten.ravel)
+def reshape_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    return (reshape_map(ctx, x, ctx.shape(node.args[0]), ctx.out_shape()),)
+
+
+def _blocks(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of dims of ``a`` and ``b`` with equal element counts."""
+    blocks: list = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        bi, bj, pa, pb = [i], [j], a[i], b[j]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                pa *= a[i]
+                bi.append(i)
+                i += 1
+            else:
+                pb *= b[j]
+                bj.append(j)
+                j += 1
+        blocks.append((bi, bj))
+    if blocks:
+        blocks[-1][0].extend(range(i, len(a)))
+        blocks[-1][1].extend(range(j, len(b)))
+    else:
+        blocks.append((list(range(len(a))), list(range(len(b)))))
+    return blocks
+
+
+def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -> tuple:
+    """Atoms through a reshape.
+
+    Dims are paired into blocks of equal element count. Within a block with one channel dim:
+      merge (C, H, W) -> C*H*W:  out atoms = each channel atom repeated H*W times (flatten);
+      split C -> (G, C/G):       the innermost dim of size > 1 carries the atoms and the same
+                                 relative index is unified across the outer dims, so the number
+                                 of groups or heads stays and their width shrinks (this is what
+                                 code like ``x.view(b, groups, c // groups, h, w)`` expects).
+    A block holding two channel dims freezes both.
+    """
+    out: list = [None] * len(out_shape)
+    for bi, bj in _blocks(in_shape, out_shape):
+        bearing = [d for d in bi if x[d] is not None]
+        if not bearing:
+            continue
+        if len(bearing) > 1:
+            ctx.freeze([x[d] for d in bearing], f"{ctx.where()} merges two channel dims")
+            continue
+        if [in_shape[d] for d in bi] == [out_shape[d] for d in bj] and len(bi) == len(bj):
+            for di, dj in zip(bi, bj):
+                out[dj] = x[di]
+            continue
+        k = bearing[0]
+        total = int(np.prod([in_shape[d] for d in bi]))
+        flat = np.arange(total, dtype=np.int64)
+        stride_in = int(np.prod([in_shape[d] for d in bi if d > k]))
+        atoms = x[k][(flat // stride_in) % in_shape[k]]
+        sized = [d for d in bj if out_shape[d] > 1]
+        carrier = sized[-1] if sized else bj[-1]
+        stride_out = int(np.prod([out_shape[d] for d in bj if d > carrier]))
+        position = (flat // stride_out) % out_shape[carrier]
+        order = np.argsort(position, kind="stable")
+        same = position[order][1:] == position[order][:-1]
+        if same.any():
+            ctx.unify(atoms[order][:-1][same], atoms[order][1:][same])
+        _, first = np.unique(position, return_index=True)  # first element of each position
+        out[carrier] = atoms[first]
+    return tuple(out)
+
+
+# expand(x, sizes): a dim broadcast from 1 cannot carry channels.
+@register(aten.expand, aten.expand_as, aten.broadcast_to)
+def expand_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    return (broadcast_maps(ctx, [ctx.shape(node.args[0])], [x], ctx.out_shape()),)
+
+
+# repeat(x, reps): a channel dim tiled more than once cannot shrink independently: freeze.
+@register(aten.repeat, aten.tile, aten.repeat_interleave)
+def repeat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    out_shape = ctx.out_shape()
+    in_shape = ctx.shape(node.args[0])
+    lead = len(out_shape) - len(in_shape)
+    result = [None] * lead
+    for d, m in enumerate(x):
+        if m is not None and out_shape[d + lead] != in_shape[d]:
+            ctx.freeze(m, f"{ctx.where()} repeats a channel dim")
+            m = None
+        result.append(m)
+    return (tuple(result),)
+
+
+# Spatial ops act on the trailing ``n`` dims; leading dims (batch, channels) pass through.
+_SPATIAL = {
+    aten.max_pool1d: 1, aten.max_pool2d: 2, aten.max_pool3d: 3, aten.avg_pool1d: 1,
+    aten.avg_pool2d: 2, aten.avg_pool3d: 3, aten.adaptive_avg_pool1d: 1,
+    aten.adaptive_avg_pool2d: 2, aten.adaptive_avg_pool3d: 3, aten.adaptive_max_pool1d: 1,
+    aten.adaptive_max_pool2d: 2, aten.adaptive_max_pool3d: 3, aten.max_pool2d_with_indices: 2,
+    aten.max_pool3d_with_indices: 3, aten._adaptive_avg_pool2d: 2,
+    aten.upsample_nearest1d: 1, aten.upsample_nearest2d: 2, aten.upsample_nearest3d: 3,
+    aten.upsample_linear1d: 1, aten.upsample_bilinear2d: 2, aten.upsample_bicubic2d: 2,
+    aten.upsample_trilinear3d: 3, aten._upsample_nearest_exact2d: 2,
+    aten._upsample_bilinear2d_aa: 2, aten.reflection_pad1d: 1, aten.reflection_pad2d: 2,
+    aten.reflection_pad3d: 3, aten.replication_pad1d: 1, aten.replication_pad2d: 2,
+    aten.replication_pad3d: 3, aten.pixel_unshuffle: 0, aten.pixel_shuffle: 0,
+    aten.max_unpool2d: 2,
+}
+
+
+# pool/upsample/pad(x): out atoms[:-n] = x atoms[:-n]; spatial dims carry no channels.
+@register(*_SPATIAL)
+def spatial_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    n = _SPATIAL[node.target.overloadpacket]
+    if n == 0:  # pixel (un)shuffle trades channels for space: sizes are baked, freeze
+        ctx.freeze(x, f"{ctx.where()} folds channels into space")
+        return tuple(None for _ in _outputs(node))
+    keep = len(x) - n
+    ctx.freeze(list(x[keep:]), f"{ctx.where()} treats this dim as spatial")
+    out = tuple(x[:keep]) + (None,) * n
+    return tuple(out if isinstance(v, torch.Tensor) else None for v in _outputs(node))
+
+
+# pad(x, pad): pads the trailing len(pad)//2 dims; padding a channel dim freezes it.
+@register(aten.constant_pad_nd, aten.pad)
+def pad_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    pads = list(ctx.arg(1, "pad"))
+    out = list(x)
+    for i in range(len(pads) // 2):
+        d = len(x) - 1 - i
+        if (pads[2 * i] or pads[2 * i + 1]) and out[d] is not None:
+            ctx.freeze(out[d], f"{ctx.where()} pads a channel dim")
+            out[d] = None
+    return (tuple(out),)
+
+
+def _outputs(node) -> list:
+    val = node.meta.get("val")
+    return list(val) if isinstance(val, (tuple, list)) else [val]

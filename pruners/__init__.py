@@ -1,0 +1,18 @@
+"""pruners: remove coupled channels found by ``depgraph`` and check the result.
+
+>>> import torch
+>>> from depgraph import analyze, capture
+>>> from pruners import remove_units, verify
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+...                             torch.nn.Conv2d(8, 4, 3)).eval()
+>>> x = torch.randn(1, 3, 16, 16)
+>>> graph = analyze(capture(model, x))
+>>> verify(model, graph, [0, 5], x).ok
+True
+"""
+
+from .surgery import MODULE_FIXERS, remove_units
+from .verify import VerifyResult, mask_consumers, run_model, sample_units, verify
+
+__all__ = ["remove_units", "MODULE_FIXERS", "verify", "VerifyResult", "mask_consumers",
+           "run_model", "sample_units"]

@@ -1,0 +1,194 @@
+"""Surgery: physically remove pruning units from a model.
+
+Index selection on every parameter and buffer dim a unit owns, then the module attributes that
+describe shapes are fixed. Transactional: every new tensor and attribute is computed first and
+only then swapped in, so a failure leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from depgraph.errors import SurgeryError
+from depgraph.graph import ChannelGraph
+
+__all__ = ["remove_units", "MODULE_FIXERS"]
+
+
+@dataclass(frozen=True)
+class _Swap:
+    module: nn.Module
+    name: str
+    is_param: bool
+    value: torch.Tensor
+
+
+def _conv_attrs(m: nn.modules.conv._ConvNd, new: dict[str, torch.Tensor]) -> dict[str, Any]:
+    w = new.get("weight", m.weight)
+    if m.transposed:
+        return {"in_channels": w.shape[0], "out_channels": w.shape[1] * m.groups}
+    attrs: dict[str, Any] = {"out_channels": w.shape[0]}
+    if m.groups > 1 and m.weight.shape[1] == 1:  # depthwise: whole groups went
+        per_group_out = m.out_channels // m.groups
+        attrs["groups"] = w.shape[0] // per_group_out
+        attrs["in_channels"] = attrs["groups"]
+    else:
+        attrs["in_channels"] = w.shape[1] * m.groups
+    return attrs
+
+
+def _linear_attrs(m: nn.Linear, new: dict[str, torch.Tensor]) -> dict[str, Any]:
+    w = new.get("weight", m.weight)
+    return {"in_features": w.shape[1], "out_features": w.shape[0]}
+
+
+def _bn_attrs(m: nn.modules.batchnorm._NormBase, new: dict[str, torch.Tensor]) -> dict[str, Any]:
+    for name in ("weight", "running_mean"):
+        t = new.get(name, getattr(m, name, None))
+        if t is not None:
+            return {"num_features": t.shape[0]}
+    return {}
+
+
+def _group_norm_attrs(m: nn.GroupNorm, new: dict[str, torch.Tensor]) -> dict[str, Any]:
+    w = new.get("weight", m.weight)
+    if w is None:
+        return {}
+    attrs: dict[str, Any] = {"num_channels": w.shape[0]}
+    if m.num_groups == m.num_channels:  # one channel per group: groups shrink with channels
+        attrs["num_groups"] = w.shape[0]
+    return attrs
+
+
+def _layer_norm_attrs(m: nn.LayerNorm, new: dict[str, torch.Tensor]) -> dict[str, Any]:
+    w = new.get("weight", m.weight)
+    return {"normalized_shape": tuple(w.shape)} if w is not None else {}
+
+
+def _prelu_attrs(m: nn.PReLU, new: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {"num_parameters": new.get("weight", m.weight).numel()}
+
+
+# Module type -> function(module, its new tensors by attribute name) -> attributes to set.
+MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
+    (nn.modules.conv._ConvNd, _conv_attrs),
+    (nn.Linear, _linear_attrs),
+    (nn.modules.batchnorm._NormBase, _bn_attrs),
+    (nn.GroupNorm, _group_norm_attrs),
+    (nn.LayerNorm, _layer_norm_attrs),
+    (nn.PReLU, _prelu_attrs),
+]
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """id(tensor) -> every (module, attribute, is_param) that holds it (tied weights too)."""
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, name, True))
+        for name, b in module._buffers.items():
+            if b is not None:
+                owners.setdefault(id(b), []).append((module, name, False))
+    return owners
+
+
+def _lookup(model: nn.Module, fqn: str) -> torch.Tensor:
+    module_name, _, attr = fqn.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError as exc:
+        raise SurgeryError(f"the plan names '{fqn}', but the model has no module "
+                           f"'{module_name}'; was it analysed from a different model?") from exc
+    tensor = module._parameters.get(attr)
+    if tensor is None:
+        tensor = module._buffers.get(attr)
+    if tensor is None:
+        raise SurgeryError(f"the plan names '{fqn}', but '{module_name or type(model).__name__}' "
+                           f"has no parameter or buffer '{attr}'")
+    return tensor
+
+
+def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) -> nn.Module:
+    """Remove ``units`` of ``graph`` from ``model`` in place and return it.
+
+    Raises:
+        SurgeryError: an unknown unit, a parameter missing from the model, a shape that no
+            longer matches the analysis, or a layer that would lose every channel. The model
+            is unchanged when this is raised.
+
+    Example:
+        >>> import torch
+        >>> from depgraph import analyze, capture
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1))
+        >>> g = analyze(capture(m, torch.randn(1, 3, 8, 8)))
+        >>> remove_units(m, g, [0, 1])[0].out_channels
+        6
+    """
+    removed = set(int(u) for u in units)
+    bad = [u for u in removed if not 0 <= u < len(graph.units)]
+    if bad:
+        raise SurgeryError(f"unknown unit ids {sorted(bad)[:10]}; the graph has "
+                           f"{len(graph.units)} units")
+    kept = graph.kept_indices(removed)
+    by_param: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for (fqn, dim), idx in kept.items():
+        size = graph.param_shapes[fqn][dim]
+        if len(idx) == size:
+            continue
+        if len(idx) == 0:
+            raise SurgeryError(f"removing these units leaves '{fqn}' with no channels along "
+                               f"dim {dim}; keep at least one unit of its group")
+        by_param.setdefault(fqn, []).append((dim, torch.as_tensor(idx, dtype=torch.long)))
+
+    owners = _owners(model)
+    swaps: list[_Swap] = []
+    new_by_module: dict[int, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
+    with torch.no_grad():
+        for fqn, cuts in by_param.items():
+            old = _lookup(model, fqn)
+            if tuple(old.shape) != graph.param_shapes[fqn]:
+                raise SurgeryError(f"'{fqn}' has shape {tuple(old.shape)} but was analysed with "
+                                   f"{graph.param_shapes[fqn]}; re-run analysis on this model")
+            new = old.detach()
+            for dim, idx in cuts:
+                new = new.index_select(dim, idx.to(new.device))
+            new = new.clone()
+            holders = owners.get(id(old), [])
+            value: torch.Tensor
+            if isinstance(old, nn.Parameter):
+                value = nn.Parameter(new, requires_grad=old.requires_grad)
+                if old.grad is not None:
+                    grad = old.grad
+                    for dim, idx in cuts:
+                        grad = grad.index_select(dim, idx.to(grad.device))
+                    value.grad = grad.clone()
+            else:
+                value = new
+            for module, name, is_param in holders:
+                swaps.append(_Swap(module, name, is_param, value))
+                new_by_module.setdefault(id(module), (module, {}))[1][name] = value
+
+    attr_updates: list[tuple[nn.Module, str, Any]] = []
+    for module, new in new_by_module.values():
+        for cls, fixer in MODULE_FIXERS:
+            if isinstance(module, cls):
+                try:
+                    attrs = fixer(module, new)
+                except Exception as exc:  # noqa: BLE001
+                    raise SurgeryError(f"could not update the attributes of {type(module).__name__}"
+                                       f": {exc}") from exc
+                attr_updates.extend((module, k, v) for k, v in attrs.items())
+                break
+
+    # Commit: nothing below can fail for a well-formed module.
+    for s in swaps:
+        (s.module._parameters if s.is_param else s.module._buffers)[s.name] = s.value
+    for module, name, value in attr_updates:
+        setattr(module, name, value)
+    return model

@@ -1,0 +1,134 @@
+"""Verification: the pruned model runs, and equals the original with the pruned channels masked.
+
+The zero-equivalence check (see ``shared/design.md``): in a copy of the original, zero the
+*consumer* slices of the removed units (the input columns of every conv/linear/matmul weight
+that reads them). Physically prune the same units from another copy. Both must give the same
+outputs. A missed coupling shows up as a shape error or an output difference.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from depgraph.errors import VerificationError
+from depgraph.graph import ChannelGraph
+
+from .surgery import remove_units
+
+__all__ = ["VerifyResult", "verify", "mask_consumers", "run_model", "sample_units"]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify`: the largest output difference, absolute and relative."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    rtol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_rel_diff <= self.rtol
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "MISMATCH"
+        return (f"VerifyResult({verdict}: max abs diff {self.max_abs_diff:.3g}, "
+                f"max rel diff {self.max_rel_diff:.3g}, rtol {self.rtol:g})")
+
+
+def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,
+              example_kwargs: Optional[dict] = None) -> list[torch.Tensor]:
+    """Run ``model`` without gradients and return the contract outputs as a flat list."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with torch.no_grad():
+        out = model(*args, **(example_kwargs or {}))
+    if outputs is not None:
+        out = outputs(out)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def mask_consumers(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) -> nn.Module:
+    """Zero, in place, every consumer slice (conv/linear input columns) of ``units``."""
+    removed = set(int(u) for u in units)
+    with torch.no_grad():
+        for u in removed:
+            for sl in graph.units[u].slices:
+                if (sl.param, sl.dim) not in graph.consumers:
+                    continue
+                tensor = model.get_parameter(sl.param) if _is_param(model, sl.param) \
+                    else model.get_buffer(sl.param)
+                idx = torch.as_tensor(sl.indices, dtype=torch.long, device=tensor.device)
+                tensor.index_fill_(sl.dim, idx, 0.0)
+    return model
+
+
+def _is_param(model: nn.Module, fqn: str) -> bool:
+    module_name, _, attr = fqn.rpartition(".")
+    return attr in model.get_submodule(module_name)._parameters
+
+
+def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_inputs: Any, *,
+           outputs: Optional[Callable] = None, example_kwargs: Optional[dict] = None,
+           pruned: Optional[nn.Module] = None, rtol: float = 1e-4) -> VerifyResult:
+    """Zero-equivalence check of removing ``units`` from ``model`` (which is not modified).
+
+    Args:
+        model: the original model (evaluated as it is; put it in eval mode first).
+        graph: its analysis.
+        units: the removed units.
+        example_inputs: inputs to run both models on.
+        outputs: the output-contract selector given to ``capture``.
+        pruned: an already-pruned model to check; by default a pruned copy is made.
+        rtol: tolerance on ``max|a - b| / max|a|`` per output.
+
+    Raises:
+        VerificationError: the pruned model does not run, or its outputs change shape.
+    """
+    units = list(units)
+    masked = mask_consumers(copy.deepcopy(model), graph, units)
+    if pruned is None:
+        pruned = remove_units(copy.deepcopy(model), graph, units)
+    expected = run_model(masked, example_inputs, outputs, example_kwargs)
+    try:
+        got = run_model(pruned, example_inputs, outputs, example_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if len(expected) != len(got):
+        raise VerificationError(f"the pruned model returns {len(got)} tensors, the original "
+                                f"{len(expected)}")
+    max_abs = max_rel = 0.0
+    for i, (a, b) in enumerate(zip(expected, got)):
+        if a.shape != b.shape:
+            raise VerificationError(f"output {i} changed shape from {tuple(a.shape)} to "
+                                    f"{tuple(b.shape)}")
+        if not a.is_floating_point() or a.numel() == 0:
+            continue
+        diff = (a.double() - b.double()).abs().max().item()
+        scale = a.double().abs().max().item()
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / max(scale, 1e-12))
+    return VerifyResult(max_abs, max_rel, rtol)
+
+
+def sample_units(graph: ChannelGraph, fraction: float, rng: np.random.Generator, *,
+                 exact_only: bool = True) -> list[int]:
+    """A random set of about ``fraction`` of the units that leaves every layer dim non-empty."""
+    pool = graph.exact_units() if exact_only else [u.id for u in graph.units]
+    if not pool:
+        return []
+    chosen = set(rng.choice(pool, size=max(1, int(round(fraction * len(pool)))),
+                            replace=False).tolist())
+    for ids in graph.unit_index.values():
+        present = ids[ids >= 0]
+        if len(present) == len(ids) and len(present) and set(present.tolist()) <= chosen:
+            chosen.discard(int(present[0]))
+    return sorted(chosen)
