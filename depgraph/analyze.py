@@ -220,10 +220,14 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
         group_dims[g].append((fqn, dim, len(ids)))
         group_frozen[g] += int((~prunable).sum())
 
+    contracted_roots = set(np.unique(roots[np.concatenate(ctx.contracted)]).tolist()) \
+        if ctx.contracted else set()
     units = []
     for u in range(n_units):
-        note = inexact_reason.get(int(root_of_unit[u]))
-        units.append(Unit(u, unit_group[u], tuple(slices[u]), exact=note is None, note=note))
+        root = int(root_of_unit[u])
+        note = inexact_reason.get(root)
+        units.append(Unit(u, unit_group[u], tuple(slices[u]), exact=note is None, note=note,
+                          contracted=root in contracted_roots))
     members_of: list[list[int]] = [[] for _ in group_ids]
     for u, g in enumerate(unit_group):
         members_of[g].append(u)

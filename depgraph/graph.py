@@ -45,6 +45,7 @@ class Unit:
     slices: tuple[Slice, ...]
     exact: bool = True
     note: Optional[str] = None  # why the unit is inexact
+    contracted: bool = False  # multiplied between two activations (attention q.k)
 
     def __str__(self) -> str:
         return f"Unit({self.id}, group={self.group}, slices={len(self.slices)})"

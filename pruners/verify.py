@@ -56,12 +56,17 @@ def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable]
 
 
 def mask_consumers(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) -> nn.Module:
-    """Zero, in place, every consumer slice (conv/linear input columns) of ``units``."""
+    """Zero, in place, every consumer slice (conv/linear input columns) of ``units``.
+
+    Units that two activations contract over (attention's q.k) have no consumer weight; for
+    those every slice, producers included, is zeroed so the contraction sees zeros.
+    """
     removed = set(int(u) for u in units)
     with torch.no_grad():
         for u in removed:
-            for sl in graph.units[u].slices:
-                if (sl.param, sl.dim) not in graph.consumers:
+            unit = graph.units[u]
+            for sl in unit.slices:
+                if not unit.contracted and (sl.param, sl.dim) not in graph.consumers:
                     continue
                 tensor = model.get_parameter(sl.param) if _is_param(model, sl.param) \
                     else model.get_buffer(sl.param)

@@ -114,3 +114,13 @@ def prelu_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         else:
             ctx.unify(x[ch], w[0])
     return (x,)
+
+
+# new_full(x, size, ...), x.size(), x.item(): x supplies only dtype, device or a scalar;
+# no channel flows to the result and none is constrained.
+@register(aten.new_full, aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_empty_strided,
+          aten.sym_size, aten.sym_numel, aten.sym_stride, aten.size, aten.numel, aten.dim,
+          aten.item, aten._local_scalar_dense, aten._assert_tensor_metadata)
+def metadata_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    val = node.meta.get("val")
+    return tuple(None for _ in val) if isinstance(val, (tuple, list)) else (None,)

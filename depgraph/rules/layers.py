@@ -147,6 +147,8 @@ def matmul_maps(ctx: RuleContext, a_node, a, b_node, b) -> tuple:
     ka, kb = a[-1], b[-2]
     if ka is not None and kb is not None:
         ctx.unify(ka, kb)
+        if ctx.param(a_node) is None and ctx.param(b_node) is None:
+            ctx.mark_contracted(ka)
     elif (ka is None) != (kb is None):
         ctx.freeze([ka, kb], f"{ctx.where()} contracts channels with a fixed-size dim")
     ctx.consumer(b_node, len(b_shape) - 2)
@@ -186,6 +188,7 @@ def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         ctx.freeze([q[-1], k[-1]], f"{ctx.where()} contracts channels with a fixed-size dim")
     else:
         ctx.unify(q[-1], k[-1])
+        ctx.mark_contracted(q[-1])
         if ctx.arg(6, "scale") is None and q[-1] is not None:
             ctx.mark_inexact(q[-1], f"{ctx.where()} scales scores by 1/sqrt(head width)")
     ctx.freeze([k[-2], v[-2]], f"{ctx.where()} attends over this dim")

@@ -90,6 +90,7 @@ class RuleContext:
     unions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     frozen: list[tuple[np.ndarray, str]] = field(default_factory=list)
     inexact: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    contracted: list[np.ndarray] = field(default_factory=list)
     consumers: list[tuple[str, int]] = field(default_factory=list)
     layers: list[LayerUse] = field(default_factory=list)
     node: Optional[torch.fx.Node] = None
@@ -145,6 +146,14 @@ class RuleContext:
         """Prunable, but pruning changes values beyond the removed channels (normalisation)."""
         for arr in _arrays(atoms):
             self.inexact.append((arr, why))
+
+    def mark_contracted(self, atoms: Optional[np.ndarray]) -> None:
+        """Two activations are multiplied and summed over these atoms (attention scores).
+
+        No weight reads them, so verification masks such units by zeroing every slice.
+        """
+        if atoms is not None:
+            self.contracted.append(atoms)
 
     def consumer(self, weight: Any, dim: int) -> None:
         """``weight`` reads channels along ``dim``: verification zeroes those slices."""

@@ -1,0 +1,416 @@
+"""Hand-written models, one per coupling pattern the engine must get right.
+
+Each entry of ``MODELS`` builds ``(model, example_input)``; the model is in eval mode with
+non-trivial batch-norm statistics, so a missed coupling cannot hide behind identity BNs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cbr(cin: int, cout: int, k: int = 3, s: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = cbr(cin, cout, 3, stride)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        return F.relu(self.bn2(self.conv2(self.conv1(x))) + identity)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        self.conv1 = cbr(cin, mid, 1)
+        self.conv2 = cbr(mid, mid, 3, stride, groups=groups)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.down is None else self.down(x)
+        out = self.bn3(self.conv3(self.conv2(self.conv1(x))))
+        out += identity  # in-place residual, as torchvision writes it
+        return torch.relu_(out)
+
+
+class Classifier(nn.Module):
+    """stem -> body -> global pool -> linear."""
+
+    def __init__(self, body: nn.Module, stem_out: int, body_out: int, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = cbr(3, stem_out, 3, 2)
+        self.body = body
+        self.fc = nn.Linear(body_out, classes)
+
+    def forward(self, x):
+        x = self.body(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet_basic():
+    body = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 32, 2), BasicBlock(32, 32))
+    return Classifier(body, 16, 32), torch.randn(2, 3, 32, 32)
+
+
+def resnet_bottleneck():
+    body = nn.Sequential(Bottleneck(16, 8, 32), Bottleneck(32, 8, 32), Bottleneck(32, 16, 64, 2))
+    return Classifier(body, 16, 64), torch.randn(2, 3, 32, 32)
+
+
+def resnext():
+    body = nn.Sequential(Bottleneck(16, 16, 32, groups=4), Bottleneck(32, 16, 32, groups=4))
+    return Classifier(body, 16, 32), torch.randn(2, 3, 32, 32)
+
+
+class VGG(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(cbr(3, 16), nn.MaxPool2d(2), cbr(16, 32), nn.MaxPool2d(2),
+                                      cbr(32, 32))
+        self.classifier = nn.Sequential(nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Dropout(),
+                                        nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+def vgg():
+    return VGG(), torch.randn(2, 3, 16, 16)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.block = nn.Sequential(cbr(cin, hidden, 1), cbr(hidden, hidden, 3, stride, hidden),
+                                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return x + self.block(x) if self.use_res else self.block(x)
+
+
+def mobilenet_v2():
+    body = nn.Sequential(InvertedResidual(16, 16, 1, 2), InvertedResidual(16, 24, 2, 3),
+                         InvertedResidual(24, 24, 1, 3))
+    return Classifier(body, 16, 24), torch.randn(2, 3, 32, 32)
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, cin: int, growth: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(cbr(cin + i * growth, growth) for i in range(layers))
+
+    def forward(self, x):
+        feats = [x]
+        for layer in self.layers:
+            feats.append(layer(torch.cat(feats, 1)))
+        return torch.cat(feats, 1)
+
+
+def densenet():
+    body = nn.Sequential(DenseBlock(16, 8, 3), cbr(40, 24, 1), nn.AvgPool2d(2), DenseBlock(24, 8, 2))
+    return Classifier(body, 16, 40), torch.randn(2, 3, 32, 32)
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: split the 1x1 conv output in two with chunk, grow, concat."""
+
+    def __init__(self, cin: int, cout: int, n: int = 2) -> None:
+        super().__init__()
+        self.c = cout // 2
+        self.cv1 = cbr(cin, 2 * self.c, 1)
+        self.cv2 = cbr((2 + n) * self.c, cout, 1)
+        self.m = nn.ModuleList(nn.Sequential(cbr(self.c, self.c), cbr(self.c, self.c))
+                               for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        for m in self.m:
+            y.append(y[-1] + m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class SPPF(nn.Module):
+    """One MaxPool module called three times."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.cv1 = cbr(cin, cin // 2, 1)
+        self.cv2 = cbr(cin // 2 * 4, cout, 1)
+        self.pool = nn.MaxPool2d(5, 1, 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        for _ in range(3):
+            y.append(self.pool(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class TinyDetector(nn.Module):
+    """Backbone with C2f and SPPF, and a conv head whose channels are the output contract."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16, 3, 2)
+        self.c2f = C2f(16, 32)
+        self.sppf = SPPF(32, 32)
+        self.head = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.sppf(self.c2f(self.stem(x))))
+
+
+def c2f_sppf():
+    return TinyDetector(), torch.randn(1, 3, 32, 32)
+
+
+class SEBlock(nn.Module):
+    def __init__(self, c: int, r: int = 4) -> None:
+        super().__init__()
+        self.conv = cbr(c, c)
+        self.fc1 = nn.Conv2d(c, c // r, 1)
+        self.fc2 = nn.Conv2d(c // r, c, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return x + y * s
+
+
+def squeeze_excite():
+    body = nn.Sequential(SEBlock(16), cbr(16, 32, 3, 2), SEBlock(32))
+    return Classifier(body, 16, 32), torch.randn(2, 3, 32, 32)
+
+
+class FPN(nn.Module):
+    """Three backbone levels, lateral 1x1 convs, top-down upsample + add, 3x3 outputs."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.c3, self.c4, self.c5 = cbr(3, 16, 3, 2), cbr(16, 32, 3, 2), cbr(32, 48, 3, 2)
+        self.lat = nn.ModuleList(nn.Conv2d(c, width, 1) for c in (16, 32, 48))
+        self.out = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(3))
+        self.head = nn.Conv2d(width, 6, 1)  # shared across levels, as in RetinaNet
+
+    def forward(self, x):
+        c3 = self.c3(x)
+        c4 = self.c4(c3)
+        c5 = self.c5(c4)
+        p5 = self.lat[2](c5)
+        p4 = self.lat[1](c4) + F.interpolate(p5, scale_factor=2, mode="nearest")
+        p3 = self.lat[0](c3) + F.interpolate(p4, size=c3.shape[-2:], mode="bilinear")
+        return [self.head(F.relu(o(p))) for o, p in zip(self.out, (p3, p4, p5))]
+
+
+def fpn():
+    return FPN(), torch.randn(1, 3, 64, 64)
+
+
+class SharedConv(nn.Module):
+    """One conv module applied to two branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = cbr(3, 16)
+        self.b = cbr(3, 16, 5)
+        self.shared = cbr(16, 24)
+        self.post = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        return self.post(self.shared(self.a(x)) + self.shared(self.b(x)))
+
+
+def shared_conv():
+    return SharedConv(), torch.randn(1, 3, 16, 16)
+
+
+class Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(cbr(3, 16, 3, 2), cbr(16, 32, 3, 2))
+        self.up1 = nn.ConvTranspose2d(32, 24, 2, 2)
+        self.bn = nn.BatchNorm2d(24)
+        self.up2 = nn.ConvTranspose2d(24, 12, 4, 2, 1)
+        self.out = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.up2(F.relu(self.bn(self.up1(self.enc(x)))))))
+
+
+def conv_transpose():
+    return Decoder(), torch.randn(1, 3, 32, 32)
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2 unit: chunk, transform one half, concat, shuffle."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        half = c // 2
+        self.branch = nn.Sequential(cbr(half, half, 1), cbr(half, half, 3, groups=half),
+                                    cbr(half, half, 1))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat((a, self.branch(b)), 1), 2)
+
+
+def shufflenet():
+    body = nn.Sequential(ShuffleUnit(16), ShuffleUnit(16), cbr(16, 32, 1), ShuffleUnit(32))
+    return Classifier(body, 16, 32), torch.randn(2, 3, 32, 32)
+
+
+class DepthwiseMultiplier(nn.Module):
+    """Depthwise conv with channel multiplier 2, then grouped pointwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.dw = cbr(16, 32, 3, groups=16)
+        self.gpw = cbr(32, 32, 1, groups=4)
+        self.out = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.gpw(self.dw(self.stem(x))))
+
+
+def depthwise_multiplier():
+    return DepthwiseMultiplier(), torch.randn(1, 3, 16, 16)
+
+
+class Conv1d3d(nn.Module):
+    """conv1d over a sequence and conv3d over a volume, joined by a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.BatchNorm1d(16), nn.PReLU(16),
+                                 nn.Conv1d(16, 8, 3, padding=1, groups=2), nn.ReLU())
+        self.vol = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+                                 nn.Conv3d(8, 8, 3, padding=1, groups=8), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, seq, vol):
+        a = self.seq(seq).mean(dim=2)
+        b = self.vol(vol).amax(dim=(2, 3, 4))
+        return self.head(torch.cat([a, b], dim=1))
+
+
+def conv1d_conv3d():
+    return Conv1d3d(), (torch.randn(2, 4, 12), torch.randn(2, 1, 6, 6, 6))
+
+
+class NormsBlock(nn.Module):
+    """GroupNorm (grouped and per-channel) and a channels-first LayerNorm, as in ConvNeXt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.inorm = nn.GroupNorm(16, 16)
+        self.c3 = nn.Conv2d(16, 24, 1)
+        self.ln = nn.LayerNorm(24)
+        self.c4 = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        x = F.gelu(self.gn(self.c1(x)))
+        x = F.silu(self.inorm(self.c2(x)))
+        x = self.c3(x).permute(0, 2, 3, 1)
+        x = self.ln(x).permute(0, 3, 1, 2)
+        return self.c4(x)
+
+
+def norms():
+    return NormsBlock(), torch.randn(1, 3, 8, 8)
+
+
+class TokenMixer(nn.Module):
+    """Linear layers on tokens with a residual MLP and a matmul attention over 4 heads."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)  # B, N, C
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+def token_mixer():
+    return TokenMixer(), torch.randn(2, 3, 16, 16)
+
+
+MODELS: dict[str, Callable] = {
+    "resnet_basic": resnet_basic,
+    "resnet_bottleneck": resnet_bottleneck,
+    "vgg": vgg,
+    "mobilenet_v2": mobilenet_v2,
+    "densenet": densenet,
+    "c2f_sppf": c2f_sppf,
+    "squeeze_excite": squeeze_excite,
+    "resnext": resnext,
+    "fpn": fpn,
+    "shared_conv": shared_conv,
+    "conv_transpose": conv_transpose,
+    "shufflenet": shufflenet,
+    "depthwise_multiplier": depthwise_multiplier,
+    "conv1d_conv3d": conv1d_conv3d,
+    "norms": norms,
+    "token_mixer": token_mixer,
+}
+
+
+def build(name: str, seed: int = 0):
+    """Build a model in eval mode with randomised batch-norm statistics."""
+    torch.manual_seed(seed)
+    model, x = MODELS[name]()
+    randomize_bn(model)
+    return model.eval(), x
+
+
+def randomize_bn(model: nn.Module) -> None:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
