@@ -17,7 +17,7 @@ from . import rules  # noqa: F401 - registers the rule table
 from .atoms import AtomTable, UnionFind
 from .capture import Capture
 from .errors import AnalysisError
-from .graph import ChannelGraph, FrozenChannels, Group, Slice, Unit
+from .graph import ChannelGraph, FrozenChannels, Group, Unit
 from .rules.registry import RuleContext, lookup
 
 __all__ = ["analyze"]
@@ -139,102 +139,98 @@ def _rule_failure(node: torch.fx.Node, exc: Exception) -> str:
             f"{node.target}; please report it with the model.")
 
 
+def _first_seen_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``values`` numbered by first appearance: (distinct values sorted, their ranks)."""
+    distinct, first = np.unique(values, return_index=True)
+    ranks = np.empty(len(distinct), dtype=np.int64)
+    ranks[np.argsort(first, kind="stable")] = np.arange(len(distinct))
+    return distinct, ranks
+
+
+def _reasons(roots: np.ndarray, records: list, n: int) -> tuple[np.ndarray, list[str]]:
+    """Per root, the index (+1) of the first record that covers it; 0 when none does."""
+    first = np.zeros(n, dtype=np.int64)
+    texts: list[str] = []
+    for arr, why in records:
+        r = roots[arr]
+        fresh = r[first[r] == 0]
+        if len(fresh):
+            texts.append(why)
+            first[fresh] = len(texts)
+    return first, texts
+
+
 def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> ChannelGraph:
-    uf = UnionFind(ctx.atoms.count)
+    n = ctx.atoms.count
+    uf = UnionFind(n)
     for a, b in ctx.unions:
         uf.union_arrays(a, b)
     roots = uf.roots()
-    live_roots = np.zeros(ctx.atoms.count, dtype=bool)
+    live_root = np.zeros(n, dtype=bool)
     if live:
-        live_roots[roots[np.concatenate(live)]] = True
+        live_root[roots[np.concatenate(live)]] = True
+    frozen_by, frozen_texts = _reasons(roots, ctx.frozen, n)
+    inexact_by, inexact_texts = _reasons(roots, [(a, w) for a, w in ctx.inexact], n)
+    contracted = np.zeros(n, dtype=bool)
+    if ctx.contracted:
+        contracted[roots[np.concatenate(ctx.contracted)]] = True
 
-    frozen_reason: dict[int, str] = {}
-    for arr, why in ctx.frozen:
-        for r in np.unique(roots[arr]).tolist():
-            frozen_reason.setdefault(r, why)
-    inexact_reason: dict[int, str] = {}
-    for arr, why in ctx.inexact:
-        for r in np.unique(roots[arr]).tolist():
-            inexact_reason.setdefault(r, why)
-    is_frozen = np.zeros(ctx.atoms.count, dtype=bool)
-    if frozen_reason:
-        is_frozen[np.fromiter(frozen_reason, dtype=np.int64)] = True
-
-    # Number units by first appearance (parameters in graph order): deterministic ids.
-    unit_of_root: dict[int, int] = {}
-    unit_index: dict[tuple[str, int], np.ndarray] = {}
-    frozen_dims: dict[str, list] = {}
+    # Channel-bearing parameter dims, in graph order, with each index's root.
+    keys, key_roots = [], []
     for fqn, amap in param_atoms.items():
         for dim, atoms in enumerate(amap):
             r = roots[atoms]
-            channel = live_roots[r] | is_frozen[r]  # explicitly frozen dims are channels too
-            if not channel.any():
-                continue
-            prunable = channel & ~is_frozen[r]
-            ids = np.full(len(atoms), -1, dtype=np.int64)
-            for i in np.nonzero(prunable)[0].tolist():
-                ids[i] = unit_of_root.setdefault(int(r[i]), len(unit_of_root))
-            unit_index[(fqn, dim)] = ids
-            frozen_here = channel & is_frozen[r]
-            if frozen_here.any():
-                per_reason: dict[str, int] = {}
-                for root, count in zip(*np.unique(r[frozen_here], return_counts=True)):
-                    why = frozen_reason[int(root)]
-                    per_reason[why] = per_reason.get(why, 0) + int(count)
-                for why, count in per_reason.items():
-                    frozen_dims.setdefault(why, []).append((fqn, dim, count))
+            if (live_root[r] | (frozen_by[r] > 0)).any():  # explicitly frozen dims count too
+                keys.append((fqn, dim))
+                key_roots.append(r)
+    all_roots = np.concatenate(key_roots) if key_roots else np.empty(0, dtype=np.int64)
+    prunable = live_root[all_roots] & (frozen_by[all_roots] == 0)
 
-    n_units = len(unit_of_root)
+    # Units: prunable roots numbered by first appearance, so ids are deterministic.
+    unit_roots, unit_rank = _first_seen_ranks(all_roots[prunable])
+    unit_of = np.full(len(all_roots), -1, dtype=np.int64)
+    unit_of[prunable] = unit_rank[np.searchsorted(unit_roots, all_roots[prunable])]
+    n_units = len(unit_roots)
     root_of_unit = np.empty(n_units, dtype=np.int64)
-    for root, u in unit_of_root.items():
-        root_of_unit[u] = root
+    root_of_unit[unit_rank] = unit_roots
+    bounds = np.cumsum([0] + [len(r) for r in key_roots])
+    unit_index = {key: unit_of[bounds[i]:bounds[i + 1]] for i, key in enumerate(keys)}
 
-    # Units sharing a parameter dim belong to one group.
+    # Groups: units that share a parameter dim.
     guf = UnionFind(n_units)
     for ids in unit_index.values():
         members = np.unique(ids[ids >= 0])
         if len(members) > 1:
             guf.union_arrays(members[:-1], members[1:])
-    group_root = guf.roots() if n_units else np.empty(0, dtype=np.int64)
-    group_ids: dict[int, int] = {}
-    for u in range(n_units):
-        group_ids.setdefault(int(group_root[u]), len(group_ids))
-    unit_group = [group_ids[int(group_root[u])] for u in range(n_units)]
+    group_roots, group_rank = _first_seen_ranks(guf.roots())
+    unit_group = group_rank[np.searchsorted(group_roots, guf.roots())]
+    n_groups = len(group_roots)
+    group_dims: list[list] = [[] for _ in range(n_groups)]
+    group_frozen = np.zeros(n_groups, dtype=np.int64)
+    frozen_dims: dict[int, list] = {}
+    for i, (key, ids) in enumerate(zip(keys, unit_index.values())):
+        present = ids[ids >= 0]
+        if len(present):
+            g = int(unit_group[present[0]])
+            group_dims[g].append((key[0], key[1], len(ids)))
+            group_frozen[g] += int((ids < 0).sum())
+        reason_ids = frozen_by[key_roots[i]]
+        for reason, count in zip(*np.unique(reason_ids[reason_ids > 0], return_counts=True)):
+            frozen_dims.setdefault(int(reason), []).append((key[0], key[1], int(count)))
 
-    slices: list[list[Slice]] = [[] for _ in range(n_units)]
-    group_dims: list[list] = [[] for _ in group_ids]
-    group_frozen = [0] * len(group_ids)
-    for (fqn, dim), ids in unit_index.items():
-        prunable = ids >= 0
-        if not prunable.any():
-            continue
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        start = np.searchsorted(sorted_ids, 0)
-        members, first = np.unique(sorted_ids[start:], return_index=True)
-        bounds = list(first + start) + [len(ids)]
-        for k, u in enumerate(members.tolist()):
-            idx = tuple(sorted(order[bounds[k]:bounds[k + 1]].tolist()))
-            slices[u].append(Slice(fqn, dim, idx))
-        g = unit_group[int(members[0])]
-        group_dims[g].append((fqn, dim, len(ids)))
-        group_frozen[g] += int((~prunable).sum())
-
-    contracted_roots = set(np.unique(roots[np.concatenate(ctx.contracted)]).tolist()) \
-        if ctx.contracted else set()
+    members_of: list[list[int]] = [[] for _ in range(n_groups)]
+    for u, g in enumerate(unit_group.tolist()):
+        members_of[g].append(u)
     units = []
     for u in range(n_units):
         root = int(root_of_unit[u])
-        note = inexact_reason.get(root)
-        units.append(Unit(u, unit_group[u], tuple(slices[u]), exact=note is None, note=note,
-                          contracted=root in contracted_roots))
-    members_of: list[list[int]] = [[] for _ in group_ids]
-    for u, g in enumerate(unit_group):
-        members_of[g].append(u)
-    groups = [Group(g, tuple(members_of[g]), tuple(group_dims[g]), group_frozen[g])
-              for g in range(len(group_ids))]
-    frozen = [FrozenChannels(reason, tuple(dims)) for reason, dims in frozen_dims.items()]
+        note = inexact_texts[inexact_by[root] - 1] if inexact_by[root] else None
+        units.append(Unit(u, int(unit_group[u]), exact=note is None, note=note,
+                          contracted=bool(contracted[root])))
+    groups = [Group(g, tuple(members_of[g]), tuple(group_dims[g]), int(group_frozen[g]))
+              for g in range(n_groups)]
+    frozen = [FrozenChannels(frozen_texts[r - 1], tuple(dims))
+              for r, dims in sorted(frozen_dims.items())]
     shapes = {fqn: tuple(len(a) for a in amap) for fqn, amap in param_atoms.items()}
     return ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
                         list(ctx.layers), notes=list(cap.notes))
-

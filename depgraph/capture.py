@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -85,7 +86,9 @@ def _as_args(example_inputs: Any) -> tuple:
 def _capture_export(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
     from torch.export.graph_signature import InputKind, OutputKind
 
-    with warnings.catch_warnings():
+    # torch.export prints the whole partial graph to stderr when it gives up; the fallback
+    # makes that noise, not an error the user must read.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         ep = torch.export.export(wrapped, args, kwargs, strict=False)
     sig = ep.graph_signature

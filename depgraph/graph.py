@@ -14,6 +14,7 @@ Vocabulary:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,17 +39,16 @@ class Slice:
 
 @dataclass(frozen=True)
 class Unit:
-    """A set of channels that is pruned as one."""
+    """A set of channels that is pruned as one; its slices are ``ChannelGraph.slices(id)``."""
 
     id: int
     group: int
-    slices: tuple[Slice, ...]
     exact: bool = True
     note: Optional[str] = None  # why the unit is inexact
     contracted: bool = False  # multiplied between two activations (attention q.k)
 
     def __str__(self) -> str:
-        return f"Unit({self.id}, group={self.group}, slices={len(self.slices)})"
+        return f"Unit({self.id}, group={self.group}{'' if self.exact else ', inexact'})"
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,23 @@ class ChannelGraph:
                 f"frozen={sum(f.count for f in self.frozen)})")
 
     # ---- queries -------------------------------------------------------------------------
+    def slices(self, unit: int) -> tuple[Slice, ...]:
+        """Every parameter slice that removing ``unit`` removes."""
+        return self._slices_by_unit.get(unit, ())
+
+    @functools.cached_property
+    def _slices_by_unit(self) -> dict[int, tuple[Slice, ...]]:
+        out: dict[int, list[Slice]] = {}
+        for (param, dim), ids in self.unit_index.items():
+            order = np.argsort(ids, kind="stable")
+            sorted_ids = ids[order]
+            start = int(np.searchsorted(sorted_ids, 0))
+            members, first = np.unique(sorted_ids[start:], return_index=True)
+            ends = list(first[1:] + start) + [len(ids)]
+            for u, lo, hi in zip(members.tolist(), (first + start).tolist(), ends):
+                out.setdefault(u, []).append(Slice(param, dim, tuple(order[lo:hi].tolist())))
+        return {u: tuple(s) for u, s in out.items()}
+
     def exact_units(self) -> list[int]:
         return [u.id for u in self.units if u.exact]
 
@@ -139,6 +156,32 @@ class ChannelGraph:
             total += self.param_shapes[layer.weight][layer.out_dim]
             prunable += int((ids >= 0).sum()) if ids is not None else 0
         return prunable, total
+
+    def without_groups(self, reasons: dict[int, str]) -> "ChannelGraph":
+        """A new graph in which the units of the given groups are frozen with ``reasons``.
+
+        Remaining units and groups are renumbered in their original order.
+        """
+        dropped = {u for g in reasons for u in self.groups[g].units}
+        keep_units = [u for u in self.units if u.id not in dropped]
+        keep_groups = [g for g in self.groups if g.id not in reasons]
+        new_unit = np.full(len(self.units) + 1, -1, dtype=np.int64)  # last slot maps -1 -> -1
+        for i, u in enumerate(keep_units):
+            new_unit[u.id] = i
+        new_group = {g.id: i for i, g in enumerate(keep_groups)}
+        units = [Unit(i, new_group[u.group], u.exact, u.note, u.contracted)
+                 for i, u in enumerate(keep_units)]
+        groups = [Group(i, tuple(int(new_unit[u]) for u in g.units), g.dims, g.frozen)
+                  for i, g in enumerate(keep_groups)]
+        frozen = list(self.frozen)
+        for g, why in sorted(reasons.items()):
+            members = np.asarray(self.groups[g].units, dtype=np.int64)
+            dims = tuple((p, d, int(np.isin(ids, members).sum()))
+                         for (p, d), ids in self.unit_index.items())
+            frozen.append(FrozenChannels(why, tuple(x for x in dims if x[2])))
+        unit_index = {key: new_unit[ids] for key, ids in self.unit_index.items()}
+        return ChannelGraph(units, groups, frozen, unit_index, self.param_shapes, self.consumers,
+                            self.layers, notes=list(self.notes))
 
     # ---- views ---------------------------------------------------------------------------
     def to_networkx(self):

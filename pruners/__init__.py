@@ -12,7 +12,8 @@ True
 """
 
 from .surgery import MODULE_FIXERS, remove_units
+from .repair import find_unprunable_groups, repair_graph
 from .verify import VerifyResult, mask_consumers, run_model, sample_units, verify
 
 __all__ = ["remove_units", "MODULE_FIXERS", "verify", "VerifyResult", "mask_consumers",
-           "run_model", "sample_units"]
+           "run_model", "sample_units", "find_unprunable_groups", "repair_graph"]

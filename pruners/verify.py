@@ -61,17 +61,18 @@ def mask_consumers(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) 
     Units that two activations contract over (attention's q.k) have no consumer weight; for
     those every slice, producers included, is zeroed so the contraction sees zeros.
     """
-    removed = set(int(u) for u in units)
+    removed = np.fromiter((int(u) for u in units), dtype=np.int64)
+    contracted = np.array([u for u in removed.tolist() if graph.units[u].contracted],
+                          dtype=np.int64)
     with torch.no_grad():
-        for u in removed:
-            unit = graph.units[u]
-            for sl in unit.slices:
-                if not unit.contracted and (sl.param, sl.dim) not in graph.consumers:
-                    continue
-                tensor = model.get_parameter(sl.param) if _is_param(model, sl.param) \
-                    else model.get_buffer(sl.param)
-                idx = torch.as_tensor(sl.indices, dtype=torch.long, device=tensor.device)
-                tensor.index_fill_(sl.dim, idx, 0.0)
+        for (param, dim), ids in graph.unit_index.items():
+            hit = np.isin(ids, removed if (param, dim) in graph.consumers else contracted)
+            if not hit.any():
+                continue
+            tensor = model.get_parameter(param) if _is_param(model, param) \
+                else model.get_buffer(param)
+            idx = torch.as_tensor(np.nonzero(hit)[0], dtype=torch.long, device=tensor.device)
+            tensor.index_fill_(dim, idx, 0.0)
     return model
 
 

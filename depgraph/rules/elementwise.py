@@ -65,6 +65,10 @@ def pointwise_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 # binary(a, b): out atoms[d] = unify(a[d], b[d]) after right-aligned broadcasting.
 @register(*BINARY)
 def broadcasting_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):  # where(cond) is nonzero(): it returns indices
+        ctx.freeze(inputs, f"{ctx.where()} turns values into indices")
+        return tuple(None for _ in val)
     operands = [(arg, m) for arg, m in zip(node.args, inputs, strict=True)
                 if isinstance(arg, torch.fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor)]
     return (broadcast_maps(ctx, [ctx.shape(a) for a, _ in operands], [m for _, m in operands],
