@@ -1,0 +1,51 @@
+"""Repair: groups whose width the model's Python code fixes are found by running it."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from depgraph import analyze, capture
+from models import cbr
+from pruners import find_unprunable_groups, repair_graph, sample_units, verify
+
+
+class BakedSplit(nn.Module):
+    """C2PSA-style: ``split((self.c, self.c))`` stores the width in an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = 8
+        self.stem = cbr(3, 16)
+        self.cv1 = cbr(16, 2 * self.c, 1)
+        self.m = cbr(self.c, self.c)
+        self.cv2 = cbr(2 * self.c, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a, b = self.cv1(self.stem(x)).split((self.c, self.c), dim=1)
+        return self.head(self.cv2(torch.cat((a, self.m(b)), 1)))
+
+
+def test_repair_freezes_exactly_the_group_with_a_baked_width():
+    model = BakedSplit().eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = analyze(capture(model, x))
+    bad = find_unprunable_groups(model, g, x)
+    assert len(bad) == 1
+    (gid,) = bad
+    assert "cv1.0" in g.groups[gid].layers
+    assert "split_with_sizes" in bad[gid]
+    repaired = repair_graph(model, g, x)
+    assert len(repaired.units) == len(g.units) - len(g.groups[gid].units)
+    assert any("fixed in Python" in f.reason for f in repaired.frozen)
+    for seed in range(3):
+        units = sample_units(repaired, 0.5, np.random.default_rng(seed))
+        assert verify(model, repaired, units, x).ok
+
+
+def test_repair_keeps_a_graph_without_problems():
+    model = nn.Sequential(cbr(3, 8), cbr(8, 8), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = analyze(capture(model, x))
+    assert repair_graph(model, g, x) is g
