@@ -9,7 +9,7 @@ outputs. A missed coupling shows up as a shape error or an output difference.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -81,9 +81,30 @@ def _is_param(model: nn.Module, fqn: str) -> bool:
     return attr in model.get_submodule(module_name)._parameters
 
 
+def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,
+            example_kwargs: Optional[dict]) -> list[torch.Tensor]:
+    """Run ``model`` and return the outputs of the named submodules, in ``names`` order."""
+    seen: dict[str, Any] = {}
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_hook(
+            lambda _m, _i, out, name=name: seen.setdefault(name, out)))
+    try:
+        run_model(model, example_inputs, None, example_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise VerificationError(f"submodules {missing} did not run on the example inputs")
+    return [t for n in names for t in pytree.tree_leaves(seen[n]) if isinstance(t, torch.Tensor)]
+
+
 def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_inputs: Any, *,
            outputs: Optional[Callable] = None, example_kwargs: Optional[dict] = None,
-           pruned: Optional[nn.Module] = None, rtol: float = 1e-4) -> VerifyResult:
+           at: Optional[Sequence[str]] = None, pruned: Optional[nn.Module] = None,
+           rtol: float = 1e-4) -> VerifyResult:
     """Zero-equivalence check of removing ``units`` from ``model`` (which is not modified).
 
     Args:
@@ -92,6 +113,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         units: the removed units.
         example_inputs: inputs to run both models on.
         outputs: the output-contract selector given to ``capture``.
+        at: compare the outputs of these submodules instead of the model's. For detectors,
+            whose top-k and NMS turn float noise into different boxes, name the head.
         pruned: an already-pruned model to check; by default a pruned copy is made.
         rtol: tolerance on ``max|a - b| / max|a|`` per output.
 
@@ -102,9 +125,15 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     masked = mask_consumers(copy.deepcopy(model), graph, units)
     if pruned is None:
         pruned = remove_units(copy.deepcopy(model), graph, units)
-    expected = run_model(masked, example_inputs, outputs, example_kwargs)
+    if at:
+        def run(m: nn.Module) -> list[torch.Tensor]:
+            return _run_at(m, list(at), example_inputs, example_kwargs)
+    else:
+        def run(m: nn.Module) -> list[torch.Tensor]:
+            return run_model(m, example_inputs, outputs, example_kwargs)
+    expected = run(masked)
     try:
-        got = run_model(pruned, example_inputs, outputs, example_kwargs)
+        got = run(pruned)
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
