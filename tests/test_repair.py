@@ -49,3 +49,25 @@ def test_repair_keeps_a_graph_without_problems():
     x = torch.randn(1, 3, 8, 8)
     g = analyze(capture(model, x))
     assert repair_graph(model, g, x) is g
+
+
+def test_repair_catches_a_baked_width_that_fails_silently():
+    """split(4) on 8 channels still runs once they are 6 ([4, 2]), but computes garbage."""
+
+    class SilentSplit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = cbr(3, 8)
+            self.b = cbr(8, 8)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            lo, hi = self.a(x).split(4, dim=1)
+            return self.head(self.b(torch.cat((hi, lo), 1)))
+
+    model = SilentSplit().eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = analyze(capture(model, x))
+    bad = find_unprunable_groups(model, g, x)
+    assert [g.groups[k].layers[0] for k in bad] == ["a.0"]
+    assert "differ" in next(iter(bad.values()))

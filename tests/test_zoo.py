@@ -13,7 +13,7 @@ pytestmark = pytest.mark.zoo
 def _check(name, model, x, report_share, outputs=None, fractions=(0.2, 0.6), at=None):
     model.eval()
     graph = analyze(capture(model, x, outputs=outputs))
-    graph = repair_graph(model, graph, x, outputs=outputs)
+    graph = repair_graph(model, graph, x, outputs=outputs, at=at)
     report_share(name, graph)
     assert graph.exact_units(), f"{name}: nothing prunable"
     reference = run_model(model, x, outputs)

@@ -58,7 +58,10 @@ def conv_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         ctx.freeze([m for i, m in enumerate(x) if i != ch], f"{ctx.where()} convolves over this dim")
     in_dim, out_dim = (0, 1) if transposed else (1, 0)
     w_in, w_out = w[in_dim], w[out_dim]
-    if transposed:
+    if all(m is None for m in w):  # a weight built in forward: its sizes are fixed
+        ctx.freeze(xc, f"{ctx.where()} uses a constant weight of fixed size")
+        out_atoms = None
+    elif transposed:
         out_atoms = _conv_transpose(ctx, xc, w_in, w_out, groups)
     else:
         out_atoms = _conv_forward(ctx, xc, w_in, w_out, groups, w_shape)
@@ -123,6 +126,8 @@ def linear_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     w = w if w is not None else (None,) * len(w_shape)
     if x is None or x[-1] is None:
         ctx.freeze(w[1], f"{ctx.where()} {_NO_SOURCE}")
+    elif w[1] is None:
+        ctx.freeze(x[-1], f"{ctx.where()} uses a constant weight of fixed size")
     else:
         ctx.unify(x[-1], w[1])
     if b is not None and b[0] is not None:
