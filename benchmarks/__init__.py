@@ -1,0 +1,1 @@
+"""Benchmarks: engine time now; the side-by-side suite against Torch-Pruning builds on it."""
