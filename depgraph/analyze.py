@@ -233,4 +233,4 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
               for r, dims in sorted(frozen_dims.items())]
     shapes = {fqn: tuple(len(a) for a in amap) for fqn, amap in param_atoms.items()}
     return ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
-                        list(ctx.layers), notes=list(cap.notes))
+                        list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers))

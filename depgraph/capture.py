@@ -50,6 +50,7 @@ class Capture:
     output_nodes: list[torch.fx.Node]
     method: str
     notes: list[str] = field(default_factory=list)
+    buffers: set[str] = field(default_factory=set)  # FQNs in param_names that are buffers
 
     def __str__(self) -> str:
         n_ops = sum(1 for n in self.graph.nodes if n.op == "call_function")
@@ -94,10 +95,13 @@ def _capture_export(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
     sig = ep.graph_signature
     param_names: dict[str, str] = {}
     input_names: list[str] = []
+    buffers: set[str] = set()
     for spec in sig.input_specs:
         name = spec.arg.name
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
             param_names[name] = _strip(spec.target)
+            if spec.kind == InputKind.BUFFER:
+                buffers.add(_strip(spec.target))
         elif spec.kind == InputKind.USER_INPUT:
             input_names.append(name)
     user_outputs = {spec.arg.name for spec in sig.output_specs
@@ -106,7 +110,7 @@ def _capture_export(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
     out_node = next(n for n in graph.nodes if n.op == "output")
     outputs = [n for n in pytree.tree_leaves(out_node.args[0])
                if isinstance(n, torch.fx.Node) and n.name in user_outputs]
-    return Capture(graph, param_names, input_names, outputs, "export")
+    return Capture(graph, param_names, input_names, outputs, "export", buffers=buffers)
 
 
 def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
@@ -134,7 +138,8 @@ def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
     input_names = [ph.name for ph in placeholders[len(names):]]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = [n for n in pytree.tree_leaves(out_node.args[0]) if isinstance(n, torch.fx.Node)]
-    return Capture(gm.graph, param_names, input_names, outputs, "concrete")
+    return Capture(gm.graph, param_names, input_names, outputs, "concrete",
+                   buffers=set(buffers))
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, *,

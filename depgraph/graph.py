@@ -109,6 +109,7 @@ class ChannelGraph:
     consumers: set[tuple[str, int]]
     layers: list[LayerUse]
     notes: list[str] = field(default_factory=list)
+    buffers: set[str] = field(default_factory=set)
 
     def __str__(self) -> str:
         return (f"ChannelGraph(units={len(self.units)}, groups={len(self.groups)}, "
@@ -181,7 +182,7 @@ class ChannelGraph:
             frozen.append(FrozenChannels(why, tuple(x for x in dims if x[2])))
         unit_index = {key: new_unit[ids] for key, ids in self.unit_index.items()}
         return ChannelGraph(units, groups, frozen, unit_index, self.param_shapes, self.consumers,
-                            self.layers, notes=list(self.notes))
+                            self.layers, notes=list(self.notes), buffers=self.buffers)
 
     # ---- views ---------------------------------------------------------------------------
     def to_networkx(self):

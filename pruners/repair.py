@@ -32,6 +32,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                            outputs: Optional[Callable] = None,
                            example_kwargs: Optional[dict] = None,
                            at: Optional[Sequence[str]] = None,
+                           probes: Optional[dict[int, list[int]]] = None,
                            rtol: float = 1e-4) -> dict[int, str]:
     """Groups whose pruning breaks the model, with what went wrong for each.
 
@@ -39,11 +40,14 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     output structure, or (for exact units) differs from the original with those units' consumers
     zeroed: a size baked into Python can also give a silently wrong answer, as
     ``x.split(4, 1)`` does once 8 channels become 6. The model is not modified. Cost: about
-    ``2 * k * log2(groups)`` probes when ``k`` groups are at fault.
+    ``2 * k * log2(groups)`` probes when ``k`` groups are at fault. ``probes`` replaces the
+    one-unit probes with given units per group (a plan's, to check it as a whole).
     """
+    if probes is None:
+        probes = {g.id: [_probe(graph, g.id)] for g in graph.groups if g.units}
 
     def failure(groups: list[int]) -> Optional[str]:
-        units = [_probe(graph, g) for g in groups]
+        units = [u for g in groups for u in probes[g]]
         try:
             result = verify(model, graph, units, example_inputs, outputs=outputs,
                             example_kwargs=example_kwargs, at=at, rtol=rtol)
@@ -69,8 +73,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         if len(found) == before:  # fails only in combination: freeze the whole set
             found.update({g: why for g in groups})
 
-    exact = [g.id for g in graph.groups if any(graph.units[u].exact for u in g.units)]
-    inexact = [g.id for g in graph.groups if g.units and g.id not in set(exact)]
+    exact = [g for g in sorted(probes) if all(graph.units[u].exact for u in probes[g])]
+    inexact = [g for g in sorted(probes) if g not in set(exact)]
     for groups in (exact, inexact):  # inexact probes differ by design: judged apart
         if groups:
             bisect(groups)

@@ -17,7 +17,7 @@ from torch import nn
 from depgraph.errors import SurgeryError
 from depgraph.graph import ChannelGraph
 
-__all__ = ["remove_units", "MODULE_FIXERS"]
+__all__ = ["remove_units", "apply_kept", "MODULE_FIXERS"]
 
 
 @dataclass(frozen=True)
@@ -135,12 +135,19 @@ def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) ->
     if bad:
         raise SurgeryError(f"unknown unit ids {sorted(bad)[:10]}; the graph has "
                            f"{len(graph.units)} units")
-    kept = graph.kept_indices(removed)
+    kept = {key: idx for key, idx in graph.kept_indices(removed).items()
+            if len(idx) != graph.param_shapes[key[0]][key[1]]}
+    return apply_kept(model, kept, graph.param_shapes)
+
+
+def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
+               shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """Keep only ``kept[(param, dim)]`` indices of each listed dim; fix module attributes.
+
+    ``shapes`` are the original shapes, checked against the model before anything changes.
+    """
     by_param: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for (fqn, dim), idx in kept.items():
-        size = graph.param_shapes[fqn][dim]
-        if len(idx) == size:
-            continue
+    for (fqn, dim), idx in sorted(kept.items()):
         if len(idx) == 0:
             raise SurgeryError(f"removing these units leaves '{fqn}' with no channels along "
                                f"dim {dim}; keep at least one unit of its group")
@@ -152,9 +159,9 @@ def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) ->
     with torch.no_grad():
         for fqn, cuts in by_param.items():
             old = _lookup(model, fqn)
-            if tuple(old.shape) != graph.param_shapes[fqn]:
+            if tuple(old.shape) != tuple(shapes[fqn]):
                 raise SurgeryError(f"'{fqn}' has shape {tuple(old.shape)} but was analysed with "
-                                   f"{graph.param_shapes[fqn]}; re-run analysis on this model")
+                                   f"{tuple(shapes[fqn])}; re-run analysis on this model")
             new = old.detach()
             for dim, idx in cuts:
                 new = new.index_select(dim, idx.to(new.device))

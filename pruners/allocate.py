@@ -1,0 +1,196 @@
+"""Allocation: which units to remove to meet a target, from scores and the cost model.
+
+Global strategy: every group offers its lowest-scoring units in chunks (``round_to`` units,
+the first chunk sized so the kept count becomes a multiple of ``round_to``); a heap takes the
+cheapest chunk across all groups until the cost meets the target. Uniform strategy: every
+group loses the same fraction (searched by bisection for FLOPs/params targets).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from depgraph.cost import CostModel
+from depgraph.errors import PruningError
+from depgraph.graph import ChannelGraph
+
+__all__ = ["Target", "allocate", "InfeasibleTargetError"]
+
+
+# Stop as soon as the cost is within this much below the target (fractions of the original).
+_TOLERANCE = 0.005
+
+
+class InfeasibleTargetError(PruningError):
+    """The target cannot be met with what is prunable; the message gives the reachable value."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """``kind`` is "flops" or "params" (fraction of the original to keep) or "channels"
+    (fraction of every group's channels to remove)."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flops", "params", "channels"):
+            raise ValueError(f"unknown target kind {self.kind!r}")
+        if not 0.0 < self.value <= 1.0:
+            raise ValueError(f"target_{self.kind if self.kind != 'channels' else 'ratio'} must "
+                             f"be in (0, 1], got {self.value}")
+
+
+class _State:
+    """Kept width of every channel dim, updated one unit at a time."""
+
+    def __init__(self, graph: ChannelGraph, cost: CostModel) -> None:
+        self.cost = cost
+        self.kept = cost.sizes.copy()
+        index = {k: i for i, k in enumerate(cost.keys)}
+        self.unit_keys: list[list[tuple[int, int]]] = [[] for _ in graph.units]
+        for key, ids in graph.unit_index.items():
+            present = ids[ids >= 0]
+            for u, n in zip(*np.unique(present, return_counts=True)):
+                self.unit_keys[int(u)].append((index[key], int(n)))
+
+    def allows(self, units: list[int], min_channels: int) -> bool:
+        need: dict[int, int] = {}
+        for u in units:
+            for k, n in self.unit_keys[u]:
+                need[k] = need.get(k, 0) + n
+        return all(self.kept[k] - n >= min_channels for k, n in need.items())
+
+    def remove(self, units: list[int], sign: int = 1) -> None:
+        for u in units:
+            for k, n in self.unit_keys[u]:
+                self.kept[k] -= sign * n
+
+    def ratio(self, kind: str, full: tuple[float, float]) -> float:
+        flops, params = self.cost.evaluate(self.kept)
+        return flops / full[0] if kind == "flops" else params / full[1]
+
+
+def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: Target, *,
+             strategy: str = "global", round_to: int = 1, min_channels: int = 1,
+             max_ratio: float = 0.9, protected: Optional[set[int]] = None) -> list[int]:
+    """The units to remove, sorted. See the module docstring.
+
+    Raises:
+        InfeasibleTargetError: the target cannot be met; the message states the smallest
+            reachable value under the given constraints.
+    """
+    if strategy not in ("global", "uniform"):
+        raise ValueError(f"strategy must be 'global' or 'uniform', got {strategy!r}")
+    if round_to < 1 or min_channels < 1 or not 0 < max_ratio <= 1:
+        raise ValueError("need round_to >= 1, min_channels >= 1 and 0 < max_ratio <= 1")
+    protected = protected or set()
+    candidates = {g.id: sorted((u for u in g.units if u not in protected),
+                               key=lambda u: (scores[u], u)) for g in graph.groups}
+    if target.kind == "channels":
+        return _uniform(graph, cost, candidates, target.value, round_to, min_channels)
+    if strategy == "uniform":
+        return _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels,
+                                max_ratio)
+    return _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio)
+
+
+def _chunks(n_units: int, order: list[int], round_to: int, limit: int) -> list[list[int]]:
+    """Successive removal chunks keeping ``n_units - removed`` a multiple of ``round_to``."""
+    out, start = [], 0
+    first = n_units % round_to or round_to
+    size = first
+    while start + size <= min(limit, len(order)):
+        out.append(order[start:start + size])
+        start += size
+        size = round_to
+    return out
+
+
+def _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio):
+    state = _State(graph, cost)
+    full = cost.full()
+    if state.ratio(target.kind, full) <= target.value:
+        return []
+    heap = []
+    chunks = {}
+    for gid, order in candidates.items():
+        n = len(graph.groups[gid].units)
+        chunks[gid] = _chunks(n, order, round_to, int(np.floor(max_ratio * n)))
+        if chunks[gid]:
+            heap.append((float(np.mean(scores[chunks[gid][0]])), gid, 0))
+    heapq.heapify(heap)
+    removed: list[int] = []
+    best: Optional[tuple[float, list[int]]] = None  # closest result below target - tolerance
+    while heap:
+        _, gid, i = heapq.heappop(heap)
+        chunk = chunks[gid][i]
+        if state.allows(chunk, min_channels):
+            state.remove(chunk)
+            ratio = state.ratio(target.kind, full)
+            if ratio <= target.value:
+                if ratio >= target.value - _TOLERANCE:
+                    return sorted(removed + chunk)
+                # Overshot: remember it, put the chunk back, and look for a smaller step.
+                if best is None or ratio > best[0]:
+                    best = (ratio, removed + chunk)
+                state.remove(chunk, sign=-1)
+            else:
+                removed.extend(chunk)
+        # A chunk that would empty a layer, or overshoot, is skipped; the group goes on.
+        if i + 1 < len(chunks[gid]):
+            heapq.heappush(heap, (float(np.mean(scores[chunks[gid][i + 1]])), gid, i + 1))
+    if best is not None:
+        return sorted(best[1])
+    reachable = state.ratio(target.kind, full)
+    raise InfeasibleTargetError(
+        f"target_{target.kind}={target.value:g} cannot be met: with everything prunable removed "
+        f"(max_ratio={max_ratio:g}, min_channels={min_channels}, round_to={round_to}) the model "
+        f"keeps {reachable:.4f} of its {target.kind}. Ask for at least {np.ceil(reachable * 1000) / 1000:.3f}, "
+        f"or relax max_ratio / protect / round_to; see the report's frozen list for what is fixed.")
+
+
+def _uniform(graph, cost, candidates, ratio, round_to, min_channels):
+    state = _State(graph, cost)
+    removed: list[int] = []
+    for gid, order in candidates.items():
+        n = len(graph.groups[gid].units)
+        want = int(np.floor(ratio * n))
+        take = []
+        for chunk in _chunks(n, order, round_to, want):
+            if not state.allows(take + chunk, min_channels):
+                break
+            take += chunk
+        state.remove(take)
+        removed.extend(take)
+    return sorted(removed)
+
+
+def _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels, max_ratio):
+    full = cost.full()
+
+    def ratio_for(r: float) -> tuple[float, list[int]]:
+        units = _uniform(graph, cost, candidates, r, round_to, min_channels)
+        kept = cost.kept_after(graph, set(units))
+        flops, params = cost.evaluate(kept)
+        return (flops / full[0] if target.kind == "flops" else params / full[1]), units
+
+    lo, hi = 0.0, max_ratio
+    reached, best = ratio_for(hi)
+    if reached > target.value:
+        raise InfeasibleTargetError(
+            f"target_{target.kind}={target.value:g} cannot be met uniformly: removing "
+            f"{max_ratio:g} of every group keeps {reached:.4f}; use strategy='global' or a "
+            f"target of at least {np.ceil(reached * 1000) / 1000:.3f}")
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        value, units = ratio_for(mid)
+        if value <= target.value:
+            hi, best = mid, units
+        else:
+            lo = mid
+    return best

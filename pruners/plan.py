@@ -1,0 +1,84 @@
+"""Plans: the kept channels of every pruned parameter dim, as JSON (no pickle).
+
+A plan re-applies to a freshly constructed model without tracing it, so a pruned checkpoint
+loads with ``apply_plan(build_model(), Plan.load(path)); model.load_state_dict(...)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from depgraph.errors import PruningError
+
+from .surgery import apply_kept
+
+__all__ = ["Plan", "apply_plan"]
+
+_TYPE = "pruners.Plan"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``kept[param][dim]`` lists the indices that stay; ``shapes`` the original shapes."""
+
+    kept: dict[str, dict[int, list[int]]]
+    shapes: dict[str, tuple[int, ...]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"Plan({len(self.kept)} tensors pruned, {self.meta.get('model', '?')})"
+
+    def to_dict(self) -> dict:
+        return {"type": _TYPE, "version": _VERSION, "meta": self.meta,
+                "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "kept": {p: {str(d): list(map(int, idx)) for d, idx in dims.items()}
+                         for p, dims in self.kept.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        """Rebuild a plan; only this type and version load."""
+        if not isinstance(data, dict) or data.get("type") != _TYPE:
+            raise PruningError(f"not a pruning plan: expected type {_TYPE!r}, got "
+                               f"{data.get('type') if isinstance(data, dict) else type(data)!r}")
+        if data.get("version") != _VERSION:
+            raise PruningError(f"plan version {data.get('version')} is not supported "
+                               f"(this library reads version {_VERSION})")
+        kept = {p: {int(d): [int(i) for i in idx] for d, idx in dims.items()}
+                for p, dims in data["kept"].items()}
+        shapes = {k: tuple(int(s) for s in v) for k, v in data["shapes"].items()}
+        return cls(kept, shapes, dict(data.get("meta", {})))
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    @classmethod
+    def load(cls, path: str) -> "Plan":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Prune ``model`` (freshly built, same architecture) in place as ``plan`` says.
+
+    Raises:
+        SurgeryError: the model does not have the plan's parameters or shapes; the model is
+            unchanged.
+
+    Example:
+        >>> import torch
+        >>> from pruners import prune
+        >>> make = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+        ...                                    torch.nn.Conv2d(8, 4, 1))
+        >>> result = prune(make(), torch.randn(1, 3, 8, 8), channel_ratio=0.5)
+        >>> fresh = apply_plan(make(), result.plan)
+        >>> fresh[0].out_channels
+        4
+    """
+    kept = {(p, d): idx for p, dims in plan.kept.items() for d, idx in dims.items()}
+    return apply_kept(model, kept, plan.shapes)

@@ -1,0 +1,113 @@
+"""What ``prune()`` did: costs before and after, per-group and per-layer widths, what was frozen."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from depgraph.graph import FrozenChannels
+
+from .verify import VerifyResult
+
+__all__ = ["PruneReport", "GroupChange", "LayerChange", "measure"]
+
+
+def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None
+            ) -> tuple[int, int]:
+    """(FLOPs, parameters), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*args, **(example_kwargs or {}))
+    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class GroupChange:
+    group: int
+    layers: tuple[str, ...]
+    units_before: int
+    units_after: int
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    module: str
+    kind: str
+    out_before: int
+    out_after: int
+    in_before: int
+    in_after: int
+
+
+@dataclass
+class PruneReport:
+    """Printable with ``print(report)``; ``to_dict()`` for data."""
+
+    target: str
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    groups: list[GroupChange]
+    layers: list[LayerChange]
+    frozen: list[FrozenChannels]
+    verify: Optional[VerifyResult]
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(flops_ratio=self.flops_ratio, params_ratio=self.params_ratio,
+                    verify=str(self.verify) if self.verify else None)
+        return data
+
+    def __str__(self) -> str:
+        lines = [f"target {self.target}",
+                 f"FLOPs  {self.flops_before / 1e9:10.3f} G -> {self.flops_after / 1e9:10.3f} G "
+                 f"({100 * self.flops_ratio:.2f}%)",
+                 f"params {self.params_before / 1e6:10.3f} M -> {self.params_after / 1e6:10.3f} M "
+                 f"({100 * self.params_ratio:.2f}%)"]
+        if self.verify is not None:
+            lines.append(f"check  {self.verify}")
+        lines.append(f"engine {sum(self.seconds.values()):.2f} s ("
+                     + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()) + ")")
+        pruned = [l for l in self.layers if (l.out_before, l.in_before) != (l.out_after, l.in_after)]
+        lines.append(f"{len(pruned)} of {len(self.layers)} layers changed:")
+        lines.append(f"  {'layer':<44}{'kind':<15}{'out':>13}{'in':>13}")
+        for l in pruned:
+            lines.append(f"  {l.module:<44}{l.kind:<15}{l.out_before:>6}->{l.out_after:<6}"
+                         f"{l.in_before:>6}->{l.in_after:<6}")
+        lines.append("frozen:")
+        for f in self.frozen:
+            lines.append(f"  {f.count:>7}  {f.reason}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+
+def layer_changes(before: nn.Module, after: nn.Module) -> list[LayerChange]:
+    """Width of every conv/linear before and after, by module name."""
+    shapes = {name: (type(m).__name__, m.weight.shape) for name, m in before.named_modules()
+              if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+    out = []
+    for name, m in after.named_modules():
+        if name not in shapes:
+            continue
+        kind, old = shapes[name]
+        new = m.weight.shape
+        transposed = getattr(m, "transposed", False)
+        o, i = (1, 0) if transposed else (0, 1)
+        out.append(LayerChange(name, kind, old[o], new[o], old[i], new[i]))
+    return out
