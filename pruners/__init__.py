@@ -13,6 +13,7 @@ True
 
 from .allocate import InfeasibleTargetError, Target, allocate
 from .api import PruneResult, prune
+from .export import OnnxExport, export_onnx
 from .importance import score_units
 from .plan import Plan, apply_plan
 from .repair import find_unprunable_groups, repair_graph
@@ -20,7 +21,7 @@ from .report import PruneReport, measure
 from .surgery import MODULE_FIXERS, apply_kept, remove_units
 from .verify import VerifyResult, mask_consumers, run_model, sample_units, verify
 
-__all__ = ["prune", "PruneResult", "PruneReport", "Plan", "apply_plan", "Target", "allocate",
+__all__ = ["prune", "PruneResult", "export_onnx", "OnnxExport", "PruneReport", "Plan", "apply_plan", "Target", "allocate",
            "InfeasibleTargetError", "score_units", "measure", "remove_units", "apply_kept",
            "MODULE_FIXERS", "verify", "VerifyResult", "mask_consumers", "run_model",
            "sample_units", "find_unprunable_groups", "repair_graph"]

@@ -48,19 +48,22 @@ def _target(target_flops, target_params, channel_ratio) -> Target:
     return Target(kind, float(value))
 
 
-def _protected_units(model: nn.Module, graph: ChannelGraph,
-                     protect: Optional[Iterable[Union[str, nn.Module]]]) -> set[int]:
-    if not protect:
-        return set()
+def _protect_patterns(model: nn.Module,
+                      protect: Optional[Iterable[Union[str, nn.Module]]]) -> list[str]:
+    """Module-name patterns; modules are named by where they sit in the user's ``model``."""
     names = {id(m): n for n, m in model.named_modules()}
     patterns = []
-    for item in protect:
+    for item in protect or ():
         if isinstance(item, nn.Module):
             if id(item) not in names:
                 raise ValueError(f"protect: {type(item).__name__} is not a submodule of the model")
             patterns.append(names[id(item)])
         else:
             patterns.append(str(item))
+    return patterns
+
+
+def _protected_units(graph: ChannelGraph, patterns: list[str]) -> set[int]:
     out: set[int] = set()
     for (param, _), ids in graph.unit_index.items():
         owner = param.rpartition(".")[0]
@@ -112,6 +115,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         True
     """
     target = _target(target_flops, target_params, channel_ratio)
+    patterns = _protect_patterns(model, protect)
     say = print if verbose else (lambda *a, **k: None)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -153,7 +157,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         cost = cost_model(graph)
         removed = allocate(graph, scores, cost, target, strategy=strategy, round_to=round_to,
                            min_channels=min_channels, max_ratio=max_ratio,
-                           protected=_protected_units(work, graph, protect))
+                           protected=_protected_units(graph, patterns))
         lap("allocate")
         say(f"[prune] removing {len(removed)} of {len(graph.units)} units ...")
         pruned = remove_units(copy.deepcopy(work), graph, removed)
@@ -197,6 +201,10 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     report = PruneReport(f"{target.kind}={target.value:g}", flops0, flops1, params0, params1,
                          groups, layer_changes(work, pruned), list(graph.frozen), check, notes,
                          seconds)
+    achieved = report.flops_ratio if target.kind == "flops" else report.params_ratio
+    if target.kind != "channels" and achieved < target.value - 0.01:
+        notes.append(f"achieved {achieved:.4f} for a target of {target.value:g}: no set of units "
+                     f"found lands within 1 point at this granularity (round_to={round_to})")
     if was_training:
         pruned.train()
     if inplace:

@@ -1,0 +1,190 @@
+"""prune(): targets, constraints, plans, ONNX export and errors (issue "Prune to a target")."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from depgraph import CaptureError, PruningError
+from models import MODELS, build
+from pruners import InfeasibleTargetError, Plan, apply_plan, export_onnx, measure, prune, run_model
+
+# Models whose units are coarse (one unit is several % of the FLOPs) or whose attention FLOPs
+# the cost model treats as fixed: the target is an upper bound there, and the report says so.
+COARSE = {"depthwise_multiplier", "conv1d_conv3d", "token_mixer"}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    after = model.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_half_the_flops_on_hand_written_models(name):
+    model, x = build(name)
+    before = _state(model)
+    result = prune(model, x, target_flops=0.5)
+    flops, _ = measure(result.model, x)  # independent count on the returned model
+    ratio = flops / measure(model, x)[0]
+    assert ratio == pytest.approx(result.report.flops_ratio)
+    assert ratio <= 0.5
+    if name in COARSE:
+        assert ratio >= 0.49 or any("granularity" in n for n in result.report.notes)
+    else:
+        assert ratio >= 0.49
+    assert [t.shape for t in run_model(result.model, x)] == [t.shape for t in run_model(model, x)]
+    assert _unchanged(model, before)  # a deep copy was pruned
+    assert result.report.verify is None or result.report.verify.ok
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    return tv.models.resnet50().eval(), torch.randn(1, 3, 128, 128)
+
+
+@pytest.fixture(scope="module")
+def yolov8n():
+    ultralytics = pytest.importorskip("ultralytics")
+    torch.manual_seed(0)
+    return ultralytics.YOLO("yolov8n.yaml").model.eval(), torch.randn(1, 3, 256, 256)
+
+
+def _first(out):
+    return out[0]
+
+
+def _prune_zoo(which, request, **kw):
+    model, x = request.getfixturevalue(which)
+    outputs = _first if which == "yolov8n" else None
+    return model, x, outputs, prune(model, x, outputs=outputs, **kw)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("which", ["resnet50", "yolov8n"])
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_flops_targets_on_real_models(which, target, request):
+    model, x, outputs, result = _prune_zoo(which, request, target_flops=target)
+    assert target - 0.01 <= result.report.flops_ratio <= target
+    assert result.report.verify is not None and result.report.verify.ok
+    shapes = [t.shape for t in run_model(model, x, outputs)]
+    assert [t.shape for t in run_model(result.model, x, outputs)] == shapes
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("which", ["resnet50", "yolov8n"])
+def test_params_target_channel_ratio_and_round_to(which, request):
+    _, _, _, by_params = _prune_zoo(which, request, target_params=0.5)
+    assert 0.49 <= by_params.report.params_ratio <= 0.5
+    _, _, _, by_ratio = _prune_zoo(which, request, channel_ratio=0.3)
+    for g in by_ratio.report.groups:  # 30% of every unprotected group, rounded down
+        assert g.units_before - g.units_after <= int(0.3 * g.units_before)
+    assert sum(g.units_before - g.units_after for g in by_ratio.report.groups) > 0
+    _, _, _, rounded = _prune_zoo(which, request, target_flops=0.5, round_to=8)
+    pruned = [g for g in rounded.report.groups if g.units_after != g.units_before]
+    assert pruned and all(g.units_after % 8 == 0 for g in pruned)
+    assert 0.49 <= rounded.report.flops_ratio <= 0.5
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("which", ["resnet50", "yolov8n"])
+def test_plan_round_trip_loads_a_pruned_checkpoint(which, request, tmp_path):
+    model, x, outputs, result = _prune_zoo(which, request, target_flops=0.5)
+    result.plan.save(tmp_path / "plan.json")
+    torch.save(result.model.state_dict(), tmp_path / "pruned.pt")
+    fresh = apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
+    fresh.load_state_dict(torch.load(tmp_path / "pruned.pt"))
+    fresh.eval()
+    for a, b in zip(run_model(result.model, x, outputs), run_model(fresh, x, outputs)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("which", ["resnet50", "yolov8n"])
+def test_onnx_export_matches_pytorch(which, request, tmp_path):
+    pytest.importorskip("onnxruntime")
+    _, x, outputs, result = _prune_zoo(which, request, target_flops=0.5)
+    exported = export_onnx(result.model, x, str(tmp_path / "m.onnx"), outputs=outputs)
+    assert exported.max_rel_diff <= 1e-4 and exported.simplified
+
+
+def test_plan_rejects_other_types_and_versions():
+    model, x = build("resnet_basic")
+    data = prune(model, x, channel_ratio=0.3).plan.to_dict()
+    assert Plan.from_dict(data).to_dict() == data
+    with pytest.raises(PruningError, match="not a pruning plan"):
+        Plan.from_dict({**data, "type": "pickle"})
+    with pytest.raises(PruningError, match="version"):
+        Plan.from_dict({**data, "version": 99})
+
+
+def test_protect_keeps_named_modules_and_importance_is_pluggable():
+    model, x = build("resnet_basic")
+    result = prune(model, x, target_flops=0.6, protect=["body.0.*", model.stem],
+                   importance=lambda m, g: np.arange(len(g.units), dtype=float))
+    pruned = result.model
+    assert pruned.stem[0].out_channels == 16
+    assert pruned.body[0].conv1[0].out_channels == 16
+    assert result.report.flops_ratio <= 0.6
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"target_flops": 0.0}, r"in \(0, 1\]"),
+    ({"target_flops": 1.5}, r"in \(0, 1\]"),
+    ({"target_flops": 0.5, "target_params": 0.5}, "exactly one"),
+    ({}, "exactly one"),
+    ({"target_flops": 0.5, "importance": "l7"}, "unknown importance"),
+])
+def test_bad_arguments(kwargs, match):
+    model, x = build("resnet_basic")
+    before = _state(model)
+    with pytest.raises(ValueError, match=match):
+        prune(model, x, **kwargs)
+    assert _unchanged(model, before)
+
+
+def test_inputs_that_do_not_fit():
+    model, _ = build("resnet_basic")
+    before = _state(model)
+    with pytest.raises(PruningError, match="example inputs do not fit"):
+        prune(model, torch.randn(1, 5, 32, 32), target_flops=0.5)
+    assert _unchanged(model, before)
+
+
+def test_infeasible_target_states_the_reachable_value():
+    model, x = build("resnet_basic")
+    before = _state(model)
+    with pytest.raises(InfeasibleTargetError, match=r"Ask for at least 0\.\d+"):
+        prune(model, x, target_flops=0.05, max_ratio=0.5)
+    assert _unchanged(model, before)
+
+
+def test_uncapturable_model_names_the_cause():
+    class ValueBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            y = self.a(x)
+            return y * 2 if y.mean() > 0 else y
+
+    model = ValueBranch()
+    before = _state(model)
+    with pytest.raises(CaptureError, match="torch.export.*concrete trace"):
+        prune(model, torch.randn(1, 3, 8, 8), target_flops=0.5)
+    assert _unchanged(model, before)
+
+
+def test_inplace_prunes_the_given_model_and_train_mode_is_kept():
+    model, x = build("c2f_sppf")
+    model.train()
+    result = prune(model, x, target_flops=0.5, inplace=True)
+    assert result.model is model and model.training
+    assert model.c2f.cv1[0].out_channels < 32
