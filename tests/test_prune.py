@@ -188,3 +188,21 @@ def test_inplace_prunes_the_given_model_and_train_mode_is_kept():
     result = prune(model, x, target_flops=0.5, inplace=True)
     assert result.model is model and model.training
     assert model.c2f.cv1[0].out_channels < 32
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "densenet121", "efficientnet_b0",
+                                  "yolo11n"])
+def test_half_the_flops_on_more_real_models(name):
+    torch.manual_seed(0)
+    if name.startswith("yolo"):
+        model = pytest.importorskip("ultralytics").YOLO(f"{name}.yaml").model.eval()
+        x, outputs = torch.randn(1, 3, 256, 256), _first
+    else:
+        model = getattr(pytest.importorskip("torchvision").models, name)().eval()
+        x, outputs = torch.randn(1, 3, 128, 128), None
+    result = prune(model, x, target_flops=0.5, outputs=outputs)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    shapes = [t.shape for t in run_model(model, x, outputs)]
+    assert [t.shape for t in run_model(result.model, x, outputs)] == shapes
+    assert result.report.verify is not None and result.report.verify.ok
