@@ -145,13 +145,62 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
         if i + 1 < len(chunks[gid]):
             heapq.heappush(heap, (float(np.mean(scores[chunks[gid][i + 1]])), gid, i + 1))
     if best is not None:
-        return sorted(best[1])
+        return _refine(state, best[1], scores, target, full, min_channels, round_to)
     reachable = state.ratio(target.kind, full)
     raise InfeasibleTargetError(
         f"target_{target.kind}={target.value:g} cannot be met: with everything prunable removed "
         f"(max_ratio={max_ratio:g}, min_channels={min_channels}, round_to={round_to}) the model "
         f"keeps {reachable:.4f} of its {target.kind}. Ask for at least {np.ceil(reachable * 1000) / 1000:.3f}, "
         f"or relax max_ratio / protect / round_to; see the report's frozen list for what is fixed.")
+
+
+def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Target,
+            full: tuple[float, float], min_channels: int, round_to: int,
+            budget: int = 20000) -> list[int]:
+    """Close the gap when the greedy overshot: add back, or swap, single units while the cost
+    stays at or under the target. Only runs on coarse models (few, expensive units), and only
+    with ``round_to == 1`` (swaps would break the multiples)."""
+    if round_to != 1:
+        return sorted(removed)
+    current = set(removed)
+    state.kept = state.cost.sizes.copy()
+    state.remove(removed)
+
+    def ratio() -> float:
+        return state.ratio(target.kind, full)
+
+    value = ratio()
+    improved = True
+    while improved and budget > 0 and value < target.value - _TOLERANCE:
+        improved = False
+        # add back one unit, or add back one and remove another, taking the best that fits
+        best_move, best_value = None, value
+        for back in sorted(current, key=lambda u: -scores[u]):
+            state.remove([back], sign=-1)
+            budget -= 1
+            v = ratio()
+            if best_value < v <= target.value:
+                best_move, best_value = ([back], []), v
+            for extra in range(len(scores)):
+                if budget <= 0 or extra in current or extra == back:
+                    continue
+                if not state.allows([extra], min_channels):
+                    continue
+                state.remove([extra])
+                budget -= 1
+                v = ratio()
+                if best_value < v <= target.value:
+                    best_move, best_value = ([back], [extra]), v
+                state.remove([extra], sign=-1)
+            state.remove([back])
+        if best_move is not None:
+            back, extra = best_move
+            state.remove(back, sign=-1)
+            state.remove(extra)
+            current -= set(back)
+            current |= set(extra)
+            value, improved = best_value, True
+    return sorted(current)
 
 
 def _uniform(graph, cost, candidates, ratio, round_to, min_channels):
