@@ -18,7 +18,7 @@ from .atoms import AtomTable, UnionFind
 from .capture import Capture
 from .errors import AnalysisError
 from .graph import ChannelGraph, FrozenChannels, Group, Unit
-from .rules.registry import RuleContext, lookup
+from .rules.registry import RuleContext, lookup, node_outputs
 
 __all__ = ["analyze"]
 
@@ -127,8 +127,8 @@ def _apply(ctx: RuleContext, rule, node: torch.fx.Node, inputs: list) -> Any:
 def _barrier(ctx: RuleContext, node: torch.fx.Node, inputs: list) -> Any:
     ctx.freeze(inputs, f"unsupported op {ctx.where()} (add a rule in depgraph/rules to prune "
                        f"through it)")
-    val = node.meta.get("val")
-    return tuple(None for _ in val) if isinstance(val, (tuple, list)) else None
+    outs = node_outputs(node)
+    return tuple(None for _ in outs) if isinstance(node.meta.get("val"), (tuple, list)) else None
 
 
 def _rule_failure(node: torch.fx.Node, exc: Exception) -> str:

@@ -7,8 +7,6 @@ index along that dimension.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 __all__ = ["AtomMap", "AtomTable", "UnionFind"]
@@ -68,7 +66,3 @@ class UnionFind:
                     break
                 parent = grand
 
-
-def same_length(*arrays: Optional[np.ndarray]) -> bool:
-    lengths = {len(a) for a in arrays if a is not None}
-    return len(lengths) <= 1

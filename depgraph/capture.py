@@ -14,7 +14,6 @@ Both produce the same "training IR" op set (``aten.conv2d``, ``aten.batch_norm``
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -191,8 +190,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
             if method == "export":
                 raise CaptureError(_capture_message(model, errors)) from exc
     try:
-        with torch.no_grad() if not torch.is_grad_enabled() else contextlib.nullcontext():
-            cap = _capture_concrete(wrapped, args, kwargs)
+        cap = _capture_concrete(wrapped, args, kwargs)
     except Exception as exc:  # noqa: BLE001
         errors.append(f"concrete trace: {type(exc).__name__}: {_first_line(exc)}")
         raise CaptureError(_capture_message(model, errors)) from exc
@@ -240,7 +238,3 @@ def _capture_message(model: torch.nn.Module, errors: list[str]) -> str:
             ". Check that the example inputs are ones the model accepts (run model(*inputs) "
             "once), and that forward has no Python side effects that depend on tensor values.")
 
-
-def clone_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy; kept here so every stage copies models the same way."""
-    return copy.deepcopy(model)

@@ -9,7 +9,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
 from torch import nn
 
 from depgraph import analyze, capture

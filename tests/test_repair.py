@@ -1,7 +1,6 @@
 """Repair: groups whose width the model's Python code fixes are found by running it."""
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 

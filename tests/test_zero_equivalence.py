@@ -5,7 +5,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 
 from depgraph import analyze, capture
 from models import MODELS, build

@@ -9,12 +9,10 @@ Channel identities:
 
 from __future__ import annotations
 
-from typing import Optional
 
-import numpy as np
 import torch
 
-from .registry import RuleContext, register
+from .registry import RuleContext, node_outputs, register
 
 aten = torch.ops.aten
 
@@ -65,10 +63,9 @@ def pointwise_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 # binary(a, b): out atoms[d] = unify(a[d], b[d]) after right-aligned broadcasting.
 @register(*BINARY)
 def broadcasting_rule(ctx: RuleContext, node, inputs: list) -> tuple:
-    val = node.meta.get("val")
-    if isinstance(val, (tuple, list)):  # where(cond) is nonzero(): it returns indices
+    if isinstance(node.meta.get("val"), (tuple, list)):  # where(cond) is nonzero(): indices
         ctx.freeze(inputs, f"{ctx.where()} turns values into indices")
-        return tuple(None for _ in val)
+        return tuple(None for _ in node_outputs(node))
     operands = [(arg, m) for arg, m in zip(node.args, inputs, strict=True)
                 if isinstance(arg, torch.fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor)]
     return (broadcast_maps(ctx, [ctx.shape(a) for a, _ in operands], [m for _, m in operands],
@@ -126,5 +123,4 @@ def prelu_rule(ctx: RuleContext, node, inputs: list) -> tuple:
           aten.sym_size, aten.sym_numel, aten.sym_stride, aten.size, aten.numel, aten.dim,
           aten.item, aten._local_scalar_dense, aten._assert_tensor_metadata)
 def metadata_rule(ctx: RuleContext, node, inputs: list) -> tuple:
-    val = node.meta.get("val")
-    return tuple(None for _ in val) if isinstance(val, (tuple, list)) else (None,)
+    return tuple(None for _ in node_outputs(node))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import RuleContext, register
+from .registry import RuleContext, node_outputs, register
 
 aten = torch.ops.aten
 
@@ -36,10 +36,9 @@ def _reduced_dims(ctx: RuleContext, node, rank: int) -> list[int]:
 @register(*_STATISTICS, *_MIXING_REDUCTIONS)
 def reduction_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
-    val = node.meta.get("val")
-    n_out = len(val) if isinstance(val, (tuple, list)) else 1
+    outs = node_outputs(node)
     if x is None:
-        return (None,) * n_out
+        return (None,) * len(outs)
     rank = len(x)
     reduced = _reduced_dims(ctx, node, rank) if rank else []
     channel = [x[d] for d in reduced if x[d] is not None]
@@ -48,10 +47,9 @@ def reduction_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             ctx.mark_inexact(channel, f"{ctx.where()} takes statistics over channels")
         else:
             ctx.freeze(channel, f"{ctx.where()} reduces over channels")
-    first = val[0] if isinstance(val, (tuple, list)) else val
-    keepdim = isinstance(first, torch.Tensor) and len(first.shape) == rank
+    keepdim = isinstance(outs[0], torch.Tensor) and len(outs[0].shape) == rank
     out = tuple(None if d in reduced else m for d, m in enumerate(x) if keepdim or d not in reduced)
-    return (out,) * n_out
+    return (out,) * len(outs)
 
 
 # softmax/cumsum(x, dim): values mix along dim; frozen there, everything passes through.
@@ -60,10 +58,9 @@ def reduction_rule(ctx: RuleContext, node, inputs: list) -> tuple:
           aten.flip, aten.roll, aten.logcumsumexp)
 def mixing_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
-    val = node.meta.get("val")
-    n_out = len(val) if isinstance(val, (tuple, list)) else 1
+    outs = node_outputs(node)
     if x is None:
-        return (None,) * n_out
+        return (None,) * len(outs)
     packet = node.target.overloadpacket
     if packet == aten.topk:
         dim = ctx.arg(2, "dim", -1)
@@ -77,7 +74,6 @@ def mixing_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     d = dim % len(x) if len(x) else 0
     if len(x) and x[d] is not None:
         ctx.freeze(x[d], f"{ctx.where()} mixes values along channels")
-    first = val[0] if isinstance(val, (tuple, list)) else val
-    if isinstance(first, torch.Tensor) and tuple(first.shape) != ctx.shape(node.args[0]):
+    if isinstance(outs[0], torch.Tensor) and tuple(outs[0].shape) != ctx.shape(node.args[0]):
         x = tuple(None if i == d else m for i, m in enumerate(x))
-    return (x,) * n_out
+    return (x,) * len(outs)

@@ -22,9 +22,9 @@ import torch
 import torch.fx
 from torch._ops import OpOverload, OpOverloadPacket
 
-from ..atoms import AtomMap, AtomTable
+from ..atoms import AtomTable
 
-__all__ = ["RuleContext", "LayerUse", "register", "lookup", "registered_ops"]
+__all__ = ["RuleContext", "LayerUse", "register", "lookup", "registered_ops", "node_outputs"]
 
 Rule = Callable[["RuleContext", torch.fx.Node, list], tuple]
 _RULES: dict[Any, Rule] = {}
@@ -58,6 +58,12 @@ def register(*ops: Any) -> Callable[[Rule], Rule]:
 
 def lookup(target: Any) -> Optional[Rule]:
     return _RULES.get(_key(target))
+
+
+def node_outputs(node: torch.fx.Node) -> list:
+    """The node's output values as a list: one entry for a single tensor."""
+    val = node.meta.get("val")
+    return list(val) if isinstance(val, (tuple, list)) else [val]
 
 
 def registered_ops() -> list[str]:

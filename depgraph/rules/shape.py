@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .elementwise import broadcast_maps
-from .registry import RuleContext, register
+from .registry import RuleContext, node_outputs, register
 
 aten = torch.ops.aten
 
@@ -300,11 +300,11 @@ def spatial_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     n = _SPATIAL[node.target.overloadpacket]
     if n == 0:  # pixel (un)shuffle trades channels for space: sizes are baked, freeze
         ctx.freeze(x, f"{ctx.where()} folds channels into space")
-        return tuple(None for _ in _outputs(node))
+        return tuple(None for _ in node_outputs(node))
     keep = len(x) - n
     ctx.freeze(list(x[keep:]), f"{ctx.where()} treats this dim as spatial")
     out = tuple(x[:keep]) + (None,) * n
-    return tuple(out if isinstance(v, torch.Tensor) else None for v in _outputs(node))
+    return tuple(out if isinstance(v, torch.Tensor) else None for v in node_outputs(node))
 
 
 # pad(x, pad): pads the trailing len(pad)//2 dims; padding a channel dim freezes it.
@@ -322,7 +322,3 @@ def pad_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             out[d] = None
     return (tuple(out),)
 
-
-def _outputs(node) -> list:
-    val = node.meta.get("val")
-    return list(val) if isinstance(val, (tuple, list)) else [val]
