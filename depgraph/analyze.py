@@ -232,5 +232,14 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
     frozen = [FrozenChannels(frozen_texts[r - 1], tuple(dims))
               for r, dims in sorted(frozen_dims.items())]
     shapes = {fqn: tuple(len(a) for a in amap) for fqn, amap in param_atoms.items()}
+    def unit_ids(atoms: np.ndarray) -> np.ndarray:
+        r = roots[atoms]
+        pos = np.clip(np.searchsorted(unit_roots, r), 0, max(len(unit_roots) - 1, 0))
+        hit = (unit_roots[pos] == r) if len(unit_roots) else np.zeros(len(r), dtype=bool)
+        return np.where(hit, unit_rank[pos] if len(unit_rank) else -1, -1)
+
+    layer_units = {i: tuple(unit_ids(a) for a in arrays)
+                   for i, arrays in ctx.layer_atoms.items()}
     return ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
-                        list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers))
+                        list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
+                        layer_units=layer_units)

@@ -28,8 +28,9 @@ _COUNTED = ("conv", "conv_transpose", "linear", "matmul")
 class CostModel:
     """Costs of one ``ChannelGraph``; ``kept`` holds the current width of every channel dim."""
 
-    keys: list[tuple[str, int]]
+    keys: list[tuple]
     sizes: np.ndarray
+    index: dict[tuple, np.ndarray]  # key -> unit id of each of its channels (-1: fixed)
     flops_terms: list[tuple[float, tuple[int, ...]]]
     param_terms: list[tuple[float, tuple[int, ...]]]
 
@@ -49,7 +50,7 @@ class CostModel:
 
     def kept_after(self, graph: ChannelGraph, removed: set[int] | frozenset[int]) -> np.ndarray:
         removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
-        return np.array([int((~np.isin(graph.unit_index[k], removed_arr)).sum())
+        return np.array([int((~np.isin(self.index[k], removed_arr)).sum())
                          for k in self.keys], dtype=np.float64)
 
 
@@ -64,20 +65,26 @@ def _pack(terms: list, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
 
 def cost_model(graph: ChannelGraph) -> CostModel:
     """Build the cost terms of ``graph`` (see the module docstring)."""
-    keys = sorted(graph.unit_index)
+    arrays: dict[tuple, np.ndarray] = dict(graph.unit_index)
+    for i, unit_arrays in graph.layer_units.items():  # weightless layers: pseudo-keys
+        for j, ids in enumerate(unit_arrays):
+            arrays[(f"@layer{i}", j)] = ids
+    keys = sorted(arrays)
     index = {k: i for i, k in enumerate(keys)}
-    sizes = np.array([graph.param_shapes[p][d] for p, d in keys], dtype=np.float64)
+    sizes = np.array([len(arrays[k]) for k in keys], dtype=np.float64)
 
     def dims_of(param: str) -> tuple[int, ...]:
         return tuple(index[(param, d)] for d in range(len(graph.param_shapes[param]))
                      if (param, d) in index)
 
     flops = []
-    for layer in graph.layers:
+    for i, layer in enumerate(graph.layers):
         if layer.kind not in _COUNTED:
             continue
         dims = dims_of(layer.weight) if layer.weight in graph.param_shapes else ()
+        if i in graph.layer_units:
+            dims = tuple(index[(f"@layer{i}", j)] for j in range(len(graph.layer_units[i])))
         flops.append((2.0 * layer.macs, dims))
     params = [(float(np.prod(shape)), dims_of(name)) for name, shape in graph.param_shapes.items()
               if name not in graph.buffers]
-    return CostModel(keys, sizes, flops, params)
+    return CostModel(keys, sizes, arrays, flops, params)

@@ -110,6 +110,9 @@ class ChannelGraph:
     layers: list[LayerUse]
     notes: list[str] = field(default_factory=list)
     buffers: set[str] = field(default_factory=set)
+    # layer index -> unit id (-1: fixed) of every channel its cost scales with, for layers
+    # without a weight (attention's q @ k); see depgraph.cost
+    layer_units: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return (f"ChannelGraph(units={len(self.units)}, groups={len(self.groups)}, "
@@ -181,8 +184,11 @@ class ChannelGraph:
                          for (p, d), ids in self.unit_index.items())
             frozen.append(FrozenChannels(why, tuple(x for x in dims if x[2])))
         unit_index = {key: new_unit[ids] for key, ids in self.unit_index.items()}
+        layer_units = {i: tuple(new_unit[ids] for ids in arrays)
+                       for i, arrays in self.layer_units.items()}
         return ChannelGraph(units, groups, frozen, unit_index, self.param_shapes, self.consumers,
-                            self.layers, notes=list(self.notes), buffers=self.buffers)
+                            self.layers, notes=list(self.notes), buffers=self.buffers,
+                            layer_units=layer_units)
 
     # ---- views ---------------------------------------------------------------------------
     def to_networkx(self):

@@ -53,7 +53,7 @@ class _State:
         self.kept = cost.sizes.copy()
         index = {k: i for i, k in enumerate(cost.keys)}
         self.unit_keys: list[list[tuple[int, int]]] = [[] for _ in graph.units]
-        for key, ids in graph.unit_index.items():
+        for key, ids in cost.index.items():
             present = ids[ids >= 0]
             for u, n in zip(*np.unique(present, return_counts=True)):
                 self.unit_keys[int(u)].append((index[key], int(n)))

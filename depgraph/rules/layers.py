@@ -161,9 +161,12 @@ def matmul_maps(ctx: RuleContext, a_node, a, b_node, b) -> tuple:
     batch_shape = out_shape[:len(out_shape) - (0 if a_vec else 1) - (0 if b_vec else 1)]
     batch = broadcast_maps(ctx, [a_shape[:-2], b_shape[:-2]], [a[:-2], b[:-2]], batch_shape)
     out = tuple(batch) + (() if a_vec else (a[-2],)) + (() if b_vec else (b[-1],))
-    kind = "matmul"
     weight = b_node if ctx.param(b_node) else a_node
-    _record(ctx, kind, weight, None, None, math.prod(out_shape) * a_shape[-1])
+    _record(ctx, "matmul", weight, None, None, math.prod(out_shape) * a_shape[-1])
+    if ctx.param(a_node) is None and ctx.param(b_node) is None:
+        # cost = out_numel * k: scales with the contracted and both output channel dims
+        ctx.layer_atoms[len(ctx.layers) - 1] = tuple(
+            m for m in (ka, None if a_vec else a[-2], None if b_vec else b[-1]) if m is not None)
     return out
 
 

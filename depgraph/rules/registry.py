@@ -99,6 +99,9 @@ class RuleContext:
     contracted: list[np.ndarray] = field(default_factory=list)
     consumers: list[tuple[str, int]] = field(default_factory=list)
     layers: list[LayerUse] = field(default_factory=list)
+    # layer index -> atom arrays whose kept fraction scales that layer's cost (for ops with no
+    # weight, e.g. attention's q @ k: contracted and output channel dims)
+    layer_atoms: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
     node: Optional[torch.fx.Node] = None
 
     # ---- reading -------------------------------------------------------------------------
