@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
-__all__ = ["Capture", "capture", "OutputSelector"]
+__all__ = ["Capture", "capture", "OutputSelector", "as_args"]
 
 OutputSelector = Callable[[Any], Any]
 
@@ -77,7 +77,8 @@ def _strip(fqn: str) -> str:
     return fqn[len(_PREFIX):] if fqn.startswith(_PREFIX) else fqn
 
 
-def _as_args(example_inputs: Any) -> tuple:
+def as_args(example_inputs: Any) -> tuple:
+    """``forward``'s positional arguments: a tuple as given, anything else as one argument."""
     if isinstance(example_inputs, tuple):
         return example_inputs
     return (example_inputs,)
@@ -170,7 +171,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
     """
     if method not in ("auto", "export", "concrete"):
         raise ValueError(f"method must be 'auto', 'export' or 'concrete', got {method!r}")
-    args = _as_args(example_inputs)
+    args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     with _attributes_restored(model):
         return _capture(model, args, kwargs, outputs, method)

@@ -19,7 +19,7 @@ from depgraph.graph import ChannelGraph
 from .allocate import Target, allocate
 from .importance import Importance, score_units
 from .plan import Plan, apply_plan
-from .repair import find_unprunable_groups
+from .repair import find_unprunable_groups, freeze_unprunable
 from .report import GroupChange, PruneReport, layer_changes, measure
 from .surgery import remove_units
 from .verify import VerifyResult, run_model, verify
@@ -149,9 +149,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         if bad:
             notes += [f"froze group {g} ({', '.join(graph.groups[g].layers[:3])}): {why}"
                       for g, why in sorted(bad.items())]
-            graph = graph.without_groups({g: f"the model's code fails when this group shrinks "
-                                             f"({why}); a width is fixed in Python"
-                                          for g, why in bad.items()})
+            graph = freeze_unprunable(graph, bad)
         scores = score_units(work, graph, importance)
         cost = cost_model(graph)
         removed = allocate(graph, scores, cost, target, strategy=strategy, round_to=round_to,
@@ -185,14 +183,12 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     flops1, params1 = measure(pruned, example_inputs, example_kwargs)
     lap("measure")
 
-    kept = graph.kept_indices(set(removed))
-    plan = Plan({p: {} for p, _ in kept}, dict(graph.param_shapes),
-                {"model": type(model).__name__, "target": f"{target.kind}={target.value:g}"})
-    for (p, d), idx in kept.items():
+    changed: dict[str, dict[int, list[int]]] = {}
+    for (p, d), idx in graph.kept_indices(set(removed)).items():
         if len(idx) != graph.param_shapes[p][d]:
-            plan.kept[p][d] = idx.tolist()
-    plan = Plan({p: dims for p, dims in plan.kept.items() if dims},
-                {p: s for p, s in plan.shapes.items() if plan.kept.get(p)}, plan.meta)
+            changed.setdefault(p, {})[d] = idx.tolist()
+    plan = Plan(changed, {p: graph.param_shapes[p] for p in changed},
+                {"model": type(model).__name__, "target": f"{target.kind}={target.value:g}"})
 
     removed_set = set(removed)
     groups = [GroupChange(g.id, g.layers, len(g.units),

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from depgraph.capture import as_args
 from depgraph.errors import PruningError
 
 __all__ = ["export_onnx", "OnnxExport"]
@@ -50,7 +51,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, simplify: b
             out = outputs(out) if outputs is not None else out
             return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = as_args(example_inputs)
     wrapped = _Selected().eval()
     with torch.no_grad():
         expected = [t.numpy() for t in wrapped(*args)]

@@ -19,7 +19,7 @@ from depgraph.graph import ChannelGraph
 
 from .verify import verify
 
-__all__ = ["find_unprunable_groups", "repair_graph"]
+__all__ = ["find_unprunable_groups", "freeze_unprunable", "repair_graph"]
 
 
 def _probe(graph: ChannelGraph, group: int) -> int:
@@ -81,6 +81,15 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     return found
 
 
+def freeze_unprunable(graph: ChannelGraph, bad: dict[int, str]) -> ChannelGraph:
+    """``graph`` with the groups ``bad`` names frozen, each with what went wrong as reason."""
+    if not bad:
+        return graph
+    return graph.without_groups({g: f"the model's code fails when this group shrinks "
+                                    f"({why}); a width is fixed in Python"
+                                 for g, why in bad.items()})
+
+
 def repair_graph(model: nn.Module, graph: ChannelGraph, example_inputs: Any, *,
                  outputs: Optional[Callable] = None,
                  example_kwargs: Optional[dict] = None,
@@ -88,9 +97,5 @@ def repair_graph(model: nn.Module, graph: ChannelGraph, example_inputs: Any, *,
     """``graph`` with every group the model's code cannot prune frozen (see module docstring)."""
     bad = find_unprunable_groups(model, graph, example_inputs, outputs=outputs,
                                  example_kwargs=example_kwargs, at=at)
-    if not bad:
-        return graph
-    return graph.without_groups({g: f"the model's code fails when this group shrinks "
-                                    f"({why}); a width is fixed in Python"
-                                 for g, why in bad.items()})
+    return freeze_unprunable(graph, bad)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from depgraph.capture import as_args
 from depgraph.graph import FrozenChannels
 
 from .verify import VerifyResult
@@ -19,7 +20,7 @@ __all__ = ["PruneReport", "GroupChange", "LayerChange", "measure"]
 def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None
             ) -> tuple[int, int]:
     """(FLOPs, parameters), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``."""
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = as_args(example_inputs)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(*args, **(example_kwargs or {}))
     return counter.get_total_flops(), sum(p.numel() for p in model.parameters())

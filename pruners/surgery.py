@@ -98,7 +98,8 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     return owners
 
 
-def _lookup(model: nn.Module, fqn: str) -> torch.Tensor:
+def lookup_tensor(model: nn.Module, fqn: str) -> torch.Tensor:
+    """The parameter or buffer called ``fqn``; SurgeryError if the model has none."""
     module_name, _, attr = fqn.rpartition(".")
     try:
         module = model.get_submodule(module_name)
@@ -158,7 +159,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
     new_by_module: dict[int, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
     with torch.no_grad():
         for fqn, cuts in by_param.items():
-            old = _lookup(model, fqn)
+            old = lookup_tensor(model, fqn)
             if tuple(old.shape) != tuple(shapes[fqn]):
                 raise SurgeryError(f"'{fqn}' has shape {tuple(old.shape)} but was analysed with "
                                    f"{tuple(shapes[fqn])}; re-run analysis on this model")

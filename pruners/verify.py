@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from depgraph.capture import as_args
 from depgraph.errors import VerificationError
 from depgraph.graph import ChannelGraph
 
-from .surgery import remove_units
+from .surgery import lookup_tensor, remove_units
 
 __all__ = ["VerifyResult", "verify", "mask_consumers", "run_model", "sample_units"]
 
@@ -47,7 +48,7 @@ class VerifyResult:
 def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,
               example_kwargs: Optional[dict] = None) -> list[torch.Tensor]:
     """Run ``model`` without gradients and return the contract outputs as a flat list."""
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = as_args(example_inputs)
     with torch.no_grad():
         out = model(*args, **(example_kwargs or {}))
     if outputs is not None:
@@ -69,16 +70,10 @@ def mask_consumers(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) 
             hit = np.isin(ids, removed if (param, dim) in graph.consumers else contracted)
             if not hit.any():
                 continue
-            tensor = model.get_parameter(param) if _is_param(model, param) \
-                else model.get_buffer(param)
+            tensor = lookup_tensor(model, param)
             idx = torch.as_tensor(np.nonzero(hit)[0], dtype=torch.long, device=tensor.device)
             tensor.index_fill_(dim, idx, 0.0)
     return model
-
-
-def _is_param(model: nn.Module, fqn: str) -> bool:
-    module_name, _, attr = fqn.rpartition(".")
-    return attr in model.get_submodule(module_name)._parameters
 
 
 def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,

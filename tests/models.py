@@ -378,6 +378,18 @@ def token_mixer():
     return TokenMixer(), torch.randn(2, 3, 16, 16)
 
 
+class ValueBranch(nn.Module):
+    """Branches in Python on a tensor *value*: neither tracer can capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y * 2 if y.mean() > 0 else y
+
+
 MODELS: dict[str, Callable] = {
     "resnet_basic": resnet_basic,
     "resnet_bottleneck": resnet_bottleneck,

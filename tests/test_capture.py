@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from depgraph import CaptureError, analyze, capture
+from models import ValueBranch
 from pruners import verify
 
 
@@ -23,16 +24,6 @@ class DataDependent(nn.Module):
         if positive.shape[0] > 3:
             y = y * 2
         return self.b(y)
-
-
-class ValueBranch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3)
-
-    def forward(self, x):
-        y = self.a(x)
-        return y * 2 if y.mean() > 0 else y
 
 
 def test_branch_on_a_tensor_value_fails_with_both_causes():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from depgraph import CaptureError, PruningError
-from models import MODELS, build
+from models import MODELS, ValueBranch, build
 from pruners import InfeasibleTargetError, Plan, apply_plan, export_onnx, measure, prune, run_model
 
 def _state(model):
@@ -157,15 +157,6 @@ def test_infeasible_target_states_the_reachable_value():
 
 
 def test_uncapturable_model_names_the_cause():
-    class ValueBranch(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Conv2d(3, 8, 3)
-
-        def forward(self, x):
-            y = self.a(x)
-            return y * 2 if y.mean() > 0 else y
-
     model = ValueBranch()
     before = _state(model)
     with pytest.raises(CaptureError, match="torch.export.*concrete trace"):
