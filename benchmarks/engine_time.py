@@ -31,8 +31,9 @@ def measure(name: str) -> dict:
     from depgraph import analyze, capture
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, x, outputs = build(name)
-    row: dict = {"model": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    bench = build(name)
+    model, x, outputs = bench.model, bench.inputs, bench.outputs
+    row: dict = {"model": name, "params_m": bench.params / 1e6}
     for run in ("cold", "warm"):
         t0 = time.perf_counter()
         cap = capture(model, x, outputs=outputs)

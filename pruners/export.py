@@ -27,11 +27,13 @@ class OnnxExport:
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool = True,
                 opset: int = 17, outputs: Optional[Callable] = None,
-                rtol: float = 1e-4) -> OnnxExport:
+                rtol: float = 1e-4, dynamic_batch: bool = False) -> OnnxExport:
     """Export ``model`` to ``path``, simplify it, and check onnxruntime against PyTorch.
 
     Uses the TorchScript-based exporter (``dynamo=False``), which needs no extra package.
     ``outputs`` picks the tensors to export and compare (e.g. a detector's predictions).
+    ``dynamic_batch`` makes dim 0 of every input and output symbolic, so one file serves
+    any batch size.
 
     Raises:
         ImportError: the ``onnx`` extra is not installed (``pip install -e ".[onnx]"``).
@@ -55,10 +57,18 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, simplify: b
     wrapped = _Selected().eval()
     with torch.no_grad():
         expected = [t.numpy() for t in wrapped(*args)]
+    flat_inputs = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+    axes = None
+    if dynamic_batch:
+        names_in = [f"input_{i}" for i in range(len(flat_inputs))]
+        names_out = [f"output_{i}" for i in range(len(expected))]
+        axes = {n: {0: "batch"} for n in names_in + names_out}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, args, buffer, dynamo=False, opset_version=opset)
+        torch.onnx.export(wrapped, args, buffer, dynamo=False, opset_version=opset,
+                          input_names=names_in if axes else None,
+                          output_names=names_out if axes else None, dynamic_axes=axes)
     proto = onnx.load_from_string(buffer.getvalue())
     simplified = False
     if simplify:
@@ -69,9 +79,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, simplify: b
             proto, simplified = candidate, True
     onnx.save(proto, path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(),
-                                                [t for t in pytree.tree_leaves(args)
-                                                 if isinstance(t, torch.Tensor)])}
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), flat_inputs)}
     got = session.run(None, feeds)
     max_abs = max_rel = 0.0
     for a, b in zip(expected, got):

@@ -1,0 +1,194 @@
+"""What runs inside one benchmark child process: a pruning run, or a latency comparison.
+
+    python -m benchmarks.jobs '<job json>' <result.json>
+
+The parent (:mod:`benchmarks.limits`) enforces the limits; this side measures and writes one
+JSON object. A tool that raises still gets a row: ``status="error"`` with the exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .models import Bench, build
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _contract(out: Any) -> tuple[str, list[list[int]]]:
+    leaves, spec = pytree.tree_flatten(out)
+    return str(spec), [list(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def _run(bench: Bench, model: torch.nn.Module, inputs: Any = None) -> Any:
+    with torch.no_grad():
+        out = model(*((bench.inputs if inputs is None else inputs),))
+    return bench.outputs(out) if bench.outputs is not None else out
+
+
+def prune_job(job: dict) -> dict:
+    """Prune ``job["model"]`` with ``job["tool"]`` to ``job["target"]`` of the FLOPs.
+
+    FLOPs and parameters before and after are counted here, by FlopCounterMode, for every tool
+    alike. The pruned model is saved to ``job["save"]`` (if given) for the latency job.
+    """
+    from pruners.report import measure
+
+    from .tools import resolve
+
+    torch.set_num_threads(job.get("threads") or os.cpu_count() or 1)
+    tool = resolve(job["tool"])
+    bench = build(job["model"])
+    flops0, params0 = measure(bench.model, (bench.inputs,))
+    spec0, shapes0 = _contract(_run(bench, bench.model))
+    row: dict = {"flops_before": flops0, "params_before": params0,
+                 "rss_before_mb": round(_peak_rss_mb(), 1)}
+    start = time.perf_counter()
+    try:
+        pruned, info = tool(bench, job["target"], job["round_to"])
+    except Exception as exc:  # noqa: BLE001 - a failing tool is a result
+        row.update(status="error", engine_s=round(time.perf_counter() - start, 3),
+                   peak_rss_mb=round(_peak_rss_mb(), 1), error=_describe(exc))
+        return row
+    row["engine_s"] = round(time.perf_counter() - start, 3)
+    row["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    row.update(info)
+    pruned.eval()
+    try:
+        flops1, params1 = measure(pruned, (bench.inputs,))
+        spec1, shapes1 = _contract(_run(bench, pruned))
+    except Exception as exc:  # noqa: BLE001 - the pruned model does not run
+        row.update(status="error", error="pruned model fails: " + _describe(exc))
+        return row
+    row.update(flops_after=flops1, params_after=params1, flops_ratio=flops1 / flops0,
+               params_ratio=params1 / params0, gap=flops1 / flops0 - job["target"])
+    same_structure = spec0 == spec1 and [len(s) for s in shapes0] == [len(s) for s in shapes1]
+    if shapes0 == shapes1 and spec0 == spec1:
+        row["outputs"] = "unchanged"
+    elif same_structure and isinstance(bench.inputs, list):
+        row["outputs"] = "same structure"  # detections: how many boxes depends on the weights
+    else:
+        row.update(status="error", outputs="changed",
+                   error=f"output contract changed: {shapes0[:3]} -> {shapes1[:3]}")
+        return row
+    if job.get("save"):
+        torch.save(pruned, job["save"])
+    row["status"] = "ok"
+    return row
+
+
+def _describe(exc: BaseException) -> str:
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    at = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    return f"{type(exc).__name__}: {first[:240]}{at}"
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], budget_s: float, warmup: int = 2,
+                min_rounds: int = 3, max_rounds: int = 30) -> dict[str, float]:
+    """Median milliseconds per call of each function, timed round-robin.
+
+    Each round calls every function once, in an order rotated every round, so drifts in
+    clock speed or cache state hit all of them alike. The round count fills ``budget_s``.
+    """
+    labels = list(fns)
+    per_round = 0.0
+    for _ in range(warmup):
+        start = time.perf_counter()
+        for label in labels:
+            fns[label]()
+        per_round = time.perf_counter() - start
+        if per_round > budget_s / min_rounds:
+            break  # slow models: one warm-up round is enough
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-6))))
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            t0 = time.perf_counter()
+            fns[label]()
+            times[label].append(time.perf_counter() - t0)
+    return {label: 1000 * statistics.median(ts) for label, ts in times.items()}
+
+
+def latency_job(job: dict) -> dict:
+    """Dense and every pruned variant of one model, timed interleaved in this one process:
+    PyTorch eager and onnxruntime, at each batch size in ``job["batches"]``.
+
+    Batch sizes after the first time only the labels in ``job["wide"]`` (default: all).
+    """
+    threads = job.get("threads") or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    bench = build(job["model"])
+    models = {"dense": bench.model}
+    for label, path in job["variants"].items():
+        models[label] = torch.load(path, weights_only=False).eval()
+    budget = job.get("budget_s", 20.0)
+    out: dict = {"eager": {}, "ort": {}, "ort_errors": {}}
+    sessions: dict = {}
+    if job.get("ort", True):
+        sessions, out["ort_errors"] = _ort_sessions(bench, models, threads)
+    for i, b in enumerate(job["batches"]):
+        if i and isinstance(bench.inputs, list):
+            break  # detectors take a list of full-size images: batch 1 only, to bound time
+        timed = [k for k in models if i == 0 or k == "dense" or k in job.get("wide", models)]
+        x = bench.batch(b)
+        fns = {k: (lambda m=models[k]: _run(bench, m, x)) for k in timed}
+        out["eager"][str(b)] = interleaved(fns, budget)
+        feeds = [t.numpy() for t in pytree.tree_leaves(x)]
+        fns = {k: (lambda s=sessions[k][0], n=sessions[k][1]: s.run(None, dict(zip(n, feeds))))
+               for k in timed if k in sessions}
+        if fns:
+            out["ort"][str(b)] = interleaved(fns, budget)
+    out["status"] = "ok"
+    return out
+
+
+def _ort_sessions(bench: Bench, models: dict, threads: int) -> tuple[dict, dict]:
+    import onnxruntime as ort
+
+    from pruners import export_onnx
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    sessions, errors = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, model in models.items():
+            path = os.path.join(tmp, f"{label}.onnx")
+            try:
+                export_onnx(model, (bench.inputs,), path, simplify=False, outputs=bench.outputs,
+                            dynamic_batch=not isinstance(bench.inputs, list), rtol=1e-3)
+                session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - recorded, the eager numbers still stand
+                errors[label] = _describe(exc)
+                continue
+            sessions[label] = (session, [i.name for i in session.get_inputs()])
+    return sessions, errors
+
+
+JOBS = {"prune": prune_job, "latency": latency_job}
+
+
+def main(argv: list[str]) -> None:
+    job, result_path = json.loads(argv[0]), argv[1]
+    result = JOBS[job["kind"]](job)
+    result.setdefault("peak_rss_mb", round(_peak_rss_mb(), 1))
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,115 @@
+"""The comparison harness on a tiny model: rows, failing tools, files. Not the numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import textwrap
+
+import pytest
+
+pytest.importorskip("torch_pruning")
+
+from benchmarks import compare  # noqa: E402
+from benchmarks.limits import run_job  # noqa: E402
+
+BAD_TOOLS = textwrap.dedent("""
+    import os, signal, time
+
+    def boom(bench, target, round_to):
+        raise RuntimeError("boom in " + type(bench.model).__name__)
+
+    def segv(bench, target, round_to):
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    def hang(bench, target, round_to):
+        time.sleep(600)
+
+    def hog(bench, target, round_to):
+        blocks = []
+        while True:
+            blocks.append(bytearray(64 * 2**20))
+            blocks[-1][::4096] = b"x" * len(blocks[-1][::4096])
+
+    def widen(bench, target, round_to):
+        import torch
+        bench.model.fc = torch.nn.Linear(16, 11)
+        return bench.model, {}
+""")
+
+
+@pytest.fixture
+def bad_tools(tmp_path, monkeypatch):
+    (tmp_path / "bad_tools.py").write_text(BAD_TOOLS)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return "bad_tools"
+
+
+def _rows(path):
+    with open(path) as f:
+        return {r["tool"]: r for r in csv.DictReader(f)}
+
+
+def test_harness_compares_tools_and_survives_a_crashing_one(tmp_path, bad_tools):
+    out = tmp_path / "results"
+    compare.main(["--models", "tiny", "--targets", "0.5", "--round-to", "1", "--batches", "1",
+                  "--tools", "ours", "torch_pruning", f"{bad_tools}:boom",
+                  "--latency-budget", "0.2", "--out", str(out), "--prefix", "t"])
+    rows = _rows(out / "t.csv")
+    assert set(rows) == {"ours", "torch_pruning", f"{bad_tools}:boom"}
+    for tool in ("ours", "torch_pruning"):
+        row = rows[tool]
+        assert row["status"] == "ok", row
+        assert 0.4 < float(row["flops_ratio"]) <= 0.52
+        assert float(row["flops_after"]) < float(row["flops_before"])
+        assert float(row["engine_s"]) > 0 and float(row["peak_rss_mb"]) > 0
+        assert row["outputs"] == "unchanged"
+        assert float(row["eager_b1_ms"]) > 0 and float(row["speedup_eager_b1"]) > 0
+        assert float(row["ort_b1_ms"]) > 0
+    crashed = rows[f"{bad_tools}:boom"]
+    assert crashed["status"] == "error"
+    assert "RuntimeError: boom in TinyNet" in crashed["error"]
+    summary = (out / "t.md").read_text()
+    for tool in rows:
+        assert tool in summary
+    assert "RuntimeError: boom" in summary
+    assert (out / "t_latency_vs_flops.png").stat().st_size > 0
+    assert not list((out / ".models").iterdir()), "pruned models are deleted after timing"
+
+
+def test_resume_skips_finished_jobs(tmp_path, bad_tools):
+    args = ["--models", "tiny", "--targets", "0.5", "--round-to", "1", "--tools",
+            f"{bad_tools}:boom", "--out", str(tmp_path), "--prefix", "r"]
+    compare.main(args)
+    runs = (tmp_path / "r_runs.jsonl").read_text().splitlines()
+    compare.main(args + ["--resume"])
+    assert (tmp_path / "r_runs.jsonl").read_text().splitlines() == runs
+
+
+@pytest.mark.parametrize("tool, status, message", [
+    ("segv", "error", "SIGSEGV"),
+    ("hang", "timeout", "timed out"),
+    ("hog", "oom", "resident memory"),
+    ("widen", "error", "output contract changed"),
+])
+def test_limits_turn_failures_into_results(bad_tools, tool, status, message):
+    job = {"kind": "prune", "model": "tiny", "tool": f"{bad_tools}:{tool}", "target": 0.5,
+           "round_to": 1}
+    outcome = run_job(job, timeout_s=25, mem_mb=1500)
+    assert outcome.status == status, outcome
+    assert message in outcome.error
+    if status == "oom":
+        assert outcome.peak_rss_mb > 1500
+
+
+def test_plan_covers_every_case_once(tmp_path):
+    cfg = compare.parse(["--out", str(tmp_path)])
+    jobs = compare.plan_jobs(cfg, str(tmp_path))
+    keys = [compare.job_key(j) for j in jobs]
+    assert len(keys) == len(set(keys))
+    prunes = [j for j in jobs if j["kind"] == "prune" and j["model"] in cfg.models]
+    assert len(prunes) == len(cfg.models) * len(cfg.tools) * 3 * 2
+    latency = {j["model"] for j in jobs if j["kind"] == "latency"}
+    assert latency == set(cfg.models)
+    assert json.dumps(jobs)  # jobs cross the process boundary as JSON
