@@ -110,8 +110,11 @@ def plan_jobs(cfg: Config, workdir: str) -> list[dict]:
 
 
 def job_key(job: dict) -> str:
-    return json.dumps({k: job[k] for k in ("kind", "model", "tool", "target", "round_to")
-                       if k in job}, sort_keys=True)
+    """Identifies a job across runs; a latency job by its model and the variants it times."""
+    key = {k: job[k] for k in ("kind", "model", "tool", "target", "round_to") if k in job}
+    if job["kind"] == "latency":
+        key["variants"] = sorted(job.get("variants", ()))
+    return json.dumps(key, sort_keys=True)
 
 
 class Progress:
@@ -159,20 +162,27 @@ def run(cfg: Config) -> str:
     """
     os.makedirs(cfg.out, exist_ok=True)
     runs_path = os.path.join(cfg.out, f"{cfg.prefix}_runs.jsonl")
-    done = set()
+    done: dict[str, str] = {}
     if cfg.resume and os.path.exists(runs_path):
         with open(runs_path) as f:
-            done = {job_key(json.loads(line)["job"]) for line in f if line.strip()}
+            records = [json.loads(line) for line in f if line.strip()]
+            done = {job_key(r["job"]): r["status"] for r in records}
     elif os.path.exists(runs_path):
         os.remove(runs_path)
     workdir = os.path.join(cfg.out, ".models")
     os.makedirs(workdir, exist_ok=True)
     jobs = plan_jobs(cfg, workdir)
     progress = Progress(len(jobs))
+    exhausted: dict[tuple, str] = {}  # (model, tool) -> why its other runs are skipped
+    latency = {j["model"]: j for j in jobs if j["kind"] == "latency"}
     for job in jobs:
-        if job_key(job) in done:
+        timed = job["model"] in latency and job_key(latency[job["model"]]) in done
+        lost = (job["kind"] == "prune" and done.get(job_key(job)) == "ok" and not timed
+                and job["save"] and not os.path.exists(job["save"]))
+        if job_key(job) in done and not lost:
             progress.step(f"{job['model']}: already done")
-            continue
+            continue  # (a pruned model lost before its timing is pruned again)
+        planned = job
         if job["kind"] == "latency":
             job = dict(job, variants={k: v for k, v in job["variants"].items()
                                       if os.path.exists(v)})
@@ -181,10 +191,18 @@ def run(cfg: Config) -> str:
                 continue
         progress.show(f"{job['model']} {job.get('tool', 'latency')} ...")
         timeout = cfg.timeout_s if job["kind"] == "prune" else cfg.latency_timeout_s
-        outcome = run_job({k: v for k, v in job.items() if k != "label"},
-                          timeout_s=timeout, mem_mb=cfg.mem_mb)
+        hopeless = exhausted.get((job["model"], job.get("tool")))
+        if hopeless:  # it ran out of time or memory before any target mattered
+            outcome = Outcome("skipped", None, hopeless, 0.0, 0.0)
+        else:
+            outcome = run_job({k: v for k, v in job.items() if k != "label"},
+                              timeout_s=timeout, mem_mb=cfg.mem_mb)
+        if outcome.status in ("timeout", "oom") and job["kind"] == "prune":
+            exhausted[job["model"], job["tool"]] = (
+                f"not run: {outcome.status} at target {job['target']:g}, round_to "
+                f"{job['round_to']} ({outcome.error})")
         with open(runs_path, "a") as f:
-            f.write(json.dumps({"job": job, **asdict(outcome)}) + "\n")
+            f.write(json.dumps({"job": planned, **asdict(outcome)}) + "\n")
         if job["kind"] == "latency":
             for path in job["variants"].values():
                 os.remove(path)

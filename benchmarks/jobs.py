@@ -18,6 +18,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -179,7 +180,77 @@ def _ort_sessions(bench: Bench, models: dict, threads: int) -> tuple[dict, dict]
     return sessions, errors
 
 
-JOBS = {"prune": prune_job, "latency": latency_job}
+def coverage_job(job: dict) -> dict:
+    """``prune()`` one zoo model with defaults and say how well it went, and if not, why.
+
+    status: "ok" (within 1 point of the target, outputs unchanged, exact check passed where it
+    applies), "limited" (the target is infeasible: pruned to the reachable target instead),
+    "off-target", "broken" (outputs changed or the check failed) or "error" (prune raised).
+    """
+    from depgraph.errors import PruningError
+    from pruners import prune
+    from pruners.allocate import InfeasibleTargetError
+
+    from .zoo import build as build_zoo
+
+    torch.set_num_threads(job.get("threads") or os.cpu_count() or 1)
+    bench, extra = build_zoo(job["model"])
+    target = job["target"]
+    row: dict = {"params_m": round(bench.params / 1e6, 2)}
+    spec0, shapes0 = _contract(_run(bench, bench.model))
+    start = time.perf_counter()
+    status, why = "ok", []
+    try:
+        try:
+            result = prune(bench.model, bench.inputs, target_flops=target,
+                           outputs=bench.outputs, **extra)
+        except InfeasibleTargetError as exc:
+            if exc.reachable is None or exc.reachable >= 0.995:
+                raise
+            status, why = "limited", [str(exc).split("Frozen:")[-1].strip()]
+            target = min(1.0, float(np.ceil(exc.reachable * 100) / 100 + 0.01))
+            result = prune(bench.model, bench.inputs, target_flops=target,
+                           outputs=bench.outputs, **extra)
+    except PruningError as exc:
+        row.update(status="error", why=_describe(exc), engine_s=time.perf_counter() - start)
+        return row
+    row["engine_s"] = round(time.perf_counter() - start, 2)
+    report, graph = result.report, result.graph
+    row.update({f"time_{k.replace(' ', '_')}_s": round(v, 2) for k, v in report.seconds.items()})
+    row.update(target=target, flops_before=report.flops_before, flops_after=report.flops_after,
+               params_before=report.params_before, params_after=report.params_after,
+               flops_ratio=round(report.flops_ratio, 4), params_ratio=round(report.params_ratio, 4))
+    for kind in ("conv", "linear"):
+        prunable, total = graph.prunable_share(kind)
+        row[f"{kind}_prunable"], row[f"{kind}_total"] = prunable, total
+    spec1, shapes1 = _contract(_run(bench, result.model))
+    same = spec0 == spec1 and (shapes0 == shapes1 or (
+        isinstance(bench.inputs, list) and [len(s) for s in shapes0] == [len(s) for s in shapes1]))
+    if not same:
+        status, why = "broken", [f"output contract changed: {shapes0[:2]} -> {shapes1[:2]}"]
+    elif report.verify is not None and not report.verify.ok:
+        status, why = "broken", [f"zero-equivalence check failed: {report.verify}"]
+    elif status == "ok" and report.flops_ratio < target - 0.01:
+        status = "off-target"
+    row["verified"] = "exact" if report.verify is not None else "inexact units (not checked)"
+    why += _frozen_reasons(graph) + [n for n in report.notes if n.startswith(("froze", "achieved"))]
+    row.update(status=status, why=" | ".join(why)[:600])
+    return row
+
+
+def _frozen_reasons(graph, top: int = 3) -> list[str]:
+    """The biggest reasons conv/linear output channels are frozen, output contracts aside."""
+    outs = {(layer.weight, layer.out_dim) for layer in graph.layers
+            if layer.kind in ("conv", "linear") and layer.weight and layer.out_dim is not None}
+    counts = []
+    for frozen in graph.frozen:
+        n = sum(c for p, d, c in frozen.dims if (p, d) in outs)
+        if n and "reaches the model output" not in frozen.reason:
+            counts.append((n, frozen.reason))
+    return [f"{n} ch: {reason}" for n, reason in sorted(counts, reverse=True)[:top]]
+
+
+JOBS = {"prune": prune_job, "latency": latency_job, "coverage": coverage_job}
 
 
 def main(argv: list[str]) -> None:

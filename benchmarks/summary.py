@@ -17,7 +17,8 @@ SETTINGS = ("eager", "ort")
 
 def load_rows(runs_path: str) -> tuple[list[dict], dict[str, dict]]:
     """(one row per pruning run with its latency merged in, latency results by model)."""
-    prunes, latency = [], {}
+    prunes: dict[tuple, dict] = {}
+    latency: dict[str, dict] = {}
     with open(runs_path) as f:
         for line in f:
             if not line.strip():
@@ -32,8 +33,8 @@ def load_rows(runs_path: str) -> tuple[list[dict], dict[str, dict]]:
                    "wall_s": round(rec["seconds"], 2), "peak_rss_mb": round(rec["peak_rss_mb"])}
             row.update({k: v for k, v in result.items() if k not in row or v is not None})
             row["_label"] = job["label"]
-            prunes.append(row)
-    for row in prunes:
+            prunes[job["label"], job["model"]] = row  # a resumed run's repeat replaces it
+    for row in prunes.values():
         lat = latency.get(row["model"], {})
         for setting in SETTINGS:
             for batch, times in (lat.get(setting) or {}).items():
@@ -47,7 +48,7 @@ def load_rows(runs_path: str) -> tuple[list[dict], dict[str, dict]]:
                         row[f"efficiency_{key}"] = round(dense / ms * row["flops_ratio"], 3)
         if row["_label"] in (lat.get("ort_errors") or {}):
             row["ort_error"] = lat["ort_errors"][row["_label"]]
-    return prunes, latency
+    return list(prunes.values()), latency
 
 
 def machine() -> str:

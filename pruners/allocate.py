@@ -26,7 +26,14 @@ _TOLERANCE = 0.005
 
 
 class InfeasibleTargetError(PruningError):
-    """The target cannot be met with what is prunable; the message gives the reachable value."""
+    """The target cannot be met with what is prunable; the message gives the reachable value.
+
+    ``reachable`` is the smallest fraction that can be kept (None if unknown).
+    """
+
+    def __init__(self, message: str, reachable: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.reachable = reachable
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
         f"target_{target.kind}={target.value:g} cannot be met: with everything prunable removed "
         f"(max_ratio={max_ratio:g}, min_channels={min_channels}, round_to={round_to}) the model "
         f"keeps {reachable:.4f} of its {target.kind}. Ask for at least {np.ceil(reachable * 1000) / 1000:.3f}, "
-        f"or relax max_ratio / protect / round_to; see the report's frozen list for what is fixed.")
+        f"or relax max_ratio / protect / round_to.", reachable)
 
 
 def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Target,
@@ -234,7 +241,7 @@ def _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels, ma
         raise InfeasibleTargetError(
             f"target_{target.kind}={target.value:g} cannot be met uniformly: removing "
             f"{max_ratio:g} of every group keeps {reached:.4f}; use strategy='global' or a "
-            f"target of at least {np.ceil(reached * 1000) / 1000:.3f}")
+            f"target of at least {np.ceil(reached * 1000) / 1000:.3f}", reached)
     for _ in range(30):
         mid = (lo + hi) / 2
         value, units = ratio_for(mid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from depgraph.cost import cost_model
 from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
 
-from .allocate import Target, allocate
+from .allocate import InfeasibleTargetError, Target, allocate
 from .importance import Importance, score_units
 from .plan import Plan, apply_plan
 from .repair import find_unprunable_groups, freeze_unprunable
@@ -72,6 +73,29 @@ def _protected_units(graph: ChannelGraph, patterns: list[str]) -> set[int]:
     return out
 
 
+def _why_frozen(graph: ChannelGraph, notes: list[str], top: int = 4) -> str:
+    """The largest frozen sets and repair's findings, for an infeasible-target message."""
+    frozen = sorted(graph.frozen, key=lambda f: -f.count)
+    parts = [str(f) for f in frozen[:top]]
+    if len(frozen) > top:
+        parts.append(f"{len(frozen) - top} more in result.graph.frozen")
+    parts += [n for n in notes if n.startswith("froze group")][:top]
+    return "Frozen: " + "; ".join(parts) + "." if parts else ""
+
+
+def _split_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
+                  ) -> tuple[Any, Optional[dict]]:
+    """A dict of inputs is keyword arguments when its keys name ``forward``'s parameters;
+    otherwise it is the one argument (``forward(self, batch)``)."""
+    if not isinstance(example_inputs, dict):
+        return example_inputs, example_kwargs
+    try:
+        inspect.signature(model.forward).bind(**example_inputs)
+    except TypeError:
+        return (example_inputs,), example_kwargs
+    return (), {**example_inputs, **(example_kwargs or {})}
+
+
 def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float] = None,
           target_params: Optional[float] = None, channel_ratio: Optional[float] = None,
           importance: Union[str, Importance] = "l2", strategy: str = "global",
@@ -84,7 +108,9 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
 
     Args:
         model: any ``nn.Module``. Untouched unless ``inplace=True`` (and then only on success).
-        example_inputs: a tensor or a tuple of ``forward`` arguments.
+        example_inputs: a tensor, a tuple of ``forward`` arguments, or a dict of keyword
+            arguments (a dict whose keys are not ``forward``'s parameters is passed as one
+            argument).
         target_flops: keep at most this fraction of the FLOPs (e.g. 0.5).
         target_params: keep at most this fraction of the parameters.
         channel_ratio: remove this fraction of the channels of every group.
@@ -114,6 +140,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         True
     """
     target = _target(target_flops, target_params, channel_ratio)
+    example_inputs, example_kwargs = _split_inputs(model, example_inputs, example_kwargs)
     patterns = _protect_patterns(model, protect)
     say = print if verbose else (lambda *a, **k: None)
     seconds: dict[str, float] = {}
@@ -152,9 +179,13 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
             graph = freeze_unprunable(graph, bad)
         scores = score_units(work, graph, importance)
         cost = cost_model(graph)
-        removed = allocate(graph, scores, cost, target, strategy=strategy, round_to=round_to,
-                           min_channels=min_channels, max_ratio=max_ratio,
-                           protected=_protected_units(graph, patterns))
+        try:
+            removed = allocate(graph, scores, cost, target, strategy=strategy,
+                               round_to=round_to, min_channels=min_channels,
+                               max_ratio=max_ratio, protected=_protected_units(graph, patterns))
+        except InfeasibleTargetError as exc:
+            raise InfeasibleTargetError(f"{exc} {_why_frozen(graph, notes)}",
+                                        exc.reachable) from None
         lap("allocate")
         say(f"[prune] removing {len(removed)} of {len(graph.units)} units ...")
         pruned = remove_units(copy.deepcopy(work), graph, removed)
@@ -165,14 +196,14 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         exact = all(graph.units[u].exact for u in removed)
         try:
             check: Optional[VerifyResult] = verify(work, graph, removed, example_inputs,
-                                                   pruned=pruned, **kw)
+                                                   pruned=pruned, train_mode=True, **kw)
             failed = exact and not check.ok
         except PruningError:
             check, failed = None, True
         if not exact:
             check = None  # normalisation statistics change: no exact reference to compare
-        bad = find_unprunable_groups(work, graph, example_inputs, probes=probes, **kw) \
-            if failed else {}
+        bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
+                                     train_mode=True, **kw) if failed else {}
         lap("verify")
         if not bad:
             break

@@ -33,7 +33,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                            example_kwargs: Optional[dict] = None,
                            at: Optional[Sequence[str]] = None,
                            probes: Optional[dict[int, list[int]]] = None,
-                           rtol: float = 1e-4) -> dict[int, str]:
+                           rtol: float = 1e-4, train_mode: bool = False) -> dict[int, str]:
     """Groups whose pruning breaks the model, with what went wrong for each.
 
     A probe prunes one unit of each group and fails when the pruned model raises, changes its
@@ -42,6 +42,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     ``x.split(4, 1)`` does once 8 channels become 6. The model is not modified. Cost: about
     ``2 * k * log2(groups)`` probes when ``k`` groups are at fault. ``probes`` replaces the
     one-unit probes with given units per group (a plan's, to check it as a whole).
+    ``train_mode`` also requires the pruned model to run in train mode (see ``verify``).
     """
     if probes is None:
         probes = {g.id: [_probe(graph, g.id)] for g in graph.groups if g.units}
@@ -50,7 +51,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         units = [u for g in groups for u in probes[g]]
         try:
             result = verify(model, graph, units, example_inputs, outputs=outputs,
-                            example_kwargs=example_kwargs, at=at, rtol=rtol)
+                            example_kwargs=example_kwargs, at=at, rtol=rtol,
+                            train_mode=train_mode)
         except VerificationError as exc:
             return str(exc)
         if all(graph.units[u].exact for u in units) and not result.ok:

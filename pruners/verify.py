@@ -99,7 +99,7 @@ def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,
 def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_inputs: Any, *,
            outputs: Optional[Callable] = None, example_kwargs: Optional[dict] = None,
            at: Optional[Sequence[str]] = None, pruned: Optional[nn.Module] = None,
-           rtol: float = 1e-4) -> VerifyResult:
+           rtol: float = 1e-4, train_mode: bool = False) -> VerifyResult:
     """Zero-equivalence check of removing ``units`` from ``model`` (which is not modified).
 
     Args:
@@ -112,6 +112,9 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             whose top-k and NMS turn float noise into different boxes, name the head.
         pruned: an already-pruned model to check; by default a pruned copy is made.
         rtol: tolerance on ``max|a - b| / max|a|`` per output.
+        train_mode: also run both in train mode (copies; only to see that the pruned one runs
+            where the original does: code that only training runs, such as an EMA buffer
+            update, can hold a width the eval trace never saw).
 
     Raises:
         VerificationError: the pruned model does not run, or its outputs change shape.
@@ -132,6 +135,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if train_mode:
+        _check_train_mode(masked, pruned, example_inputs, example_kwargs)
     if len(expected) != len(got):
         raise VerificationError(f"the pruned model returns {len(got)} tensors, the original "
                                 f"{len(expected)}")
@@ -147,6 +152,19 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / max(scale, 1e-12))
     return VerifyResult(max_abs, max_rel, rtol)
+
+
+def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: Any,
+                      example_kwargs: Optional[dict]) -> None:
+    try:
+        run_model(original.train(), example_inputs, None, example_kwargs)
+    except Exception:  # noqa: BLE001 - e.g. batch norm on one value: nothing to compare
+        return
+    try:
+        run_model(copy.deepcopy(pruned).train(), example_inputs, None, example_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise VerificationError(f"the pruned model fails in train mode: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
 
 
 def sample_units(graph: ChannelGraph, fraction: float, rng: np.random.Generator, *,

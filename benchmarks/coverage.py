@@ -1,0 +1,114 @@
+"""Coverage: does ``prune()`` work on the models users bring? ``python -m benchmarks.coverage``.
+
+Each model of the zoo (:mod:`benchmarks.zoo`) is pruned to 50% of its FLOPs with defaults and
+no user-listed layers, in its own child process under a time and a memory limit. The table
+says, per model: FLOPs and params before and after, the share of prunable conv and linear
+output channels, engine time, status, and for anything not fully pruned, why: the reasons
+come from the analysis and the report, not from a hand-written list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+from .compare import RESULTS, Progress
+from .limits import run_job
+from .summary import machine
+from .zoo import SCOPES, names
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.coverage",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--scope", default="all", choices=SCOPES + ("all",))
+    p.add_argument("--models", nargs="+", help="zoo names, e.g. tv:resnet50 yolo:yolov8n")
+    p.add_argument("--target", type=float, default=0.5)
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--mem-gb", type=float, default=16.0)
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--prefix", default="coverage")
+    p.add_argument("--resume", action="store_true", help="skip models already in the runs file")
+    a = p.parse_args(argv)
+    models = a.models or names(a.scope)
+    os.makedirs(a.out, exist_ok=True)
+    runs_path = os.path.join(a.out, f"{a.prefix}_runs.jsonl")
+    done = set()
+    if a.resume and os.path.exists(runs_path):
+        with open(runs_path) as f:
+            done = {json.loads(line)["job"]["model"] for line in f if line.strip()}
+    elif os.path.exists(runs_path):
+        os.remove(runs_path)
+    progress = Progress(len(models))
+    for model in models:
+        if model in done:
+            progress.step(f"{model}: already done")
+            continue
+        progress.show(f"{model} ...")
+        job = {"kind": "coverage", "model": model, "target": a.target}
+        outcome = run_job(job, timeout_s=a.timeout, mem_mb=a.mem_gb * 1024)
+        with open(runs_path, "a") as f:
+            f.write(json.dumps({"job": job, "status": outcome.status, "error": outcome.error,
+                                "seconds": outcome.seconds, "peak_rss_mb": outcome.peak_rss_mb,
+                                "result": outcome.result}) + "\n")
+        row = outcome.result or {}
+        status = row.get("status", outcome.status) if outcome.status == "ok" else outcome.status
+        flops = f"FLOPs {row['flops_ratio']:.3f}" if "flops_ratio" in row else outcome.error[:60]
+        progress.step(f"{model}: {status} {flops}")
+    for path in write(runs_path, a.out, a.prefix, a.target):
+        print("wrote", path)
+
+
+def load(runs_path: str) -> list[dict]:
+    rows = []
+    with open(runs_path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            row = {"model": rec["job"]["model"], **(rec["result"] or {})}
+            if rec["status"] != "ok":  # the child crashed, hung or ran out of memory
+                row.update(status=rec["status"], why=rec["error"])
+            row["peak_rss_mb"] = round(rec["peak_rss_mb"])
+            rows.append(row)
+    return rows
+
+
+def write(runs_path: str, out: str, prefix: str, target: float) -> list[str]:
+    rows = load(runs_path)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    csv_path, md_path = os.path.join(out, f"{prefix}.csv"), os.path.join(out, f"{prefix}.md")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    lines = [f"Coverage at target_flops={target:g}, defaults, no ignored layers. "
+             f"Machine: {machine()}.", "",
+             "Status: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".", "",
+             "| model | params (M) | GFLOPs | FLOPs kept | params kept | prunable conv | "
+             "prunable linear | engine (s) | status | why not fully pruned |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def share(kind: str) -> str:
+            total = r.get(f"{kind}_total")
+            return f"{100 * r[f'{kind}_prunable'] / total:.1f}%" if total else "-"
+        gflops = f"{r['flops_before'] / 1e9:.2f}" if r.get("flops_before") else "-"
+        lines.append(
+            f"| {r['model']} | {r.get('params_m', '-')} | {gflops} | "
+            f"{r.get('flops_ratio', '-')} | {r.get('params_ratio', '-')} | {share('conv')} | "
+            f"{share('linear')} | {r.get('engine_s', '-')} | {r['status']} | "
+            f"{str(r.get('why', '')).replace('|', '/')[:300]} |")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return [csv_path, md_path]
+
+
+if __name__ == "__main__":
+    main()
