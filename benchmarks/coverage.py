@@ -68,9 +68,10 @@ def load(runs_path: str) -> list[dict]:
             if not line.strip():
                 continue
             rec = json.loads(line)
-            row = {"model": rec["job"]["model"], **(rec["result"] or {})}
-            if rec["status"] != "ok":  # the child crashed, hung or ran out of memory
-                row.update(status=rec["status"], why=rec["error"])
+            row = {"model": rec["job"]["model"], **(rec["result"] or {}),
+                   "status": rec["status"]}  # the job's verdict, or crash / timeout / oom
+            if rec["error"] and not row.get("why"):
+                row["why"] = rec["error"]
             row["peak_rss_mb"] = round(rec["peak_rss_mb"])
             rows.append(row)
     return rows

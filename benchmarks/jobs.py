@@ -212,7 +212,8 @@ def coverage_job(job: dict) -> dict:
             result = prune(bench.model, bench.inputs, target_flops=target,
                            outputs=bench.outputs, **extra)
     except PruningError as exc:
-        row.update(status="error", why=_describe(exc), engine_s=time.perf_counter() - start)
+        row.update(status="error", why=_describe(exc),
+                   engine_s=round(time.perf_counter() - start, 2))
         return row
     row["engine_s"] = round(time.perf_counter() - start, 2)
     report, graph = result.report, result.graph
