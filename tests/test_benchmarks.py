@@ -113,3 +113,22 @@ def test_plan_covers_every_case_once(tmp_path):
     latency = {j["model"] for j in jobs if j["kind"] == "latency"}
     assert latency == set(cfg.models)
     assert json.dumps(jobs)  # jobs cross the process boundary as JSON
+
+
+def test_coverage_rows_give_status_and_reasons(tmp_path):
+    pytest.importorskip("torchvision")
+    from benchmarks import coverage
+
+    coverage.main(["--models", "tv:squeezenet1_1", "tv:no_such_model", "--out", str(tmp_path),
+                   "--timeout", "300"])
+    with open(tmp_path / "coverage.csv") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    ok = rows["tv:squeezenet1_1"]
+    assert ok["status"] == "ok", ok
+    assert 0.49 <= float(ok["flops_ratio"]) <= 0.50
+    # The classifier conv's 1000 outputs are the contract; every other conv channel prunes.
+    assert int(ok["conv_total"]) - int(ok["conv_prunable"]) == 1000
+    bad = rows["tv:no_such_model"]
+    assert bad["status"] == "error" and "no_such_model" in bad["why"]
+    table = (tmp_path / "coverage.md").read_text()
+    assert "tv:squeezenet1_1" in table and "1 ok" in table
