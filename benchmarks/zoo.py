@@ -83,7 +83,7 @@ def build(name: str) -> tuple[Bench, dict[str, Any]]:
 
         kind, size, at = DETECTION[model]
         extra = {"weights_backbone": None}
-        if kind == "detection":
+        if kind == "detection" and not model.startswith("ssd"):  # SSDs fix their own size
             extra.update(min_size=size, max_size=size)
         if model.startswith(("fcn", "deeplab")):
             extra["aux_loss"] = False
