@@ -34,6 +34,19 @@ def _contract(out: Any) -> tuple[str, list[list[int]]]:
     return str(spec), [list(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
 
 
+def _compare(bench: Bench, before: tuple, after: tuple) -> str:
+    """Output contracts (from :func:`_contract`): "unchanged", "same structure" (a detector's
+    box count follows the weights, so only the leading sizes may differ), or "changed"."""
+    (spec0, shapes0), (spec1, shapes1) = before, after
+    if spec0 != spec1:
+        return "changed"
+    if shapes0 == shapes1:
+        return "unchanged"
+    if isinstance(bench.inputs, list) and [len(s) for s in shapes0] == [len(s) for s in shapes1]:
+        return "same structure"
+    return "changed"
+
+
 def _run(bench: Bench, model: torch.nn.Module, inputs: Any = None) -> Any:
     with torch.no_grad():
         out = model(*((bench.inputs if inputs is None else inputs),))
@@ -76,13 +89,9 @@ def prune_job(job: dict) -> dict:
         return row
     row.update(flops_after=flops1, params_after=params1, flops_ratio=flops1 / flops0,
                params_ratio=params1 / params0, gap=flops1 / flops0 - job["target"])
-    same_structure = spec0 == spec1 and [len(s) for s in shapes0] == [len(s) for s in shapes1]
-    if shapes0 == shapes1 and spec0 == spec1:
-        row["outputs"] = "unchanged"
-    elif same_structure and isinstance(bench.inputs, list):
-        row["outputs"] = "same structure"  # detections: how many boxes depends on the weights
-    else:
-        row.update(status="error", outputs="changed",
+    row["outputs"] = _compare(bench, (spec0, shapes0), (spec1, shapes1))
+    if row["outputs"] == "changed":
+        row.update(status="error",
                    error=f"output contract changed: {shapes0[:3]} -> {shapes1[:3]}")
         return row
     if job.get("save"):
@@ -225,9 +234,7 @@ def coverage_job(job: dict) -> dict:
         prunable, total = graph.prunable_share(kind)
         row[f"{kind}_prunable"], row[f"{kind}_total"] = prunable, total
     spec1, shapes1 = _contract(_run(bench, result.model))
-    same = spec0 == spec1 and (shapes0 == shapes1 or (
-        isinstance(bench.inputs, list) and [len(s) for s in shapes0] == [len(s) for s in shapes1]))
-    if not same:
+    if _compare(bench, (spec0, shapes0), (spec1, shapes1)) == "changed":
         status, why = "broken", [f"output contract changed: {shapes0[:2]} -> {shapes1[:2]}"]
     elif report.verify is not None and not report.verify.ok:
         status, why = "broken", [f"zero-equivalence check failed: {report.verify}"]

@@ -426,3 +426,17 @@ def randomize_bn(model: nn.Module) -> None:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+
+
+def snapshot(model: nn.Module) -> tuple:
+    """Weights, mode and public attributes: what prune() must leave as it found them."""
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
+            {k: v for k, v in vars(model).items() if not k.startswith("_")})
+
+
+def unchanged(model: nn.Module, before: tuple) -> bool:
+    state, training, attrs = before
+    now = model.state_dict()
+    return (now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+            and model.training == training
+            and {k: v for k, v in vars(model).items() if not k.startswith("_")} == attrs)

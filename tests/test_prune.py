@@ -7,29 +7,21 @@ import pytest
 import torch
 
 from depgraph import CaptureError, PruningError
-from models import MODELS, ValueBranch, build
+from models import MODELS, ValueBranch, build, snapshot, unchanged
 from pruners import InfeasibleTargetError, Plan, apply_plan, export_onnx, measure, prune, run_model
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _unchanged(model, before):
-    after = model.state_dict()
-    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_half_the_flops_on_hand_written_models(name):
     model, x = build(name)
-    before = _state(model)
+    before = snapshot(model)
     result = prune(model, x, target_flops=0.5)
     flops, _ = measure(result.model, x)  # independent count on the returned model
     ratio = flops / measure(model, x)[0]
     assert ratio == pytest.approx(result.report.flops_ratio)
     assert 0.49 <= ratio <= 0.5
     assert [t.shape for t in run_model(result.model, x)] == [t.shape for t in run_model(model, x)]
-    assert _unchanged(model, before)  # a deep copy was pruned
+    assert unchanged(model, before)  # a deep copy was pruned
     assert result.report.verify is None or result.report.verify.ok
 
 
@@ -134,34 +126,26 @@ def test_protect_keeps_named_modules_and_importance_is_pluggable():
 ])
 def test_bad_arguments(kwargs, match):
     model, x = build("resnet_basic")
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         prune(model, x, **kwargs)
-    assert _unchanged(model, before)
+    assert unchanged(model, before)
 
 
-def test_inputs_that_do_not_fit():
-    model, _ = build("resnet_basic")
-    before = _state(model)
-    with pytest.raises(PruningError, match="example inputs do not fit"):
-        prune(model, torch.randn(1, 5, 32, 32), target_flops=0.5)
-    assert _unchanged(model, before)
-
-
-def test_infeasible_target_states_the_reachable_value():
-    model, x = build("resnet_basic")
-    before = _state(model)
-    with pytest.raises(InfeasibleTargetError, match=r"Ask for at least 0\.\d+"):
-        prune(model, x, target_flops=0.05, max_ratio=0.5)
-    assert _unchanged(model, before)
-
-
-def test_uncapturable_model_names_the_cause():
-    model = ValueBranch()
-    before = _state(model)
-    with pytest.raises(CaptureError, match="torch.export.*concrete trace"):
-        prune(model, torch.randn(1, 3, 8, 8), target_flops=0.5)
-    assert _unchanged(model, before)
+@pytest.mark.parametrize("model, x, kwargs, error, match", [
+    (build("resnet_basic")[0], torch.randn(1, 5, 32, 32), {}, PruningError,
+     r"example inputs do not fit Classifier.*5 channels"),
+    (build("resnet_basic")[0], torch.randn(2, 3, 32, 32), {"max_ratio": 0.5},
+     InfeasibleTargetError, r"Ask for at least 0\.\d+"),
+    (ValueBranch(), torch.randn(1, 3, 8, 8), {}, CaptureError,
+     r"ValueBranch.*torch.export.*data-dependent.*concrete trace"),
+], ids=["inputs-do-not-fit", "infeasible-target", "uncapturable"])
+def test_errors_name_the_cause_and_leave_the_model(model, x, kwargs, error, match):
+    before = snapshot(model)
+    target = 0.05 if error is InfeasibleTargetError else 0.5
+    with pytest.raises(error, match=match):
+        prune(model, x, target_flops=target, **kwargs)
+    assert unchanged(model, before)
 
 
 def test_inplace_prunes_the_given_model_and_train_mode_is_kept():
