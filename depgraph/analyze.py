@@ -78,6 +78,8 @@ def analyze(cap: Capture) -> ChannelGraph:
                 amap = tuple(ctx.atoms.new(int(s)) for s in val.shape)
                 param_atoms[fqn] = amap
                 env[node.name] = amap
+                if fqn in cap.fixed:
+                    ctx.freeze(amap, cap.fixed[fqn])
             continue
         if node.op != "call_function":
             continue

@@ -24,6 +24,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
+from .rules.modules import fixed_params
 
 __all__ = ["Capture", "capture", "OutputSelector", "as_args"]
 
@@ -41,6 +42,8 @@ class Capture:
         output_nodes: the nodes whose values form the model's output contract.
         method: ``"export"`` or ``"concrete"``, the tracer that produced the graph.
         notes: why a fallback was taken, if one was.
+        fixed: parameters of modules whose widths Python attributes pin
+            (:mod:`depgraph.rules.modules`), with the reason.
     """
 
     graph: torch.fx.Graph
@@ -50,6 +53,7 @@ class Capture:
     method: str
     notes: list[str] = field(default_factory=list)
     buffers: set[str] = field(default_factory=set)  # FQNs in param_names that are buffers
+    fixed: dict[str, str] = field(default_factory=dict)  # FQN -> why its shape may not change
 
     def __str__(self) -> str:
         n_ops = sum(1 for n in self.graph.nodes if n.op == "call_function")
@@ -174,7 +178,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     with _attributes_restored(model):
-        return _capture(model, args, kwargs, outputs, method)
+        cap = _capture(model, args, kwargs, outputs, method)
+    cap.fixed = fixed_params(model)
+    return cap
 
 
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,

@@ -21,8 +21,14 @@ def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict
             ) -> tuple[int, int]:
     """(FLOPs, parameters), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``."""
     args = as_args(example_inputs)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(*args, **(example_kwargs or {}))
+    # nn.MultiheadAttention's fused inference path is one op the counter does not know
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(*args, **(example_kwargs or {}))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
 
 

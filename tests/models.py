@@ -378,6 +378,58 @@ def token_mixer():
     return TokenMixer(), torch.randn(2, 3, 16, 16)
 
 
+class EinsumAttention(nn.Module):
+    """MaxViT-style attention written with einsum, and a 1x1 conv written as an einsum."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.mix = nn.Parameter(torch.randn(24, dim) / dim ** 0.5)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        y = torch.einsum("bchw,oc->bohw", x, self.mix)  # a conv in disguise: prunes 'o'
+        t = x.flatten(2).transpose(1, 2)
+        b, n, c = t.shape
+        q, k, v = (z.reshape(b, n, self.heads, -1).transpose(1, 2)
+                   for z in self.qkv(t).chunk(3, dim=-1))
+        attn = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+        out = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(b, n, -1)
+        t = t + self.proj(out)
+        return self.head(y.mean((2, 3))) + t.mean(1)[:, :1]
+
+
+def einsum_attention():
+    return EinsumAttention(), torch.randn(2, 3, 16, 16)
+
+
+class MHABlock(nn.Module):
+    """A ViT block on nn.MultiheadAttention (sdpa inside; a fused fast path in eval)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 256), nn.GELU(), nn.Linear(256, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        h = self.norm(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        t = t + self.mlp(t)
+        return self.head(t.mean(1))
+
+
+def mha_block():
+    return MHABlock(), torch.randn(2, 3, 16, 16)
+
+
 class ValueBranch(nn.Module):
     """Branches in Python on a tensor *value*: neither tracer can capture it."""
 
@@ -391,6 +443,8 @@ class ValueBranch(nn.Module):
 
 
 MODELS: dict[str, Callable] = {
+    "einsum_attention": einsum_attention,
+    "mha_block": mha_block,
     "resnet_basic": resnet_basic,
     "resnet_bottleneck": resnet_bottleneck,
     "vgg": vgg,

@@ -1,4 +1,4 @@
-"""Rules for ops with weights: convolution, linear and matmul, and the normalisations.
+"""Rules for ops with weights: convolution, linear, matmul, attention, einsum, and the norms.
 
 Each rule unifies the input's channel atoms with the weight dim that reads them (and tells the
 context that this dim is a *consumer*, which verification zeroes), returns the weight dim that
@@ -202,7 +202,60 @@ def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     ctx.freeze([k[-2], v[-2]], f"{ctx.where()} attends over this dim")
     batch = broadcast_maps(ctx, [s[:-2] for s in shapes], [m[:-2] for m in (q, k, v)],
                            ctx.out_shape()[:-2])
+    # cost: q @ k^T scales with E, (scores) @ v with Ev; L and S are never channels here
+    scores = math.prod(ctx.out_shape()[:-1]) * shapes[1][-2]
+    for width, atoms in ((shapes[0][-1], q[-1]), (shapes[2][-1], v[-1])):
+        _record(ctx, "matmul", None, None, None, scores * width)
+        if atoms is not None:
+            ctx.layer_atoms[len(ctx.layers) - 1] = (atoms,)
     return (tuple(batch) + (q[-2], v[-1]),)
+
+
+# einsum(eq, [x, y, ...]): one letter names one dim. A letter's dims are unified across the
+# operands and the output; a letter summed away with channels on it is contracted (masked like
+# attention scores when no weight reads it). Cost: the product of every letter's size, scaled by
+# the kept fraction of each letter that carries channels. Ellipsis and repeated letters within
+# one operand (diagonals) freeze everything involved.
+@register(aten.einsum)
+def einsum_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    equation, operands = str(node.args[0]).replace(" ", ""), list(node.args[1])
+    maps = list(inputs[1] or [None] * len(operands))
+    shapes = [ctx.shape(n) for n in operands]
+    maps = [m if m is not None else (None,) * len(s) for m, s in zip(maps, shapes)]
+    lhs, arrow, rhs = equation.partition("->")
+    specs = lhs.split(",")
+    if not arrow:
+        rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    if "." in equation or any(len(set(s)) != len(s) for s in specs) or \
+            [len(s) for s in specs] != [len(s) for s in shapes]:
+        ctx.freeze(maps, f"{ctx.where()}: einsum '{equation}' (ellipsis or diagonal) is not "
+                         "supported")
+        return (None,)
+    letters: dict[str, list] = {}
+    for spec, m, shape, operand in zip(specs, maps, shapes, operands):
+        for d, c in enumerate(spec):
+            letters.setdefault(c, []).append((m[d], shape[d], operand, d))
+    atom_of: dict[str, Optional[np.ndarray]] = {}
+    for c, uses in letters.items():
+        wide = [u for u in uses if u[1] != 1]  # size-1 dims broadcast
+        arrays = [u[0] for u in wide if u[0] is not None]
+        if arrays and len(arrays) != len(wide):
+            ctx.freeze(arrays, f"{ctx.where()} aligns channels with a fixed-size dim "
+                               f"(einsum letter '{c}')")
+        for a in arrays[1:]:
+            ctx.unify(arrays[0], a)
+        atom_of[c] = arrays[0] if arrays else None
+        if c not in rhs and atom_of[c] is not None:
+            for atoms, _, operand, d in wide:
+                ctx.consumer(operand, d)
+            if all(ctx.param(u[2]) is None for u in wide):
+                ctx.mark_contracted(atom_of[c])
+    if len(operands) > 1:
+        weight = next((n for n in operands if ctx.param(n)), None)
+        _record(ctx, "matmul", weight, None, None,
+                math.prod(max(u[1] for u in uses) for uses in letters.values()))
+        ctx.layer_atoms[len(ctx.layers) - 1] = tuple(a for a in atom_of.values() if a is not None)
+    return (tuple(atom_of.get(c) for c in rhs),)
 
 
 def _per_channel_outputs(node, x: tuple, xc, ch: int) -> tuple:
