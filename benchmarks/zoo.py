@@ -28,6 +28,14 @@ DETECTION = {
     "lraspp_mobilenet_v3_large": ("segmentation", 256, None),
 }
 
+#: Two-stage detectors run their RoI heads once per proposal and per detection, and how many
+#: survive the score threshold and NMS depends on the weights: pruning random weights changes
+#: the count, and with it the FLOPs FlopCounterMode sees. With NMS and the score threshold
+#: open, every image yields the full budget (1000 proposals, 100 detections), so FLOPs are
+#: those of the worst case and comparable before and after pruning.
+RCNN_FIXED_COUNTS = {"rpn_nms_thresh": 1.0, "box_score_thresh": -1.0, "box_nms_thresh": 1.0,
+                     "box_detections_per_img": 100}
+
 ULTRALYTICS = ["yolov3u", "yolov5nu", "yolov5su", "yolov6n", "yolov6s", "yolov8n", "yolov8s",
                "yolov8n-seg", "yolov8n-pose", "yolov8n-obb", "yolov8n-cls", "yolov9t", "yolov9s",
                "yolov10n", "yolov10s", "yolo11n", "yolo11s", "yolo12n", "yolo12s", "rtdetr-l",
@@ -85,6 +93,8 @@ def build(name: str) -> tuple[Bench, dict[str, Any]]:
         extra = {"weights_backbone": None}
         if kind == "detection" and not model.startswith("ssd"):  # SSDs fix their own size
             extra.update(min_size=size, max_size=size)
+        if "rcnn" in model:  # see RCNN_FIXED_COUNTS
+            extra.update(RCNN_FIXED_COUNTS)
         if model.startswith(("fcn", "deeplab")):
             extra["aux_loss"] = False
         net = getattr(getattr(torchvision.models, kind), model)(weights=None, **extra).eval()

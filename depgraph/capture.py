@@ -130,7 +130,10 @@ def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
         out = functional_call(model, {**p, **b}, a, k)
         return wrapped.select(out) if wrapped.select is not None else out
 
-    gm = make_fx(run, tracing_mode="real", pre_dispatch=True)(params, buffers, args, kwargs)
+    # Values read in Python (a detector's box count, a branch on a mean) are fixed at the
+    # example's values, as its shapes are; checked below.
+    gm = make_fx(run, tracing_mode="real", pre_dispatch=True,
+                 _error_on_data_dependent_ops=False)(params, buffers, args, kwargs)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat_p = pytree.tree_leaves(params)
     flat_b = pytree.tree_leaves(buffers)
@@ -142,8 +145,23 @@ def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
     input_names = [ph.name for ph in placeholders[len(names):]]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = [n for n in pytree.tree_leaves(out_node.args[0]) if isinstance(n, torch.fx.Node)]
+    notes = []
+    scalar = (torch.ops.aten.item, torch.ops.aten._local_scalar_dense)
+    reads = [n for n in gm.graph.nodes if getattr(n.target, "overloadpacket", None) in scalar]
+    if reads:
+        # A path taken on a value is safe to analyse only if no weight was left off it: code
+        # that did not run could read channels the graph never tied to it.
+        idle = [param_names[ph.name] for ph in placeholders[:len(flat_p)] if not ph.users]
+        if idle:
+            raise CaptureError(f"forward branches on tensor values (data-dependent control flow)"
+                               f" and the example took a path that skips {len(idle)} "
+                               f"parameters ({', '.join(idle[:4])}); pruning could break the "
+                               "path not taken")
+        notes.append(f"forward reads {len(reads)} tensor values in Python (data-dependent "
+                     "control flow); the analysis follows the example's path, on which every "
+                     "parameter is used")
     return Capture(gm.graph, param_names, input_names, outputs, "concrete",
-                   buffers=set(buffers))
+                   buffers=set(buffers), notes=notes)
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, *,

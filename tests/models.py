@@ -431,15 +431,17 @@ def mha_block():
 
 
 class ValueBranch(nn.Module):
-    """Branches in Python on a tensor *value*: neither tracer can capture it."""
+    """Branches in Python on a tensor *value* into a layer the example never reaches: the
+    analysis cannot know what that layer reads, so capture refuses."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.Conv2d(8, 8, 1)
 
     def forward(self, x):
         y = self.a(x)
-        return y * 2 if y.mean() > 0 else y
+        return self.b(y) if y.mean() > 1e3 else y
 
 
 MODELS: dict[str, Callable] = {

@@ -26,9 +26,35 @@ class DataDependent(nn.Module):
         return self.b(y)
 
 
-def test_branch_on_a_tensor_value_fails_with_both_causes():
-    with pytest.raises(CaptureError, match=r"torch.export: .*; concrete trace: .*inputs"):
+def test_branch_on_a_tensor_value_that_skips_a_layer_fails_with_both_causes():
+    with pytest.raises(CaptureError, match=r"torch.export: .*; concrete trace: .*skips 2 "
+                                           r"parameters \(b.weight, b.bias\)"):
         capture(ValueBranch(), torch.randn(1, 3, 8, 8))
+
+
+class ValueScale(nn.Module):
+    """A branch on a tensor value that every path takes through the same layers (as R-CNN
+    heads do on their detection count): captured along the example's path, with a note."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = y * 2 if y.mean() > 0 else y / 2
+        return self.b(y)
+
+
+def test_branch_on_a_tensor_value_through_every_layer_is_captured_with_a_note():
+    model, x = ValueScale().eval(), torch.randn(1, 3, 8, 8)
+    cap = capture(model, x)
+    assert cap.method == "concrete"
+    assert any("data-dependent" in n and "every parameter" in n for n in cap.notes)
+    graph = analyze(cap)
+    assert len(graph.units) == 8
+    assert verify(model, graph, [0, 3, 5], x).ok
 
 
 def test_export_is_used_when_it_works_and_names_parameters():
