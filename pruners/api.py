@@ -20,7 +20,7 @@ from depgraph.graph import ChannelGraph
 from .allocate import InfeasibleTargetError, Target, allocate
 from .importance import Importance, score_units
 from .plan import Plan, apply_plan
-from .repair import find_unprunable_groups, freeze_unprunable
+from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
 from .report import GroupChange, PruneReport, layer_changes, measure
 from .surgery import remove_units
 from .verify import VerifyResult, run_model, verify
@@ -170,7 +170,9 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     say(f"[prune] {graph}; probing groups the model's code may fix ...")
     notes = list(cap.notes)
     kw = dict(outputs=outputs, example_kwargs=example_kwargs, at=verify_at)
-    bad = find_unprunable_groups(work, graph, example_inputs, **kw)
+    bad = find_unprunable_groups(
+        work, graph, probe_inputs(work, example_inputs, outputs=outputs,
+                                  example_kwargs=example_kwargs), **kw)
     lap("repair")
     for attempt in range(3):
         if bad:

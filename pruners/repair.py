@@ -12,14 +12,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from depgraph.errors import VerificationError
 from depgraph.graph import ChannelGraph
 
-from .verify import verify
+from .verify import run_model, verify
 
-__all__ = ["find_unprunable_groups", "freeze_unprunable", "repair_graph"]
+__all__ = ["find_unprunable_groups", "freeze_unprunable", "probe_inputs", "repair_graph"]
 
 
 def _probe(graph: ChannelGraph, group: int) -> int:
@@ -81,6 +84,40 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         if groups:
             bisect(groups)
     return found
+
+
+def probe_inputs(model: nn.Module, example_inputs: Any, *,
+                 outputs: Optional[Callable] = None,
+                 example_kwargs: Optional[dict] = None, min_side: int = 64) -> Any:
+    """``example_inputs`` with every image-like tensor at half resolution, if the model takes it.
+
+    A width baked into Python breaks the pruned model at any resolution the original runs at,
+    so probing at half size finds the same groups with convolutions four times cheaper. Models
+    tied to one size (a ViT's position embedding) fail on the smaller input; they are probed at
+    the example's. The plan as a whole is still checked at the example's size.
+    """
+    changed = False
+
+    def half(t: Any) -> Any:
+        nonlocal changed
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 3
+                and min(t.shape[-2:]) >= 2 * min_side):
+            return t
+        changed = True
+        size = [s // 2 for s in t.shape[-2:]]
+        batched = t if t.dim() >= 4 else t.unsqueeze(0)
+        out = F.interpolate(batched.flatten(0, -4), size=size, mode="bilinear",
+                            align_corners=False)
+        return out.reshape(*t.shape[:-2], *size)
+
+    small = pytree.tree_map(half, example_inputs)
+    if not changed:
+        return example_inputs
+    try:
+        run_model(model, small, outputs, example_kwargs)
+    except Exception:  # noqa: BLE001 - the model wants its own size
+        return example_inputs
+    return small
 
 
 def freeze_unprunable(graph: ChannelGraph, bad: dict[int, str]) -> ChannelGraph:

@@ -7,6 +7,7 @@ from torch import nn
 from depgraph import analyze, capture
 from models import cbr
 from pruners import find_unprunable_groups, repair_graph, sample_units, verify
+from pruners.repair import probe_inputs
 
 
 class BakedSplit(nn.Module):
@@ -70,3 +71,27 @@ def test_repair_catches_a_baked_width_that_fails_silently():
     bad = find_unprunable_groups(model, g, x)
     assert [g.groups[k].layers[0] for k in bad] == ["a.0"]
     assert "differ" in next(iter(bad.values()))
+
+
+class FixedSize(nn.Module):
+    """A learned position map of one size, as a ViT's position embedding: no other size runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.pos = nn.Parameter(torch.randn(1, 8, 128, 128))
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.stem(x) + self.pos)
+
+
+def test_probes_run_at_half_size_where_the_model_allows_and_still_find_baked_widths():
+    x = torch.randn(1, 3, 128, 128)
+    model = BakedSplit().eval()
+    small = probe_inputs(model, x)
+    assert small.shape == (1, 3, 64, 64)
+    assert probe_inputs(FixedSize().eval(), x) is x
+    assert probe_inputs(model, torch.randn(1, 3, 100, 100)).shape[-1] == 100  # too small
+    g = analyze(capture(model, x))
+    assert find_unprunable_groups(model, g, small) == find_unprunable_groups(model, g, x)
