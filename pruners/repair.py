@@ -25,10 +25,20 @@ from .verify import run_model, verify
 __all__ = ["find_unprunable_groups", "freeze_unprunable", "probe_inputs", "repair_graph"]
 
 
-def _probe(graph: ChannelGraph, group: int) -> int:
-    """One unit of ``group``, exact if it has one: the smallest change that exposes a baked width."""
-    units = graph.groups[group].units
-    return next((u for u in units if graph.units[u].exact), units[0])
+def _probe(graph: ChannelGraph, group: int, sole: set[int]) -> Optional[int]:
+    """One unit of ``group``, exact if it has one: the smallest change that exposes a baked width.
+
+    Units in ``sole`` hold every channel of some layer dim (a channel shuffle can fold a whole
+    dim into one unit): removing one would empty the layer, which no plan does, so they are
+    never probed; a group of only such units gets no probe (None).
+    """
+    units = [u for u in graph.groups[group].units if u not in sole]
+    return next((u for u in units if graph.units[u].exact), units[0] if units else None)
+
+
+def _sole_units(graph: ChannelGraph) -> set[int]:
+    return {int(ids[0]) for ids in graph.unit_index.values()
+            if len(ids) and ids[0] >= 0 and (ids == ids[0]).all()}
 
 
 def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs: Any, *,
@@ -48,7 +58,9 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     ``train_mode`` also requires the pruned model to run in train mode (see ``verify``).
     """
     if probes is None:
-        probes = {g.id: [_probe(graph, g.id)] for g in graph.groups if g.units}
+        sole = _sole_units(graph)
+        chosen = {g.id: _probe(graph, g.id, sole) for g in graph.groups if g.units}
+        probes = {g: [u] for g, u in chosen.items() if u is not None}
 
     def failure(groups: list[int]) -> Optional[str]:
         units = [u for g in groups for u in probes[g]]

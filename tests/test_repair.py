@@ -1,6 +1,7 @@
 """Repair: groups whose width the model's Python code fixes are found by running it."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -95,3 +96,16 @@ def test_probes_run_at_half_size_where_the_model_allows_and_still_find_baked_wid
     assert probe_inputs(model, torch.randn(1, 3, 100, 100)).shape[-1] == 100  # too small
     g = analyze(capture(model, x))
     assert find_unprunable_groups(model, g, small) == find_unprunable_groups(model, g, x)
+
+
+def test_units_that_hold_a_whole_layer_dim_are_not_probed():
+    """ShuffleNetV2's channel shuffles fold some layer dims into a single unit; a probe that
+    removed it would empty the layer (a SurgeryError, not a finding)."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, x = tv.models.shufflenet_v2_x0_5().eval(), torch.randn(1, 3, 64, 64)
+    g = analyze(capture(model, x))
+    sole = {int(ids[0]) for ids in g.unit_index.values() if len(ids) and (ids == ids[0]).all()
+            and ids[0] >= 0}
+    assert sole  # the case exists in this model
+    assert find_unprunable_groups(model, g, x) == {}
