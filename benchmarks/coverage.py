@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def load(runs_path: str) -> list[dict]:
-    rows = []
+    """One row per model, in first-run order; a later run of a model replaces the earlier."""
+    rows: dict[str, dict] = {}
     with open(runs_path) as f:
         for line in f:
             if not line.strip():
@@ -73,8 +74,8 @@ def load(runs_path: str) -> list[dict]:
             if rec["error"] and not row.get("why"):
                 row["why"] = rec["error"]
             row["peak_rss_mb"] = round(rec["peak_rss_mb"])
-            rows.append(row)
-    return rows
+            rows[row["model"]] = row
+    return list(rows.values())
 
 
 def write(runs_path: str, out: str, prefix: str, target: float) -> list[str]:
@@ -108,7 +109,35 @@ def write(runs_path: str, out: str, prefix: str, target: float) -> list[str]:
             f"{str(r.get('why', '')).replace('|', '/')[:300]} |")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return [csv_path, md_path]
+    brief_path = os.path.join(out, f"{prefix}_brief.md")
+    with open(brief_path, "w") as f:
+        f.write("\n".join(brief(rows, lines[0])) + "\n")
+    return [csv_path, md_path, brief_path]
+
+
+def brief(rows: list[dict], header: str) -> list[str]:
+    """The README's version: status per scope, then one short row per model (reasons only
+    where the status is not ok; the full reasons are in the long table)."""
+    scopes: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts = scopes.setdefault(r["model"].split(":")[0], {})
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    lines = [header, "", "| scope | models | status |", "|---|---|---|"]
+    for scope, counts in scopes.items():
+        lines.append(f"| {scope} | {sum(counts.values())} | "
+                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + " |")
+    lines += ["", "| model | GFLOPs | FLOPs kept | params kept | prunable conv | engine (s) | "
+              "status |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        total = r.get("conv_total")
+        conv = f"{100 * r['conv_prunable'] / total:.0f}%" if total else "-"
+        gflops = f"{r['flops_before'] / 1e9:.1f}" if r.get("flops_before") else "-"
+        status = r["status"] if r["status"] == "ok" else (
+            f"{r['status']}: {str(r.get('why', '')).replace('|', '/')[:120]}")
+        lines.append(f"| {r['model']} | {gflops} | {r.get('flops_ratio', '-')} | "
+                     f"{r.get('params_ratio', '-')} | {conv} | {r.get('engine_s', '-')} | "
+                     f"{status} |")
+    return lines
 
 
 if __name__ == "__main__":
