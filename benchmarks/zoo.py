@@ -108,6 +108,12 @@ def build(name: str) -> tuple[Bench, dict[str, Any]]:
 
             net = RTDETR(f"{model}.yaml").model.eval()
             bench = Bench(name, net, torch.randn(1, 3, 640, 640), bench.outputs)
+            # Its decoder keeps the top-k of 8400 anchor scores: float noise reorders near-ties,
+            # so outputs are compared where every anchor is still present (as for torchvision's
+            # detectors): the decoder's input projections and its per-anchor encoder output.
+            head = f"model.{len(net.model) - 1}"
+            return bench, {"verify_at": [f"{head}.input_proj.{i}" for i in range(3)] + [
+                f"{head}.{m}" for m in ("enc_output", "enc_score_head")]}
         size = 224 if model.endswith("-cls") else 640
         bench.inputs = torch.randn(1, 3, size, size)
         if model.endswith("-cls"):
