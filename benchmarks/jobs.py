@@ -195,6 +195,7 @@ def coverage_job(job: dict) -> dict:
     status: "ok" (within 1 point of the target, outputs unchanged, exact check passed where it
     applies), "limited" (the target is infeasible: pruned to the reachable target instead),
     "off-target", "broken" (outputs changed or the check failed) or "error" (prune raised).
+    A model with nothing prunable is "limited" at FLOPs 1.0, with the reasons.
     """
     from depgraph.errors import PruningError
     from pruners import prune
@@ -214,9 +215,14 @@ def coverage_job(job: dict) -> dict:
             result = prune(bench.model, bench.inputs, target_flops=target,
                            outputs=bench.outputs, **extra)
         except InfeasibleTargetError as exc:
-            if exc.reachable is None or exc.reachable >= 0.995:
+            if exc.reachable is None:
                 raise
             status, why = "limited", [str(exc).split("Frozen:")[-1].strip()]
+            if exc.reachable >= 0.995:  # nothing can go: the reasons are the whole answer
+                row.update(status=status, flops_ratio=1.0, params_ratio=1.0,
+                           engine_s=round(time.perf_counter() - start, 2),
+                           why=f"nothing prunable: {why[0]}"[:600])
+                return row
             target = min(1.0, float(np.ceil(exc.reachable * 100) / 100 + 0.01))
             result = prune(bench.model, bench.inputs, target_flops=target,
                            outputs=bench.outputs, **extra)
