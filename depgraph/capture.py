@@ -96,6 +96,7 @@ def _capture_export(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         ep = torch.export.export(wrapped, args, kwargs, strict=False)
+    _inline_wrappers(ep.graph_module)
     sig = ep.graph_signature
     param_names: dict[str, str] = {}
     input_names: list[str] = []
@@ -115,6 +116,43 @@ def _capture_export(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
     outputs = [n for n in pytree.tree_leaves(out_node.args[0])
                if isinstance(n, torch.fx.Node) and n.name in user_outputs]
     return Capture(graph, param_names, input_names, outputs, "export", buffers=buffers)
+
+
+_WRAPPERS = ("wrap_with_autocast", "wrap_with_set_grad_enabled")
+
+
+def _inline_wrappers(gm: torch.fx.GraphModule) -> None:
+    """Splice the bodies of ``with torch.autocast(...)`` / grad-mode blocks into the graph.
+
+    torch.export keeps such a block as one higher-order op over a subgraph (timm's EfficientViT
+    computes its linear attention so); the ops inside move channels like any others, and the
+    analysis does not execute the graph, so the block's dtype does not matter to it.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or str(node.target) not in _WRAPPERS:
+            continue
+        at = next(i for i, a in enumerate(node.args)
+                  if isinstance(a, torch.fx.Node) and a.op == "get_attr")
+        body = getattr(gm, node.args[at].target)
+        _inline_wrappers(body)
+        env: dict[torch.fx.Node, Any] = dict(zip(
+            [n for n in body.graph.nodes if n.op == "placeholder"], node.args[at + 1:]))
+        result: Any = ()
+        with graph.inserting_before(node):
+            for n in body.graph.nodes:
+                if n.op == "output":
+                    result = n.args[0]
+                elif n.op != "placeholder":
+                    env[n] = graph.node_copy(n, lambda a: env[a])
+        outs = [env[o] if isinstance(o, torch.fx.Node) else o for o in result]
+        for user in list(node.users):
+            user.replace_all_uses_with(outs[user.args[1]])
+            graph.erase_node(user)
+        holder = node.args[at]
+        graph.erase_node(node)
+        if not holder.users:
+            graph.erase_node(holder)
 
 
 def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:

@@ -430,6 +430,28 @@ def mha_block():
     return MHABlock(), torch.randn(2, 3, 16, 16)
 
 
+class AutocastBlock(nn.Module):
+    """Ops inside ``with torch.autocast(enabled=False)``, as timm's EfficientViT attention:
+    torch.export wraps them in a higher-order op that capture inlines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix = nn.Parameter(torch.randn(64, 64) / 8)
+        self.b = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        with torch.autocast("cpu", enabled=False):
+            z = y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+            z = torch.matmul(z.flatten(2), self.mix).view_as(z)  # mixes positions only
+        return self.b(z)
+
+
+def autocast_block():
+    return AutocastBlock(), torch.randn(2, 3, 8, 8)
+
+
 class ValueBranch(nn.Module):
     """Branches in Python on a tensor *value* into a layer the example never reaches: the
     analysis cannot know what that layer reads, so capture refuses."""
@@ -445,6 +467,7 @@ class ValueBranch(nn.Module):
 
 
 MODELS: dict[str, Callable] = {
+    "autocast_block": autocast_block,
     "einsum_attention": einsum_attention,
     "mha_block": mha_block,
     "resnet_basic": resnet_basic,

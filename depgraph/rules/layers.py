@@ -163,10 +163,8 @@ def matmul_maps(ctx: RuleContext, a_node, a, b_node, b) -> tuple:
     out = tuple(batch) + (() if a_vec else (a[-2],)) + (() if b_vec else (b[-1],))
     weight = b_node if ctx.param(b_node) else a_node
     _record(ctx, "matmul", weight, None, None, math.prod(out_shape) * a_shape[-1])
-    if ctx.param(a_node) is None and ctx.param(b_node) is None:
-        # cost = out_numel * k: scales with the contracted and both output channel dims
-        ctx.layer_atoms[len(ctx.layers) - 1] = tuple(
-            m for m in (ka, None if a_vec else a[-2], None if b_vec else b[-1]) if m is not None)
+    # cost = out_numel * k: scales with every channel dim of the output and the contracted one
+    ctx.layer_atoms[len(ctx.layers) - 1] = tuple(m for m in (ka, *out) if m is not None)
     return out
 
 
