@@ -378,15 +378,12 @@ def token_mixer():
     return TokenMixer(), torch.randn(2, 3, 16, 16)
 
 
-class EinsumAttention(nn.Module):
+class EinsumAttention(TokenMixer):
     """MaxViT-style attention written with einsum, and a 1x1 conv written as an einsum."""
 
     def __init__(self, dim: int = 32, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.embed = nn.Conv2d(3, dim, 4, 4)
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, heads)
+        del self.mlp
         self.mix = nn.Parameter(torch.randn(24, dim) / dim ** 0.5)
         self.head = nn.Linear(24, 5)
 

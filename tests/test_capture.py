@@ -32,14 +32,9 @@ def test_branch_on_a_tensor_value_that_skips_a_layer_fails_with_both_causes():
         capture(ValueBranch(), torch.randn(1, 3, 8, 8))
 
 
-class ValueScale(nn.Module):
+class ValueScale(DataDependent):
     """A branch on a tensor value that every path takes through the same layers (as R-CNN
     heads do on their detection count): captured along the example's path, with a note."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 8, 3)
-        self.b = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
         y = torch.relu(self.a(x))
