@@ -88,25 +88,18 @@ def write(runs_path: str, out: str, prefix: str, target: float) -> list[str]:
         writer = csv.DictWriter(f, keys)
         writer.writeheader()
         writer.writerows(rows)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
     lines = [f"Coverage at target_flops={target:g}, defaults, no ignored layers. "
-             f"Machine: {machine()}.", "",
-             "Status: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ".", "",
+             f"Machine: {machine()}.", "", f"Status: {_counts(rows)}.", "",
              "| model | params (M) | GFLOPs | FLOPs kept | params kept | prunable conv | "
              "prunable linear | engine (s) | status | why not fully pruned |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        def share(kind: str) -> str:
-            total = r.get(f"{kind}_total")
-            return f"{100 * r[f'{kind}_prunable'] / total:.1f}%" if total else "-"
-        gflops = f"{r['flops_before'] / 1e9:.2f}" if r.get("flops_before") else "-"
         lines.append(
-            f"| {r['model']} | {r.get('params_m', '-')} | {gflops} | "
-            f"{r.get('flops_ratio', '-')} | {r.get('params_ratio', '-')} | {share('conv')} | "
-            f"{share('linear')} | {r.get('engine_s', '-')} | {r['status']} | "
-            f"{str(r.get('why', '')).replace('|', '/')[:300]} |")
+            f"| {r['model']} | {r.get('params_m', '-')} | {_gflops(r, 2)} | "
+            f"{r.get('flops_ratio', '-')} | {r.get('params_ratio', '-')} | "
+            f"{_share(r, 'conv', 1)} | {_share(r, 'linear', 1)} | {r.get('engine_s', '-')} | "
+            f"{r['status']} | "
+            f"{_why(r, 300)} |")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     brief_path = os.path.join(out, f"{prefix}_brief.md")
@@ -118,26 +111,40 @@ def write(runs_path: str, out: str, prefix: str, target: float) -> list[str]:
 def brief(rows: list[dict], header: str) -> list[str]:
     """The README's version: status per scope, then one short row per model (reasons only
     where the status is not ok; the full reasons are in the long table)."""
-    scopes: dict[str, dict[str, int]] = {}
+    scopes: dict[str, list[dict]] = {}
     for r in rows:
-        counts = scopes.setdefault(r["model"].split(":")[0], {})
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        scopes.setdefault(r["model"].split(":")[0], []).append(r)
     lines = [header, "", "| scope | models | status |", "|---|---|---|"]
-    for scope, counts in scopes.items():
-        lines.append(f"| {scope} | {sum(counts.values())} | "
-                     + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + " |")
+    lines += [f"| {scope} | {len(members)} | {_counts(members)} |"
+              for scope, members in scopes.items()]
     lines += ["", "| model | GFLOPs | FLOPs kept | params kept | prunable conv | engine (s) | "
               "status |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        total = r.get("conv_total")
-        conv = f"{100 * r['conv_prunable'] / total:.0f}%" if total else "-"
-        gflops = f"{r['flops_before'] / 1e9:.1f}" if r.get("flops_before") else "-"
-        status = r["status"] if r["status"] == "ok" else (
-            f"{r['status']}: {str(r.get('why', '')).replace('|', '/')[:120]}")
-        lines.append(f"| {r['model']} | {gflops} | {r.get('flops_ratio', '-')} | "
-                     f"{r.get('params_ratio', '-')} | {conv} | {r.get('engine_s', '-')} | "
-                     f"{status} |")
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {_why(r, 120)}"
+        lines.append(f"| {r['model']} | {_gflops(r, 1)} | {r.get('flops_ratio', '-')} | "
+                     f"{r.get('params_ratio', '-')} | {_share(r, 'conv', 0)} | "
+                     f"{r.get('engine_s', '-')} | {status} |")
     return lines
+
+
+def _counts(rows: list[dict]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def _share(r: dict, kind: str, digits: int) -> str:
+    total = r.get(f"{kind}_total")
+    return f"{100 * r[f'{kind}_prunable'] / total:.{digits}f}%" if total else "-"
+
+
+def _gflops(r: dict, digits: int) -> str:
+    return f"{r['flops_before'] / 1e9:.{digits}f}" if r.get("flops_before") else "-"
+
+
+def _why(r: dict, limit: int) -> str:
+    return str(r.get("why", "")).replace("|", "/")[:limit]
 
 
 if __name__ == "__main__":

@@ -56,19 +56,19 @@ def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable]
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def copy_for(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) -> nn.Module:
-    """A deep copy of ``model`` for pruning or masking ``units``, sharing the parameters they
-    do not touch.
+def untouched_params(model: nn.Module, graph: ChannelGraph, units: Iterable[int]
+                     ) -> dict[int, nn.Parameter]:
+    """A ``copy.deepcopy`` memo that shares the parameters removing ``units`` leaves alone.
 
     Surgery swaps new tensors into the copy's modules and masking writes only into the touched
     parameters, so sharing the rest is safe and saves cloning a large model per repair probe.
-    Buffers are always copied: a forward in train mode updates them in place.
+    Buffers are always copied: a forward in train mode updates them in place. Pass a fresh
+    ``dict(memo)`` to each deepcopy (deepcopy fills the memo it is given).
     """
     removed = np.fromiter((int(u) for u in units), dtype=np.int64)
     touched = {id(lookup_tensor(model, p)) for (p, _), ids in graph.unit_index.items()
                if p not in graph.buffers and np.isin(ids, removed).any()}
-    memo = {id(p): p for p in model.parameters() if id(p) not in touched}
-    return copy.deepcopy(model, memo)
+    return {id(p): p for p in model.parameters() if id(p) not in touched}
 
 
 def mask_consumers(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) -> nn.Module:
@@ -135,8 +135,9 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         VerificationError: the pruned model does not run, or its outputs change shape.
     """
     units = list(units)
+    shared = untouched_params(model, graph, units)
     if pruned is None:
-        pruned = remove_units(copy_for(model, graph, units), graph, units)
+        pruned = remove_units(copy.deepcopy(model, dict(shared)), graph, units)
     if at:
         def run(m: nn.Module) -> list[torch.Tensor]:
             return _run_at(m, list(at), example_inputs, example_kwargs)
@@ -148,7 +149,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    masked = mask_consumers(copy_for(model, graph, units), graph, units)
+    masked = mask_consumers(copy.deepcopy(model, dict(shared)), graph, units)
     expected = run(masked)
     if train_mode:
         _check_train_mode(masked, pruned, example_inputs, example_kwargs)

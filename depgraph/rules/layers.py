@@ -22,9 +22,13 @@ _NO_SOURCE = "reads a tensor whose channels are fixed (a graph input or constant
 
 
 def _record(ctx: RuleContext, kind: str, weight, in_dim: Optional[int], out_dim: Optional[int],
-            macs: int) -> None:
+            macs: int, atoms: Optional[tuple] = None) -> None:
+    """Record a layer call; ``atoms``: the channel atoms its cost scales with, where no weight
+    dim says so (activation-by-activation products)."""
     ctx.layers.append(LayerUse(ctx.node.name, kind, ctx.param(weight), in_dim, out_dim,
                                ctx.module(), int(macs)))
+    if atoms is not None:
+        ctx.layer_atoms[len(ctx.layers) - 1] = atoms
 
 
 def _conv_args(node) -> tuple[bool, int]:
@@ -162,9 +166,9 @@ def matmul_maps(ctx: RuleContext, a_node, a, b_node, b) -> tuple:
     batch = broadcast_maps(ctx, [a_shape[:-2], b_shape[:-2]], [a[:-2], b[:-2]], batch_shape)
     out = tuple(batch) + (() if a_vec else (a[-2],)) + (() if b_vec else (b[-1],))
     weight = b_node if ctx.param(b_node) else a_node
-    _record(ctx, "matmul", weight, None, None, math.prod(out_shape) * a_shape[-1])
     # cost = out_numel * k: scales with every channel dim of the output and the contracted one
-    ctx.layer_atoms[len(ctx.layers) - 1] = tuple(m for m in (ka, *out) if m is not None)
+    _record(ctx, "matmul", weight, None, None, math.prod(out_shape) * a_shape[-1],
+            atoms=tuple(m for m in (ka, *out) if m is not None))
     return out
 
 
@@ -203,9 +207,8 @@ def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     # cost: q @ k^T scales with E, (scores) @ v with Ev; L and S are never channels here
     scores = math.prod(ctx.out_shape()[:-1]) * shapes[1][-2]
     for width, atoms in ((shapes[0][-1], q[-1]), (shapes[2][-1], v[-1])):
-        _record(ctx, "matmul", None, None, None, scores * width)
-        if atoms is not None:
-            ctx.layer_atoms[len(ctx.layers) - 1] = (atoms,)
+        _record(ctx, "matmul", None, None, None, scores * width,
+                atoms=(atoms,) if atoms is not None else None)
     return (tuple(batch) + (q[-2], v[-1]),)
 
 
@@ -244,15 +247,15 @@ def einsum_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             ctx.unify(arrays[0], a)
         atom_of[c] = arrays[0] if arrays else None
         if c not in rhs and atom_of[c] is not None:
-            for atoms, _, operand, d in wide:
+            for _, _, operand, d in wide:
                 ctx.consumer(operand, d)
             if all(ctx.param(u[2]) is None for u in wide):
                 ctx.mark_contracted(atom_of[c])
     if len(operands) > 1:
         weight = next((n for n in operands if ctx.param(n)), None)
         _record(ctx, "matmul", weight, None, None,
-                math.prod(max(u[1] for u in uses) for uses in letters.values()))
-        ctx.layer_atoms[len(ctx.layers) - 1] = tuple(a for a in atom_of.values() if a is not None)
+                math.prod(max(u[1] for u in uses) for uses in letters.values()),
+                atoms=tuple(a for a in atom_of.values() if a is not None))
     return (tuple(atom_of.get(c) for c in rhs),)
 
 
