@@ -71,7 +71,8 @@ def _version(package: str) -> str:
 
 def write_summary(runs_path: str, out: str, prefix: str) -> list[str]:
     rows, latency = load_rows(runs_path)
-    paths = [os.path.join(out, f"{prefix}.csv"), os.path.join(out, f"{prefix}.md")]
+    paths = [os.path.join(out, f"{prefix}.csv"), os.path.join(out, f"{prefix}.md"),
+             os.path.join(out, f"{prefix}_brief.md")]
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys and not k.startswith("_")]
@@ -83,6 +84,8 @@ def write_summary(runs_path: str, out: str, prefix: str) -> list[str]:
     with open(paths[1], "w") as f:
         f.write(text)
     print(text)
+    with open(paths[2], "w") as f:
+        f.write(brief(rows))
     paths += plots(rows, out, prefix)
     return paths
 
@@ -148,6 +151,44 @@ def markdown(rows: list[dict], latency: dict[str, dict]) -> str:
     if errors:
         lines += ["Latency problems:", ""] + [f"- {m}: {e}" for m, e in errors] + [""]
     return "\n".join(lines)
+
+
+def _short_status(row: Optional[dict]) -> str:
+    """The failure in a few words: the status and the exception type where there is one."""
+    if row is None:
+        return "not run"
+    match = re.match(r"(\w+(?:Error|Exception))\b", row["error"] or "")
+    return f"{row['status']} ({match.group(1)})" if match else row["status"]
+
+
+def _cell(row: Optional[dict]) -> str:
+    if row is None or row["status"] != "ok":
+        return _short_status(row)
+    speedup = row.get("speedup_eager_b1")
+    return (f"{_num(row, 'flops_ratio', '.3f')} · {_num(row, 'engine_s', '.1f')} s · "
+            + (f"{speedup:.2f}x" if speedup is not None else "not timed"))
+
+
+def brief(rows: list[dict]) -> str:
+    """One row per model and target, each tool at each round_to in one cell (for the README).
+
+    A cell reads "FLOPs kept · engine seconds · eager batch-1 speedup", or the failure.
+    """
+    tools = list(dict.fromkeys(r["tool"] for r in rows))
+    rounds = sorted({r["round_to"] for r in rows})
+    by = {(r["model"], r["target"], r["round_to"], r["tool"]): r for r in rows}
+    cases = list(dict.fromkeys((r["model"], r["target"]) for r in rows))
+    cases.sort(key=lambda c: (list(dict.fromkeys(r["model"] for r in rows)).index(c[0]), -c[1]))
+    columns = [(t, k) for t in tools for k in rounds]
+    lines = [f"Machine: {machine()}.", "",
+             "Each cell: FLOPs kept · engine time · speedup (dense / pruned median latency, "
+             "PyTorch eager, batch 1, CPU). `rN`: round_to N.", "",
+             "| model | target | " + " | ".join(f"{t} r{k}" for t, k in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for model, target in cases:
+        cells = [_cell(by.get((model, target, k, t))) for t, k in columns]
+        lines.append(f"| {model} | {target:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", _totals(rows, tools), ""])
 
 
 def _totals(rows: list[dict], tools: list[str]) -> str:

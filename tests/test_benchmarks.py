@@ -74,6 +74,8 @@ def test_harness_compares_tools_and_survives_a_crashing_one(tmp_path, bad_tools)
     for tool in rows:
         assert tool in summary
     assert "RuntimeError: boom" in summary
+    brief = (out / "t_brief.md").read_text()
+    assert "error (RuntimeError)" in brief and brief.count("x | ") >= 2
     assert (out / "t_latency_vs_flops.png").stat().st_size > 0
     assert not list((out / ".models").iterdir()), "pruned models are deleted after timing"
 
