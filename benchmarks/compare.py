@@ -175,6 +175,12 @@ def run(cfg: Config) -> str:
     progress = Progress(len(jobs))
     exhausted: dict[tuple, str] = {}  # (model, tool) -> why its other runs are skipped
     latency = {j["model"]: j for j in jobs if j["kind"] == "latency"}
+    # Timing deletes the pruned models, and a timing covers every variant of its model: a
+    # model that lacks a prune row after its timing is redone whole, or the new variant would
+    # go untimed (or inherit the timing of the run it replaces).
+    redo = {j["model"] for j in jobs if j["kind"] == "prune" and job_key(j) not in done
+            and j["model"] in latency and job_key(latency[j["model"]]) in done}
+    done = {k: v for k, v in done.items() if json.loads(k)["model"] not in redo}
     for job in jobs:
         timed = job["model"] in latency and job_key(latency[job["model"]]) in done
         lost = (job["kind"] == "prune" and done.get(job_key(job)) == "ok" and not timed

@@ -89,6 +89,23 @@ def test_resume_skips_finished_jobs(tmp_path, bad_tools):
     assert (tmp_path / "r_runs.jsonl").read_text().splitlines() == runs
 
 
+def test_resume_redoes_a_timed_model_that_lost_a_prune_row(tmp_path):
+    """Dropping one variant's row after the timing must not leave the new variant untimed."""
+    args = ["--models", "tiny", "--targets", "0.7", "0.5", "--round-to", "1", "--batches", "1",
+            "--tools", "ours", "--latency-budget", "0.1", "--out", str(tmp_path), "--prefix", "d"]
+    compare.main(args)
+    runs = tmp_path / "d_runs.jsonl"
+    kept = [ln for ln in runs.read_text().splitlines()
+            if json.loads(ln)["job"].get("target") != 0.5]
+    runs.write_text("\n".join(kept) + "\n")
+    compare.main(args + ["--resume"])
+    redone = [json.loads(ln)["job"] for ln in runs.read_text().splitlines()[len(kept):]]
+    assert [j["kind"] for j in redone] == ["prune", "prune", "latency"]
+    rows = list(csv.DictReader(open(tmp_path / "d.csv")))
+    assert sorted(float(r["target"]) for r in rows) == [0.5, 0.7]
+    assert all(float(r["eager_b1_ms"]) > 0 for r in rows), rows
+
+
 @pytest.mark.parametrize("tool, status, message", [
     ("segv", "error", "SIGSEGV"),
     ("hang", "timeout", "timed out"),
