@@ -1,7 +1,8 @@
 """Where the time goes, dense against pruned: ``python -m benchmarks.profile_latency yolov8n``.
 
 Prunes the model with our engine (50% FLOPs, round_to 8 unless told), then profiles both with
-``torch.profiler`` on CPU and prints, per aten op, milliseconds dense and pruned and the ratio.
+``torch.profiler`` on CPU, taking turns, and prints per aten op the median milliseconds dense
+and pruned and the ratio.
 Efficiency below 1 means some removed FLOPs did not turn into time; this table says which ops
 keep their cost (memory-bound elementwise ops, depthwise convs, layers left whole).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -28,6 +30,23 @@ def op_times(model: torch.nn.Module, inputs, runs: int = 5) -> dict[str, float]:
             if e.key.startswith("aten::")}
 
 
+def interleaved_op_times(models: list[torch.nn.Module], inputs, rounds: int = 5,
+                         runs: int = 3) -> list[dict[str, float]]:
+    """Per model, the median over ``rounds`` of :func:`op_times`, the models taking turns.
+
+    Taking turns (and rotating who goes first) keeps a change in machine load from landing on
+    one model only, as it would if each were profiled in one block.
+    """
+    samples: list[list[dict[str, float]]] = [[] for _ in models]
+    for r in range(rounds):
+        order = list(range(len(models)))
+        order = order[r % len(order):] + order[:r % len(order)]
+        for i in order:
+            samples[i].append(op_times(models[i], inputs, runs))
+    return [{op: statistics.median(s.get(op, 0.0) for s in per)
+             for op in set().union(*per)} for per in samples]
+
+
 def main(argv: list[str] | None = None) -> None:
     from pruners import prune
 
@@ -38,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--round-to", type=int, default=8, dest="round_to")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--rounds", type=int, default=5, help="dense and pruned take turns")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -45,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     result = prune(bench.model, bench.inputs, target_flops=a.target, round_to=a.round_to,
                    outputs=bench.outputs)
     x = bench.batch(a.batch)
-    dense, pruned = op_times(bench.model, x), op_times(result.model, x)
+    dense, pruned = interleaved_op_times([bench.model, result.model], x, a.rounds)
     total_d, total_p = sum(dense.values()), sum(pruned.values())
     print(f"{a.model}: FLOPs kept {result.report.flops_ratio:.3f}; op time kept "
           f"{total_p / total_d:.3f} ({total_d:.1f} -> {total_p:.1f} ms, batch {a.batch}); "
