@@ -177,8 +177,9 @@ def brief(rows: list[dict]) -> str:
     tools = list(dict.fromkeys(r["tool"] for r in rows))
     rounds = sorted({r["round_to"] for r in rows})
     by = {(r["model"], r["target"], r["round_to"], r["tool"]): r for r in rows}
-    cases = list(dict.fromkeys((r["model"], r["target"]) for r in rows))
-    cases.sort(key=lambda c: (list(dict.fromkeys(r["model"] for r in rows)).index(c[0]), -c[1]))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cases = sorted(dict.fromkeys((r["model"], r["target"]) for r in rows),
+                   key=lambda c: (models.index(c[0]), -c[1]))
     columns = [(t, k) for t in tools for k in rounds]
     lines = [f"Machine: {machine()}.", "",
              "Each cell: FLOPs kept · engine time · speedup (dense / pruned median latency, "

@@ -101,7 +101,8 @@ def test_resume_redoes_a_timed_model_that_lost_a_prune_row(tmp_path):
     compare.main(args + ["--resume"])
     redone = [json.loads(ln)["job"] for ln in runs.read_text().splitlines()[len(kept):]]
     assert [j["kind"] for j in redone] == ["prune", "prune", "latency"]
-    rows = list(csv.DictReader(open(tmp_path / "d.csv")))
+    with open(tmp_path / "d.csv") as f:
+        rows = list(csv.DictReader(f))
     assert sorted(float(r["target"]) for r in rows) == [0.5, 0.7]
     assert all(float(r["eager_b1_ms"]) > 0 for r in rows), rows
 
