@@ -12,16 +12,20 @@ True
 """
 
 from .allocate import InfeasibleTargetError, Target, allocate
-from .api import PruneResult, prune
+from .api import PlannedPruning, PruneOptions, PruneResult, plan_pruning, prune
+from .distill import distill_loss
 from .export import OnnxExport, export_onnx
-from .importance import score_units
+from .importance import IMPORTANCE, score_units
 from .plan import Plan, apply_plan
 from .repair import find_unprunable_groups, repair_graph
-from .report import PruneReport, measure
+from .report import PruneReport, StepRecord, measure
+from .schedule import prune_iteratively
+from .sparsity import GroupSparsity
 from .surgery import MODULE_FIXERS, apply_kept, remove_units
 from .verify import VerifyResult, mask_consumers, run_model, sample_units, verify
 
-__all__ = ["prune", "PruneResult", "export_onnx", "OnnxExport", "PruneReport", "Plan", "apply_plan", "Target", "allocate",
+__all__ = ["prune", "PruneResult", "plan_pruning", "PlannedPruning", "PruneOptions",
+           "prune_iteratively", "StepRecord", "GroupSparsity", "distill_loss", "IMPORTANCE", "export_onnx", "OnnxExport", "PruneReport", "Plan", "apply_plan", "Target", "allocate",
            "InfeasibleTargetError", "score_units", "measure", "remove_units", "apply_kept",
            "MODULE_FIXERS", "verify", "VerifyResult", "mask_consumers", "run_model",
            "sample_units", "find_unprunable_groups", "repair_graph"]

@@ -1,4 +1,12 @@
-"""``prune()``: the one call users came for."""
+"""``prune()``: the one call users came for, as a short composition of the stages.
+
+    plan_pruning: check inputs -> capture -> analyze -> repair probes -> score -> allocate
+                  -> Plan -> trial surgery + verify (freeze what fails, allocate again)
+    prune:        plan_pruning -> the trial's pruned model -> measure -> PruneReport
+
+``plan_pruning`` returns the plan without touching the model, for inspection and for the
+steps of :func:`pruners.prune_iteratively`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import fnmatch
 import inspect
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
 from torch import nn
@@ -18,14 +26,58 @@ from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
 
 from .allocate import InfeasibleTargetError, Target, allocate
-from .importance import Importance, score_units
+from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
 from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
 from .report import GroupChange, PruneReport, layer_changes, measure
-from .surgery import remove_units
 from .verify import VerifyResult, run_model, verify
 
-__all__ = ["prune", "PruneResult"]
+__all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Every option of :func:`prune`, :func:`plan_pruning` and ``prune_iteratively``.
+
+    Attributes:
+        importance: "l2" (default), "l1", "random", "bn_scale", "fpgm", "taylor", "hessian",
+            or ``f(model, graph) -> raw score per unit``.
+        data: batches for the data-driven criteria ("taylor", "hessian"); a list or another
+            re-iterable (a DataLoader) so iterative steps can read it again.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor`` for the data-driven criteria.
+        strategy: "global" ranking across groups (default) or "uniform" ratio per group.
+        round_to: keep every pruned group's width a multiple of this (8 or 16 for speed).
+        min_channels: the fewest channels any layer dim keeps.
+        max_ratio: the largest fraction of a group's units that may go.
+        protect: modules or module-name patterns (``"model.22.*"``) whose channels stay.
+        outputs: picks the output contract from the return value (``lambda o: o[0]``).
+        example_kwargs: keyword arguments of ``forward`` besides ``example_inputs``.
+        verify_at: submodules to compare in verification (a detector's head).
+        verbose: print progress.
+    """
+
+    importance: Union[str, Importance] = "l2"
+    data: Optional[Iterable[Any]] = None
+    loss_fn: Optional[Callable] = None
+    strategy: str = "global"
+    round_to: int = 1
+    min_channels: int = 1
+    max_ratio: float = 0.9
+    protect: Optional[Sequence[Union[str, nn.Module]]] = None
+    outputs: Optional[Callable] = None
+    example_kwargs: Optional[dict] = None
+    verify_at: Optional[Sequence[str]] = None
+    verbose: bool = False
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> "PruneOptions":
+        """Options from keywords; an unknown keyword raises a TypeError listing the known."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; prune() takes "
+                            f"{', '.join(sorted(known))}")
+        return cls(**options)
 
 
 @dataclass
@@ -38,7 +90,26 @@ class PruneResult:
     graph: ChannelGraph
 
 
-def _target(target_flops, target_params, channel_ratio) -> Target:
+@dataclass
+class PlannedPruning:
+    """What :func:`plan_pruning` decided, before any change to the user's model.
+
+    ``removed`` are unit ids of ``graph``; ``plan`` is the same decision as kept indices;
+    ``verify`` is the check of a trial surgery on a copy (None when the units are inexact).
+    """
+
+    plan: Plan
+    graph: ChannelGraph
+    removed: list[int]
+    target: Target
+    verify: Optional[VerifyResult]
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def make_target(target_flops: Optional[float] = None, target_params: Optional[float] = None,
+                channel_ratio: Optional[float] = None) -> Target:
+    """The one target given; ValueError for none or several."""
     given = {k: v for k, v in (("flops", target_flops), ("params", target_params),
                                ("channels", channel_ratio)) if v is not None}
     if len(given) != 1:
@@ -96,102 +167,88 @@ def _split_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optiona
     return (), {**example_inputs, **(example_kwargs or {})}
 
 
-def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float] = None,
-          target_params: Optional[float] = None, channel_ratio: Optional[float] = None,
-          importance: Union[str, Importance] = "l2", strategy: str = "global",
-          round_to: int = 1, min_channels: int = 1, max_ratio: float = 0.9,
-          protect: Optional[Sequence[Union[str, nn.Module]]] = None,
-          outputs: Optional[Callable] = None, example_kwargs: Optional[dict] = None,
-          verify_at: Optional[Sequence[str]] = None, inplace: bool = False,
-          verbose: bool = False) -> PruneResult:
-    """Prune ``model`` to a target and return the smaller model, its plan and a report.
+class _Clock:
+    """Seconds per stage, summed over repeats."""
 
-    Args:
-        model: any ``nn.Module``. Untouched unless ``inplace=True`` (and then only on success).
-        example_inputs: a tensor, a tuple of ``forward`` arguments, or a dict of keyword
-            arguments (a dict whose keys are not ``forward``'s parameters is passed as one
-            argument).
-        target_flops: keep at most this fraction of the FLOPs (e.g. 0.5).
-        target_params: keep at most this fraction of the parameters.
-        channel_ratio: remove this fraction of the channels of every group.
-        importance: "l2" (default), "l1", "random", or ``f(model, graph) -> scores per unit``.
-        strategy: "global" ranking across groups (default) or "uniform" ratio per group.
-        round_to: keep every pruned group's width a multiple of this (8 or 16 for speed).
-        min_channels: the fewest channels any layer dim keeps.
-        max_ratio: the largest fraction of a group's units that may go.
-        protect: modules or module-name patterns (``"model.22.*"``) whose channels stay.
-        outputs: picks the output contract from the return value (``lambda o: o[0]``).
-        verify_at: submodules to compare in verification (a detector's head).
-        verbose: print progress.
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
 
-    Returns:
-        :class:`PruneResult`.
-
-    Raises:
-        ValueError: bad arguments (no or several targets, a target outside (0, 1]).
-        PruningError: the inputs do not fit the model (CaptureError), or the target is
-            infeasible (InfeasibleTargetError, stating the smallest reachable value).
-
-    Example:
-        >>> import torch, torchvision
-        >>> result = prune(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224),
-        ...                target_flops=0.5)
-        >>> 0.49 <= result.report.flops_ratio <= 0.50
-        True
-    """
-    target = _target(target_flops, target_params, channel_ratio)
-    example_inputs, example_kwargs = _split_inputs(model, example_inputs, example_kwargs)
-    patterns = _protect_patterns(model, protect)
-    say = print if verbose else (lambda *a, **k: None)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
+    def lap(self, name: str) -> None:
         now = time.perf_counter()
-        seconds[name] = seconds.get(name, 0.0) + now - clock
-        clock = now
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
 
+
+def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions) -> nn.Module:
+    """An eval-mode deep copy that runs on the example inputs (PruningError if it does not)."""
+    check_importance(opts.importance, opts.data, opts.loss_fn)
     work = copy.deepcopy(model)
-    was_training = work.training
     work.eval()
     try:
-        run_model(work, example_inputs, outputs, example_kwargs)
+        run_model(work, example_inputs, opts.outputs, opts.example_kwargs)
     except Exception as exc:  # noqa: BLE001
         raise PruningError(f"the example inputs do not fit {type(model).__name__}: "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                            ". Pass what forward takes: a tensor, or a tuple of arguments.") from exc
-    lap("check inputs")
-    say(f"[prune] capturing {type(model).__name__} ...")
-    cap = capture(work, example_inputs, example_kwargs=example_kwargs, outputs=outputs)
-    lap("capture")
+    return work
+
+
+def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dict[str, Any]
+             ) -> tuple[nn.Module, Any, Target, PruneOptions, list[str], _Clock]:
+    """Validate everything cheap first, then the working copy: the arguments of ``_search``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune() takes an nn.Module, got {type(model).__name__}")
+    opts = PruneOptions.of(options)
+    example_inputs, kwargs = _split_inputs(model, example_inputs, opts.example_kwargs)
+    opts = PruneOptions(**{**opts.__dict__, "example_kwargs": kwargs})
+    patterns = _protect_patterns(model, opts.protect)
+    clock = _Clock()
+    work = _working_copy(model, example_inputs, opts)
+    clock.lap("check inputs")
+    return work, example_inputs, target, opts, patterns, clock
+
+
+def _search(work: nn.Module, example_inputs: Any, target: Target, opts: PruneOptions,
+            patterns: list[str], clock: _Clock) -> tuple[PlannedPruning, nn.Module]:
+    """Plan on ``work`` (an eval copy, not modified) and return the plan with the pruned copy
+    it was verified on. Groups whose pruning breaks the model's code are frozen, and the plan
+    is made again (at most three rounds)."""
+    say = print if opts.verbose else (lambda *a, **k: None)
+    say(f"[prune] capturing {type(work).__name__} ...")
+    cap = capture(work, example_inputs, example_kwargs=opts.example_kwargs, outputs=opts.outputs)
+    clock.lap("capture")
     graph = analyze(cap)
-    lap("analyze")
+    clock.lap("analyze")
     say(f"[prune] {graph}; probing groups the model's code may fix ...")
     notes = list(cap.notes)
-    kw = dict(outputs=outputs, example_kwargs=example_kwargs, at=verify_at)
+    kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=opts.verify_at)
     bad = find_unprunable_groups(
-        work, graph, probe_inputs(work, example_inputs, outputs=outputs,
-                                  example_kwargs=example_kwargs), **kw)
-    lap("repair")
-    for attempt in range(3):
+        work, graph, probe_inputs(work, example_inputs, outputs=opts.outputs,
+                                  example_kwargs=opts.example_kwargs), **kw)
+    clock.lap("repair")
+    meta = {"model": type(work).__name__, "target": f"{target.kind}={target.value:g}"}
+    for _ in range(3):
         if bad:
             notes += [f"froze group {g} ({', '.join(graph.groups[g].layers[:3])}): {why}"
                       for g, why in sorted(bad.items())]
             graph = freeze_unprunable(graph, bad)
-        scores = score_units(work, graph, importance)
-        cost = cost_model(graph)
+        say(f"[prune] scoring units by {getattr(opts.importance, '__name__', opts.importance)} ...")
+        scores = score_units(work, graph, opts.importance, data=opts.data, loss_fn=opts.loss_fn)
+        clock.lap("score")
         try:
-            removed = allocate(graph, scores, cost, target, strategy=strategy,
-                               round_to=round_to, min_channels=min_channels,
-                               max_ratio=max_ratio, protected=_protected_units(graph, patterns))
+            removed = allocate(graph, scores, cost_model(graph), target, strategy=opts.strategy,
+                               round_to=opts.round_to, min_channels=opts.min_channels,
+                               max_ratio=opts.max_ratio,
+                               protected=_protected_units(graph, patterns))
         except InfeasibleTargetError as exc:
             raise InfeasibleTargetError(f"{exc} {_why_frozen(graph, notes)}",
                                         exc.reachable) from None
-        lap("allocate")
+        clock.lap("allocate")
+        plan = Plan.from_units(graph, removed, meta)
         say(f"[prune] removing {len(removed)} of {len(graph.units)} units ...")
-        pruned = remove_units(copy.deepcopy(work), graph, removed)
-        lap("surgery")
+        pruned = apply_plan(copy.deepcopy(work), plan)
+        clock.lap("surgery")
         probes: dict[int, list[int]] = {}
         for u in removed:
             probes.setdefault(graph.units[u].group, []).append(u)
@@ -206,39 +263,97 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
             check = None  # normalisation statistics change: no exact reference to compare
         bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
                                      train_mode=True, **kw) if failed else {}
-        lap("verify")
+        clock.lap("verify")
         if not bad:
-            break
-    else:
-        raise PruningError("the pruned model still fails after freezing the groups found "
-                           "three times; please report this model")
-    flops0, params0 = measure(work, example_inputs, example_kwargs)
-    flops1, params1 = measure(pruned, example_inputs, example_kwargs)
-    lap("measure")
+            return PlannedPruning(plan, graph, removed, target, check, notes,
+                                  clock.seconds), pruned
+    raise PruningError("the pruned model still fails after freezing the groups found "
+                       "three times; please report this model")
 
-    changed: dict[str, dict[int, list[int]]] = {}
-    for (p, d), idx in graph.kept_indices(set(removed)).items():
-        if len(idx) != graph.param_shapes[p][d]:
-            changed.setdefault(p, {})[d] = idx.tolist()
-    plan = Plan(changed, {p: graph.param_shapes[p] for p in changed},
-                {"model": type(model).__name__, "target": f"{target.kind}={target.value:g}"})
 
-    removed_set = set(removed)
+def plan_pruning(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float] = None,
+                 target_params: Optional[float] = None, channel_ratio: Optional[float] = None,
+                 **options: Any) -> PlannedPruning:
+    """Decide what to prune, without changing ``model``: the plan and the analysis behind it.
+
+    Takes the same arguments as :func:`prune`. ``apply_plan(model, planned.plan)`` then
+    prunes in place.
+
+    Example:
+        >>> import torch
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+        ...                         torch.nn.Conv2d(8, 4, 1))
+        >>> planned = plan_pruning(m, torch.randn(1, 3, 8, 8), channel_ratio=0.5)
+        >>> len(planned.plan.kept["0.weight"][0]), m[0].out_channels
+        (4, 8)
+    """
+    return _search(*_prepare(model, example_inputs, make_target(
+        target_flops, target_params, channel_ratio), options))[0]
+
+
+def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float] = None,
+          target_params: Optional[float] = None, channel_ratio: Optional[float] = None,
+          inplace: bool = False, **options: Any) -> PruneResult:
+    """Prune ``model`` to a target and return the smaller model, its plan and a report.
+
+    Args:
+        model: any ``nn.Module``. Untouched unless ``inplace=True`` (and then only on success).
+        example_inputs: a tensor, a tuple of ``forward`` arguments, or a dict of keyword
+            arguments (a dict whose keys are not ``forward``'s parameters is passed as one
+            argument).
+        target_flops: keep at most this fraction of the FLOPs (e.g. 0.5).
+        target_params: keep at most this fraction of the parameters.
+        channel_ratio: remove this fraction of the channels of every group.
+        inplace: prune ``model`` itself and return it as ``result.model``.
+        **options: see :class:`PruneOptions`: ``importance`` ("l2", "l1", "random",
+            "bn_scale", "fpgm", "taylor", "hessian" or a function), ``data`` and ``loss_fn``
+            for the data-driven criteria, ``strategy``, ``round_to``, ``min_channels``,
+            ``max_ratio``, ``protect``, ``outputs``, ``example_kwargs``, ``verify_at``,
+            ``verbose``.
+
+    Returns:
+        :class:`PruneResult`.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or an unknown option.
+        ValueError: bad arguments (no or several targets, a target outside (0, 1], a
+            data-driven criterion without ``data``/``loss_fn``).
+        PruningError: the inputs do not fit the model (CaptureError), or the target is
+            infeasible (InfeasibleTargetError, stating the smallest reachable value).
+
+    Example:
+        >>> import torch, torchvision
+        >>> result = prune(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224),
+        ...                target_flops=0.5)
+        >>> 0.49 <= result.report.flops_ratio <= 0.50
+        True
+    """
+    target = make_target(target_flops, target_params, channel_ratio)
+    work, example_inputs, target, opts, patterns, clock = prepared = _prepare(
+        model, example_inputs, target, options)
+    planned, pruned = _search(*prepared)
+    kwargs = opts.example_kwargs
+    flops0, params0 = measure(work, example_inputs, kwargs)
+    flops1, params1 = measure(pruned, example_inputs, kwargs)
+    clock.lap("measure")
+
+    graph, removed = planned.graph, set(planned.removed)
     groups = [GroupChange(g.id, g.layers, len(g.units),
-                          sum(1 for u in g.units if u not in removed_set)) for g in graph.groups]
+                          sum(1 for u in g.units if u not in removed)) for g in graph.groups]
+    notes = planned.notes
     report = PruneReport(f"{target.kind}={target.value:g}", flops0, flops1, params0, params1,
-                         groups, layer_changes(work, pruned), list(graph.frozen), check, notes,
-                         seconds)
+                         groups, layer_changes(work, pruned), list(graph.frozen),
+                         planned.verify, notes, planned.seconds)
     achieved = report.flops_ratio if target.kind == "flops" else report.params_ratio
     if target.kind != "channels" and achieved < target.value - 0.01:
         notes.append(f"achieved {achieved:.4f} for a target of {target.value:g}: no set of units "
-                     f"found lands within 1 point at this granularity (round_to={round_to})")
-    if was_training:
+                     f"found lands within 1 point at this granularity (round_to={opts.round_to})")
+    if model.training:
         pruned.train()
     if inplace:
-        apply_plan(model, plan)
+        apply_plan(model, planned.plan)
         pruned = model
-    say(f"[prune] done: FLOPs {100 * report.flops_ratio:.2f}%, params "
-        f"{100 * report.params_ratio:.2f}%")
-    return PruneResult(pruned, plan, report, graph)
-
+    if opts.verbose:
+        print(f"[prune] done: FLOPs {100 * report.flops_ratio:.2f}%, params "
+              f"{100 * report.params_ratio:.2f}%")
+    return PruneResult(pruned, planned.plan, report, graph)

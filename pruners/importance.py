@@ -1,69 +1,78 @@
-"""Channel importance: one score per unit, normalised within its group.
+"""Channel importance: the lookup of criteria by name, and per-group normalisation.
 
-A unit's magnitude is aggregated over *every* parameter slice it owns (producer rows, norm
-scales, consumer columns), so a channel that is large anywhere counts as large. Scores are then
-divided by their group's mean, so a group of wide, small-valued layers competes fairly with a
-group of narrow, large-valued ones in global ranking.
+Criteria live in :mod:`pruners.criteria` (magnitude, BN scale, FPGM, Taylor, Hessian). Every
+one scores a unit over *every* parameter slice it owns (producer rows, norm scales, consumer
+columns), so a channel that matters anywhere counts. Scores are then divided by their group's
+mean, so a group of wide, small-valued layers competes fairly with a group of narrow,
+large-valued ones in global ranking.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
-import torch
 from torch import nn
 
 from depgraph.graph import ChannelGraph
 
-__all__ = ["Importance", "score_units", "magnitude", "IMPORTANCE"]
+from .criteria import Criterion, ScoreData, bn_scale, fpgm, hessian, magnitude, random_scores, taylor
+from .criteria.gradient import require_data
+
+__all__ = ["Importance", "score_units", "IMPORTANCE", "check_importance"]
 
 # A custom criterion: (model, graph) -> one raw score per unit (higher = keep).
 Importance = Callable[[nn.Module, ChannelGraph], np.ndarray]
 
-
-def magnitude(p: int) -> Importance:
-    """L``p`` norm over all parameter slices of each unit."""
-
-    def score(model: nn.Module, graph: ChannelGraph) -> np.ndarray:
-        total = np.zeros(len(graph.units), dtype=np.float64)
-        with torch.no_grad():
-            for (param, dim), ids in graph.unit_index.items():
-                if param in graph.buffers:
-                    continue  # running statistics describe data, not the learned channel
-                mask = ids >= 0
-                if not mask.any():
-                    continue
-                t = model.get_parameter(param).detach().double().abs()
-                other = [d for d in range(t.dim()) if d != dim]
-                per_index = (t.pow(p).sum(dim=other) if other else t.pow(p)).cpu().numpy()
-                np.add.at(total, ids[mask], per_index[mask])
-        return total ** (1.0 / p)
-
-    score.__name__ = f"l{p}"
-    return score
+IMPORTANCE: dict[str, Criterion] = {c.name: c for c in (
+    magnitude(1), magnitude(2), random_scores, bn_scale, fpgm, taylor, hessian)}
 
 
-def _random(model: nn.Module, graph: ChannelGraph) -> np.ndarray:
-    return np.random.default_rng(0).random(len(graph.units))
-
-
-IMPORTANCE: dict[str, Importance] = {"l1": magnitude(1), "l2": magnitude(2), "random": _random}
-
-
-def score_units(model: nn.Module, graph: ChannelGraph,
-                importance: Union[str, Importance] = "l2") -> np.ndarray:
-    """Per-unit scores, normalised by their group's mean (see module docstring).
-
-    Raises:
-        ValueError: an unknown criterion name, or a custom one returning the wrong shape.
-    """
+def check_importance(importance: Union[str, Importance], data: Optional[Iterable[Any]] = None,
+                     loss_fn: Optional[Callable] = None) -> None:
+    """Fail early, before any tracing, on an unknown name or a data-driven one without data."""
     if isinstance(importance, str):
         if importance not in IMPORTANCE:
             raise ValueError(f"unknown importance {importance!r}; use one of "
                              f"{sorted(IMPORTANCE)} or a function (model, graph) -> scores")
-        importance = IMPORTANCE[importance]
-    raw = np.asarray(importance(model, graph), dtype=np.float64)
+        if IMPORTANCE[importance].needs_data:
+            require_data(importance, ScoreData(data, loss_fn))
+    elif not callable(importance):
+        raise TypeError(f"importance must be a name or a callable, got {type(importance).__name__}")
+
+
+def score_units(model: nn.Module, graph: ChannelGraph,
+                importance: Union[str, Importance] = "l2", *,
+                data: Optional[Iterable[Any]] = None,
+                loss_fn: Optional[Callable] = None) -> np.ndarray:
+    """Per-unit scores, normalised by their group's mean (see module docstring).
+
+    Args:
+        importance: a name from ``IMPORTANCE`` ("l2", "l1", "random", "bn_scale", "fpgm",
+            "taylor", "hessian") or ``f(model, graph) -> raw scores``.
+        data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for "taylor"/"hessian".
+
+    Raises:
+        ValueError: an unknown name, a data-driven criterion without ``data``/``loss_fn``, or a
+            custom one returning the wrong shape.
+
+    Example:
+        >>> import torch
+        >>> from depgraph import analyze, capture
+        >>> m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1))
+        >>> g = analyze(capture(m, torch.randn(1, 3, 8, 8)))
+        >>> batches = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+        >>> s = score_units(m, g, "taylor", data=batches, loss_fn=lambda m, b: m(b).square().mean())
+        >>> s.shape
+        (8,)
+    """
+    check_importance(importance, data, loss_fn)
+    if isinstance(importance, str):
+        raw = IMPORTANCE[importance](model, graph, ScoreData(data, loss_fn))
+    else:
+        raw = importance(model, graph)
+    raw = np.asarray(raw, dtype=np.float64)
     if raw.shape != (len(graph.units),):
         raise ValueError(f"importance returned shape {raw.shape}, expected "
                          f"({len(graph.units)},): one score per unit")

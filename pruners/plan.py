@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
 from depgraph.errors import PruningError
+from depgraph.graph import ChannelGraph
 
 from .surgery import apply_kept
 
@@ -32,6 +33,34 @@ class Plan:
 
     def __str__(self) -> str:
         return f"Plan({len(self.kept)} tensors pruned, {self.meta.get('model', '?')})"
+
+    @classmethod
+    def from_units(cls, graph: ChannelGraph, removed: "set[int] | list[int]",
+                   meta: Optional[dict[str, Any]] = None) -> "Plan":
+        """The plan that removes ``removed`` units of ``graph``: every dim that shrinks."""
+        kept: dict[str, dict[int, list[int]]] = {}
+        for (p, d), idx in sorted(graph.kept_indices(set(removed)).items()):
+            if len(idx) != graph.param_shapes[p][d]:
+                kept.setdefault(p, {})[d] = idx.tolist()
+        return cls(kept, {p: tuple(graph.param_shapes[p]) for p in kept}, dict(meta or {}))
+
+    def then(self, later: "Plan") -> "Plan":
+        """The composition: apply ``self``, then ``later`` (whose indices count in the model
+        ``self`` left). ``apply_plan(fresh, a.then(b))`` equals applying ``a`` and then ``b``.
+
+        Example:
+            >>> a = Plan({"w": {0: [0, 2, 3]}}, {"w": (4, 2)})
+            >>> b = Plan({"w": {0: [1, 2], 1: [1]}}, {"w": (3, 2)})
+            >>> a.then(b).kept
+            {'w': {0: [2, 3], 1: [1]}}
+        """
+        kept = {p: dict(dims) for p, dims in self.kept.items()}
+        for p, dims in later.kept.items():
+            for d, idx in dims.items():
+                before = self.kept.get(p, {}).get(d)
+                kept.setdefault(p, {})[d] = [before[i] for i in idx] if before is not None else list(idx)
+        shapes = {p: self.shapes.get(p, later.shapes.get(p)) for p in kept}
+        return Plan(kept, shapes, {**self.meta, **later.meta})
 
     def to_dict(self) -> dict:
         return {"type": _TYPE, "version": _VERSION, "meta": self.meta,

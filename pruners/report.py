@@ -7,14 +7,25 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from depgraph.capture import as_args
 from depgraph.graph import FrozenChannels
 
 from .verify import VerifyResult
 
-__all__ = ["PruneReport", "GroupChange", "LayerChange", "measure"]
+__all__ = ["PruneReport", "GroupChange", "LayerChange", "StepRecord", "measure"]
+
+
+def _sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# Attention kernels the installed torch's FlopCounterMode may not count (torch 2.14 counts
+# the flash/efficient/cudnn variants but not the CPU flash kernel nn.MultiheadAttention uses).
+_EXTRA_FORMULAS = {getattr(torch.ops.aten, name): _sdpa
+                   for name in ("_scaled_dot_product_flash_attention_for_cpu",)
+                   if hasattr(torch.ops.aten, name)}
 
 
 def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None
@@ -25,7 +36,9 @@ def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        extra = {op: f for op, f in _EXTRA_FORMULAS.items()
+                 if op not in torch.utils.flop_counter.flop_registry}
+        with FlopCounterMode(display=False, custom_mapping=extra) as counter, torch.no_grad():
             model(*args, **(example_kwargs or {}))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -50,6 +63,22 @@ class LayerChange:
     in_after: int
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of iterative pruning: what it aimed at, reached, and the fine-tune's metric."""
+
+    step: int
+    target: float  # fraction of the original's FLOPs/params to keep after this step
+    flops_ratio: float  # measured, relative to the original model
+    params_ratio: float
+    metric: Optional[float] = None  # what ``finetune`` returned, if a number
+
+    def __str__(self) -> str:
+        metric = "" if self.metric is None else f", metric {self.metric:.4g}"
+        return (f"step {self.step}: target {self.target:.4f}, FLOPs {100 * self.flops_ratio:.2f}%"
+                f", params {100 * self.params_ratio:.2f}%{metric}")
+
+
 @dataclass
 class PruneReport:
     """Printable with ``print(report)``; ``to_dict()`` for data."""
@@ -65,6 +94,7 @@ class PruneReport:
     verify: Optional[VerifyResult]
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    steps: list[StepRecord] = field(default_factory=list)  # iterative pruning only
 
     @property
     def flops_ratio(self) -> float:
@@ -88,6 +118,7 @@ class PruneReport:
                  f"({100 * self.params_ratio:.2f}%)"]
         if self.verify is not None:
             lines.append(f"check  {self.verify}")
+        lines.extend(f"  {s}" for s in self.steps)
         lines.append(f"engine {sum(self.seconds.values()):.2f} s ("
                      + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()) + ")")
         pruned = [l for l in self.layers if (l.out_before, l.in_before) != (l.out_after, l.in_after)]
