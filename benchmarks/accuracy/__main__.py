@@ -1,0 +1,5 @@
+"""``python -m benchmarks.accuracy``: see ``benchmarks/accuracy/run.py``."""
+
+from .run import main
+
+main()
