@@ -128,7 +128,6 @@ def _pruned(recipe: Recipe, job: Job, dense, tool: str, criterion: str):
 
 def run_job(recipe: Recipe, job: Job) -> dict:
     """One row: accuracy before and after fine-tuning, FLOPs and params kept, seconds."""
-    torch.set_num_threads(1)
     from pruners import GroupSparsity, measure, prune, prune_iteratively
 
     from .methods import X, narrowed
@@ -194,6 +193,7 @@ def run_job(recipe: Recipe, job: Job) -> dict:
 
 def _worker(args) -> dict:
     recipe, job = args
+    torch.set_num_threads(1)
     try:
         return run_job(recipe, job)
     except Exception as exc:  # noqa: BLE001 - a failed method is a row, not a crashed run
