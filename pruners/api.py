@@ -54,6 +54,7 @@ class PruneOptions:
         example_kwargs: keyword arguments of ``forward`` besides ``example_inputs``.
         verify_at: submodules to compare in verification (a detector's head).
         verbose: print progress.
+        progress: called with each stage's name as it finishes (a progress bar's update).
     """
 
     importance: Union[str, Importance] = "l2"
@@ -68,6 +69,7 @@ class PruneOptions:
     example_kwargs: Optional[dict] = None
     verify_at: Optional[Sequence[str]] = None
     verbose: bool = False
+    progress: Optional[Callable[[str], None]] = None
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "PruneOptions":
@@ -168,16 +170,19 @@ def _split_inputs(model: nn.Module, example_inputs: Any, example_kwargs: Optiona
 
 
 class _Clock:
-    """Seconds per stage, summed over repeats."""
+    """Seconds per stage, summed over repeats; tells ``progress`` as each stage ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Optional[Callable[[str], None]] = None) -> None:
         self.seconds: dict[str, float] = {}
         self._last = time.perf_counter()
+        self._progress = progress
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
         self._last = now
+        if self._progress is not None:
+            self._progress(name)
 
 
 def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions) -> nn.Module:
@@ -203,7 +208,7 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     example_inputs, kwargs = _split_inputs(model, example_inputs, opts.example_kwargs)
     opts = PruneOptions(**{**opts.__dict__, "example_kwargs": kwargs})
     patterns = _protect_patterns(model, opts.protect)
-    clock = _Clock()
+    clock = _Clock(opts.progress)
     work = _working_copy(model, example_inputs, opts)
     clock.lap("check inputs")
     return work, example_inputs, target, opts, patterns, clock

@@ -1,0 +1,7 @@
+"""``python -m pruners``: see ``pruners/cli.py``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

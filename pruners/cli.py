@@ -1,0 +1,160 @@
+"""``python -m pruners``: prune a model from the command line.
+
+    python -m pruners prune SOURCE --target-flops 0.5 [--round-to 8] [--importance taylor
+        --data data.yaml] --out pruned.pt [--plan plan.json] [--onnx pruned.onnx]
+
+SOURCE is an Ultralytics checkpoint or YAML (``best.pt``, ``yolov8n.yaml``), ``tv:NAME`` (a
+torchvision model, random weights) or ``timm:NAME``. The command only parses arguments and
+calls the public API (``prune_yolo`` or ``prune``); on bad input it prints one line, exits
+with status 2 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["main"]
+
+_STAGES = 9  # check inputs, capture, analyze, repair, score, allocate, surgery, verify, measure
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pruners",
+                                description="Structured channel pruning for PyTorch models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("prune", help="prune a model to a FLOPs or parameter target",
+                       description=__doc__.split("\n\n")[1].strip(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("source", help="Ultralytics .pt/.yaml, tv:NAME (torchvision) or timm:NAME")
+    target = q.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-flops", type=float, help="fraction of the FLOPs to keep")
+    target.add_argument("--target-params", type=float, help="fraction of the params to keep")
+    q.add_argument("--round-to", type=int, default=None,
+                   help="channel multiple (default: 8 for Ultralytics models, 1 otherwise)")
+    q.add_argument("--importance", default="l2",
+                   help="l2 (default), l1, random, bn_scale, fpgm, taylor, hessian")
+    q.add_argument("--data", help="dataset YAML for taylor/hessian (Ultralytics models)")
+    q.add_argument("--imgsz", type=int, default=None,
+                   help="example input size (default: 640 for detectors, 224 for classifiers)")
+    q.add_argument("--out", required=True, help="where to write the pruned model (.pt)")
+    q.add_argument("--plan", help="also write the JSON plan here")
+    q.add_argument("--onnx", help="also export an ONNX file here (checked with onnxruntime)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar, no report")
+    return p
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=_STAGES, desc="pruning", unit="stage", file=sys.stderr)
+
+    def step(stage: str) -> None:
+        bar.set_postfix_str(stage)
+        bar.update(1 if bar.n < bar.total else 0)
+
+    return bar, step
+
+
+def _build(source: str) -> tuple[str, Any]:
+    """("yolo", YOLO) or ("module", nn.Module) for a SOURCE."""
+    kind, _, name = source.partition(":")
+    if kind == "tv" and name:
+        import torchvision
+
+        return "module", torchvision.models.get_model(name, weights=None).eval()
+    if kind == "timm" and name:
+        import timm
+
+        return "module", timm.create_model(name, pretrained=False).eval()
+    path = Path(source)
+    if path.suffix in (".pt", ".yaml", ".yml"):
+        if path.suffix == ".pt" and not path.exists():
+            raise FileNotFoundError(f"no such checkpoint: {source}")
+        from ultralytics import YOLO
+
+        return "yolo", YOLO(source)
+    raise ValueError(f"unknown source {source!r}: give an Ultralytics .pt/.yaml, tv:NAME or "
+                     "timm:NAME")
+
+
+def _run(args: argparse.Namespace) -> str:
+    import torch
+
+    from .export import export_onnx
+    from .integrations.ultralytics import prune_yolo
+
+    for path in filter(None, (args.out, args.plan, args.onnx)):
+        if not Path(path).resolve().parent.is_dir():
+            raise FileNotFoundError(f"output folder of {path} does not exist")
+    try:
+        kind, model = _build(args.source)
+    except (RuntimeError, KeyError) as exc:  # timm/torchvision: unknown names
+        raise ValueError(f"cannot build {args.source}: {str(exc).splitlines()[0]}") from None
+    bar, step = _progress(args.quiet)
+    target = dict(target_flops=args.target_flops, target_params=args.target_params)
+    try:
+        if kind == "yolo":
+            opts = dict(round_to=args.round_to or 8, importance=args.importance, data=args.data,
+                        progress=step)
+            if args.imgsz:
+                opts["imgsz"] = args.imgsz
+            small, result = prune_yolo(model, **target, **opts)
+            size = small.model.pruning["imgsz"]
+            net = small.model
+        else:
+            if args.importance in ("taylor", "hessian"):
+                raise ValueError(f"--importance {args.importance} needs a labelled dataset; from "
+                                 "the command line it is supported for Ultralytics models "
+                                 "(--data data.yaml)")
+            from . import prune
+
+            size = args.imgsz or 224
+            result = prune(model, torch.randn(1, 3, size, size), **target,
+                           round_to=args.round_to or 1, importance=args.importance,
+                           progress=step)
+            net = small = result.model
+    finally:
+        if bar is not None:
+            bar.close()
+    # Everything is computed; write each file beside its target, then move them into place.
+    written: list[tuple[str, str]] = []
+    try:
+        tmp = args.out + ".tmp"
+        small.save(tmp) if kind == "yolo" else torch.save(small, tmp)
+        written.append((tmp, args.out))
+        if args.plan:
+            result.plan.save(args.plan + ".tmp")
+            written.append((args.plan + ".tmp", args.plan))
+        if args.onnx:
+            export_onnx(net.float().eval(), torch.randn(1, 3, size, size), args.onnx + ".tmp",
+                        outputs=(lambda o: o[0]) if kind == "yolo" else None)
+            written.append((args.onnx + ".tmp", args.onnx))
+    except BaseException:
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, final in written:
+        os.replace(tmp, final)
+    return str(result.report)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 bad input or infeasible target)."""
+    args = _parser().parse_args(argv)
+    from depgraph.errors import PruningError
+
+    try:
+        report = _run(args)
+    except (PruningError, ValueError, TypeError, FileNotFoundError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(report)
+    return 0
