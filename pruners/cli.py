@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> str:
             raise FileNotFoundError(f"output folder of {path} does not exist")
     try:
         kind, model = _build(args.source)
-    except (RuntimeError, KeyError) as exc:  # timm/torchvision: unknown names
+    except (RuntimeError, KeyError, ValueError) as exc:  # timm/torchvision: unknown names
         raise ValueError(f"cannot build {args.source}: {str(exc).splitlines()[0]}") from None
     bar, step = _progress(args.quiet)
     target = dict(target_flops=args.target_flops, target_params=args.target_params)

@@ -1,0 +1,84 @@
+"""``python -m pruners prune`` (issue "Detectors end to end", item 4)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pruners.cli import main
+
+pytest.importorskip("torchvision")
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_prunes_a_torchvision_model_and_writes_every_output(tmp_path, capsys):
+    out, plan, onnx = tmp_path / "m.pt", tmp_path / "plan.json", tmp_path / "m.onnx"
+    pytest.importorskip("onnxruntime")
+    code = main(["prune", "tv:resnet18", "--target-flops", "0.5", "--imgsz", "64",
+                 "--round-to", "8", "--out", str(out), "--plan", str(plan), "--onnx", str(onnx)])
+    assert code == 0
+    assert _files(tmp_path) == ["m.onnx", "m.pt", "plan.json"]
+    model = torch.load(out, weights_only=False)
+    assert model.layer1[0].conv1.out_channels % 8 == 0
+    from pruners import Plan, apply_plan, measure
+    import torchvision
+
+    fresh = apply_plan(torchvision.models.resnet18(), Plan.load(str(plan)))
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]
+    x = torch.randn(1, 3, 64, 64)
+    assert measure(model, x)[0] / measure(torchvision.models.resnet18(), x)[0] <= 0.5
+    assert "FLOPs" in capsys.readouterr().out  # the report
+
+
+def test_prunes_an_ultralytics_yaml(tmp_path):
+    pytest.importorskip("ultralytics")
+    from ultralytics import YOLO
+
+    out = tmp_path / "y.pt"
+    assert main(["prune", "yolov8n.yaml", "--target-flops", "0.5", "--imgsz", "128",
+                 "--out", str(out), "--quiet"]) == 0
+    reloaded = YOLO(str(out))
+    assert reloaded.model.pruning["flops_ratio"] <= 0.5
+    assert reloaded.model.model[0].conv.out_channels % 8 == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.pt", "--target-flops", "0.5"], "no such checkpoint"),
+    (["tv:no_such_net", "--target-flops", "0.5"], "cannot build tv:no_such_net"),
+    (["timm:no_such_net", "--target-flops", "0.5"], "cannot build timm:no_such_net"),
+    (["model.onnx", "--target-flops", "0.5"], "unknown source"),
+    (["tv:resnet18", "--target-flops", "0.001", "--imgsz", "64"], "cannot be met"),
+    (["tv:resnet18", "--target-flops", "1.5"], "must be in \\(0, 1\\]"),
+    (["tv:resnet18", "--target-flops", "0.5", "--importance", "taylor"], "needs a labelled"),
+    (["tv:resnet18", "--target-flops", "0.5", "--importance", "nope", "--imgsz", "64"],
+     "unknown importance"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
+    if args[0].startswith("timm:"):
+        pytest.importorskip("timm")
+    code = main(["prune", *args, "--out", str(tmp_path / "out.pt"), "--plan",
+                 str(tmp_path / "plan.json"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err
+    assert re.search(message, err), err
+    assert _files(tmp_path) == []
+
+
+def test_missing_output_folder_is_bad_input(tmp_path, capsys):
+    code = main(["prune", "tv:resnet18", "--target-flops", "0.5", "--out",
+                 str(tmp_path / "no" / "out.pt"), "--quiet"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_help_documents_the_options():
+    out = subprocess.run([sys.executable, "-m", "pruners", "prune", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--target-flops", "--target-params", "--round-to", "--importance", "--data",
+                 "--imgsz", "--out", "--plan", "--onnx"):
+        assert flag in out
