@@ -1,0 +1,5 @@
+"""``python -m benchmarks.detection``: see ``benchmarks/detection/run.py``."""
+
+from .run import main
+
+main()
