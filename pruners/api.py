@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
+import torch
 from torch import nn
 
 from depgraph import analyze, capture
@@ -199,11 +200,30 @@ def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions) -> 
     return work
 
 
+def _check_model(model: Any) -> None:
+    """TypeError for what prune() cannot take as it is, naming what to pass instead."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prune() takes an nn.Module, got {type(model).__name__}")
+    kind = type(model)
+    if kind.__module__.startswith("ultralytics.") and hasattr(kind, "task_map"):
+        raise TypeError(f"prune() got an Ultralytics {kind.__name__} object: use "
+                        "pruners.ultralytics.prune_yolo(yolo, target_flops=...), which keeps it "
+                        "trainable with yolo.train(), or prune(yolo.model, x, "
+                        "outputs=lambda o: o[0]) for the bare network")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"prune() got a TorchScript module ({kind.__name__}): its code cannot be "
+                        "traced channel by channel; pass the eager nn.Module it was scripted from")
+    fsdp = [m for m in model.modules() if type(m).__name__ in ("FullyShardedDataParallel",)
+            or any(b.__name__ == "FSDPModule" for b in type(m).__mro__)]
+    if fsdp:
+        raise TypeError("prune() got a model wrapped in FSDP, whose parameters are sharded "
+                        "across ranks: prune the unwrapped model first, then wrap the result")
+
+
 def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dict[str, Any]
              ) -> tuple[nn.Module, Any, Target, PruneOptions, list[str], _Clock]:
     """Validate everything cheap first, then the working copy: the arguments of ``_search``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prune() takes an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     opts = PruneOptions.of(options)
     example_inputs, kwargs = _split_inputs(model, example_inputs, opts.example_kwargs)
     opts = PruneOptions(**{**opts.__dict__, "example_kwargs": kwargs})

@@ -196,7 +196,7 @@ def _torch_pruning(recipe, method, target, runs, tag, data, start) -> dict:
     import torch_pruning as tp
     from ultralytics import YOLO
 
-    from pruners.integrations.ultralytics import _MARK, _yolo_class
+    from pruners.ultralytics import with_model
 
     cfg = "yolov8n.yaml" if "yolov8n" in method else "yolov5nu.yaml"
     best = _dense(recipe, cfg)
@@ -213,11 +213,7 @@ def _torch_pruning(recipe, method, target, runs, tag, data, start) -> dict:
         pruner.step()
         if _flops(net, recipe.imgsz) <= target * full:
             break
-    setattr(net, _MARK, {"tool": "torch_pruning"})
-    small = object.__new__(_yolo_class())
-    small.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v
-                           for k, v in dense.__dict__.items()})
-    small.model, small.predictor, small.trainer = net, None, None
+    small = with_model(dense, net)  # so Ultralytics' trainer keeps Torch-Pruning's module
     before = _metrics(small, recipe, data)
     small.train(**_train_args(recipe, runs, tag, recipe.ft_epochs, recipe.ft_lr0))
     return _row(recipe, method, target, before, small, dense.model, time.perf_counter() - start,

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..api import PruneResult, prune
 
-__all__ = ["prune_yolo", "load_pruned", "PrunedYOLO", "yolo_batches", "yolo_loss",
+__all__ = ["prune_yolo", "load_pruned", "PrunedYOLO", "with_model", "yolo_batches", "yolo_loss",
            "is_pruned"]
 
 _MARK = "pruning"  # attribute on the pruned DetectionModel: {"plan": ..., "target": ...}
@@ -175,14 +175,24 @@ def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
     setattr(small, _MARK, {"plan": result.plan.to_dict(), "target": result.report.target,
                            "flops_ratio": result.report.flops_ratio, "imgsz": size})
     _sync_python_widths(small)
-    # A YOLO is an nn.Module holding its network in ``_modules``: copy every dict of its state
-    # (a plain copy.copy would share them, and training the copy would replace the original's)
+    return with_model(yolo, small), result
+
+
+def with_model(yolo: Any, net: nn.Module):
+    """A :class:`PrunedYOLO` like ``yolo`` (task, overrides, callbacks) holding ``net``.
+
+    ``net`` is marked as pruned if it is not yet, so its trainer keeps it. A YOLO is an
+    nn.Module holding its network in ``_modules``: every dict of its state is copied (a plain
+    ``copy.copy`` would share them, and training the copy would replace the original's).
+    """
+    if not is_pruned(net):
+        setattr(net, _MARK, {})
     pruned = object.__new__(_yolo_class())
     pruned.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v
                             for k, v in yolo.__dict__.items()})
-    pruned.model = small
+    pruned.model = net
     pruned.predictor = pruned.trainer = pruned.metrics = None
-    return pruned, result
+    return pruned
 
 
 def _sync_python_widths(model: nn.Module) -> None:

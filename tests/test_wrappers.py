@@ -1,0 +1,56 @@
+"""Wrappers around a model: what prune() takes, and what it refuses with a clear message."""
+
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from models import build
+from pruners import prune, run_model
+
+
+def test_data_parallel_prunes_like_the_bare_model():
+    model, x = build("resnet_basic")
+    result = prune(nn.DataParallel(model), x, target_flops=0.5)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    assert result.report.verify.ok
+    assert isinstance(result.model, nn.DataParallel)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_data_parallel_prunes_in_a_gloo_group():
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built in")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        model, x = build("resnet_basic")
+        result = prune(nn.parallel.DistributedDataParallel(model), x, target_flops=0.5)
+        assert 0.49 <= result.report.flops_ratio <= 0.5
+        assert [t.shape for t in run_model(result.model, x)] == [t.shape for t in run_model(model, x)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_yolo_object_is_refused_with_what_to_call():
+    ultralytics = pytest.importorskip("ultralytics")
+    with pytest.raises(TypeError, match=r"prune_yolo\(yolo.*yolo\.model"):
+        prune(ultralytics.YOLO("yolov8n.yaml"), torch.randn(1, 3, 64, 64), target_flops=0.5)
+
+
+def test_a_whole_script_module_is_refused_with_what_to_pass():
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+    with pytest.raises(TypeError, match="pass the eager nn.Module"):
+        prune(scripted, torch.randn(1, 3, 8, 8), target_flops=0.5)
+
+
+def test_a_non_module_is_a_type_error():
+    with pytest.raises(TypeError, match="takes an nn.Module, got function"):
+        prune(lambda t: t, torch.randn(1, 3, 8, 8), target_flops=0.5)
