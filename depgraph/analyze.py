@@ -74,6 +74,9 @@ def analyze(cap: Capture) -> ChannelGraph:
         if node.op == "placeholder":
             fqn = cap.param_names.get(node.name)
             val = node.meta.get("val")
+            if fqn in param_atoms:  # a tied tensor seen under another name: the same channels
+                env[node.name] = param_atoms[fqn]
+                continue
             if fqn is not None and isinstance(val, torch.Tensor):
                 amap = tuple(ctx.atoms.new(int(s)) for s in val.shape)
                 param_atoms[fqn] = amap
@@ -107,7 +110,7 @@ def analyze(cap: Capture) -> ChannelGraph:
     for out in cap.output_nodes:
         ctx.node = out
         ctx.freeze(env.get(out.name), f"reaches the model output '{out.name}'")
-    return _resolve(ctx, param_atoms, live, cap)
+    return _resolve(ctx, param_atoms, live + ctx.internal, cap)
 
 
 def _apply(ctx: RuleContext, rule, node: torch.fx.Node, inputs: list) -> Any:
@@ -176,6 +179,9 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
     contracted = np.zeros(n, dtype=bool)
     if ctx.contracted:
         contracted[roots[np.concatenate(ctx.contracted)]] = True
+    dropped = np.zeros(n, dtype=bool)
+    if ctx.dropped:
+        dropped[roots[np.concatenate(ctx.dropped)]] = True
 
     # Channel-bearing parameter dims, in graph order, with each index's root.
     keys, key_roots = [], []
@@ -228,7 +234,7 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
         root = int(root_of_unit[u])
         note = inexact_texts[inexact_by[root] - 1] if inexact_by[root] else None
         units.append(Unit(u, int(unit_group[u]), exact=note is None, note=note,
-                          contracted=bool(contracted[root])))
+                          contracted=bool(contracted[root]), dropped=bool(dropped[root])))
     groups = [Group(g, tuple(members_of[g]), tuple(group_dims[g]), int(group_frozen[g]))
               for g in range(n_groups)]
     frozen = [FrozenChannels(frozen_texts[r - 1], tuple(dims))

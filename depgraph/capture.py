@@ -54,6 +54,7 @@ class Capture:
     notes: list[str] = field(default_factory=list)
     buffers: set[str] = field(default_factory=set)  # FQNs in param_names that are buffers
     fixed: dict[str, str] = field(default_factory=dict)  # FQN -> why its shape may not change
+    aliases: dict[str, str] = field(default_factory=dict)  # tied FQN -> the first FQN of it
 
     def __str__(self) -> str:
         n_ops = sum(1 for n in self.graph.nodes if n.op == "call_function")
@@ -236,7 +237,23 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
     with _attributes_restored(model):
         cap = _capture(model, args, kwargs, outputs, method)
     cap.fixed = fixed_params(model)
+    cap.aliases = _aliases(model)
+    # one name per tensor: a tied weight's placeholders all name its first FQN
+    cap.param_names = {k: cap.aliases.get(v, v) for k, v in cap.param_names.items()}
+    cap.buffers = {cap.aliases.get(b, b) for b in cap.buffers}
     return cap
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Second and later names of tied parameters/buffers -> the first name of the tensor."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    named = [*model.named_parameters(remove_duplicate=False),
+             *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        out.update({name: first[id(tensor)]} if id(tensor) in first else {})
+        first.setdefault(id(tensor), name)
+    return out
 
 
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
@@ -271,6 +288,8 @@ def _attributes_restored(model: torch.nn.Module):
     """
     saved = []
     for module in model.modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            continue  # TorchScript code cannot assign Python attributes; its dicts are wrappers
         state = dict(module.__dict__)
         inner = {k: dict(v) for k, v in state.items() if k in ("_parameters", "_buffers")}
         saved.append((module, state, inner))

@@ -14,6 +14,7 @@ Vocabulary:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Optional
@@ -46,6 +47,7 @@ class Unit:
     exact: bool = True
     note: Optional[str] = None  # why the unit is inexact
     contracted: bool = False  # multiplied between two activations (attention q.k)
+    dropped: bool = False  # an op discards it (past a prefix slice); see dead_units
 
     def __str__(self) -> str:
         return f"Unit({self.id}, group={self.group}{'' if self.exact else ', inexact'})"
@@ -136,6 +138,15 @@ class ChannelGraph:
                 out.setdefault(u, []).append(Slice(param, dim, tuple(order[lo:hi].tolist())))
         return {u: tuple(s) for u, s in out.items()}
 
+    def dead_units(self) -> list[int]:
+        """Units that change nothing: an op drops them and no weight reads them.
+
+        Removing them is exact and free (they still cost FLOPs where they are computed), so
+        ``prune()`` removes them before allocation, whatever the target.
+        """
+        return [u.id for u in self.units if u.dropped and u.exact and not u.contracted
+                and not any((s.param, s.dim) in self.consumers for s in self.slices(u.id))]
+
     def exact_units(self) -> list[int]:
         return [u.id for u in self.units if u.exact]
 
@@ -161,6 +172,22 @@ class ChannelGraph:
             prunable += int((ids >= 0).sum()) if ids is not None else 0
         return prunable, total
 
+    def units_of(self, param: str) -> set[int]:
+        """Every unit that owns a slice of ``param`` (on any dim)."""
+        out: set[int] = set()
+        for (p, _), ids in self.unit_index.items():
+            if p == param:
+                out.update(int(u) for u in np.unique(ids[ids >= 0]))
+        return out
+
+    def with_inexact(self, units: set[int], note: str) -> "ChannelGraph":
+        """A copy in which ``units`` are marked inexact with ``note`` (the rest is shared)."""
+        marked = [dataclasses.replace(u, exact=False, note=u.note or note) if u.id in units
+                  else u for u in self.units]
+        return ChannelGraph(marked, self.groups, self.frozen, self.unit_index, self.param_shapes,
+                            self.consumers, self.layers, notes=list(self.notes),
+                            buffers=self.buffers, layer_units=self.layer_units)
+
     def without_groups(self, reasons: dict[int, str]) -> "ChannelGraph":
         """A new graph in which the units of the given groups are frozen with ``reasons``.
 
@@ -173,7 +200,7 @@ class ChannelGraph:
         for i, u in enumerate(keep_units):
             new_unit[u.id] = i
         new_group = {g.id: i for i, g in enumerate(keep_groups)}
-        units = [Unit(i, new_group[u.group], u.exact, u.note, u.contracted)
+        units = [dataclasses.replace(u, id=i, group=new_group[u.group])
                  for i, u in enumerate(keep_units)]
         groups = [Group(i, tuple(int(new_unit[u]) for u in g.units), g.dims, g.frozen)
                   for i, g in enumerate(keep_groups)]

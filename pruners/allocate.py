@@ -84,8 +84,13 @@ class _State:
 
 def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: Target, *,
              strategy: str = "global", round_to: int = 1, min_channels: int = 1,
-             max_ratio: float = 0.9, protected: Optional[set[int]] = None) -> list[int]:
+             max_ratio: float = 0.9, protected: Optional[set[int]] = None,
+             free: Optional[set[int]] = None) -> list[int]:
     """The units to remove, sorted. See the module docstring.
+
+    ``free`` units (dead channels: ``ChannelGraph.dead_units``) are removed first, outside
+    ``round_to`` and ``max_ratio``, whenever no layer dim falls under ``min_channels``; the
+    rest is allocated on top of them.
 
     Raises:
         InfeasibleTargetError: the target cannot be met; the message states the smallest
@@ -96,14 +101,20 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
     if round_to < 1 or min_channels < 1 or not 0 < max_ratio <= 1:
         raise ValueError("need round_to >= 1, min_channels >= 1 and 0 < max_ratio <= 1")
     protected = protected or set()
-    candidates = {g.id: sorted((u for u in g.units if u not in protected),
+    dead = sorted(set(free or ()) - protected)
+    if dead and not _State(graph, cost).allows(dead, min_channels):
+        dead = []
+    skip = protected | set(dead)
+    candidates = {g.id: sorted((u for u in g.units if u not in skip),
                                key=lambda u: (scores[u], u)) for g in graph.groups}
     if target.kind == "channels":
-        return _uniform(graph, cost, candidates, target.value, round_to, min_channels)
+        return sorted(dead + _uniform(graph, cost, candidates, target.value, round_to,
+                                      min_channels, dead))
     if strategy == "uniform":
-        return _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels,
-                                max_ratio)
-    return _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio)
+        return sorted(dead + _uniform_to_cost(graph, cost, candidates, target, round_to,
+                                              min_channels, max_ratio, dead))
+    return _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio,
+                   dead)
 
 
 def _chunks(n_units: int, order: list[int], round_to: int, limit: int) -> list[list[int]]:
@@ -118,11 +129,12 @@ def _chunks(n_units: int, order: list[int], round_to: int, limit: int) -> list[l
     return out
 
 
-def _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio):
+def _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio, dead):
     state = _State(graph, cost)
     full = cost.full()
+    state.remove(dead)
     if state.ratio(target.kind, full) <= target.value:
-        return []
+        return list(dead)
     heap = []
     chunks = {}
     for gid, order in candidates.items():
@@ -131,7 +143,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
         if chunks[gid]:
             heap.append((float(np.mean(scores[chunks[gid][0]])), gid, 0))
     heapq.heapify(heap)
-    removed: list[int] = []
+    removed: list[int] = list(dead)
     best: Optional[tuple[float, list[int]]] = None  # closest result below target - tolerance
     while heap:
         _, gid, i = heapq.heappop(heap)
@@ -152,7 +164,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
         if i + 1 < len(chunks[gid]):
             heapq.heappush(heap, (float(np.mean(scores[chunks[gid][i + 1]])), gid, i + 1))
     if best is not None:
-        return _refine(state, best[1], scores, target, full, min_channels, round_to)
+        return _refine(state, best[1], scores, target, full, min_channels, round_to, set(dead))
     reachable = state.ratio(target.kind, full)
     raise InfeasibleTargetError(
         f"target_{target.kind}={target.value:g} cannot be met: with everything prunable removed "
@@ -162,7 +174,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
 
 
 def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Target,
-            full: tuple[float, float], min_channels: int, round_to: int,
+            full: tuple[float, float], min_channels: int, round_to: int, dead: set[int],
             budget: int = 20000) -> list[int]:
     """Close the gap when the greedy overshot: add back, or swap, single units while the cost
     stays at or under the target. Only runs on coarse models (few, expensive units), and only
@@ -182,7 +194,7 @@ def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Targe
         improved = False
         # add back one unit, or add back one and remove another, taking the best that fits
         best_move, best_value = None, value
-        for back in sorted(current, key=lambda u: -scores[u]):
+        for back in sorted(current - dead, key=lambda u: -scores[u]):
             state.remove([back], sign=-1)
             budget -= 1
             v = ratio()
@@ -210,8 +222,10 @@ def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Targe
     return sorted(current)
 
 
-def _uniform(graph, cost, candidates, ratio, round_to, min_channels):
+def _uniform(graph, cost, candidates, ratio, round_to, min_channels, dead=()):
+    """Every group loses ``ratio`` of its units (``dead`` ones already gone, not returned)."""
     state = _State(graph, cost)
+    state.remove(list(dead))
     removed: list[int] = []
     for gid, order in candidates.items():
         n = len(graph.groups[gid].units)
@@ -226,12 +240,12 @@ def _uniform(graph, cost, candidates, ratio, round_to, min_channels):
     return sorted(removed)
 
 
-def _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels, max_ratio):
+def _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels, max_ratio, dead):
     full = cost.full()
 
     def ratio_for(r: float) -> tuple[float, list[int]]:
-        units = _uniform(graph, cost, candidates, r, round_to, min_channels)
-        kept = cost.kept_after(graph, set(units))
+        units = _uniform(graph, cost, candidates, r, round_to, min_channels, dead)
+        kept = cost.kept_after(graph, set(units) | set(dead))
         flops, params = cost.evaluate(kept)
         return (flops / full[0] if target.kind == "flops" else params / full[1]), units
 

@@ -29,6 +29,7 @@ from depgraph.graph import ChannelGraph
 from .allocate import InfeasibleTargetError, Target, allocate
 from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
+from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
 from .report import GroupChange, PruneReport, layer_changes, measure
 from .verify import VerifyResult, run_model, verify
@@ -108,6 +109,7 @@ class PlannedPruning:
     verify: Optional[VerifyResult]
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    dead: list[int] = field(default_factory=list)  # removed for free (``dead_units``)
 
 
 def make_target(target_flops: Optional[float] = None, target_params: Optional[float] = None,
@@ -186,10 +188,13 @@ class _Clock:
             self._progress(name)
 
 
-def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions) -> nn.Module:
-    """An eval-mode deep copy that runs on the example inputs (PruningError if it does not)."""
+def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
+                  ) -> tuple[nn.Module, list[Lifted]]:
+    """An eval-mode deep copy with plain weights where ``model`` has pruning masks or weight
+    parametrizations (see ``pruners.reparam``), checked to run on the example inputs."""
     check_importance(opts.importance, opts.data, opts.loss_fn)
-    work = copy.deepcopy(model)
+    work = deepcopy_model(model)
+    lifted = lift(work)
     work.eval()
     try:
         run_model(work, example_inputs, opts.outputs, opts.example_kwargs)
@@ -197,7 +202,7 @@ def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions) -> 
         raise PruningError(f"the example inputs do not fit {type(model).__name__}: "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                            ". Pass what forward takes: a tensor, or a tuple of arguments.") from exc
-    return work
+    return work, lifted
 
 
 def _check_model(model: Any) -> None:
@@ -221,7 +226,7 @@ def _check_model(model: Any) -> None:
 
 
 def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dict[str, Any]
-             ) -> tuple[nn.Module, Any, Target, PruneOptions, list[str], _Clock]:
+             ) -> tuple[nn.Module, list[Lifted], Any, Target, PruneOptions, list[str], _Clock]:
     """Validate everything cheap first, then the working copy: the arguments of ``_search``."""
     _check_model(model)
     opts = PruneOptions.of(options)
@@ -229,21 +234,26 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     opts = PruneOptions(**{**opts.__dict__, "example_kwargs": kwargs})
     patterns = _protect_patterns(model, opts.protect)
     clock = _Clock(opts.progress)
-    work = _working_copy(model, example_inputs, opts)
+    work, lifted = _working_copy(model, example_inputs, opts)
     clock.lap("check inputs")
-    return work, example_inputs, target, opts, patterns, clock
+    return work, lifted, example_inputs, target, opts, patterns, clock
 
 
-def _search(work: nn.Module, example_inputs: Any, target: Target, opts: PruneOptions,
-            patterns: list[str], clock: _Clock) -> tuple[PlannedPruning, nn.Module]:
+def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: Target,
+            opts: PruneOptions, patterns: list[str], clock: _Clock
+            ) -> tuple[PlannedPruning, nn.Module]:
     """Plan on ``work`` (an eval copy, not modified) and return the plan with the pruned copy
-    it was verified on. Groups whose pruning breaks the model's code are frozen, and the plan
-    is made again (at most three rounds)."""
+    it was verified on, its reparametrizations (``lifted``) restored. Groups whose pruning
+    breaks the model's code are frozen, and the plan is made again (at most three rounds)."""
     say = print if opts.verbose else (lambda *a, **k: None)
     say(f"[prune] capturing {type(work).__name__} ...")
     cap = capture(work, example_inputs, example_kwargs=opts.example_kwargs, outputs=opts.outputs)
     clock.lap("capture")
     graph = analyze(cap)
+    for item in lifted:
+        if item.kind == "spectral_norm":  # sigma is recomputed on the smaller weight
+            graph = graph.with_inexact(graph.units_of(item.fqn), f"spectral norm of '{item.fqn}'"
+                                       " is recomputed on the pruned weight")
     clock.lap("analyze")
     say(f"[prune] {graph}; probing groups the model's code may fix ...")
     notes = list(cap.notes)
@@ -261,18 +271,19 @@ def _search(work: nn.Module, example_inputs: Any, target: Target, opts: PruneOpt
         say(f"[prune] scoring units by {getattr(opts.importance, '__name__', opts.importance)} ...")
         scores = score_units(work, graph, opts.importance, data=opts.data, loss_fn=opts.loss_fn)
         clock.lap("score")
+        dead = set(graph.dead_units())
         try:
             removed = allocate(graph, scores, cost_model(graph), target, strategy=opts.strategy,
                                round_to=opts.round_to, min_channels=opts.min_channels,
                                max_ratio=opts.max_ratio,
-                               protected=_protected_units(graph, patterns))
+                               protected=_protected_units(graph, patterns), free=dead)
         except InfeasibleTargetError as exc:
             raise InfeasibleTargetError(f"{exc} {_why_frozen(graph, notes)}",
                                         exc.reachable) from None
         clock.lap("allocate")
         plan = Plan.from_units(graph, removed, meta)
         say(f"[prune] removing {len(removed)} of {len(graph.units)} units ...")
-        pruned = apply_plan(copy.deepcopy(work), plan)
+        pruned = restore(apply_plan(copy.deepcopy(work), plan), lifted, plan.kept)
         clock.lap("surgery")
         probes: dict[int, list[int]] = {}
         for u in removed:
@@ -290,8 +301,12 @@ def _search(work: nn.Module, example_inputs: Any, target: Target, opts: PruneOpt
                                      train_mode=True, **kw) if failed else {}
         clock.lap("verify")
         if not bad:
+            gone = dead & set(removed)
+            if gone:
+                notes.append(f"removed {len(gone)} dead channels for free (dropped by a slice "
+                             "and read by nothing)")
             return PlannedPruning(plan, graph, removed, target, check, notes,
-                                  clock.seconds), pruned
+                                  clock.seconds, sorted(gone)), pruned
     raise PruningError("the pruned model still fails after freezing the groups found "
                        "three times; please report this model")
 
@@ -354,7 +369,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         True
     """
     target = make_target(target_flops, target_params, channel_ratio)
-    work, example_inputs, target, opts, patterns, clock = prepared = _prepare(
+    work, _, example_inputs, target, opts, patterns, clock = prepared = _prepare(
         model, example_inputs, target, options)
     planned, pruned = _search(*prepared)
     kwargs = opts.example_kwargs
@@ -366,11 +381,16 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     groups = [GroupChange(g.id, g.layers, len(g.units),
                           sum(1 for u in g.units if u not in removed)) for g in graph.groups]
     notes = planned.notes
+    masks_after = sparsity(pruned)
+    notes += [f"pruning mask on '{name}': {100 * share:.1f}% zeros before, "
+              f"{100 * masks_after.get(name, float('nan')):.1f}% after"
+              for name, share in sparsity(model).items()]
     report = PruneReport(f"{target.kind}={target.value:g}", flops0, flops1, params0, params1,
                          groups, layer_changes(work, pruned), list(graph.frozen),
                          planned.verify, notes, planned.seconds)
     achieved = report.flops_ratio if target.kind == "flops" else report.params_ratio
-    if target.kind != "channels" and achieved < target.value - 0.01:
+    allocated = set(planned.removed) - set(planned.dead)  # dead channels may overshoot: fine
+    if target.kind != "channels" and achieved < target.value - 0.01 and allocated:
         notes.append(f"achieved {achieved:.4f} for a target of {target.value:g}: no set of units "
                      f"found lands within 1 point at this granularity (round_to={opts.round_to})")
     if model.training:

@@ -15,6 +15,7 @@ from torch import nn
 from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
 
+from .reparam import lift, restore
 from .surgery import apply_kept
 
 __all__ = ["Plan", "apply_plan"]
@@ -110,4 +111,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         4
     """
     kept = {(p, d): idx for p, dims in plan.kept.items() for d, idx in dims.items()}
-    return apply_kept(model, kept, plan.shapes)
+    lifted = lift(model)  # pruning masks, weight/spectral norm: slice the plain weights
+    try:
+        apply_kept(model, kept, plan.shapes)
+    except BaseException:
+        restore(model, lifted, {})  # unchanged widths: put every reparametrization back
+        raise
+    return restore(model, lifted, plan.kept)

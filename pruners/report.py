@@ -21,11 +21,31 @@ def _sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# Attention kernels the installed torch's FlopCounterMode may not count (torch 2.14 counts
-# the flash/efficient/cudnn variants but not the CPU flash kernel nn.MultiheadAttention uses).
-_EXTRA_FORMULAS = {getattr(torch.ops.aten, name): _sdpa
-                   for name in ("_scaled_dot_product_flash_attention_for_cpu",)
-                   if hasattr(torch.ops.aten, name)}
+def _recurrent(input_shape, hx_shapes, param_shapes, *args, out_shape=None, **kwargs) -> int:
+    # every weight matrix (w_ih, w_hh, w_hr of each layer and direction) is applied once per
+    # time step and batch element: 2 * steps * rows * cols, as depgraph.cost counts them
+    steps = 1
+    for s in input_shape[:-1]:
+        steps *= s
+    return sum(2 * steps * s[0] * s[1] for s in param_shapes if len(s) == 2)
+
+
+def _mkldnn_rnn_layer(input_shape, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    # one layer and direction of an LSTM on CPU: both weights once per step and batch element
+    steps = 1
+    for s in input_shape[:-1]:
+        steps *= s
+    return 2 * steps * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
+
+
+# Kernels the installed torch's FlopCounterMode may not count: the CPU flash-attention kernel
+# nn.MultiheadAttention uses (torch 2.14 counts the flash/efficient/cudnn variants), and the
+# fused recurrent layers (nothing is counted for them; GRU/RNN on CPU decompose into mm).
+_EXTRA_FORMULAS = {getattr(torch.ops.aten, name): formula for name, formula in (
+    ("_scaled_dot_product_flash_attention_for_cpu", _sdpa), ("lstm", _recurrent),
+    ("gru", _recurrent), ("rnn_tanh", _recurrent), ("rnn_relu", _recurrent),
+    ("mkldnn_rnn_layer", _mkldnn_rnn_layer))
+    if hasattr(torch.ops.aten, name)}
 
 
 def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None

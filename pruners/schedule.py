@@ -10,13 +10,13 @@ freshly built model reproduces the final architecture and the fine-tuned ``state
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Optional
 
 from torch import nn
 
 from .api import PruneResult, make_target, prune
 from .plan import Plan, apply_plan
+from .reparam import deepcopy_model
 from .report import PruneReport, StepRecord, layer_changes, measure
 
 __all__ = ["prune_iteratively"]
@@ -59,7 +59,7 @@ def prune_iteratively(model: nn.Module, example_inputs: Any, *,
     kwargs = options.get("example_kwargs")
     flops0, params0 = measure(model, example_inputs, kwargs)
     have = {"flops": flops0, "params": params0}
-    current, plan, records, notes, seconds = copy.deepcopy(model), None, [], [], {}
+    current, plan, records, notes, seconds = deepcopy_model(model), None, [], [], {}
     result: Optional[PruneResult] = None
     for step in range(1, steps + 1):
         if target.kind == "channels":

@@ -74,6 +74,19 @@ def _prelu_attrs(m: nn.PReLU, new: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"num_parameters": new.get("weight", m.weight).numel()}
 
 
+def _rnn_attrs(m: nn.RNNBase, new: dict[str, torch.Tensor]) -> dict[str, Any]:
+    w_ih = new.get("weight_ih_l0", m.weight_ih_l0)
+    w_hh = new.get("weight_hh_l0", m.weight_hh_l0)
+    gates = m.weight_ih_l0.shape[0] // m.hidden_size  # 4 LSTM, 3 GRU, 1 RNN (old shapes)
+    attrs: dict[str, Any] = {"input_size": w_ih.shape[1], "hidden_size": w_ih.shape[0] // gates}
+    if getattr(m, "proj_size", 0):
+        attrs["proj_size"] = w_hh.shape[1]
+        if attrs["proj_size"] >= attrs["hidden_size"]:  # torch tells them apart by size
+            raise SurgeryError(f"an LSTM's proj_size ({attrs['proj_size']}) must stay below its "
+                               f"hidden_size ({attrs['hidden_size']}); keep more hidden units")
+    return attrs
+
+
 # Module type -> function(module, its new tensors by attribute name) -> attributes to set.
 MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
     (nn.modules.conv._ConvNd, _conv_attrs),
@@ -82,6 +95,8 @@ MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
     (nn.GroupNorm, _group_norm_attrs),
     (nn.LayerNorm, _layer_norm_attrs),
     (nn.PReLU, _prelu_attrs),
+    (nn.RNNBase, _rnn_attrs),
+    (nn.Embedding, lambda m, new: {"embedding_dim": new.get("weight", m.weight).shape[1]}),
 ]
 
 
@@ -199,4 +214,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
         (s.module._parameters if s.is_param else s.module._buffers)[s.name] = s.value
     for module, name, value in attr_updates:
         setattr(module, name, value)
+    for module, _ in new_by_module.values():
+        if isinstance(module, nn.RNNBase):  # its forward reads a list of the weights it holds
+            module._init_flat_weights()
     return model

@@ -22,6 +22,7 @@ from depgraph.capture import as_args
 from depgraph.errors import VerificationError
 from depgraph.graph import ChannelGraph
 
+from .reparam import deepcopy_model
 from .surgery import lookup_tensor, remove_units
 
 __all__ = ["VerifyResult", "verify", "mask_consumers", "run_model", "sample_units"]
@@ -177,7 +178,7 @@ def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: An
     except Exception:  # noqa: BLE001 - e.g. batch norm on one value: nothing to compare
         return
     try:
-        run_model(copy.deepcopy(pruned).train(), example_inputs, None, example_kwargs)
+        run_model(deepcopy_model(pruned).train(), example_inputs, None, example_kwargs)
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"the pruned model fails in train mode: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

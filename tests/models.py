@@ -463,6 +463,171 @@ class ValueBranch(nn.Module):
         return self.b(y) if y.mean() > 1e3 else y
 
 
+# ---- models as they arrive (issue "Models as they arrive") ---------------------------------
+class ScriptedChild(nn.Module):
+    """A torch.jit.script'ed block inside an eager model: channels flow through it, but its
+    own parameters stay (its compiled code keeps them), so only what touches it is frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.mid = torch.jit.script(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()))
+        self.b = nn.Conv2d(16, 64, 3, padding=1)
+        self.c = nn.Conv2d(64, 64, 3, padding=1)
+        self.d = nn.Conv2d(64, 4, 1)
+
+    def forward(self, x):
+        return self.d(F.relu(self.c(F.relu(self.b(self.mid(F.relu(self.a(x))))))))
+
+
+def scripted_child():
+    return ScriptedChild(), torch.randn(1, 3, 16, 16)
+
+
+def _plain_cnn() -> nn.Sequential:
+    return nn.Sequential(cbr(3, 32), nn.Conv2d(32, 48, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(48, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 4, 1))
+
+
+def pruning_masks():
+    """The tutorial workflow: torch.nn.utils.prune masks first, structured pruning next."""
+    import torch.nn.utils.prune as unstructured
+
+    model = _plain_cnn()
+    unstructured.l1_unstructured(model[1], "weight", amount=0.3)
+    unstructured.random_unstructured(model[3], "weight", amount=0.5)
+    return model, torch.randn(1, 3, 16, 16)
+
+
+def weight_norms():
+    """weight_norm through parametrize, and old-style weight_norm (weight_g/weight_v)."""
+    import warnings
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = _plain_cnn()
+    weight_norm(model[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, and still in use
+        torch.nn.utils.weight_norm(model[3])
+    return model, torch.randn(1, 3, 16, 16)
+
+
+def spectral_norm_cnn():
+    """spectral_norm: sigma is recomputed on the pruned weight, so its units are inexact."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    model = _plain_cnn()
+    spectral_norm(model[3])
+    return model, torch.randn(1, 3, 16, 16)
+
+
+class PixelShuffleNet(nn.Module):
+    """Super-resolution style: conv -> PixelShuffle(2) -> conv -> PixelUnshuffle(2) -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 64, 3, padding=1)
+        self.up = nn.PixelShuffle(2)
+        self.b = nn.Conv2d(16, 32, 3, padding=1)
+        self.down = nn.PixelUnshuffle(2)
+        self.c = nn.Conv2d(128, 48, 3, padding=1)
+        self.d = nn.Conv2d(48, 3, 1)
+
+    def forward(self, x):
+        return self.d(F.relu(self.c(self.down(F.relu(self.b(self.up(F.relu(self.a(x)))))))))
+
+
+def pixel_shuffle():
+    return PixelShuffleNet(), torch.randn(1, 3, 8, 8)
+
+
+class TinyLM(nn.Module):
+    """Token + position embeddings, an MLP block, and a head tied to the token embedding."""
+
+    def __init__(self, vocab: int = 50, dim: int = 64, length: int = 12) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(1, length, dim) / 8)
+        self.up = nn.Linear(dim, 4 * dim)
+        self.down = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids):
+        h = self.tokens(ids) + self.position
+        h = h + self.down(F.gelu(self.up(h)))
+        return self.head(h)
+
+
+def embedding_lm():
+    return TinyLM(), torch.randint(0, 50, (2, 12))
+
+
+class Recurrent(nn.Module):
+    """A stacked bidirectional LSTM, an LSTM with proj_size read through h_n, a GRU with a
+    learned initial state, and Elman RNNs (tanh and relu)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.lstm = nn.LSTM(64, 48, num_layers=2, batch_first=True, bidirectional=True)
+        self.proj = nn.LSTM(96, 64, proj_size=16, batch_first=True)
+        self.gru = nn.GRU(16, 64, batch_first=True)
+        self.h0 = nn.Parameter(torch.randn(1, 1, 64) / 4)
+        self.rnn = nn.RNN(64, 48, batch_first=True)
+        self.relu_rnn = nn.RNN(48, 40, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(40 + 16, 5)
+
+    def forward(self, x):
+        y, _ = self.lstm(F.relu(self.embed(x)))
+        y, (h, _) = self.proj(y)
+        y, _ = self.gru(y, self.h0.expand(-1, x.shape[0], -1).contiguous())
+        y, _ = self.rnn(y)
+        y, _ = self.relu_rnn(y)
+        return self.head(torch.cat([y[:, -1], h[-1]], dim=1))
+
+
+def recurrent():
+    return Recurrent(), torch.randn(2, 6, 8)
+
+
+class DeadSlice(nn.Module):
+    """Channels nothing reads: x[:, :24] of a 40-channel conv drops the last 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 40, 3, padding=1)
+        self.b = nn.Conv2d(24, 48, 3, padding=1)
+        self.c = nn.Conv2d(48, 48, 3, padding=1)
+        self.d = nn.Conv2d(48, 4, 1)
+
+    def forward(self, x):
+        return self.d(F.relu(self.c(F.relu(self.b(F.relu(self.a(x))[:, :24])))))
+
+
+def dead_slice():
+    return DeadSlice(), torch.randn(1, 3, 16, 16)
+
+
+ARRIVING: dict[str, Callable] = {
+    "scripted_child": scripted_child,
+    "pixel_shuffle": pixel_shuffle,
+    "embedding_lm": embedding_lm,
+    "recurrent": recurrent,
+    "dead_slice": dead_slice,
+}
+
+# Reparametrized weights: prune() lifts them (pruners.reparam); the lower-level stages
+# (capture/analyze/remove_units) see the reparametrization's own tensors, so these are
+# checked through prune() in tests/test_arriving.py rather than in every MODELS test.
+REPARAM: dict[str, Callable] = {
+    "pruning_masks": pruning_masks,
+    "weight_norms": weight_norms,
+    "spectral_norm": spectral_norm_cnn,
+}
+
+
 MODELS: dict[str, Callable] = {
     "autocast_block": autocast_block,
     "einsum_attention": einsum_attention,
@@ -483,6 +648,7 @@ MODELS: dict[str, Callable] = {
     "conv1d_conv3d": conv1d_conv3d,
     "norms": norms,
     "token_mixer": token_mixer,
+    **ARRIVING,
 }
 
 

@@ -121,6 +121,19 @@ def _conv_transpose(ctx: RuleContext, xc, w_in, w_out, groups: int):
     return w_out
 
 
+# embedding(W[V, D], indices[...]) -> [..., D]: out atoms[-1] = W atoms[1]. The vocabulary rows
+#   (W atoms[0]) are picked by the input's values: never pruned. A head tied to W reads the
+#   same atoms on its input columns.
+@register(aten.embedding)
+def embedding_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    w = inputs[0]
+    rank = len(ctx.shape(node.args[1]))
+    if w is None:
+        return (None,)
+    ctx.freeze(w[0], f"{ctx.where()}: its rows are picked by the input's indices")
+    return ((None,) * rank + (w[1],),)
+
+
 # linear(x[..., I], W[O, I], b[O]): x atoms[-1] == W atoms[1]; out atoms[-1] = W atoms[0] == b.
 @register(aten.linear)
 def linear_rule(ctx: RuleContext, node, inputs: list) -> tuple:

@@ -102,6 +102,11 @@ class RuleContext:
     # layer index -> atom arrays whose kept fraction scales that layer's cost (for ops with no
     # weight, e.g. attention's q @ k: contracted and output channel dims)
     layer_atoms: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
+    # atoms of activations that live inside one op and never leave it (a recurrent layer's
+    # hidden states between its stacked layers): prunable like any activation's
+    internal: list[np.ndarray] = field(default_factory=list)
+    # atoms an op discards (the channels past a prefix slice's end): dead unless read elsewhere
+    dropped: list[np.ndarray] = field(default_factory=list)
     node: Optional[torch.fx.Node] = None
 
     # ---- reading -------------------------------------------------------------------------

@@ -127,7 +127,14 @@ def slice_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if ctx.out_shape()[dim] == in_shape[dim]:
         return (x,)
     if x[dim] is not None:
-        ctx.freeze(x[dim], f"{ctx.where()} takes channels by fixed index bounds")
+        start, end, step = slice(ctx.arg(2, "start"), ctx.arg(3, "end"),
+                                 ctx.arg(4, "step", 1)).indices(in_shape[dim])
+        # x[:, :end] keeps the same channels however many follow end: those are dropped (and
+        # removable for free if nothing else reads them); the taken ones keep their indices
+        taken = x[dim][:end] if start == 0 and step == 1 else x[dim]
+        ctx.freeze(taken, f"{ctx.where()} takes channels by fixed index bounds")
+        if len(taken) < len(x[dim]):
+            ctx.dropped.append(x[dim][end:])
     return (tuple(None if i == dim else m for i, m in enumerate(x)),)
 
 
@@ -286,8 +293,7 @@ _SPATIAL = {
     aten.upsample_trilinear3d: 3, aten._upsample_nearest_exact2d: 2,
     aten._upsample_bilinear2d_aa: 2, aten.reflection_pad1d: 1, aten.reflection_pad2d: 2,
     aten.reflection_pad3d: 3, aten.replication_pad1d: 1, aten.replication_pad2d: 2,
-    aten.replication_pad3d: 3, aten.pixel_unshuffle: 0, aten.pixel_shuffle: 0,
-    aten.max_unpool2d: 2,
+    aten.replication_pad3d: 3, aten.max_unpool2d: 2,
 }
 
 
@@ -298,13 +304,38 @@ def spatial_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if x is None:
         return (None,)
     n = _SPATIAL[node.target.overloadpacket]
-    if n == 0:  # pixel (un)shuffle trades channels for space: sizes are baked, freeze
-        ctx.freeze(x, f"{ctx.where()} folds channels into space")
-        return tuple(None for _ in node_outputs(node))
     keep = len(x) - n
     ctx.freeze(list(x[keep:]), f"{ctx.where()} treats this dim as spatial")
     out = tuple(x[:keep]) + (None,) * n
     return tuple(out if isinstance(v, torch.Tensor) else None for v in node_outputs(node))
+
+
+# pixel_shuffle(x[N, C*r*r, H, W], r) -> [N, C, H*r, W*r]: out channel c is made of in channels
+#   c*r*r .. c*r*r + r*r - 1 (they become its r x r spatial block), so those r*r atoms unify
+#   and are the out atom: the producer prunes in blocks of r*r.
+@register(aten.pixel_shuffle)
+def pixel_shuffle_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None or x[-3] is None:
+        return (None,) if x is None else (tuple(x[:-3]) + (None, None, None),)
+    r2 = int(ctx.arg(1, "upscale_factor")) ** 2
+    blocks = x[-3].reshape(-1, r2)
+    for k in range(1, r2):
+        ctx.unify(blocks[:, 0], blocks[:, k])
+    ctx.freeze(list(x[-2:]), f"{ctx.where()} treats this dim as spatial")
+    return (tuple(x[:-3]) + (blocks[:, 0].copy(), None, None),)
+
+
+# pixel_unshuffle(x[N, C, H, W], r) -> [N, C*r*r, H/r, W/r]: out channels c*r*r .. c*r*r + r*r - 1
+#   all come from in channel c: out atoms = each in atom repeated r*r times (as flatten does).
+@register(aten.pixel_unshuffle)
+def pixel_unshuffle_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None or x[-3] is None:
+        return (None,) if x is None else (tuple(x[:-3]) + (None, None, None),)
+    r2 = int(ctx.arg(1, "downscale_factor")) ** 2
+    ctx.freeze(list(x[-2:]), f"{ctx.where()} treats this dim as spatial")
+    return (tuple(x[:-3]) + (np.repeat(x[-3], r2), None, None),)
 
 
 # pad(x, pad): pads the trailing len(pad)//2 dims; padding a channel dim freezes it.

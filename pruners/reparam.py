@@ -1,0 +1,168 @@
+"""Layers that are already reparametrized: pruning masks, weight norm, spectral norm.
+
+A weight computed in ``forward`` from other tensors (``torch.nn.utils.prune``'s
+``weight_orig * weight_mask``, ``parametrize``'s weight_norm ``g * v / ||v||`` or spectral
+norm ``W / sigma``, old-style ``weight_g``/``weight_v``) is pruned in three steps:
+
+1. :func:`lift` replaces, in a working copy, each reparametrization by a plain ``weight``
+   equal to the computed one (the forward is unchanged), recording what it was;
+2. the engine analyses, plans and slices the plain weights as usual;
+3. :func:`restore` puts each reparametrization back on the smaller weight: a pruning mask is
+   sliced with its original, so the kept channels keep exactly their unstructured sparsity
+   and ``torch.nn.utils.prune.remove`` still works; weight norm is re-registered on the
+   pruned weight (same values); spectral norm is re-registered on the sliced original, whose
+   sigma differs, so those units are marked inexact.
+
+An unknown parametrization is refused with a :class:`~depgraph.errors.PruningError` naming
+it, never sliced blindly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils import prune as torch_prune
+
+from depgraph.errors import PruningError
+
+__all__ = ["Lifted", "deepcopy_model", "lift", "restore", "sparsity"]
+
+
+@dataclass
+class Lifted:
+    """One reparametrized tensor: ``module.name`` was computed by ``kind``."""
+
+    module: str
+    name: str
+    kind: str  # "mask", "weight_norm", "spectral_norm", "old_weight_norm"
+    original: Optional[torch.Tensor] = None  # the mask's weight_orig, spectral norm's original
+    mask: Optional[torch.Tensor] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fqn(self) -> str:
+        return f"{self.module}.{self.name}" if self.module else self.name
+
+
+def deepcopy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules holding computed (non-leaf) tensors.
+
+    ``torch.nn.utils.prune`` and old-style weight norm keep the weight they compute as a plain
+    attribute with autograd history, which ``deepcopy`` refuses; the copy gets it detached
+    (their hooks recompute it at the next forward anyway).
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _pruning_hooks(module: nn.Module) -> list[tuple[int, Any]]:
+    return [(k, h) for k, h in module._forward_pre_hooks.items()
+            if isinstance(h, torch_prune.BasePruningMethod)]
+
+
+def _old_weight_norm_hooks(module: nn.Module) -> list[tuple[int, Any]]:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return [(k, h) for k, h in module._forward_pre_hooks.items() if isinstance(h, WeightNorm)]
+
+
+def lift(model: nn.Module) -> list[Lifted]:
+    """Replace every reparametrization in ``model`` (in place) by the plain tensor it computes.
+
+    Raises:
+        PruningError: a parametrization this module does not know how to re-apply.
+    """
+    from torch.nn.utils.parametrizations import _SpectralNorm, _WeightNorm
+
+    lifted: list[Lifted] = []
+    for mname, module in list(model.named_modules()):
+        for _, hook in _pruning_hooks(module):
+            name = hook._tensor_name
+            lifted.append(Lifted(mname, name, "mask",
+                                 original=getattr(module, name + "_orig").detach().clone(),
+                                 mask=getattr(module, name + "_mask").detach().clone()))
+            torch_prune.remove(module, name)
+        for _, hook in _old_weight_norm_hooks(module):
+            lifted.append(Lifted(mname, hook.name, "old_weight_norm", options={"dim": hook.dim}))
+            torch.nn.utils.remove_weight_norm(module, hook.name)
+        if not parametrize.is_parametrized(module):
+            continue
+        # parametrize gives each module a class of its own, which deepcopy shares with the
+        # copy; removing a parametrization deletes a property from that class. Give this
+        # module a fresh one first, so the model it was copied from keeps working.
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__,
+                                {k: v for k, v in cls.__dict__.items()
+                                 if k not in ("__dict__", "__weakref__")})
+        for name, plist in list(module.parametrizations.items()):
+            where = f"{mname + '.' if mname else ''}{name}"
+            if len(plist) != 1:
+                raise PruningError(f"'{where}' has {len(plist)} stacked parametrizations; "
+                                   "pruning re-applies only one (weight_norm or spectral_norm)")
+            p = plist[0]
+            if isinstance(p, _WeightNorm):
+                lifted.append(Lifted(mname, name, "weight_norm", options={"dim": p.dim}))
+            elif isinstance(p, _SpectralNorm):
+                lifted.append(Lifted(mname, name, "spectral_norm",
+                                     original=plist.original.detach().clone(),
+                                     options={"n_power_iterations": p.n_power_iterations,
+                                              "eps": p.eps, "dim": p.dim}))
+            else:
+                raise PruningError(
+                    f"'{where}' is computed by the parametrization {type(p).__name__}, which "
+                    "the pruner cannot re-apply to a smaller tensor; remove it first "
+                    "(torch.nn.utils.parametrize.remove_parametrizations(module, "
+                    f"'{name}', leave_parametrized=True)) and register it again after pruning")
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return lifted
+
+
+def _slice(t: torch.Tensor, kept: dict[int, Any]) -> torch.Tensor:
+    for dim, idx in sorted(kept.items()):
+        t = t.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+    return t
+
+
+def restore(model: nn.Module, lifted: list[Lifted],
+            kept: dict[str, dict[int, Any]]) -> nn.Module:
+    """Re-apply ``lifted`` to ``model`` (in place), whose tensors ``kept`` has sliced."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    for item in lifted:
+        module = model.get_submodule(item.module)
+        cuts = kept.get(item.fqn, {})
+        if item.kind == "mask":
+            weight = getattr(module, item.name)
+            original = _slice(item.original, cuts).to(weight.device, weight.dtype)
+            setattr(module, item.name, nn.Parameter(original, requires_grad=weight.requires_grad))
+            torch_prune.custom_from_mask(module, item.name, _slice(item.mask, cuts).to(weight.device))
+        elif item.kind == "weight_norm":
+            weight_norm(module, item.name, **item.options)
+        elif item.kind == "old_weight_norm":
+            torch.nn.utils.weight_norm(module, item.name, **item.options)
+        elif item.kind == "spectral_norm":
+            weight = getattr(module, item.name)
+            with torch.no_grad():
+                weight.copy_(_slice(item.original, cuts).to(weight.device, weight.dtype))
+            spectral_norm(module, item.name, **item.options)
+    return model
+
+
+def sparsity(model: nn.Module) -> dict[str, float]:
+    """Share of zeros in every ``torch.nn.utils.prune`` mask, by tensor name."""
+    out = {}
+    for mname, module in model.named_modules():
+        for _, hook in _pruning_hooks(module):
+            mask = getattr(module, hook._tensor_name + "_mask")
+            out[f"{mname}.{hook._tensor_name}" if mname else hook._tensor_name] = \
+                float((mask == 0).float().mean())
+    return out

@@ -1,0 +1,155 @@
+"""Models as they arrive (issue "Models as they arrive"): TorchScript parts, pruning masks,
+parametrizations, recurrent layers, embeddings, pixel shuffle and dead channels.
+
+The MODELS entries among them (scripted_child, pixel_shuffle, embedding_lm, recurrent,
+dead_slice) also run through every MODELS test: zero-equivalence on random and single units,
+the cost model against FlopCounterMode, and 50% FLOPs within 1 point.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.utils.prune as unstructured
+from torch.nn.utils import parametrize
+
+from depgraph import analyze, capture
+from models import REPARAM, build, snapshot, unchanged
+from pruners import Plan, apply_plan, prune, run_model
+
+
+def _build(name, seed=0):
+    torch.manual_seed(seed)
+    model, x = REPARAM[name]()
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("name", ["pruning_masks", "weight_norms"])
+def test_reparametrized_models_prune_exactly_to_half(name):
+    model, x = _build(name)
+    before = snapshot(model)
+    result = prune(model, x, target_flops=0.5)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    assert result.report.verify is not None and result.report.verify.ok  # zero-equivalence
+    assert unchanged(model, before)
+    assert [t.shape for t in run_model(result.model, x)] == [t.shape for t in run_model(model, x)]
+
+
+def test_masks_keep_the_unstructured_sparsity_of_the_kept_channels():
+    model, x = _build("pruning_masks")
+    result = prune(model, x, target_flops=0.5)
+    small = result.model
+    for i in (1, 3):
+        kept = result.plan.kept[f"{i}.weight"]
+        expect_mask, expect_orig = model[i].weight_mask, model[i].weight_orig
+        for dim, idx in sorted(kept.items()):
+            expect_mask = expect_mask.index_select(dim, torch.tensor(idx))
+            expect_orig = expect_orig.index_select(dim, torch.tensor(idx))
+        assert torch.equal(small[i].weight_mask, expect_mask)
+        assert torch.equal(small[i].weight_orig.detach(), expect_orig.detach())
+        assert unstructured.is_pruned(small[i])
+    assert any("pruning mask on '3.weight': 50.0% zeros before" in n for n in result.report.notes)
+    unstructured.remove(small[3], "weight")  # the tutorial's last step still works
+    assert not unstructured.is_pruned(small[3]) and isinstance(small[3].weight, torch.nn.Parameter)
+
+
+def test_parametrizations_come_back_on_the_pruned_weights():
+    model, x = _build("weight_norms")
+    small = prune(model, x, target_flops=0.5).model
+    assert parametrize.is_parametrized(small[1], "weight")
+    g, v = small[1].parametrizations.weight.original0, small[1].parametrizations.weight.original1
+    assert g.shape[0] == v.shape[0] == small[1].out_channels
+    assert small[3].weight_g.shape[0] == small[3].weight_v.shape[0] == small[3].out_channels
+
+
+def test_spectral_norm_units_are_inexact_and_recomputed():
+    model, x = _build("spectral_norm")
+    result = prune(model, x, target_flops=0.5)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    notes = {u.note for u in result.graph.units if not u.exact}
+    assert any("spectral norm of '3.weight'" in (n or "") for n in notes)
+    layer = result.model[3]
+    assert parametrize.is_parametrized(layer, "weight")
+    assert layer.parametrizations.weight.original.shape == layer.weight.shape
+    sigma = torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2)
+    assert float(sigma) == pytest.approx(1.0, rel=0.1)  # still spectrally normalised
+
+
+@pytest.mark.parametrize("name", ["pruning_masks", "weight_norms", "spectral_norm"])
+def test_plans_reapply_to_fresh_reparametrized_models(name):
+    model, x = _build(name)
+    result = prune(model, x, target_flops=0.5)
+    fresh = apply_plan(_build(name)[0], Plan.from_dict(result.plan.to_dict()))
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in result.model.parameters()]
+    fresh.load_state_dict(result.model.state_dict())
+    assert torch.allclose(run_model(fresh, x)[0], run_model(result.model, x)[0], atol=1e-6)
+
+
+def test_unknown_parametrization_is_refused_by_name():
+    from depgraph import PruningError
+
+    class Scale(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model, x = build("vgg")
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    parametrize.register_parametrization(conv, "weight", Scale())
+    before = snapshot(model)
+    with pytest.raises(PruningError, match="parametrization Scale.*remove_parametrizations"):
+        prune(model, x, target_flops=0.5)
+    assert unchanged(model, before)
+
+
+def test_a_scripted_child_freezes_only_what_touches_it():
+    model, x = build("scripted_child")
+    result = prune(model, x, target_flops=0.5)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    inner = dict(result.model.mid.named_parameters())["0.weight"]
+    assert inner.shape == dict(model.mid.named_parameters())["0.weight"].shape  # compiled: kept
+    assert result.model.c.out_channels < 64  # the eager layers after it are pruned
+    assert any("'mid' is TorchScript" in f.reason for f in result.report.frozen)
+
+
+def test_pixel_shuffle_prunes_its_producer_in_blocks_of_r_squared():
+    model, x = build("pixel_shuffle")
+    graph = analyze(capture(model, x))
+    rows = graph.unit_index[("a.weight", 0)]
+    assert (rows >= 0).all() and len(np.unique(rows)) == 64 // 4
+    assert all(len(set(rows[i:i + 4])) == 1 for i in range(0, 64, 4))  # r*r = 4 per channel
+    result = prune(model, x, target_flops=0.5)
+    assert result.model.a.out_channels % 4 == 0 and result.model.b.in_channels * 4 == \
+        result.model.a.out_channels
+
+
+def test_embedding_dim_prunes_with_its_tied_head_and_position_table():
+    model, x = build("embedding_lm")
+    result = prune(model, x, target_flops=0.5)
+    small = result.model
+    assert small.head.weight is small.tokens.weight  # still tied
+    assert small.tokens.embedding_dim == small.position.shape[-1] < 64
+    assert small.tokens.num_embeddings == 50  # the vocabulary is never pruned
+
+
+def test_recurrent_layers_keep_one_hidden_size_and_prune_exactly():
+    model, x = build("recurrent")
+    result = prune(model, x, target_flops=0.5)
+    small = result.model
+    assert result.report.verify.ok
+    lstm = small.lstm
+    assert lstm.hidden_size < 48 and lstm.weight_ih_l1.shape[1] == 2 * lstm.hidden_size
+    assert lstm.weight_hh_l0_reverse.shape == lstm.weight_hh_l0.shape  # both directions
+    assert small.proj.hidden_size > small.proj.proj_size  # torch needs proj_size < hidden_size
+    graph = result.graph
+    assert (graph.unit_index[("proj.weight_hr_l0", 0)] >= 0).all()  # projected units prunable
+    assert small.gru.hidden_size == small.h0.shape[-1]  # the learned initial state is sliced
+    out = run_model(small, torch.randn(3, 9, 8))[0]  # other batch and sequence lengths
+    assert out.shape == (3, 5)
+
+
+def test_dead_channels_go_for_free_even_at_full_flops():
+    model, x = build("dead_slice")
+    result = prune(model, x, target_flops=1.0)
+    assert result.model.a.out_channels == 24  # the 16 channels past x[:, :24] are gone
+    assert result.report.flops_ratio < 1.0
+    assert result.report.verify.ok and result.report.verify.max_abs_diff == 0
+    assert any("removed 16 dead channels" in n for n in result.report.notes)
