@@ -101,13 +101,13 @@ def yolo_batches(data: str, *, task: str = "detect", imgsz: int = 640, batch: in
     """The first ``batches`` batches of a dataset YAML, preprocessed as the trainer does."""
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_dataloader, build_yolo_dataset
-    from ultralytics.data.utils import check_cls_dataset, check_det_dataset
+    from ultralytics.data.utils import check_det_dataset
 
     if task == "classify":
         raise ValueError("data-driven criteria for classification YOLOs are not supported yet; "
                          "use importance='l2'")
     cfg = get_cfg(overrides={"imgsz": imgsz, "task": task, "batch": batch, "workers": 0})
-    info = check_det_dataset(data) if task != "classify" else check_cls_dataset(data)
+    info = check_det_dataset(data)
     dataset = build_yolo_dataset(cfg, info[split], batch, info, mode="val", stride=32)
     loader = build_dataloader(dataset, batch, workers=0, shuffle=False)
     out = []
