@@ -76,7 +76,8 @@ def prune_iteratively(model: nn.Module, example_inputs: Any, *,
         for k, v in result.report.seconds.items():
             seconds[k] = seconds.get(k, 0.0) + v
         metric = finetune(current, step) if finetune is not None else None
-        have["flops"], have["params"] = measure(current, example_inputs, kwargs)
+        # fine-tuning changes weights, not widths: the step's own measurement still holds
+        have["flops"], have["params"] = result.report.flops_after, result.report.params_after
         records.append(StepRecord(step, goal, have["flops"] / flops0, have["params"] / params0,
                                   float(metric) if isinstance(metric, (int, float)) else None))
     last = result.report

@@ -87,12 +87,14 @@ def norm_dims(graph: ChannelGraph) -> list[tuple[str, int]]:
     return list(seen)
 
 
-def fill_missing_groups(graph: ChannelGraph, scores: np.ndarray, fallback: np.ndarray
-                        ) -> np.ndarray:
-    """Groups in which no unit got a score (no norm layer, no filter) take ``fallback``."""
-    out = scores.copy()
+def fill_missing_groups(graph: ChannelGraph, scores: np.ndarray,
+                        fallback: Callable[[], np.ndarray]) -> np.ndarray:
+    """Groups in which no unit got a score (no norm layer, no filter) take ``fallback()``,
+    which is computed only if some group needs it."""
+    out, computed = scores.copy(), None
     for group in graph.groups:
         members = np.asarray(group.units, dtype=np.int64)
         if len(members) and not np.any(scores[members] > 0):
-            out[members] = fallback[members]
+            computed = fallback() if computed is None else computed
+            out[members] = computed[members]
     return out

@@ -31,7 +31,7 @@ def _bn_scale(model: nn.Module, graph: ChannelGraph, data: ScoreData) -> np.ndar
     # a group with no norm layer falls back to L2 magnitude
     with torch.no_grad():
         scores = unit_sums(model, graph, lambda _, dim, t: t.detach().abs(), norm_dims(graph))
-    return fill_missing_groups(graph, scores, magnitude(2)(model, graph, data))
+    return fill_missing_groups(graph, scores, lambda: magnitude(2)(model, graph, data))
 
 
 def _fpgm(model: nn.Module, graph: ChannelGraph, data: ScoreData) -> np.ndarray:
@@ -44,7 +44,7 @@ def _fpgm(model: nn.Module, graph: ChannelGraph, data: ScoreData) -> np.ndarray:
 
     with torch.no_grad():
         scores = unit_sums(model, graph, distances, producer_dims(graph))
-    return fill_missing_groups(graph, scores, magnitude(2)(model, graph, data))
+    return fill_missing_groups(graph, scores, lambda: magnitude(2)(model, graph, data))
 
 
 def _random(model: nn.Module, graph: ChannelGraph, data: ScoreData) -> np.ndarray:
