@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -83,10 +83,13 @@ class _State:
 
 
 def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: Target, *,
-             strategy: str = "global", round_to: int = 1, min_channels: int = 1,
+             strategy: Union[str, Callable] = "global", round_to: int = 1, min_channels: int = 1,
              max_ratio: float = 0.9, protected: Optional[set[int]] = None,
              free: Optional[set[int]] = None) -> list[int]:
     """The units to remove, sorted. See the module docstring.
+
+    ``strategy`` may also be a function ``(graph, scores, cost, target) -> units to remove``
+    (``prune_iteratively`` passes one); protected units are never removed.
 
     ``free`` units (dead channels: ``ChannelGraph.dead_units``) are removed first, outside
     ``round_to`` and ``max_ratio``, whenever no layer dim falls under ``min_channels``; the
@@ -96,8 +99,14 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
         InfeasibleTargetError: the target cannot be met; the message states the smallest
             reachable value under the given constraints.
     """
+    if callable(strategy):  # a policy of the caller's: (graph, scores, cost, target) -> units
+        chosen = {int(u) for u in strategy(graph, scores, cost, target)}
+        bad = [u for u in chosen if not 0 <= u < len(graph.units)]
+        if bad:
+            raise ValueError(f"strategy returned unknown unit ids {sorted(bad)[:10]}")
+        return sorted(chosen | set(free or ()) - (protected or set()))
     if strategy not in ("global", "uniform"):
-        raise ValueError(f"strategy must be 'global' or 'uniform', got {strategy!r}")
+        raise ValueError(f"strategy must be 'global', 'uniform' or a function, got {strategy!r}")
     if round_to < 1 or min_channels < 1 or not 0 < max_ratio <= 1:
         raise ValueError("need round_to >= 1, min_channels >= 1 and 0 < max_ratio <= 1")
     protected = protected or set()

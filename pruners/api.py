@@ -47,7 +47,8 @@ class PruneOptions:
         data: batches for the data-driven criteria ("taylor", "hessian"); a list or another
             re-iterable (a DataLoader) so iterative steps can read it again.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor`` for the data-driven criteria.
-        strategy: "global" ranking across groups (default) or "uniform" ratio per group.
+        strategy: "global" ranking across groups (default), "uniform" ratio per group, or a
+            function ``(graph, scores, cost, target) -> unit ids to remove``.
         round_to: keep every pruned group's width a multiple of this (8 or 16 for speed).
         min_channels: the fewest channels any layer dim keeps.
         max_ratio: the largest fraction of a group's units that may go.
@@ -62,7 +63,7 @@ class PruneOptions:
     importance: Union[str, Importance] = "l2"
     data: Optional[Iterable[Any]] = None
     loss_fn: Optional[Callable] = None
-    strategy: str = "global"
+    strategy: Union[str, Callable] = "global"
     round_to: int = 1
     min_channels: int = 1
     max_ratio: float = 0.9
@@ -390,7 +391,8 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
                          planned.verify, notes, planned.seconds)
     achieved = report.flops_ratio if target.kind == "flops" else report.params_ratio
     allocated = set(planned.removed) - set(planned.dead)  # dead channels may overshoot: fine
-    if target.kind != "channels" and achieved < target.value - 0.01 and allocated:
+    if target.kind != "channels" and achieved < target.value - 0.01 and allocated \
+            and not callable(opts.strategy):  # a caller's strategy decides widths itself
         notes.append(f"achieved {achieved:.4f} for a target of {target.value:g}: no set of units "
                      f"found lands within 1 point at this granularity (round_to={opts.round_to})")
     if model.training:
