@@ -99,13 +99,7 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
         InfeasibleTargetError: the target cannot be met; the message states the smallest
             reachable value under the given constraints.
     """
-    if callable(strategy):  # a policy of the caller's: (graph, scores, cost, target) -> units
-        chosen = {int(u) for u in strategy(graph, scores, cost, target)}
-        bad = [u for u in chosen if not 0 <= u < len(graph.units)]
-        if bad:
-            raise ValueError(f"strategy returned unknown unit ids {sorted(bad)[:10]}")
-        return sorted(chosen | set(free or ()) - (protected or set()))
-    if strategy not in ("global", "uniform"):
+    if not callable(strategy) and strategy not in ("global", "uniform"):
         raise ValueError(f"strategy must be 'global', 'uniform' or a function, got {strategy!r}")
     if round_to < 1 or min_channels < 1 or not 0 < max_ratio <= 1:
         raise ValueError("need round_to >= 1, min_channels >= 1 and 0 < max_ratio <= 1")
@@ -113,6 +107,12 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
     dead = sorted(set(free or ()) - protected)
     if dead and not _State(graph, cost).allows(dead, min_channels):
         dead = []
+    if callable(strategy):  # a policy of the caller's: (graph, scores, cost, target) -> units
+        chosen = {int(u) for u in strategy(graph, scores, cost, target)}
+        bad = [u for u in chosen if not 0 <= u < len(graph.units)]
+        if bad:
+            raise ValueError(f"strategy returned unknown unit ids {sorted(bad)[:10]}")
+        return sorted((chosen - protected) | set(dead))
     skip = protected | set(dead)
     candidates = {g.id: sorted((u for u in g.units if u not in skip),
                                key=lambda u: (scores[u], u)) for g in graph.groups}

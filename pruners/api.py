@@ -11,6 +11,7 @@ steps of :func:`pruners.prune_iteratively`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import inspect
 import time
@@ -232,7 +233,7 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     _check_model(model)
     opts = PruneOptions.of(options)
     example_inputs, kwargs = _split_inputs(model, example_inputs, opts.example_kwargs)
-    opts = PruneOptions(**{**opts.__dict__, "example_kwargs": kwargs})
+    opts = dataclasses.replace(opts, example_kwargs=kwargs)
     patterns = _protect_patterns(model, opts.protect)
     clock = _Clock(opts.progress)
     work, lifted = _working_copy(model, example_inputs, opts)

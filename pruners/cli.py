@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace) -> str:
     import torch
 
     from .export import export_onnx
-    from .integrations.ultralytics import prune_yolo
+    from .integrations.ultralytics import _contract as yolo_outputs, prune_yolo
 
     for path in filter(None, (args.out, args.plan, args.onnx)):
         if not Path(path).resolve().parent.is_dir():
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> str:
             written.append((args.plan + ".tmp", args.plan))
         if args.onnx:
             export_onnx(net.float().eval(), torch.randn(1, 3, size, size), args.onnx + ".tmp",
-                        outputs=(lambda o: o[0]) if kind == "yolo" else None)
+                        outputs=yolo_outputs if kind == "yolo" else None)
             written.append((args.onnx + ".tmp", args.onnx))
     except BaseException:
         for tmp, _ in written:

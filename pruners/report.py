@@ -88,7 +88,7 @@ class StepRecord:
     """One step of iterative pruning: what it aimed at, reached, and the fine-tune's metric."""
 
     step: int
-    target: float  # fraction of the original's FLOPs/params to keep after this step
+    target: float  # nominal share of the original kept after this step (the schedule's line)
     flops_ratio: float  # measured, relative to the original model
     params_ratio: float
     metric: Optional[float] = None  # what ``finetune`` returned, if a number

@@ -60,25 +60,17 @@ def prune_iteratively(model: nn.Module, example_inputs: Any, *,
     target = make_target(target_flops, target_params, channel_ratio)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    kwargs = options.get("example_kwargs")
-    flops0, params0 = measure(model, example_inputs, kwargs)
-    have = {"flops": flops0, "params": params0}
-    one_shot = plan_pruning(model, example_inputs, **{f"target_{target.kind}" if
-                            target.kind != "channels" else "channel_ratio": target.value},
-                            **options)
+    flops0, params0 = measure(model, example_inputs, options.get("example_kwargs"))
+    target_kw = {"channel_ratio" if target.kind == "channels" else f"target_{target.kind}":
+                 target.value}
+    one_shot = plan_pruning(model, example_inputs, **target_kw, **options)
     start, final = _group_widths(one_shot.graph, set(one_shot.removed))
     current, plan, records, notes, seconds = deepcopy_model(model), None, [], [], {}
     result: Optional[PruneResult] = None
     for step in range(1, steps + 1):
-        if target.kind == "channels":
-            goal = 1 - (1 - target.value) ** (step / steps)
-            step_target = {"channel_ratio": 1 - (1 - target.value) ** (1 / steps)}
-        else:
-            goal = 1 - (1 - target.value) * step / steps
-            full = flops0 if target.kind == "flops" else params0
-            step_target = {f"target_{target.kind}": min(1.0, goal * full / have[target.kind])}
+        # the widths come from the strategy; the target only names the step in its plan
         step_options = {**options, "strategy": _toward(start, final, step / steps)}
-        result = prune(current, example_inputs, inplace=True, **step_target, **step_options)
+        result = prune(current, example_inputs, inplace=True, **target_kw, **step_options)
         current = result.model
         plan = result.plan if plan is None else plan.then(result.plan)
         notes += [f"step {step}: {n}" for n in result.report.notes]
@@ -86,12 +78,14 @@ def prune_iteratively(model: nn.Module, example_inputs: Any, *,
             seconds[k] = seconds.get(k, 0.0) + v
         metric = finetune(current, step) if finetune is not None else None
         # fine-tuning changes weights, not widths: the step's own measurement still holds
-        have["flops"], have["params"] = result.report.flops_after, result.report.params_after
-        records.append(StepRecord(step, goal, have["flops"] / flops0, have["params"] / params0,
+        goal = (1 - (1 - target.value) ** (step / steps) if target.kind == "channels"
+                else 1 - (1 - target.value) * step / steps)  # nominal share kept after it
+        records.append(StepRecord(step, goal, result.report.flops_after / flops0,
+                                  result.report.params_after / params0,
                                   float(metric) if isinstance(metric, (int, float)) else None))
     last = result.report
     report = PruneReport(f"{target.kind}={target.value:g} in {steps} steps", flops0,
-                         have["flops"], params0, have["params"],
+                         last.flops_after, params0, last.params_after,
                          last.groups, layer_changes(model, current), last.frozen, last.verify,
                          notes, seconds, records)
     plan = Plan(plan.kept, plan.shapes, {**plan.meta, "target": report.target})

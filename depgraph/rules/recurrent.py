@@ -22,8 +22,6 @@ consumers) are zeroed changes nothing else.
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import numpy as np
 import torch
 
@@ -35,11 +33,11 @@ aten = torch.ops.aten
 _GATES = {aten.lstm: 4, aten.gru: 3, aten.rnn_tanh: 1, aten.rnn_relu: 1}
 
 
-def _read(node) -> tuple[int, bool, int, bool, bool]:
-    """(layers, biases, directions, batch_first, is_lstm) from the call's arguments."""
+def _read(node) -> tuple[int, bool, int, bool]:
+    """(layers, biases, directions, is_lstm) from the call's arguments; time and batch dims
+    carry no channels, so ``batch_first`` does not matter."""
     a = node.args
-    return int(a[4]), bool(a[3]), 2 if a[7] else 1, bool(a[8]), \
-        node.target.overloadpacket is aten.lstm
+    return int(a[4]), bool(a[3]), 2 if a[7] else 1, node.target.overloadpacket is aten.lstm
 
 
 def _used(node, index: int) -> bool:
@@ -50,7 +48,7 @@ def _used(node, index: int) -> bool:
 @register(aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu)
 def recurrent_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x, hx, params = inputs[0], inputs[1], inputs[2]
-    layers, biases, dirs, batch_first, lstm = _read(node)
+    layers, biases, dirs, lstm = _read(node)
     hx = (hx or []) if lstm else [hx]  # LSTM takes [h0, c0], GRU and RNN h0 alone
     gates = _GATES[node.target.overloadpacket]
     stride = len(params) // (layers * dirs)
