@@ -10,9 +10,13 @@ Protocol (``FULL``; ``--quick`` is a reduced copy), all on the generated digits-
    and trained from scratch for ``dense_epochs + ft_epochs``; Torch-Pruning on YOLOv8n (it
    fails on C2f: the row records the error) and on YOLOv5nu (dense-trained the same way,
    pruned with its MetaPruner and L2 importance, fine-tuned with the same trainer).
-4. CPU latency (eager, batch 1, interleaved with the dense model, median of rounds).
+4. CPU latency, as a separate phase after all training (so it can be taken, or re-taken with
+   ``--latency-only``, on a quiet machine): every final model saved by step 2-3 and the dense
+   one, eager, batch 1, interleaved round-robin, median of rounds and the spread.
 
-Rows go to ``results/detection[_quick]_runs.jsonl``; ``--resume`` skips finished rows.
+Rows go to ``results/detection[_quick]_runs.jsonl``, latencies to
+``results/detection[_quick]_latency.json``; ``--resume`` skips finished rows; ``--seeds 1 2``
+adds fine-tuning/scratch seeds (the dense model, the "trained best.pt", is trained once).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +36,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 WORK = RESULTS / ".models" / "detection"
+ROUNDS, CALLS = 21, 20  # latency phase: interleaved rounds of batch-1 calls per model
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Recipe:
     lr0: float = 0.01
     ft_lr0: float = 0.002
     torch_pruning: bool = True
+    seeds: tuple[int, ...] = (0,)
 
 
 FULL = Recipe("full")
@@ -59,9 +65,10 @@ def _data(recipe: Recipe) -> str:
     return str(WORK / f"data_{recipe.name}" / "data.yaml")
 
 
-def _train_args(recipe: Recipe, project: Path, name: str, epochs: int, lr0: float) -> dict:
+def _train_args(recipe: Recipe, project: Path, name: str, epochs: int, lr0: float,
+                seed: int = 0) -> dict:
     return dict(data=_data(recipe), epochs=epochs,
-                imgsz=recipe.imgsz, batch=recipe.batch, workers=2, device="cpu", seed=0,
+                imgsz=recipe.imgsz, batch=recipe.batch, workers=2, device="cpu", seed=seed,
                 deterministic=True, plots=False, project=str(project), name=name, exist_ok=True,
                 optimizer="SGD", lr0=lr0, warmup_epochs=0 if lr0 < recipe.lr0 else 1,
                 amp=False, verbose=False, val=True)
@@ -73,24 +80,45 @@ def _metrics(yolo, recipe: Recipe, data: str) -> dict:
     return {"map50_95": float(m.box.map), "map50": float(m.box.map50)}
 
 
-def _latency(dense: torch.nn.Module, model: torch.nn.Module, size: int, rounds: int = 7,
-             calls: int = 10) -> tuple[float, float, float]:
-    """(dense ms, pruned ms, spread of the dense rounds): interleaved rounds, medians."""
+def _latency(models: dict[str, torch.nn.Module], size: int, rounds: int = ROUNDS,
+             calls: int = CALLS) -> dict[str, dict]:
+    """Per model: median ms of ``rounds`` interleaved rounds of ``calls`` batch-1 calls, and
+    the spread of its rounds (interquartile range / median)."""
     x = torch.randn(1, 3, size, size)
-    a, b = copy.deepcopy(dense).float().eval(), copy.deepcopy(model).float().eval()
-    times: dict[int, list[float]] = {0: [], 1: []}
+    nets = {k: copy.deepcopy(m).float().eval() for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in nets}
     with torch.no_grad():
-        for m in (a, b):
+        for m in nets.values():
             for _ in range(3):
                 m(x)
         for _ in range(rounds):
-            for i, m in enumerate((a, b)):
+            for k, m in nets.items():
                 t = time.perf_counter()
                 for _ in range(calls):
                     m(x)
-                times[i].append(1000 * (time.perf_counter() - t) / calls)
-    spread = (max(times[0]) - min(times[0])) / statistics.median(times[0])
-    return statistics.median(times[0]), statistics.median(times[1]), spread
+                times[k].append(1000 * (time.perf_counter() - t) / calls)
+
+    def spread(v: list[float]) -> float:
+        q = statistics.quantiles(v, n=4)
+        return (q[2] - q[0]) / statistics.median(v)
+
+    return {k: {"ms": round(statistics.median(v), 3), "spread": round(spread(v), 3),
+                "min_ms": round(min(v), 3)} for k, v in times.items()}
+
+
+def measure_latency(recipe: Recipe, runs: Path, out: Path) -> dict:
+    """The latency phase: every saved final model of ``runs`` against the dense one."""
+    rows = [json.loads(l) for l in runs.read_text().splitlines()] if runs.exists() else []
+    torch.set_num_threads(os.cpu_count() or 1)  # Ultralytics' import pins OMP to cores - 1
+    models = {}
+    for r in rows:
+        for file in (r.get("dense_file"), r.get("model_file")):
+            if file and Path(file).exists() and Path(file).stem not in models:
+                models[Path(file).stem] = torch.load(file, weights_only=False)
+    result = {"environment": environment(), "rounds": ROUNDS, "calls": CALLS, "batch": 1,
+              "imgsz": recipe.imgsz, "models": _latency(models, recipe.imgsz)}
+    out.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def _flops(model: torch.nn.Module, size: int) -> float:
@@ -134,32 +162,39 @@ def _dense(recipe: Recipe, cfg: str) -> Path:
     return best
 
 
-def _row(recipe: Recipe, method: str, target: float, before: Optional[dict], yolo, dense_net,
-         seconds: float, extra: Optional[dict] = None) -> dict:
+def _row(recipe: Recipe, method: str, target: float, seed: int, tag: str, before: Optional[dict],
+         yolo, dense_net, seconds: float, extra: Optional[dict] = None) -> dict:
     data = _data(recipe)
     after = _metrics(yolo, recipe, data)
-    dense_ms, ms, spread = _latency(dense_net, yolo.model, recipe.imgsz)
-    return {"method": method, "target": target,
+    final = WORK / "final" / recipe.name  # the modules the latency phase times
+    final.mkdir(parents=True, exist_ok=True)
+    dense_file = final / f"dense-{(extra or {}).get('model', 'yolov8n')}.pt"
+    if not dense_file.exists():
+        torch.save(copy.deepcopy(dense_net).float().eval(), dense_file)
+    saved = dense_file if method.startswith("dense") else final / f"{tag}.pt"
+    torch.save(copy.deepcopy(yolo.model).float().eval(), saved)
+    return {"method": method, "target": target, "seed": seed, "tag": tag,
+            "model_file": str(saved), "dense_file": str(dense_file),
             "flops_kept": _flops(yolo.model, recipe.imgsz) / _flops(dense_net, recipe.imgsz),
             "params_kept": sum(p.numel() for p in yolo.model.parameters())
             / sum(p.numel() for p in dense_net.parameters()),
             "map50_95_before": (before or {}).get("map50_95"),
             "map50_before": (before or {}).get("map50"),
             "map50_95": after["map50_95"], "map50": after["map50"],
-            "latency_ms": round(ms, 3), "dense_latency_ms": round(dense_ms, 3),
-            "dense_spread": round(spread, 3), "seconds": round(seconds, 1), **(extra or {})}
+            "seconds": round(seconds, 1), **(extra or {})}
 
 
-def jobs(recipe: Recipe) -> list[tuple[str, float]]:
-    out = [("dense", 1.0)]
-    for t in recipe.targets:
-        out += [(f"ours/{c}", t) for c in recipe.criteria] + [("scratch", t)]
-        if recipe.torch_pruning:
-            out += [("tp/l2 yolov8n", t), ("tp/l2 yolov5nu", t)]
+def jobs(recipe: Recipe) -> list[tuple[str, float, int]]:
+    out = [("dense", 1.0, 0)] + ([("dense yolov5nu", 1.0, 0)] if recipe.torch_pruning else [])
+    for seed in recipe.seeds:
+        for t in recipe.targets:
+            out += [(f"ours/{c}", t, seed) for c in recipe.criteria] + [("scratch", t, seed)]
+            if recipe.torch_pruning:
+                out += [("tp/l2 yolov8n", t, seed), ("tp/l2 yolov5nu", t, seed)]
     return out
 
 
-def run_job(recipe: Recipe, method: str, target: float) -> dict:
+def run_job(recipe: Recipe, method: str, target: float, seed: int = 0) -> dict:
     from ultralytics import YOLO
 
     from pruners.ultralytics import prune_yolo
@@ -169,28 +204,34 @@ def run_job(recipe: Recipe, method: str, target: float) -> dict:
     dense_best = _dense(recipe, "yolov8n.yaml")
     dense = YOLO(str(dense_best))
     runs = WORK / "runs" / recipe.name
-    tag = f"{method.replace('/', '-').replace(' ', '-')}-{target:g}"
+    tag = f"{method.replace('/', '-').replace(' ', '-')}-{target:g}" + (f"-s{seed}" if seed else "")
     if method == "dense":
-        return _row(recipe, method, 1.0, None, dense, dense.model, time.perf_counter() - start)
+        return _row(recipe, method, 1.0, 0, tag, None, dense, dense.model,
+                    time.perf_counter() - start)
+    if method == "dense yolov5nu":
+        v5 = YOLO(str(_dense(recipe, "yolov5nu.yaml")))
+        return _row(recipe, method, 1.0, 0, tag, None, v5, v5.model, time.perf_counter() - start,
+                    {"model": "yolov5nu"})
     if method.startswith("ours/"):
         small, _ = prune_yolo(str(dense_best), target_flops=target, importance=method[5:],
                               data=data, imgsz=recipe.imgsz)
         before = _metrics(small, recipe, data)
-        small.train(**_train_args(recipe, runs, tag, recipe.ft_epochs, recipe.ft_lr0))
-        return _row(recipe, method, target, before, small, dense.model,
+        small.train(**_train_args(recipe, runs, tag, recipe.ft_epochs, recipe.ft_lr0, seed))
+        return _row(recipe, method, target, seed, tag, before, small, dense.model,
                     time.perf_counter() - start)
     if method == "scratch":
         cfg = _narrow_yaml(recipe, target, _flops(dense.model, recipe.imgsz))
         yolo = YOLO(str(cfg))
         yolo.train(**_train_args(recipe, runs, tag, recipe.dense_epochs + recipe.ft_epochs,
-                                 recipe.lr0))
-        return _row(recipe, method, target, None, yolo, dense.model, time.perf_counter() - start)
+                                 recipe.lr0, seed))
+        return _row(recipe, method, target, seed, tag, None, yolo, dense.model,
+                    time.perf_counter() - start)
     if method.startswith("tp/"):
-        return _torch_pruning(recipe, method, target, runs, tag, data, start)
+        return _torch_pruning(recipe, method, target, seed, runs, tag, data, start)
     raise KeyError(method)
 
 
-def _torch_pruning(recipe, method, target, runs, tag, data, start) -> dict:
+def _torch_pruning(recipe, method, target, seed, runs, tag, data, start) -> dict:
     """Torch-Pruning's MetaPruner (L2, Detect head ignored, iterative steps to the target),
     then our trainer wrapper so Ultralytics trains the pruned module."""
     import torch_pruning as tp
@@ -215,9 +256,9 @@ def _torch_pruning(recipe, method, target, runs, tag, data, start) -> dict:
             break
     small = with_model(dense, net)  # so Ultralytics' trainer keeps Torch-Pruning's module
     before = _metrics(small, recipe, data)
-    small.train(**_train_args(recipe, runs, tag, recipe.ft_epochs, recipe.ft_lr0))
-    return _row(recipe, method, target, before, small, dense.model, time.perf_counter() - start,
-                {"model": Path(cfg).stem})
+    small.train(**_train_args(recipe, runs, tag, recipe.ft_epochs, recipe.ft_lr0, seed))
+    return _row(recipe, method, target, seed, tag, before, small, dense.model,
+                time.perf_counter() - start, {"model": Path(cfg).stem})
 
 
 def environment() -> dict:
@@ -233,6 +274,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the reduced recipe (minutes)")
     parser.add_argument("--resume", action="store_true", help="skip rows already written")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="fine-tuning / scratch seeds (default: the recipe's, 0)")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the latency phase (take it later on a quiet machine)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only (re-)take the latency phase of the saved models")
     args = parser.parse_args(argv)
     import logging
 
@@ -240,12 +287,26 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     LOGGER.setLevel(logging.WARNING)  # the trainer's per-run banner would drown the progress bar
     recipe = QUICK if args.quick else FULL
-    stem = "detection" if recipe is FULL else "detection_quick"
+    if args.seeds:
+        recipe = replace(recipe, seeds=tuple(args.seeds))
+    stem = "detection" if recipe.name == "full" else "detection_quick"
     runs = RESULTS / f"{stem}_runs.jsonl"
+    latency = RESULTS / f"{stem}_latency.json"
+    if not args.latency_only:
+        _train_all(recipe, runs, stem, resume=args.resume)
+    if not args.no_latency:
+        print("latency phase (keep the machine quiet) ...")
+        measure_latency(recipe, runs, latency)
+    from .summary import write_summary
+
+    print(write_summary(runs, latency, RESULTS / stem, recipe))
+
+
+def _train_all(recipe: Recipe, runs: Path, stem: str, resume: bool) -> None:
     done = set()
-    if args.resume and runs.exists():
-        done = {(r["method"], r["target"]) for r in map(json.loads, runs.read_text().splitlines())
-                if "error" not in r}
+    if resume and runs.exists():
+        done = {(r["method"], r["target"], r.get("seed", 0))
+                for r in map(json.loads, runs.read_text().splitlines()) if "error" not in r}
     else:
         runs.unlink(missing_ok=True)
     data_dir = WORK / f"data_{recipe.name}"
@@ -259,14 +320,11 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     todo = [j for j in jobs(recipe) if j not in done]
     with open(runs, "a") as out:
-        for method, target in tqdm(todo, desc="detection", unit="job"):
+        for method, target, seed in tqdm(todo, desc="detection", unit="job"):
             try:
-                row = run_job(recipe, method, target)
+                row = run_job(recipe, method, target, seed)
             except Exception as exc:  # noqa: BLE001 - a failing tool is a result row
-                row = {"method": method, "target": target,
+                row = {"method": method, "target": target, "seed": seed,
                        "error": f"{type(exc).__name__}: {exc}"[:300]}
             out.write(json.dumps(row) + "\n")
             out.flush()
-    from .summary import write_summary
-
-    print(write_summary(runs, RESULTS / stem, recipe))

@@ -1,9 +1,10 @@
-"""The detection benchmark's table and plot from its raw rows."""
+"""The detection benchmark's table and plot from its raw rows and its latency phase."""
 
 from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 __all__ = ["write_summary"]
@@ -13,22 +14,57 @@ def _f(v, scale=100.0, digits=1) -> str:
     return "–" if v is None else f"{scale * v:.{digits}f}"
 
 
-def write_summary(runs: Path, stem: Path, recipe) -> str:
+def _ms(values: list) -> str:
+    """mean ± std (in %) of the seeds' values, or the single value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return _f(values[0])
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def _stem(path) -> str:
+    return Path(path).stem if path else ""
+
+
+def write_summary(runs: Path, latency: Path, stem: Path, recipe) -> str:
     rows = [json.loads(l) for l in runs.read_text().splitlines()] if runs.exists() else []
+    lat = json.loads(latency.read_text()) if latency.exists() else {}
+    timed = lat.get("models", {})
     ok = [r for r in rows if "error" not in r]
+    for r in ok:
+        mine, dense = timed.get(_stem(r.get("model_file"))), timed.get(_stem(r.get("dense_file")))
+        r["latency_ms"] = mine and mine["ms"]
+        r["latency_spread"] = mine and mine["spread"]
+        r["dense_latency_ms"] = dense and dense["ms"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault((r["target"], r["method"]), []).append(r)
+    env = lat.get("environment", {})
+    seeds = sorted({r.get("seed", 0) for r in ok})
     md = [f"# Detection: YOLO pruned and fine-tuned with Ultralytics' trainer ({recipe.name})", "",
           f"digits-det, {recipe.n_train} training / {recipe.n_val} validation images at "
           f"{recipe.imgsz} px; dense {recipe.dense_epochs} epochs, fine-tuning "
-          f"{recipe.ft_epochs} epochs (lr0 {recipe.ft_lr0}), scratch {recipe.dense_epochs + recipe.ft_epochs}"
-          " epochs; one seed. mAP in %; CPU latency eager, batch 1, median of interleaved rounds.",
-          "", "| target | method | FLOPs kept | params kept | mAP50-95 before FT | mAP50-95 | mAP50 "
-          "| latency ms (dense ms) | speedup |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(ok, key=lambda r: (-r["target"], r["method"])):
-        speed = r["dense_latency_ms"] / r["latency_ms"] if r.get("latency_ms") else None
-        md.append(f"| {100 * r['target']:.0f}% | {r['method']} | {_f(r['flops_kept'])}% | "
-                  f"{_f(r['params_kept'])}% | {_f(r['map50_95_before'])} | {_f(r['map50_95'])} | "
-                  f"{_f(r['map50'])} | {r['latency_ms']:.2f} ({r['dense_latency_ms']:.2f}) | "
-                  f"{_f(speed, 1, 2)}x |")
+          f"{recipe.ft_epochs} epochs (lr0 {recipe.ft_lr0}), scratch "
+          f"{recipe.dense_epochs + recipe.ft_epochs} epochs; seeds {seeds} (mean ± std where "
+          "more than one). mAP in %.",
+          "", f"Latency: CPU, eager, batch 1, {lat.get('rounds', '?')} interleaved rounds of "
+          f"{lat.get('calls', '?')} calls, median (spread = interquartile range / median of the rounds); "
+          f"torch {env.get('torch', '?')}, {env.get('cpu', '?')}, {env.get('cores', '?')} cores, "
+          f"{env.get('threads', '?')} threads; taken after all training, nothing else running.",
+          "", "| target | method | seeds | FLOPs kept | params kept | mAP50-95 before FT | "
+          "mAP50-95 | mAP50 | latency ms (spread) | dense ms | speedup |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        r = rs[0]
+        ms, dense_ms = r["latency_ms"], r["dense_latency_ms"]
+        speed = dense_ms / ms if ms and dense_ms else None
+        lat_cell = f"{ms:.2f} ({100 * r['latency_spread']:.0f}%)" if ms else "–"
+        md.append(f"| {100 * target:.0f}% | {method} | {len(rs)} | {_f(r['flops_kept'])}% | "
+                  f"{_f(r['params_kept'])}% | {_ms([x['map50_95_before'] for x in rs])} | "
+                  f"{_ms([x['map50_95'] for x in rs])} | {_ms([x['map50'] for x in rs])} | "
+                  f"{lat_cell} | {_f(dense_ms, 1, 2)} | {_f(speed, 1, 2)}x |")
     errors = [r for r in rows if "error" in r]
     if errors:
         md += ["", "Failed runs (a result, not a crash of the benchmark):", ""]
@@ -45,10 +81,12 @@ def write_summary(runs: Path, stem: Path, recipe) -> str:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for method in sorted({r["method"] for r in ok}):
-            pts = sorted((r["flops_kept"], r["map50_95"]) for r in ok if r["method"] == method)
-            ax.plot(*zip(*[(x, 100 * y) for x, y in pts]), marker="o", label=method)
-        ax.set_xlabel("FLOPs kept")
+        for method in sorted({m for _, m in groups}):
+            pts = sorted((statistics.mean(x["flops_kept"] for x in rs),
+                          100 * statistics.mean(x["map50_95"] for x in rs))
+                         for (_, m), rs in groups.items() if m == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set_xlabel("FLOPs kept (of its own dense model)")
         ax.set_ylabel("mAP50-95 (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
