@@ -30,6 +30,7 @@ from depgraph.graph import ChannelGraph
 from .allocate import InfeasibleTargetError, Target, allocate
 from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
+from .recover import check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
 from .report import GroupChange, PruneReport, layer_changes, measure
@@ -59,6 +60,10 @@ class PruneOptions:
         verify_at: submodules to compare in verification (a detector's head).
         verbose: print progress.
         progress: called with each stage's name as it finishes (a progress bar's update).
+        recover: restore the pruned model without training, from ``calibration``: "bias",
+            "reconstruct", "bn" or a tuple of them (see ``pruners.recover``).
+        calibration: unlabeled batches for ``recover``, each passed to ``forward`` as
+            ``example_inputs`` is (a list, or ``(x for x, _ in loader)``).
     """
 
     importance: Union[str, Importance] = "l2"
@@ -74,6 +79,8 @@ class PruneOptions:
     verify_at: Optional[Sequence[str]] = None
     verbose: bool = False
     progress: Optional[Callable[[str], None]] = None
+    recover: Union[None, str, Sequence[str]] = None
+    calibration: Optional[Iterable[Any]] = None
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "PruneOptions":
@@ -232,6 +239,9 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     """Validate everything cheap first, then the working copy: the arguments of ``_search``."""
     _check_model(model)
     opts = PruneOptions.of(options)
+    if check_methods(opts.recover) and opts.calibration is None:
+        raise ValueError(f"recover={opts.recover!r} needs calibration= batches (unlabeled "
+                         "inputs passed to forward like example_inputs)")
     example_inputs, kwargs = _split_inputs(model, example_inputs, opts.example_kwargs)
     opts = dataclasses.replace(opts, example_kwargs=kwargs)
     patterns = _protect_patterns(model, opts.protect)
@@ -375,6 +385,11 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         model, example_inputs, target, options)
     planned, pruned = _search(*prepared)
     kwargs = opts.example_kwargs
+    recovery = None
+    if check_methods(opts.recover):
+        recovery = recover(work, pruned, planned.plan, opts.calibration, opts.recover,
+                           example_kwargs=kwargs, outputs=opts.outputs)
+        clock.lap("recover")
     flops0, params0 = measure(work, example_inputs, kwargs)
     flops1, params1 = measure(pruned, example_inputs, kwargs)
     clock.lap("measure")
@@ -389,7 +404,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
               for name, share in sparsity(model).items()]
     report = PruneReport(f"{target.kind}={target.value:g}", flops0, flops1, params0, params1,
                          groups, layer_changes(work, pruned), list(graph.frozen),
-                         planned.verify, notes, planned.seconds)
+                         planned.verify, notes, planned.seconds, recovery=recovery)
     achieved = report.flops_ratio if target.kind == "flops" else report.params_ratio
     allocated = set(planned.removed) - set(planned.dead)  # dead channels may overshoot: fine
     if target.kind != "channels" and achieved < target.value - 0.01 and allocated \

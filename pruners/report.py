@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from depgraph.capture import as_args
 from depgraph.graph import FrozenChannels
 
 from .verify import VerifyResult
+
+if TYPE_CHECKING:
+    from .recover import RecoveryReport
 
 __all__ = ["PruneReport", "GroupChange", "LayerChange", "StepRecord", "measure"]
 
@@ -115,6 +118,7 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     steps: list[StepRecord] = field(default_factory=list)  # iterative pruning only
+    recovery: Optional["RecoveryReport"] = None  # prune(recover=...) only
 
     @property
     def flops_ratio(self) -> float:
@@ -126,6 +130,7 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        data["recovery"] = self.recovery.to_dict() if self.recovery else None
         data.update(flops_ratio=self.flops_ratio, params_ratio=self.params_ratio,
                     verify=str(self.verify) if self.verify else None)
         return data
@@ -139,6 +144,8 @@ class PruneReport:
         if self.verify is not None:
             lines.append(f"check  {self.verify}")
         lines.extend(f"  {s}" for s in self.steps)
+        if self.recovery is not None:
+            lines.extend(str(self.recovery).splitlines())
         lines.append(f"engine {sum(self.seconds.values()):.2f} s ("
                      + ", ".join(f"{k} {v:.2f}" for k, v in self.seconds.items()) + ")")
         pruned = [l for l in self.layers if (l.out_before, l.in_before) != (l.out_after, l.in_after)]
