@@ -1,7 +1,8 @@
 """``python -m pruners``: prune a model from the command line.
 
     python -m pruners prune SOURCE --target-flops 0.5 [--round-to 8] [--importance taylor
-        --data data.yaml] --out pruned.pt [--plan plan.json] [--onnx pruned.onnx]
+        --data data.yaml] [--recover reconstruct bn --calibration data.yaml|FOLDER]
+        --out pruned.pt [--plan plan.json] [--onnx pruned.onnx]
 
 SOURCE is an Ultralytics checkpoint or YAML (``best.pt``, ``yolov8n.yaml``), ``tv:NAME`` (a
 torchvision model, random weights) or ``timm:NAME``. The command only parses arguments and
@@ -40,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--data", help="dataset YAML for taylor/hessian (Ultralytics models)")
     q.add_argument("--imgsz", type=int, default=None,
                    help="example input size (default: 640 for detectors, 224 for classifiers)")
+    q.add_argument("--recover", nargs="+", choices=("bias", "reconstruct", "bn"),
+                   help="restore the pruned model without training (see pruners.recover)")
+    q.add_argument("--calibration",
+                   help="images for --recover: a dataset YAML (Ultralytics models) or a folder "
+                        "of images (default for Ultralytics models: --data)")
     q.add_argument("--out", required=True, help="where to write the pruned model (.pt)")
     q.add_argument("--plan", help="also write the JSON plan here")
     q.add_argument("--onnx", help="also export an ONNX file here (checked with onnxruntime)")
@@ -47,12 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress(quiet: bool):
+def _progress(quiet: bool, stages: int = _STAGES):
     if quiet:
         return None, None
     from tqdm import tqdm
 
-    bar = tqdm(total=_STAGES, desc="pruning", unit="stage", file=sys.stderr)
+    bar = tqdm(total=stages, desc="pruning", unit="stage", file=sys.stderr)
 
     def step(stage: str) -> None:
         bar.set_postfix_str(stage)
@@ -96,7 +102,14 @@ def _run(args: argparse.Namespace) -> str:
         kind, model = _build(args.source)
     except (RuntimeError, KeyError, ValueError) as exc:  # timm/torchvision: unknown names
         raise ValueError(f"cannot build {args.source}: {str(exc).splitlines()[0]}") from None
-    bar, step = _progress(args.quiet)
+    if args.recover and not (args.calibration or (kind == "yolo" and args.data)):
+        raise ValueError("--recover needs --calibration (a dataset YAML or a folder of images)")
+    folder = args.calibration and Path(args.calibration).is_dir()
+    if args.calibration and not folder and not Path(args.calibration).exists():
+        raise FileNotFoundError(f"no such calibration data: {args.calibration}")
+    if args.calibration and not folder and kind != "yolo":
+        raise ValueError("--calibration for torchvision/timm models is a folder of images")
+    bar, step = _progress(args.quiet, _STAGES + bool(args.recover))
     target = dict(target_flops=args.target_flops, target_params=args.target_params)
     try:
         if kind == "yolo":
@@ -104,6 +117,18 @@ def _run(args: argparse.Namespace) -> str:
                         progress=step)
             if args.imgsz:
                 opts["imgsz"] = args.imgsz
+            if args.recover:
+                opts["recover"] = tuple(args.recover)
+                if folder:
+                    from .images import image_batches
+
+                    opts["calibration"] = image_batches(args.calibration,
+                                                        imgsz=opts.get("imgsz", 640))
+                elif args.calibration:  # a dataset YAML: the trainer's preprocessing
+                    from .integrations.ultralytics import yolo_batches
+
+                    opts["calibration"] = [b["img"] for b in yolo_batches(
+                        args.calibration, task=model.task, imgsz=opts.get("imgsz", 640))]
             small, result = prune_yolo(model, **target, **opts)
             size = small.model.pruning["imgsz"]
             net = small.model
@@ -115,9 +140,15 @@ def _run(args: argparse.Namespace) -> str:
             from . import prune
 
             size = args.imgsz or 224
+            extra = {}
+            if args.recover:
+                from .images import IMAGENET_MEAN, IMAGENET_STD, image_batches
+
+                extra = dict(recover=tuple(args.recover), calibration=image_batches(
+                    args.calibration, imgsz=size, mean=IMAGENET_MEAN, std=IMAGENET_STD))
             result = prune(model, torch.randn(1, 3, size, size), **target,
                            round_to=args.round_to or 1, importance=args.importance,
-                           progress=step)
+                           progress=step, **extra)
             net = small = result.model
     finally:
         if bar is not None:

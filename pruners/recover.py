@@ -234,13 +234,22 @@ def _bias(dense, pruned, consumers, batches, kwargs, feeds, added) -> tuple[list
     changed, skipped = [], []
     pruned_mods = dict(pruned.named_modules())
     by_producer = {src: bn for bn, src in feeds.items()}
-    for c in consumers:
-        linear = isinstance(c.dense, nn.Linear)
-        total, count = 0.0, 0
+    sums: dict[str, list] = {c.name: [0.0, 0] for c in consumers}
+    handles = []
+    for c in consumers:  # every consumer's input means in one dense pass per batch
+        def hook(m, inputs, _out, c=c):
+            s, n = _channel_mean(inputs[0], isinstance(m, nn.Linear))
+            sums[c.name][0] = sums[c.name][0] + s
+            sums[c.name][1] += n
+        handles.append(c.dense.register_forward_hook(hook))
+    try:
         for batch in batches:
-            s, n = _until(dense, c.dense, batch, kwargs,
-                          lambda inputs, _o: _channel_mean(inputs[0], linear))
-            total, count = total + s, count + n
+            _forward(dense, batch, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    for c in consumers:
+        total, count = sums[c.name]
         mean = total / count
         removed = sorted(set(range(c.dense.weight.shape[1])) - set(c.kept_in))
         if not removed:

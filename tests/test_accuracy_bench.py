@@ -23,15 +23,15 @@ def test_shapes_are_deterministic_and_cover_every_class():
 
 TINY = run.Recipe("tiny", ("resnet20",), (0.5,), (0, 1),
                   ("ours/taylor", "tp/l2", "ours/l2+kd", "ours/iterative-l2", "ours/sparse-l2",
-                   "scratch"),
-                  n_train=64, n_test=32, batch=32, dense_epochs=(("resnet20", 1),), ft_epochs=1)
+                   "scratch", "recover/bias+bn"),
+                  n_train=64, n_test=32, batch=32, dense_epochs=(("resnet20", 1),), ft_epochs=2)
 
 
 def test_every_kind_of_job_gives_a_row(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "MODELS_DIR", tmp_path / "models")
     run._DATA.clear()
     dense, rest = run.jobs_for(TINY)
-    assert len(rest) == 6 * 2 and rest[0].method == "scratch"  # every method, every seed
+    assert len(rest) == 7 * 2 and rest[0].method == "scratch"  # every method, every seed
     rows = [run.run_job(TINY, dense[0])]
     rows += [run.run_job(TINY, job) for job in rest if job.seed == 0]
     for row in rows:
@@ -42,6 +42,9 @@ def test_every_kind_of_job_gives_a_row(tmp_path, monkeypatch):
     assert 0.49 <= ours["flops_kept"] and ours["acc_before"] is not None
     # the pruned model is cached per (tool, criterion, target), shared by the seeds
     assert (tmp_path / "models" / "tiny_resnet20_ours_taylor_0.5.pt").exists()
+    recovered = [r for r in rows if r["method"] == "recover/bias+bn"][0]
+    assert recovered["acc_before"] is not None and 0.0 <= recovered["acc_ep1"] <= 1.0
+    assert (tmp_path / "models" / "tiny_resnet20_ours_l2_rec-bias+bn_0.5.pt").exists()
 
     runs = tmp_path / "runs.jsonl"
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows + [
@@ -51,6 +54,7 @@ def test_every_kind_of_job_gives_a_row(tmp_path, monkeypatch):
     assert scratch["n"] == 2 and scratch["acc_after_std"] > 0  # mean and std over seeds
     text = write_summary(runs, tmp_path / "accuracy", TINY)
     assert "best of ours" in text and "narrowed from scratch" in text
+    assert "Recovery without training" in text and "after 1 ep." in text
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "accuracy.csv").exists()
 
 

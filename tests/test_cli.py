@@ -57,6 +57,9 @@ def test_prunes_an_ultralytics_yaml(tmp_path):
     (["tv:resnet18", "--target-flops", "0.5", "--importance", "taylor"], "needs a labelled"),
     (["tv:resnet18", "--target-flops", "0.5", "--importance", "nope", "--imgsz", "64"],
      "unknown importance"),
+    (["tv:resnet18", "--target-flops", "0.5", "--recover", "bn"], "needs --calibration"),
+    (["tv:resnet18", "--target-flops", "0.5", "--recover", "bn", "--calibration", "nowhere"],
+     "no such calibration data"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     if args[0].startswith("timm:"):
@@ -70,6 +73,38 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, ar
     assert _files(tmp_path) == []
 
 
+def _image_folder(folder, n=6, size=40):
+    from PIL import Image
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return folder
+
+
+def test_recovers_from_a_folder_of_images(tmp_path, capsys):
+    images = _image_folder(tmp_path / "images")
+    out = tmp_path / "out" / "m.pt"
+    out.parent.mkdir()
+    code = main(["prune", "tv:resnet18", "--target-flops", "0.5", "--imgsz", "64", "--recover",
+                 "bn", "bias", "--calibration", str(images), "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and _files(out.parent) == ["m.pt"]
+    assert "recover bias: output error" in text and "recover bn: output error" in text
+    assert "6 samples" in text  # the six images of the folder
+
+
+def test_an_empty_calibration_folder_is_bad_input(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["prune", "tv:resnet18", "--target-flops", "0.5", "--recover", "bn",
+                 "--calibration", str(tmp_path / "empty"), "--out", str(tmp_path / "m.pt"),
+                 "--quiet"])
+    assert code == 2 and "no images" in capsys.readouterr().err
+    assert _files(tmp_path) == ["empty"]
+
+
 def test_missing_output_folder_is_bad_input(tmp_path, capsys):
     code = main(["prune", "tv:resnet18", "--target-flops", "0.5", "--out",
                  str(tmp_path / "no" / "out.pt"), "--quiet"])
@@ -80,5 +115,5 @@ def test_help_documents_the_options():
     out = subprocess.run([sys.executable, "-m", "pruners", "prune", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for flag in ("--target-flops", "--target-params", "--round-to", "--importance", "--data",
-                 "--imgsz", "--out", "--plan", "--onnx"):
+                 "--imgsz", "--out", "--plan", "--onnx", "--recover", "--calibration"):
         assert flag in out

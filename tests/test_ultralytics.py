@@ -111,3 +111,29 @@ def test_prune_yolo_refuses_what_it_cannot_take(tmp_path):
         prune_yolo(str(tmp_path / "missing.pt"), target_flops=0.5)
     with pytest.raises(TypeError, match="YOLO object or a checkpoint"):
         prune_yolo(torch.nn.Conv2d(3, 3, 1), target_flops=0.5)
+
+
+def test_recovery_reads_calibration_images_from_the_dataset(tmp_path):
+    """Issue "Recover without training": the removed channels' mean contribution, measured on
+    the dataset's images, brings the pruned detector's outputs closer to the dense ones; every
+    BatchNorm is re-estimated on them; the widths do not change."""
+    data = make_dataset(tmp_path / "data", n_train=16, n_val=8, imgsz=IMGSZ)
+    yolo = _yolo("yolov8n.yaml", DetectionModel)
+    yolo.model.train()  # BatchNorm statistics of the dataset's images, as a trained model has
+    from pruners.ultralytics import yolo_batches
+
+    images = [b["img"] for b in yolo_batches(str(data), imgsz=IMGSZ, batch=8, batches=2)]
+    from pruners import reestimate_bn
+
+    reestimate_bn(yolo.model, images)
+    plain = prune_yolo(yolo, target_flops=0.5, imgsz=IMGSZ)[1]
+    small, result = prune_yolo(yolo, target_flops=0.5, imgsz=IMGSZ, data=str(data), batches=2,
+                               batch=8, recover=("bias", "bn"))
+    steps = result.report.recovery.steps
+    assert [s.method for s in steps] == ["bias", "bn"] and steps[0].samples == 16
+    assert steps[0].error_after < steps[0].error_before
+    bns = [n for n, m in small.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert steps[1].changed == bns
+    assert _widths(small.model) == _widths(plain.model)
+    with pytest.raises(ValueError, match="recover=.* needs data=<dataset YAML>"):
+        prune_yolo(yolo, target_flops=0.5, imgsz=IMGSZ, recover="bn")

@@ -24,9 +24,12 @@ __all__ = ["prune_ours", "prune_tp", "narrowed", "TP_IMPORTANCE"]
 X = torch.randn(1, 3, 32, 32)
 
 
-def prune_ours(dense: nn.Module, target: float, criterion: str, calibration) -> nn.Module:
+def prune_ours(dense: nn.Module, target: float, criterion: str, calibration,
+               recover=None) -> nn.Module:
+    """``recover``: recovery methods run on the calibration images (labels unused)."""
     result = prune(dense, X, target_flops=target, importance=criterion,
-                   data=calibration, loss_fn=ce)
+                   data=calibration, loss_fn=ce, recover=recover,
+                   calibration=[x for x, _ in calibration] if recover else None)
     return result.model
 
 

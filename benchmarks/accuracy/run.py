@@ -11,6 +11,9 @@ Protocol (``FULL``; ``--quick`` is a reduced copy):
    the budget sparsity training on the dense weights, half fine-tuning after pruning).
 3. Baseline: the same architecture narrowed uniformly to the target and trained from scratch
    for dense + fine-tuning epochs.
+4. Recovery without training (``recover/<methods>``): ours with l2, then ``recover=`` on the 8
+   calibration batches (no labels); accuracy before fine-tuning and along the same
+   fine-tuning run after 1 and 3 epochs and at its end (``recover/none`` is the reference).
 
 Every job runs in its own worker process on one thread; rows are appended to
 ``results/accuracy[_quick]_runs.jsonl`` as they finish (``--resume`` skips those), and the
@@ -62,14 +65,20 @@ class Recipe:
         return max(1, int(round(epochs * self.n_train / self.batch)))
 
 
-def _methods(criteria, kd=("l2", "taylor")) -> tuple[str, ...]:
+RECOVERY = ("none", "bn", "bias", "reconstruct", "bias+bn", "reconstruct+bn")
+CURVE_EPOCHS = (1, 3)  # accuracy along fine-tuning for the recovery rows (and at its end)
+
+
+def _methods(criteria, kd=("l2", "taylor"), recovery=RECOVERY) -> tuple[str, ...]:
     one_shot = [f"{tool}/{c}" for tool in ("ours", "tp") for c in criteria]
     distilled = [f"{tool}/{c}+kd" for tool in ("ours", "tp") for c in kd]
-    return tuple(one_shot + distilled + ["ours/iterative-l2", "ours/sparse-l2", "scratch"])
+    return tuple(one_shot + distilled + ["ours/iterative-l2", "ours/sparse-l2", "scratch"]
+                 + [f"recover/{r}" for r in recovery])
 
 
 FULL = Recipe("full", ("resnet20", "mobilenetv2"), (0.5, 0.3), (0, 1, 2), _methods(CRITERIA))
-QUICK = Recipe("quick", ("resnet20",), (0.5,), (0,), _methods(("l2", "taylor"), kd=("l2",)),
+QUICK = Recipe("quick", ("resnet20",), (0.5,), (0,),
+               _methods(("l2", "taylor"), kd=("l2",), recovery=("none", "bias+bn")),
                n_train=2000, n_test=500, dense_epochs=(("resnet20", 8), ("mobilenetv2", 12)),
                ft_epochs=2)
 
@@ -110,16 +119,19 @@ def _load_dense(recipe: Recipe, model: str):
     return net.eval().to(memory_format=torch.channels_last)
 
 
-def _pruned(recipe: Recipe, job: Job, dense, tool: str, criterion: str):
+def _pruned(recipe: Recipe, job: Job, dense, tool: str, criterion: str, recover=None):
     """The pruned model before fine-tuning, cached on disk (it does not depend on the seed)."""
     from .methods import prune_ours, prune_tp
 
-    path = MODELS_DIR / f"{recipe.name}_{job.model}_{tool}_{criterion}_{job.target:g}.pt"
+    tag = f"{tool}_{criterion}" + (f"_rec-{'+'.join(recover)}" if recover else "")
+    path = MODELS_DIR / f"{recipe.name}_{job.model}_{tag}_{job.target:g}.pt"
     if path.exists():
         return torch.load(path, weights_only=False)
     data = _data(recipe)
-    fn = prune_ours if tool == "ours" else prune_tp
-    model = fn(dense, job.target, criterion, data.calibration())
+    if tool == "ours":
+        model = prune_ours(dense, job.target, criterion, data.calibration(), recover=recover)
+    else:
+        model = prune_tp(dense, job.target, criterion, data.calibration())
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(model, tmp)
     os.replace(tmp, path)
@@ -168,6 +180,20 @@ def run_job(recipe: Recipe, job: Job) -> dict:
             model = prune_iteratively(dense, X, target_flops=job.target, steps=steps,
                                       importance=variant.split("-", 1)[1],
                                       finetune=finetune).model
+        elif tool == "recover":
+            methods = None if variant == "none" else tuple(variant.split("+"))
+            start_prune = time.perf_counter()
+            model = _pruned(recipe, job, dense, "ours", "l2", methods).to(
+                memory_format=torch.channels_last)
+            row["prune_seconds"] = round(time.perf_counter() - start_prune, 1)
+            row["acc_before"] = accuracy(model, data)
+            marks = {recipe.iterations(e): e for e in CURVE_EPOCHS if e < recipe.ft_epochs}
+
+            def along(step):
+                if step in marks:
+                    row[f"acc_ep{marks[step]}"] = accuracy(model, data)
+
+            train(model, data, iterations=ft, lr=recipe.ft_lr, seed=job.seed, after=along)
         elif variant.startswith("sparse-"):
             sparse = copy.deepcopy(dense)
             reg = GroupSparsity(sparse, X, lam=recipe.sparsity_lam)

@@ -29,12 +29,47 @@ def aggregate(rows: list[dict]) -> list[dict]:
     for (model, method, target), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
         before, before_sd = _stats([r["acc_before"] for r in rs])
         after, after_sd = _stats([r["acc_after"] for r in rs])
-        out.append({"model": model, "method": method, "target": target, "n": len(rs),
-                    "flops_kept": float(np.mean([r["flops_kept"] for r in rs])),
-                    "params_kept": float(np.mean([r["params_kept"] for r in rs])),
-                    "acc_before": before, "acc_before_std": before_sd,
-                    "acc_after": after, "acc_after_std": after_sd})
+        cell = {"model": model, "method": method, "target": target, "n": len(rs),
+                "flops_kept": float(np.mean([r["flops_kept"] for r in rs])),
+                "params_kept": float(np.mean([r["params_kept"] for r in rs])),
+                "acc_before": before, "acc_before_std": before_sd,
+                "acc_after": after, "acc_after_std": after_sd}
+        for key in sorted({k for r in rs for k in r if k.startswith("acc_ep")}):
+            cell[key], cell[f"{key}_std"] = _stats([r.get(key) for r in rs])
+        out.append(cell)
     return out
+
+
+CHANCE = 0.1  # ten balanced classes
+
+
+def recovery_lines(cells: list[dict]) -> list[str]:
+    """The recovery table: accuracy before fine-tuning and along it, per recovery method,
+    with the share of the chance-to-dense gap closed before any training."""
+    rec = [c for c in cells if c["method"].startswith("recover/")]
+    if not rec:
+        return []
+    epochs = sorted({int(k[6:]) for c in rec for k in c if k.startswith("acc_ep")
+                     and not k.endswith("_std")})
+    md = ["## Recovery without training (ours, l2; `prune(recover=...)` on 8 unlabeled "
+          "calibration batches)", "",
+          "Gap closed = (accuracy before fine-tuning - chance) / (dense - chance), chance 10%. "
+          "The epoch columns are points along the same fine-tuning run.", "",
+          "| model | target | recovery | before FT | gap closed | "
+          + " | ".join(f"after {e} ep." for e in epochs) + " | after full FT | n |",
+          "|---|---:|---|---:|---:|" + "---:|" * len(epochs) + "---:|---:|"]
+    for c in rec:
+        dense = next((d for d in cells if d["model"] == c["model"] and d["method"] == "dense"),
+                     None)
+        gap = ((c["acc_before"] - CHANCE) / (dense["acc_after"] - CHANCE)
+               if dense and not np.isnan(c["acc_before"]) else float("nan"))
+        md.append(f"| {c['model']} | {100 * c['target']:.0f}% | {c['method'][8:]} | "
+                  f"{_pct(c['acc_before'], c['acc_before_std'])} | "
+                  + ("–" if np.isnan(gap) else f"{100 * gap:.0f}%") + " | "
+                  + " | ".join(_pct(c.get(f"acc_ep{e}", float("nan")),
+                                    c.get(f"acc_ep{e}_std", float("nan"))) for e in epochs)
+                  + f" | {_pct(c['acc_after'], c['acc_after_std'])} | {c['n']} |")
+    return md + [""]
 
 
 def _pct(mean: float, sd: float) -> str:
@@ -90,7 +125,8 @@ def _plot(cells: list[dict], path: Path) -> None:
     for ax, model in zip(axes[0], models):
         here = [c for c in cells if c["model"] == model]
         dense = next((c for c in here if c["method"] == "dense"), None)
-        for method in sorted({c["method"] for c in here if c["method"] != "dense"}):
+        for method in sorted({c["method"] for c in here if c["method"] != "dense"
+                              and not c["method"].startswith("recover/")}):
             pts = sorted((c["flops_kept"], c["acc_after"], c["acc_after_std"])
                          for c in here if c["method"] == method)
             xs, ys, sds = zip(*pts)
@@ -115,7 +151,8 @@ def write_summary(runs: Path, stem: Path, recipe) -> str:
     cells = aggregate(rows)
     if cells:
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(cells[0]))
+            fields = list(dict.fromkeys(k for c in cells for k in c))
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(cells)
         _plot(cells, stem.with_suffix(".png"))
@@ -131,11 +168,13 @@ def write_summary(runs: Path, stem: Path, recipe) -> str:
         md += [f"## {model}", "",
                "| target | method | FLOPs kept | params kept | acc. before FT | acc. after FT | n |",
                "|---:|---|---:|---:|---:|---:|---:|"]
-        for c in (c for c in cells if c["model"] == model):
+        for c in (c for c in cells if c["model"] == model
+                  and not c["method"].startswith("recover/")):
             md.append(f"| {100 * c['target']:.0f}% | {c['method']} | {100 * c['flops_kept']:.1f}% | "
                       f"{100 * c['params_kept']:.1f}% | {_pct(c['acc_before'], c['acc_before_std'])} | "
                       f"{_pct(c['acc_after'], c['acc_after_std'])} | {c['n']} |")
         md.append("")
+    md += recovery_lines(cells)
     if errors:
         md += ["## Failed runs", ""] + [f"- {r['model']} {r['method']} {r['target']:g} seed "
                                         f"{r['seed']}: {r['error']}" for r in errors] + [""]

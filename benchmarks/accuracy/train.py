@@ -54,11 +54,13 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train(model: nn.Module, data: Data, *, iterations: int, lr: float, seed: int,
           batch: int = 128, weight_decay: float = 5e-4, teacher: Optional[nn.Module] = None,
           kd_weight: float = 0.5, temperature: float = 4.0,
-          penalty: Optional[Callable[[], torch.Tensor]] = None) -> nn.Module:
+          penalty: Optional[Callable[[], torch.Tensor]] = None,
+          after: Optional[Callable[[int], None]] = None) -> nn.Module:
     """SGD with Nesterov momentum and a cosine schedule over ``iterations`` steps.
 
     ``seed`` fixes the batch order and augmentation; ``teacher`` adds distillation
-    (``(1 - kd_weight) * CE + kd_weight * KD``); ``penalty()`` is added to the loss.
+    (``(1 - kd_weight) * CE + kd_weight * KD``); ``penalty()`` is added to the loss;
+    ``after(i)`` runs after step ``i`` (1-based), e.g. to evaluate along the way.
     """
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
@@ -71,7 +73,7 @@ def train(model: nn.Module, data: Data, *, iterations: int, lr: float, seed: int
     model.train()
     if teacher is not None:
         teacher.eval()
-    for _ in range(iterations):
+    for step in range(iterations):
         if pos + batch > n:
             order, pos = torch.randperm(n, generator=g), 0
         idx = order[pos:pos + batch]
@@ -90,6 +92,9 @@ def train(model: nn.Module, data: Data, *, iterations: int, lr: float, seed: int
         loss.backward()
         opt.step()
         sched.step()
+        if after is not None:
+            after(step + 1)
+            model.train()
     model.eval()
     return model
 

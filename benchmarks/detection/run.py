@@ -14,6 +14,9 @@ Protocol (``FULL``; ``--quick`` is a reduced copy), all on the generated digits-
    ``--latency-only``, on a quiet machine): every final model saved by step 2-3 and the dense
    one, eager, batch 1, interleaved round-robin, median of rounds and the spread.
 
+5. Recovery without training (``recover/<methods>``): l2 pruning with ``recover=`` on 8
+   calibration batches of the training images; mAP before any fine-tuning.
+
 Rows go to ``results/detection[_quick]_runs.jsonl``, latencies to
 ``results/detection[_quick]_latency.json``; ``--resume`` skips finished rows; ``--seeds 1 2``
 adds fine-tuning/scratch seeds (the dense model, the "trained best.pt", is trained once).
@@ -54,11 +57,12 @@ class Recipe:
     ft_lr0: float = 0.002
     torch_pruning: bool = True
     seeds: tuple[int, ...] = (0,)
+    recovery: tuple[str, ...] = ("none", "bn", "bias", "reconstruct", "bias+bn", "reconstruct+bn")
 
 
 FULL = Recipe("full")
 QUICK = Recipe("quick", targets=(0.5,), criteria=("l2",), n_train=200, n_val=60, imgsz=128,
-               dense_epochs=3, ft_epochs=1, torch_pruning=False)
+               dense_epochs=3, ft_epochs=1, torch_pruning=False, recovery=("none", "bias+bn"))
 
 
 def _data(recipe: Recipe) -> str:
@@ -191,6 +195,8 @@ def jobs(recipe: Recipe) -> list[tuple[str, float, int]]:
             out += [(f"ours/{c}", t, seed) for c in recipe.criteria] + [("scratch", t, seed)]
             if recipe.torch_pruning:
                 out += [("tp/l2 yolov8n", t, seed), ("tp/l2 yolov5nu", t, seed)]
+    for t in recipe.targets:  # no training: one seed
+        out += [(f"recover/{r}", t, 0) for r in recipe.recovery]
     return out
 
 
@@ -219,6 +225,19 @@ def run_job(recipe: Recipe, method: str, target: float, seed: int = 0) -> dict:
         small.train(**_train_args(recipe, runs, tag, recipe.ft_epochs, recipe.ft_lr0, seed))
         return _row(recipe, method, target, seed, tag, before, small, dense.model,
                     time.perf_counter() - start)
+    if method.startswith("recover/"):
+        variant = method.split("/", 1)[1]
+        methods = None if variant == "none" else tuple(variant.split("+"))
+        small, result = prune_yolo(str(dense_best), target_flops=target, importance="l2",
+                                   data=data, imgsz=recipe.imgsz, recover=methods)
+        before = _metrics(small, recipe, data)
+        steps = result.report.recovery.steps if result.report.recovery else []
+        return {"method": method, "target": target, "seed": 0, "tag": tag,
+                "flops_kept": result.report.flops_ratio, "params_kept": result.report.params_ratio,
+                "map50_95_before": before["map50_95"], "map50_before": before["map50"],
+                "map50_95": None, "map50": None, "recover_seconds": sum(s.seconds for s in steps),
+                "output_error": [[s.method, s.error_before, s.error_after] for s in steps],
+                "seconds": round(time.perf_counter() - start, 1)}
     if method == "scratch":
         cfg = _narrow_yaml(recipe, target, _flops(dense.model, recipe.imgsz))
         yolo = YOLO(str(cfg))

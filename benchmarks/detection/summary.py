@@ -81,7 +81,8 @@ def write_summary(runs: Path, latency: Path, stem: Path, recipe) -> str:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for method in sorted({m for _, m in groups}):
+        for method in sorted({m for (_, m), rs in groups.items()
+                              if all(x["map50_95"] is not None for x in rs)}):
             pts = sorted((statistics.mean(x["flops_kept"] for x in rs),
                           100 * statistics.mean(x["map50_95"] for x in rs))
                          for (_, m), rs in groups.items() if m == method)

@@ -145,7 +145,9 @@ def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
         importance: any criterion of ``prune()``; "taylor"/"hessian" read ``batches`` batches
             of the dataset ``data`` (a dataset YAML) through the trainer's own loss.
         imgsz: the example input's size (also the calibration images').
-        **options: the rest of :class:`pruners.PruneOptions`.
+        **options: the rest of :class:`pruners.PruneOptions`; ``recover=`` ("bn", "bias",
+            "reconstruct") takes its calibration images from ``data`` unless
+            ``calibration=`` is given.
 
     The output contract is each task's predictions (detect, segment, pose, obb, classify), so
     no layer list is needed. The user's ``YOLO`` object is not changed.
@@ -159,12 +161,18 @@ def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
     yolo = _as_yolo(model)
     task = yolo.task
     size = 224 if task == "classify" and imgsz == 640 else imgsz
-    if importance in ("taylor", "hessian"):
+    wants_images = options.get("recover") and options.get("calibration") is None
+    loaded = None
+    if importance in ("taylor", "hessian") or wants_images:
         if data is None:
-            raise ValueError(f"importance={importance!r} needs data=<dataset YAML> to read "
-                             "calibration batches")
-        options.update(data=yolo_batches(data, task=task, imgsz=size, batch=batch,
-                                         batches=batches), loss_fn=yolo_loss)
+            need = f"importance={importance!r}" if not wants_images else \
+                f"recover={options['recover']!r}"
+            raise ValueError(f"{need} needs data=<dataset YAML> to read calibration batches")
+        loaded = yolo_batches(data, task=task, imgsz=size, batch=batch, batches=batches)
+    if importance in ("taylor", "hessian"):
+        options.update(data=loaded, loss_fn=yolo_loss)
+    if wants_images:
+        options["calibration"] = [b["img"] for b in loaded]
     net = yolo.model
     was_training = net.training
     x = torch.randn(1, 3, size, size, device=next(net.parameters()).device)
