@@ -17,7 +17,7 @@ from .distill import distill_loss
 from .export import OnnxExport, export_onnx
 from .importance import IMPORTANCE, score_units
 from .plan import Plan, apply_plan
-from .recover import RecoveryReport, recover, reestimate_bn
+from .recovery import RecoveryReport, recover, reestimate_bn
 from .repair import find_unprunable_groups, repair_graph
 from .report import PruneReport, StepRecord, measure
 from .schedule import prune_iteratively

@@ -30,7 +30,7 @@ from depgraph.graph import ChannelGraph
 from .allocate import InfeasibleTargetError, Target, allocate
 from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
-from .recover import check_methods, recover
+from .recovery import check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
 from .report import GroupChange, PruneReport, layer_changes, measure
@@ -61,7 +61,7 @@ class PruneOptions:
         verbose: print progress.
         progress: called with each stage's name as it finishes (a progress bar's update).
         recover: restore the pruned model without training, from ``calibration``: "bias",
-            "reconstruct", "bn" or a tuple of them (see ``pruners.recover``).
+            "reconstruct", "bn" or a tuple of them (see ``pruners.recovery``).
         calibration: unlabeled batches for ``recover``, each passed to ``forward`` as
             ``example_inputs`` is (a list, or ``(x for x, _ in loader)``).
     """

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--imgsz", type=int, default=None,
                    help="example input size (default: 640 for detectors, 224 for classifiers)")
     q.add_argument("--recover", nargs="+", choices=("bias", "reconstruct", "bn"),
-                   help="restore the pruned model without training (see pruners.recover)")
+                   help="restore the pruned model without training (see pruners.recovery)")
     q.add_argument("--calibration",
                    help="images for --recover: a dataset YAML (Ultralytics models) or a folder "
                         "of images (default for Ultralytics models: --data)")

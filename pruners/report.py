@@ -15,7 +15,7 @@ from depgraph.graph import FrozenChannels
 from .verify import VerifyResult
 
 if TYPE_CHECKING:
-    from .recover import RecoveryReport
+    from .recovery import RecoveryReport
 
 __all__ = ["PruneReport", "GroupChange", "LayerChange", "StepRecord", "measure"]
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pruners import Plan, apply_plan, prune, recover, reestimate_bn
-from pruners.recover import refit
+from pruners.recovery import refit
 
 
 def _constant_channels_model() -> nn.Sequential:
@@ -185,3 +185,24 @@ def test_a_shared_layer_is_skipped_with_a_reason():
     step = result.report.recovery.steps[0]
     assert step.skipped == ["b: called 2 times per forward (a shared module)"]
     assert step.changed and step.error_after < step.error_before
+
+
+def test_the_dual_solve_equals_the_primal_one():
+    """Fewer positions than columns (deep layers on small images) solve an n x n system; the
+    answer must be the same ridge solution as the D x D normal equations give."""
+    from pruners.recovery import _LeastSquares
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 50, generator=g), torch.randn(30, 4, generator=g)
+    w0 = torch.randn(50, 4, generator=g).double()
+    dual, primal = _LeastSquares(50), _LeastSquares(50)
+    dual.add(x, y)
+    primal.add(torch.empty(0, 50), torch.empty(0, 4))
+    primal.a, primal.b = x.double().T @ x.double(), x.double().T @ y.double()
+    primal.n = 30
+    assert dual.a is None and primal.a is not None
+    torch.testing.assert_close(dual.solve(0.5, w0), primal.solve(0.5, w0), rtol=1e-6, atol=1e-8)
+    w = torch.randn(50, 4, generator=g).double()
+    assert dual.loss(w) - dual.loss(w0) == pytest.approx(primal.loss(w) - primal.loss(w0))
+    both = dual.merged(primal)
+    assert both.a is not None and both.n == 60

@@ -12,8 +12,8 @@ Three methods, applied in this order whatever order they are given in:
   squares so that, on its inputs *in the pruned model*, its output matches the dense model's
   output (He et al. 2017; ThiNet). Layers go in execution order, each seeing the layers before
   it already refitted, so errors do not accumulate. Only the normal equations are kept
-  (``D x D`` with ``D = C_in * k * k``, in float64), from at most ``max_positions`` sampled
-  positions per batch.
+  (``D x D`` with ``D = C_in * k * k``, in float64; the rows themselves while there are fewer
+  than ``D``), from at most ``max_positions`` sampled positions per batch.
 - ``"bn"``: every BatchNorm's running statistics are re-estimated on the pruned model as a
   cumulative (momentum-free) average over the batches.
 
@@ -293,6 +293,77 @@ def _targets(module: nn.Module, y: torch.Tensor, kept_out) -> torch.Tensor:
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # relative to the mean diagonal of X^T X
 
 
+class _LeastSquares:
+    """One split's least-squares data: while it has no more rows than columns, the rows
+    themselves (solved in the dual, an ``n x n`` system: deep layers on small images have
+    few positions and thousands of columns); beyond that, ``X^T X`` and ``X^T Y`` in float64."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.n = dim, 0
+        self.rows: list[torch.Tensor] = []
+        self.goals: list[torch.Tensor] = []
+        self.a: Optional[torch.Tensor] = None
+        self.b: Optional[torch.Tensor] = None
+        self._eig = None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.n += x.shape[0]
+        if self.a is None and self.n <= self.dim:
+            self.rows.append(x)
+            self.goals.append(y)
+            return
+        pending = list(zip(self.rows, self.goals)) + [(x, y)]
+        self.rows, self.goals = [], []
+        for r, g in pending:
+            gram, cross = (r.T @ r).double(), (r.T @ g).double()  # float32 products, float64 sums
+            self.a = gram if self.a is None else self.a + gram
+            self.b = cross if self.b is None else self.b + cross
+
+    def merged(self, other: "_LeastSquares") -> "_LeastSquares":
+        out = _LeastSquares(self.dim)
+        parts = (self, other)
+        if all(part.a is None for part in parts):
+            for part in parts:
+                for r, g in zip(part.rows, part.goals):
+                    out.add(r, g)
+            return out
+        out.n = self.n + other.n
+        for part in parts:
+            pieces = [(part.a, part.b)] if part.a is not None else []
+            pieces += [((r.T @ r).double(), (r.T @ g).double()) for r, g in zip(part.rows, part.goals)]
+            for a, b in pieces:
+                out.a = a if out.a is None else out.a + a
+                out.b = b if out.b is None else out.b + b
+        return out
+
+    def _x(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.rows).double(), torch.cat(self.goals).double()
+
+    def mean_diag(self) -> float:
+        if self.a is not None:
+            return float(self.a.diagonal().mean()) or 1.0
+        return float(self._x()[0].pow(2).sum()) / self.dim or 1.0
+
+    def solve(self, lam: float, w0: torch.Tensor) -> torch.Tensor:
+        """argmin |XW - Y|^2 + lam |W - w0|^2."""
+        if self.a is not None:
+            eye = torch.eye(self.dim, dtype=self.a.dtype)  # positive definite: Cholesky
+            return torch.cholesky_solve(self.b + lam * w0, torch.linalg.cholesky(self.a + lam * eye))
+        x, y = self._x()
+        if self._eig is None:
+            self._eig = torch.linalg.eigh(x @ x.T)
+        vals, vecs = self._eig
+        alpha = vecs @ ((vecs.T @ (y - x @ w0)) / (vals + lam)[:, None])
+        return w0 + x.T @ alpha
+
+    def loss(self, w: torch.Tensor) -> float:
+        """|XW - Y|^2 up to a constant that does not depend on ``w``."""
+        if self.a is not None:
+            return float((w * (self.a @ w)).sum() - 2 * (w * self.b).sum())
+        x, y = self._x()
+        return float((x @ w - y).pow(2).sum() - y.pow(2).sum())
+
+
 def refit(module: nn.Module, inputs: Iterable[torch.Tensor], targets: Iterable[torch.Tensor],
           *, ridge: Optional[float] = None, max_positions: int = 4096, seed: int = 0
           ) -> tuple[int, Optional[float]]:
@@ -305,53 +376,39 @@ def refit(module: nn.Module, inputs: Iterable[torch.Tensor], targets: Iterable[t
     (or to keep ``W0`` when no refit beats it there), then all positions are used."""
     gen = torch.Generator().manual_seed(seed)
     fit_bias = module.bias is not None
-    parts: dict[str, list] = {"fit": [None, None], "check": [None, None]}
-    used = 0
+    dim = module.weight[0].numel() + int(fit_bias)
+    fit, check = _LeastSquares(dim), _LeastSquares(dim)
     for x, y in zip(inputs, targets):
-        rows, goal = _patches(module, x).double(), y.double()
+        rows, goal = _patches(module, x).float(), y.float()
         if rows.shape[0] > max_positions:
             pick = torch.randperm(rows.shape[0], generator=gen)[:max_positions]
             rows, goal = rows[pick], goal[pick]
         if fit_bias:
             rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
         held = torch.rand(rows.shape[0], generator=gen) < 0.25
-        for key, sel in (("fit", ~held), ("check", held)):
-            r, g = rows[sel], goal[sel]
-            a, b = parts[key]
-            parts[key] = [r.T @ r if a is None else a + r.T @ r,
-                          r.T @ g if b is None else b + r.T @ g]
-        used += rows.shape[0]
-    (a_fit, b_fit), (a_chk, b_chk) = parts["fit"], parts["check"]
-    if a_fit is None:
+        fit.add(rows[~held], goal[~held])
+        check.add(rows[held], goal[held])
+    if fit.n == 0:
         return 0, None
     w0 = module.weight.detach().double().reshape(module.weight.shape[0], -1).T
     if fit_bias:
         w0 = torch.cat([w0, module.bias.detach().double()[None]], 0)
-    eye = torch.eye(a_fit.shape[0], dtype=a_fit.dtype)
-
-    def solve(a: torch.Tensor, b: torch.Tensor, r: float) -> torch.Tensor:
-        lam = r * (float(a.diagonal().mean()) or 1.0)
-        return torch.linalg.solve(a + lam * eye, b + lam * w0)
-
-    def loss(w: torch.Tensor) -> float:  # held-out |XW - Y|^2 without the constant |Y|^2
-        return float((w * (a_chk @ w)).sum() - 2 * (w * b_chk).sum())
-
     if ridge is None:
-        if b_chk is None:
+        if check.n == 0:
             ridge = RIDGES[len(RIDGES) // 2]
         else:
-            trials = {r: loss(solve(a_fit, b_fit, r)) for r in RIDGES}
+            scale = fit.mean_diag()
+            trials = {r: check.loss(fit.solve(r * scale, w0)) for r in RIDGES}
             ridge = min(trials, key=trials.get)
-            if loss(w0) <= trials[ridge]:
-                return used, None  # no refit generalises better than the weights as they are
-    a_all = a_fit if a_chk is None else a_fit + a_chk
-    b_all = b_fit if b_chk is None else b_fit + b_chk
-    solution = solve(a_all, b_all, ridge)
+            if check.loss(w0) <= trials[ridge]:
+                return fit.n + check.n, None  # no refit generalises better than the weights
+    every = fit.merged(check)
+    solution = every.solve(ridge * every.mean_diag(), w0)
     w = solution[:-1] if fit_bias else solution
     module.weight.data.copy_(w.T.reshape(module.weight.shape).to(module.weight.dtype))
     if fit_bias:
         module.bias.data.copy_(solution[-1].to(module.bias.dtype))
-    return used, ridge
+    return every.n, ridge
 
 
 def _reconstruct(dense, pruned, consumers, batches, kwargs, ridge, max_positions
