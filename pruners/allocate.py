@@ -3,7 +3,9 @@
 Global strategy: every group offers its lowest-scoring units in chunks (``round_to`` units,
 the first chunk sized so the kept count becomes a multiple of ``round_to``); a heap takes the
 cheapest chunk across all groups until the cost meets the target. Uniform strategy: every
-group loses the same fraction (searched by bisection for FLOPs/params targets).
+group loses the same fraction (searched by bisection for FLOPs/params targets). Sensitivity
+strategy: the same heap, keyed by the predicted metric loss per unit of cost that the chunk
+removes (from ``losses``, the curves of a sensitivity scan); unscanned groups stay whole.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class _State:
 def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: Target, *,
              strategy: Union[str, Callable] = "global", round_to: int = 1, min_channels: int = 1,
              max_ratio: float = 0.9, protected: Optional[set[int]] = None,
-             free: Optional[set[int]] = None) -> list[int]:
+             free: Optional[set[int]] = None,
+             losses: Optional[dict[int, Callable[[float], float]]] = None) -> list[int]:
     """The units to remove, sorted. See the module docstring.
 
     ``strategy`` may also be a function ``(graph, scores, cost, target) -> units to remove``
@@ -99,8 +102,12 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
         InfeasibleTargetError: the target cannot be met; the message states the smallest
             reachable value under the given constraints.
     """
-    if not callable(strategy) and strategy not in ("global", "uniform"):
-        raise ValueError(f"strategy must be 'global', 'uniform' or a function, got {strategy!r}")
+    if not callable(strategy) and strategy not in ("global", "uniform", "sensitivity"):
+        raise ValueError("strategy must be 'global', 'uniform', 'sensitivity' or a function, "
+                         f"got {strategy!r}")
+    if strategy == "sensitivity" and losses is None:
+        raise ValueError("strategy='sensitivity' needs the loss curves of a sensitivity scan "
+                         "(prune(..., sensitivity=pruners.sensitivity(...)))")
     if round_to < 1 or min_channels < 1 or not 0 < max_ratio <= 1:
         raise ValueError("need round_to >= 1, min_channels >= 1 and 0 < max_ratio <= 1")
     protected = protected or set()
@@ -115,15 +122,38 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
         return sorted((chosen - protected) | set(dead))
     skip = protected | set(dead)
     candidates = {g.id: sorted((u for u in g.units if u not in skip),
-                               key=lambda u: (scores[u], u)) for g in graph.groups}
+                               key=lambda u: (scores[u], u)) for g in graph.groups
+                  if strategy != "sensitivity" or g.id in losses}
     if target.kind == "channels":
         return sorted(dead + _uniform(graph, cost, candidates, target.value, round_to,
                                       min_channels, dead))
     if strategy == "uniform":
         return sorted(dead + _uniform_to_cost(graph, cost, candidates, target, round_to,
                                               min_channels, max_ratio, dead))
+    key = _sensitivity_key(graph, cost, target, losses) if strategy == "sensitivity" else None
     return _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio,
-                   dead)
+                   dead, key)
+
+
+def _sensitivity_key(graph: ChannelGraph, cost: CostModel, target: Target,
+                     losses: dict[int, Callable[[float], float]]) -> Callable:
+    """Heap key of a chunk: predicted loss added per unit of cost removed (one unit's cost,
+    measured alone on the dense widths, stands for each unit of its group)."""
+    which = 0 if target.kind == "flops" else 1
+    full = cost.full()[which] or 1.0
+    per_unit = {}
+    for g in graph.groups:
+        if g.id in losses and g.units:
+            kept = cost.kept_after(graph, {g.units[0]})
+            per_unit[g.id] = max((full - cost.evaluate(kept)[which]) / full, 1e-12)
+
+    def key(gid: int, before: int, chunk: list[int]) -> float:
+        n = len(graph.groups[gid].units)
+        loss = losses[gid]
+        added = loss((before + len(chunk)) / n) - loss(before / n)
+        return added / (per_unit[gid] * len(chunk))
+
+    return key
 
 
 def _chunks(n_units: int, order: list[int], round_to: int, limit: int) -> list[list[int]]:
@@ -138,7 +168,16 @@ def _chunks(n_units: int, order: list[int], round_to: int, limit: int) -> list[l
     return out
 
 
-def _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio, dead):
+def _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio, dead,
+            key=None):
+    """``key(group, units removed before, chunk)`` orders the chunks (default: mean score)."""
+
+    def rank(gid: int, i: int) -> float:
+        chunk = chunks[gid][i]
+        if key is None:
+            return float(np.mean(scores[chunk]))
+        return key(gid, sum(len(c) for c in chunks[gid][:i]), chunk)
+
     state = _State(graph, cost)
     full = cost.full()
     state.remove(dead)
@@ -150,7 +189,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
         n = len(graph.groups[gid].units)
         chunks[gid] = _chunks(n, order, round_to, int(np.floor(max_ratio * n)))
         if chunks[gid]:
-            heap.append((float(np.mean(scores[chunks[gid][0]])), gid, 0))
+            heap.append((rank(gid, 0), gid, 0))
     heapq.heapify(heap)
     removed: list[int] = list(dead)
     best: Optional[tuple[float, list[int]]] = None  # closest result below target - tolerance
@@ -171,7 +210,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
                 removed.extend(chunk)
         # A chunk that would empty a layer, or overshoot, is skipped; the group goes on.
         if i + 1 < len(chunks[gid]):
-            heapq.heappush(heap, (float(np.mean(scores[chunks[gid][i + 1]])), gid, i + 1))
+            heapq.heappush(heap, (rank(gid, i + 1), gid, i + 1))
     if best is not None:
         return _refine(state, best[1], scores, target, full, min_channels, round_to, set(dead))
     reachable = state.ratio(target.kind, full)

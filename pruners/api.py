@@ -49,8 +49,10 @@ class PruneOptions:
         data: batches for the data-driven criteria ("taylor", "hessian"); a list or another
             re-iterable (a DataLoader) so iterative steps can read it again.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor`` for the data-driven criteria.
-        strategy: "global" ranking across groups (default), "uniform" ratio per group, or a
+        strategy: "global" ranking across groups (default), "uniform" ratio per group,
+            "sensitivity" (with ``sensitivity=``: least predicted metric loss per FLOP), or a
             function ``(graph, scores, cost, target) -> unit ids to remove``.
+        sensitivity: the table of :func:`pruners.sensitivity` for ``strategy="sensitivity"``.
         round_to: keep every pruned group's width a multiple of this (8 or 16 for speed).
         min_channels: the fewest channels any layer dim keeps.
         max_ratio: the largest fraction of a group's units that may go.
@@ -81,6 +83,7 @@ class PruneOptions:
     progress: Optional[Callable[[str], None]] = None
     recover: Union[None, str, Sequence[str]] = None
     calibration: Optional[Iterable[Any]] = None
+    sensitivity: Optional[Any] = None  # pruners.sensitivity.Sensitivity
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "PruneOptions":
@@ -239,6 +242,9 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     """Validate everything cheap first, then the working copy: the arguments of ``_search``."""
     _check_model(model)
     opts = PruneOptions.of(options)
+    if opts.strategy == "sensitivity" and opts.sensitivity is None:
+        raise ValueError("strategy='sensitivity' needs sensitivity=<table from "
+                         "pruners.sensitivity(model, inputs, evaluate=...)>")
     if check_methods(opts.recover) and opts.calibration is None:
         raise ValueError(f"recover={opts.recover!r} needs calibration= batches (unlabeled "
                          "inputs passed to forward like example_inputs)")
@@ -284,15 +290,25 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
         scores = score_units(work, graph, opts.importance, data=opts.data, loss_fn=opts.loss_fn)
         clock.lap("score")
         dead = set(graph.dead_units())
+        losses = opts.sensitivity.losses(graph) if opts.strategy == "sensitivity" else None
         try:
             removed = allocate(graph, scores, cost_model(graph), target, strategy=opts.strategy,
                                round_to=opts.round_to, min_channels=opts.min_channels,
                                max_ratio=opts.max_ratio,
-                               protected=_protected_units(graph, patterns), free=dead)
+                               protected=_protected_units(graph, patterns), free=dead,
+                               losses=losses)
         except InfeasibleTargetError as exc:
             raise InfeasibleTargetError(f"{exc} {_why_frozen(graph, notes)}",
                                         exc.reachable) from None
         clock.lap("allocate")
+        if losses is not None:
+            gone = set(removed)
+            notes = [n for n in notes if not n.startswith("sensitivity allocation")]
+            loss = sum(f(sum(u in gone for u in graph.groups[g].units) / len(graph.groups[g].units))
+                       for g, f in losses.items())
+            notes.append(f"sensitivity allocation predicts metric {opts.sensitivity.baseline - loss:.4g}"
+                         f" (unpruned {opts.sensitivity.baseline:.4g}; losses assumed additive); "
+                         f"{len(graph.groups) - len(losses)} groups not in the table kept whole")
         plan = Plan.from_units(graph, removed, meta)
         say(f"[prune] removing {len(removed)} of {len(graph.units)} units ...")
         pruned = restore(apply_plan(copy.deepcopy(work), plan), lifted, plan.kept)
