@@ -33,7 +33,7 @@ from .plan import Plan, apply_plan
 from .recovery import check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
-from .report import GroupChange, PruneReport, layer_changes, measure
+from .report import GroupChange, PruneReport, block_costs, layer_changes, measure
 from .verify import VerifyResult, run_model, verify
 
 __all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
@@ -408,6 +408,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         clock.lap("recover")
     flops0, params0 = measure(work, example_inputs, kwargs)
     flops1, params1 = measure(pruned, example_inputs, kwargs)
+    blocks = block_costs(work, pruned, example_inputs, kwargs)
     clock.lap("measure")
 
     graph, removed = planned.graph, set(planned.removed)
@@ -420,7 +421,8 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
               for name, share in sparsity(model).items()]
     report = PruneReport(f"{target.kind}={target.value:g}", flops0, flops1, params0, params1,
                          groups, layer_changes(work, pruned), list(graph.frozen),
-                         planned.verify, notes, planned.seconds, recovery=recovery)
+                         planned.verify, notes, planned.seconds, recovery=recovery,
+                         blocks=blocks)
     achieved = report.flops_ratio if target.kind == "flops" else report.params_ratio
     allocated = set(planned.removed) - set(planned.dead)  # dead channels may overshoot: fine
     if target.kind != "channels" and achieved < target.value - 0.01 and allocated \

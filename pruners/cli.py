@@ -2,7 +2,7 @@
 
     python -m pruners prune SOURCE --target-flops 0.5 [--round-to 8] [--importance taylor
         --data data.yaml] [--recover reconstruct bn --calibration data.yaml|FOLDER]
-        --out pruned.pt [--plan plan.json] [--onnx pruned.onnx]
+        --out pruned.pt [--plan plan.json] [--onnx pruned.onnx] [--report report.html]
 
 SOURCE is an Ultralytics checkpoint or YAML (``best.pt``, ``yolov8n.yaml``), ``tv:NAME`` (a
 torchvision model, random weights) or ``timm:NAME``. The command only parses arguments and
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="where to write the pruned model (.pt)")
     q.add_argument("--plan", help="also write the JSON plan here")
     q.add_argument("--onnx", help="also export an ONNX file here (checked with onnxruntime)")
+    q.add_argument("--report", help="also write the report as one self-contained HTML page")
     q.add_argument("--quiet", action="store_true", help="no progress bar, no report")
     return p
 
@@ -95,7 +96,7 @@ def _run(args: argparse.Namespace) -> str:
     from .export import export_onnx
     from .integrations.ultralytics import _contract as yolo_outputs, prune_yolo
 
-    for path in filter(None, (args.out, args.plan, args.onnx)):
+    for path in filter(None, (args.out, args.plan, args.onnx, args.report)):
         if not Path(path).resolve().parent.is_dir():
             raise FileNotFoundError(f"output folder of {path} does not exist")
     try:
@@ -166,6 +167,9 @@ def _run(args: argparse.Namespace) -> str:
             export_onnx(net.float().eval(), torch.randn(1, 3, size, size), args.onnx + ".tmp",
                         outputs=yolo_outputs if kind == "yolo" else None)
             written.append((args.onnx + ".tmp", args.onnx))
+        if args.report:
+            result.report.save_html(args.report + ".tmp", title=f"{args.source} pruned")
+            written.append((args.report + ".tmp", args.report))
     except BaseException:
         for tmp, _ in written:
             Path(tmp).unlink(missing_ok=True)

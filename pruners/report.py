@@ -51,9 +51,8 @@ _EXTRA_FORMULAS = {getattr(torch.ops.aten, name): formula for name, formula in (
     if hasattr(torch.ops.aten, name)}
 
 
-def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None
-            ) -> tuple[int, int]:
-    """(FLOPs, parameters), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None
+           ) -> FlopCounterMode:
     args = as_args(example_inputs)
     # nn.MultiheadAttention's fused inference path is one op the counter does not know
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -65,7 +64,57 @@ def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict
             model(*args, **(example_kwargs or {}))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter
+
+
+def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None
+            ) -> tuple[int, int]:
+    """(FLOPs, parameters), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    counter = _count(model, example_inputs, example_kwargs)
     return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """FLOPs and parameters of one stage or block (a submodule at the report's depth)."""
+
+    name: str
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+
+
+def _module_flops(model: nn.Module, example_inputs: Any, kwargs: Optional[dict]
+                  ) -> tuple[int, dict[str, int]]:
+    """Total FLOPs and FLOPs per submodule name (``""`` is the model)."""
+    counter = _count(model, example_inputs, kwargs)
+    out = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        name = key.partition(".")[2]  # the counter prefixes the root's class name
+        out[name] = sum(ops.values())
+    return counter.get_total_flops(), out
+
+
+def block_costs(before: nn.Module, after: nn.Module, example_inputs: Any,
+                example_kwargs: Optional[dict] = None) -> list[BlockCost]:
+    """Costs per block before and after, at the shallowest depth with at least 3 blocks
+    (``layer1``..``layer4`` of a ResNet; ``model.0``..``model.22`` of a YOLO)."""
+    _, f0 = _module_flops(before, example_inputs, example_kwargs)
+    _, f1 = _module_flops(after, example_inputs, example_kwargs)
+    names = [n for n, _ in before.named_modules() if n]
+    depth = 1
+    while depth < 6 and len([n for n in names if n.count(".") == depth - 1]) < 3:
+        depth += 1
+    blocks = [n for n in names if n.count(".") == depth - 1]
+
+    def params(model: nn.Module, prefix: str) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix + "."))
+
+    return [BlockCost(b, f0.get(b, 0), f1.get(b, 0), params(before, b), params(after, b))
+            for b in blocks if f0.get(b, 0) or params(before, b)]
 
 
 @dataclass(frozen=True)
@@ -119,6 +168,7 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     steps: list[StepRecord] = field(default_factory=list)  # iterative pruning only
     recovery: Optional["RecoveryReport"] = None  # prune(recover=...) only
+    blocks: list[BlockCost] = field(default_factory=list)  # costs per stage or block
 
     @property
     def flops_ratio(self) -> float:
@@ -127,6 +177,28 @@ class PruneReport:
     @property
     def params_ratio(self) -> float:
         return self.params_after / self.params_before if self.params_before else 1.0
+
+    def save_html(self, path: str, sensitivity: Any = None, title: Optional[str] = None) -> None:
+        """One self-contained HTML file (inline SVG, no network): widths, costs per block,
+        frozen channels, the check, engine time, recovery and, if given, sensitivity curves."""
+        from .report_html import render_html
+
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(render_html(self, sensitivity=sensitivity, title=title))
+
+    def figure(self):
+        """A matplotlib figure of every changed layer's output width before and after."""
+        from .report_html import width_figure
+
+        return width_figure(self)
+
+    def save_png(self, path: str, dpi: int = 110) -> None:
+        """The width chart of :meth:`figure` as a PNG (for a README)."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
 
     def to_dict(self) -> dict:
         data = asdict(self)

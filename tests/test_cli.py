@@ -19,10 +19,13 @@ def _files(folder):
 def test_prunes_a_torchvision_model_and_writes_every_output(tmp_path, capsys):
     out, plan, onnx = tmp_path / "m.pt", tmp_path / "plan.json", tmp_path / "m.onnx"
     pytest.importorskip("onnxruntime")
+    page = tmp_path / "report.html"
     code = main(["prune", "tv:resnet18", "--target-flops", "0.5", "--imgsz", "64",
-                 "--round-to", "8", "--out", str(out), "--plan", str(plan), "--onnx", str(onnx)])
+                 "--round-to", "8", "--out", str(out), "--plan", str(plan), "--onnx", str(onnx),
+                 "--report", str(page)])
     assert code == 0
-    assert _files(tmp_path) == ["m.onnx", "m.pt", "plan.json"]
+    assert _files(tmp_path) == ["m.onnx", "m.pt", "plan.json", "report.html"]
+    assert "id='widths'" in page.read_text()
     model = torch.load(out, weights_only=False)
     assert model.layer1[0].conv1.out_channels % 8 == 0
     from pruners import Plan, apply_plan, measure
@@ -115,5 +118,6 @@ def test_help_documents_the_options():
     out = subprocess.run([sys.executable, "-m", "pruners", "prune", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for flag in ("--target-flops", "--target-params", "--round-to", "--importance", "--data",
-                 "--imgsz", "--out", "--plan", "--onnx", "--recover", "--calibration"):
+                 "--imgsz", "--out", "--plan", "--onnx", "--recover", "--calibration",
+                 "--report"):
         assert flag in out
