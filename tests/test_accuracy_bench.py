@@ -23,7 +23,7 @@ def test_shapes_are_deterministic_and_cover_every_class():
 
 TINY = run.Recipe("tiny", ("resnet20",), (0.5,), (0, 1),
                   ("ours/taylor", "tp/l2", "ours/l2+kd", "ours/iterative-l2", "ours/sparse-l2",
-                   "scratch", "recover/bias+bn"),
+                   "scratch", "recover/bias+bn", "ours/sensitivity-l2"),
                   n_train=64, n_test=32, batch=32, dense_epochs=(("resnet20", 1),), ft_epochs=2)
 
 
@@ -31,7 +31,7 @@ def test_every_kind_of_job_gives_a_row(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "MODELS_DIR", tmp_path / "models")
     run._DATA.clear()
     dense, rest = run.jobs_for(TINY)
-    assert len(rest) == 7 * 2 and rest[0].method == "scratch"  # every method, every seed
+    assert len(rest) == 8 * 2 and rest[0].method == "scratch"  # every method, every seed
     rows = [run.run_job(TINY, dense[0])]
     rows += [run.run_job(TINY, job) for job in rest if job.seed == 0]
     for row in rows:
@@ -45,6 +45,9 @@ def test_every_kind_of_job_gives_a_row(tmp_path, monkeypatch):
     recovered = [r for r in rows if r["method"] == "recover/bias+bn"][0]
     assert recovered["acc_before"] is not None and 0.0 <= recovered["acc_ep1"] <= 1.0
     assert (tmp_path / "models" / "tiny_resnet20_ours_l2_rec-bias+bn_0.5.pt").exists()
+    sens = [r for r in rows if r["method"] == "ours/sensitivity-l2"][0]
+    assert 0.49 <= sens["flops_kept"] <= 0.5 and sens["acc_before"] is not None
+    assert (tmp_path / "models" / "tiny_resnet20_sensitivity_l2.json").exists()
 
     runs = tmp_path / "runs.jsonl"
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows + [
@@ -55,6 +58,7 @@ def test_every_kind_of_job_gives_a_row(tmp_path, monkeypatch):
     text = write_summary(runs, tmp_path / "accuracy", TINY)
     assert "best of ours" in text and "narrowed from scratch" in text
     assert "Recovery without training" in text and "after 1 ep." in text
+    assert "| ours/sensitivity-l2 |" in text
     assert (tmp_path / "accuracy.png").exists() and (tmp_path / "accuracy.csv").exists()
 
 

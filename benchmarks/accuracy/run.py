@@ -11,7 +11,10 @@ Protocol (``FULL``; ``--quick`` is a reduced copy):
    the budget sparsity training on the dense weights, half fine-tuning after pruning).
 3. Baseline: the same architecture narrowed uniformly to the target and trained from scratch
    for dense + fine-tuning epochs.
-4. Recovery without training (``recover/<methods>``): ours with l2, then ``recover=`` on the 8
+4. Sensitivity allocation (``ours/sensitivity-l2``): a scan of every group at 10-90% with
+   accuracy on 500 validation images (a third draw, not the test set), then
+   ``strategy="sensitivity"``; fine-tuned like the others.
+5. Recovery without training (``recover/<methods>``): ours with l2, then ``recover=`` on the 8
    calibration batches (no labels); accuracy before fine-tuning and along the same
    fine-tuning run after 1 and 3 epochs and at its end (``recover/none`` is the reference).
 
@@ -73,7 +76,7 @@ def _methods(criteria, kd=("l2", "taylor"), recovery=RECOVERY) -> tuple[str, ...
     one_shot = [f"{tool}/{c}" for tool in ("ours", "tp") for c in criteria]
     distilled = [f"{tool}/{c}+kd" for tool in ("ours", "tp") for c in kd]
     return tuple(one_shot + distilled + ["ours/iterative-l2", "ours/sparse-l2", "scratch"]
-                 + [f"recover/{r}" for r in recovery])
+                 + [f"recover/{r}" for r in recovery] + ["ours/sensitivity-l2"])
 
 
 FULL = Recipe("full", ("resnet20", "mobilenetv2"), (0.5, 0.3), (0, 1, 2), _methods(CRITERIA))
@@ -180,6 +183,21 @@ def run_job(recipe: Recipe, job: Job) -> dict:
             model = prune_iteratively(dense, X, target_flops=job.target, steps=steps,
                                       importance=variant.split("-", 1)[1],
                                       finetune=finetune).model
+        elif variant.startswith("sensitivity-"):
+            from .methods import prune_sensitivity
+
+            criterion = variant.split("-", 1)[1]
+            path = MODELS_DIR / f"{recipe.name}_{job.model}_sens_{criterion}_{job.target:g}.pt"
+            if path.exists():
+                model = torch.load(path, weights_only=False)
+            else:
+                model = prune_sensitivity(
+                    dense, job.target, criterion, data.calibration(), data.validation(),
+                    MODELS_DIR / f"{recipe.name}_{job.model}_sensitivity_{criterion}.json")
+                torch.save(model, path)
+            model = model.to(memory_format=torch.channels_last)
+            row["acc_before"] = accuracy(model, data)
+            train(model, data, iterations=ft, lr=recipe.ft_lr, seed=job.seed)
         elif tool == "recover":
             methods = None if variant == "none" else tuple(variant.split("+"))
             start_prune = time.perf_counter()

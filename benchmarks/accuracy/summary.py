@@ -79,7 +79,7 @@ def _pct(mean: float, sd: float) -> str:
 def _best(cells: list[dict], prefix: str) -> dict | None:
     """The one-shot criterion (no distillation) with the highest mean accuracy after FT."""
     pool = [c for c in cells if c["method"].startswith(prefix) and "+kd" not in c["method"]
-            and "-" not in c["method"].split("/", 1)[1]]
+            and "-" not in c["method"].split("/", 1)[1]]  # one-shot global ranking only
     return max(pool, key=lambda c: c["acc_after"]) if pool else None
 
 
@@ -104,6 +104,16 @@ def headline(cells: list[dict]) -> list[str]:
                              f"{_pct(tp['acc_after'], tp['acc_after_std'])}: "
                              f"difference {100 * diff:+.1f} points (std of the difference "
                              f"{100 * sd:.1f});")
+            sens = next((c for c in here if c["method"] == "ours/sensitivity-l2"), None)
+            glob = next((c for c in here if c["method"] == "ours/l2"), None)
+            if sens and glob:
+                diff = sens["acc_after"] - glob["acc_after"]
+                parts.append(f"sensitivity allocation `ours/sensitivity-l2` "
+                             f"{_pct(sens['acc_after'], sens['acc_after_std'])} vs global ranking "
+                             f"`ours/l2` {_pct(glob['acc_after'], glob['acc_after_std'])} "
+                             f"({100 * diff:+.1f} points; before fine-tuning "
+                             f"{_pct(sens['acc_before'], sens['acc_before_std'])} vs "
+                             f"{_pct(glob['acc_before'], glob['acc_before_std'])});")
             if scratch and best_any:
                 diff = best_any["acc_after"] - scratch["acc_after"]
                 parts.append(f"best pruned + fine-tuned `{best_any['method']}` "

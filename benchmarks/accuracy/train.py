@@ -24,6 +24,11 @@ class Data:
     x_test: torch.Tensor
     y_test: torch.Tensor
 
+    def validation(self, n: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images for choices made before fine-tuning (the sensitivity scan's metric): a third
+        draw (seed 2), disjoint from the training and test sets."""
+        return make_shapes(n, seed=2)
+
     def calibration(self, batches: int = 8, size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fixed batches from the training set for data-driven criteria (both tools)."""
         return [(self.x_train[i * size:(i + 1) * size], self.y_train[i * size:(i + 1) * size])
