@@ -30,7 +30,7 @@ from depgraph.graph import ChannelGraph
 from .allocate import InfeasibleTargetError, Target, allocate
 from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
-from .recovery import check_methods, recover
+from .recovery import adopt_state, check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
 from .report import GroupChange, PruneReport, block_costs, layer_changes, measure
@@ -433,6 +433,8 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         pruned.train()
     if inplace:
         apply_plan(model, planned.plan)
+        if recovery is not None:  # the recovered weights (and any bias it added) move over
+            adopt_state(model, pruned)
         pruned = model
     if opts.verbose:
         print(f"[prune] done: FLOPs {100 * report.flops_ratio:.2f}%, params "

@@ -40,7 +40,7 @@ from depgraph.errors import PruningError
 from .plan import Plan
 from .verify import run_model
 
-__all__ = ["recover", "refit", "reestimate_bn", "RecoveryReport", "RecoveryStep", "METHODS",
+__all__ = ["recover", "refit", "reestimate_bn", "adopt_state", "RecoveryReport", "RecoveryStep", "METHODS",
            "check_methods"]
 
 METHODS = ("bias", "reconstruct", "bn")
@@ -530,6 +530,18 @@ def recover(original: nn.Module, pruned: nn.Module, plan: Plan, calibration: Ite
         original.train(modes[0])
         pruned.train(modes[1])
     return RecoveryReport(steps)
+
+
+def adopt_state(target: nn.Module, source: nn.Module) -> None:
+    """Give ``target`` (same architecture and widths) ``source``'s weights and buffers,
+    including the biases recovery added."""
+    mods = dict(target.named_modules())
+    for name, m in source.named_modules():
+        t = mods.get(name)
+        if t is not None and isinstance(getattr(m, "bias", None), nn.Parameter) \
+                and getattr(t, "bias", 0) is None:
+            t.bias = nn.Parameter(torch.zeros_like(m.bias))
+    target.load_state_dict(source.state_dict())
 
 
 def _batch_size(batch: Any) -> int:

@@ -206,3 +206,17 @@ def test_the_dual_solve_equals_the_primal_one():
     assert dual.loss(w) - dual.loss(w0) == pytest.approx(primal.loss(w) - primal.loss(w0))
     both = dual.merged(primal)
     assert both.a is not None and both.n == 60
+
+
+def test_inplace_pruning_keeps_the_recovered_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 5, 1, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight[:4] = 0
+        model[0].bias[:4] = 1.5
+    x = _batches()
+    copy_result = prune(copy.deepcopy(model), x[0], channel_ratio=0.5, recover="bias",
+                        calibration=x)
+    result = prune(model, x[0], channel_ratio=0.5, recover="bias", calibration=x, inplace=True)
+    assert result.model is model and model[2].bias is not None  # the bias recovery added
+    torch.testing.assert_close(model(x[0]), copy_result.model(x[0]))
