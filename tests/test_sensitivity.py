@@ -85,3 +85,21 @@ def test_the_table_as_a_dataframe():
     assert len(df) == 4 and set(df["layer"]) == {"a1", "b1"}
     assert list(df.columns) == ["group", "layer", "units", "ratio", "removed", "metric",
                                 "flops_removed"]
+
+
+def test_inexact_units_are_evaluated_on_the_pruned_model():
+    """LayerNorm statistics change when its channels go: zeroing is not pruning there, so the
+    scan evaluates the real pruned copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)).eval()
+    x = torch.randn(5, 8)
+    widths = []
+
+    def evaluate(m):
+        widths.append(m[0].out_features)
+        with torch.no_grad():
+            return -float(m(x).pow(2).mean())
+
+    table = sensitivity(model, x, evaluate=evaluate, ratios=(0.25, 0.5), progress=False)
+    assert widths == [16, 12, 8] and model[0].out_features == 16
+    assert table.curves[0].removed == [4, 8]
