@@ -60,9 +60,10 @@ def test_sensitivity_allocation_spares_the_group_the_metric_needs(tmp_path):
     widths = {l.module: l.out_after for l in result.report.layers}
     assert widths["a1"] > widths["b1"]  # a keeps more of its channels than irrelevant b
     assert any("sensitivity allocation predicts metric" in n for n in result.report.notes)
-    rounded = prune(model, x, target_flops=0.6, strategy="sensitivity", sensitivity=loaded,
+    # one channel of a branch is 3.1% of the FLOPs here: a target that pairs of them reach
+    rounded = prune(model, x, target_flops=0.57, strategy="sensitivity", sensitivity=loaded,
                     round_to=2, max_ratio=0.75)
-    assert 0.59 <= rounded.report.flops_ratio <= 0.6
+    assert 0.56 <= rounded.report.flops_ratio <= 0.57
     assert all(l.out_after % 2 == 0 and l.out_after >= l.out_before // 4
                for l in rounded.report.layers if l.module in ("a1", "b1"))
     plain = prune(model, x, target_flops=0.6)
