@@ -203,7 +203,7 @@ def _consumers(dense: nn.Module, pruned: nn.Module, plan: Plan, order: list[str]
         if not isinstance(d, (nn.Conv2d, nn.Linear)):
             why = f"{type(d).__name__} is not a Conv2d or Linear"
         elif isinstance(d, nn.Conv2d) and d.groups != 1:
-            why = "grouped conv (its removed inputs fed only removed outputs)"
+            why = f"grouped conv (groups={d.groups}) is not refitted"
         elif isinstance(d, nn.Conv2d) and d.padding_mode != "zeros":
             why = f"padding_mode {d.padding_mode!r}"
         elif parametrize.is_parametrized(p) or hasattr(p, "weight_orig"):
