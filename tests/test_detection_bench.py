@@ -34,12 +34,13 @@ def test_summary_aggregates_seeds_and_joins_the_latency_phase(tmp_path):
             dict(base, method="recover/bn", seed=0, map50_95=None, map50=None, model_file=None),
             {"method": "tp/l2 yolov8n", "target": 0.5, "seed": 0, "error": "RuntimeError: C2f"}]
     runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    timed = {"dense-yolov8n": {"ms": 10.0, "spread": 0.1}, "ours-l2-0.5": {"ms": 5.0, "spread": 0.2}}
     latency.write_text(json.dumps({"rounds": 3, "calls": 2, "environment": {"torch": "t"},
-                                   "models": {"dense-yolov8n": {"ms": 10.0, "spread": 0.1},
-                                              "ours-l2-0.5": {"ms": 5.0, "spread": 0.2}}}))
+                                   "threads": {"1": timed, "2": dict(timed, **{
+                                       "ours-l2-0.5": {"ms": 8.0, "spread": 0.2}})}}))
     text = write_summary(runs, latency, tmp_path / "detection", run.FULL)
     line = next(l for l in text.splitlines() if "| ours/l2 |" in l)
-    assert "| 2 |" in line and "45.0 ± 7.1" in line and "2.00x" in line
+    assert "| 2 |" in line and "45.0 ± 7.1" in line and "2.00x" in line and "1.25x" in line
     rec = next(l for l in text.splitlines() if "| recover/bn |" in l)
     assert "| 10.0 |" in rec  # mAP before fine-tuning; no latency, no after-FT mAP
     assert "tp/l2 yolov8n at 50%: RuntimeError: C2f" in text

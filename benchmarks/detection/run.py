@@ -113,14 +113,17 @@ def _latency(models: dict[str, torch.nn.Module], size: int, rounds: int = ROUNDS
 def measure_latency(recipe: Recipe, runs: Path, out: Path) -> dict:
     """The latency phase: every saved final model of ``runs`` against the dense one."""
     rows = [json.loads(l) for l in runs.read_text().splitlines()] if runs.exists() else []
-    torch.set_num_threads(os.cpu_count() or 1)  # Ultralytics' import pins OMP to cores - 1
     models = {}
     for r in rows:
         for file in (r.get("dense_file"), r.get("model_file")):
             if file and Path(file).exists() and Path(file).stem not in models:
                 models[Path(file).stem] = torch.load(file, weights_only=False)
+    by_threads = {}
+    for threads in sorted({1, os.cpu_count() or 1}):  # (Ultralytics' import pins OMP to cores - 1)
+        torch.set_num_threads(threads)
+        by_threads[str(threads)] = _latency(models, recipe.imgsz)
     result = {"environment": environment(), "rounds": ROUNDS, "calls": CALLS, "batch": 1,
-              "imgsz": recipe.imgsz, "models": _latency(models, recipe.imgsz)}
+              "imgsz": recipe.imgsz, "threads": by_threads}
     out.write_text(json.dumps(result, indent=1))
     return result
 

@@ -31,13 +31,15 @@ def _stem(path) -> str:
 def write_summary(runs: Path, latency: Path, stem: Path, recipe) -> str:
     rows = [json.loads(l) for l in runs.read_text().splitlines()] if runs.exists() else []
     lat = json.loads(latency.read_text()) if latency.exists() else {}
-    timed = lat.get("models", {})
+    by_threads = lat.get("threads") or ({"?": lat["models"]} if "models" in lat else {})
     ok = [r for r in rows if "error" not in r]
     for r in ok:
-        mine, dense = timed.get(_stem(r.get("model_file"))), timed.get(_stem(r.get("dense_file")))
-        r["latency_ms"] = mine and mine["ms"]
-        r["latency_spread"] = mine and mine["spread"]
-        r["dense_latency_ms"] = dense and dense["ms"]
+        for t, timed in by_threads.items():
+            mine = timed.get(_stem(r.get("model_file")))
+            dense = timed.get(_stem(r.get("dense_file")))
+            r[f"latency_ms_t{t}"] = mine and mine["ms"]
+            r[f"latency_spread_t{t}"] = mine and mine["spread"]
+            r[f"dense_latency_ms_t{t}"] = dense and dense["ms"]
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
         groups.setdefault((r["target"], r["method"]), []).append(r)
@@ -52,20 +54,24 @@ def write_summary(runs: Path, latency: Path, stem: Path, recipe) -> str:
           "", f"Latency: CPU, eager, batch 1, {lat.get('rounds', '?')} interleaved rounds of "
           f"{lat.get('calls', '?')} calls, median (spread = interquartile range / median of the rounds); "
           f"torch {env.get('torch', '?')}, {env.get('cpu', '?')}, {env.get('cores', '?')} cores, "
-          f"{env.get('threads', '?')} threads; taken after all training, nothing else running.",
+          f"at {' and '.join(by_threads) or '?'} threads; taken after all training, nothing else "
+          "running. Speedup = the model's own dense model's latency / its latency.",
           "", "| target | method | seeds | FLOPs kept | params kept | mAP50-95 before FT | "
-          "mAP50-95 | mAP50 | latency ms (spread) | dense ms | speedup |",
-          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "mAP50-95 | mAP50 | " + " | ".join(f"ms at {t} thr. (spread) | speedup"
+                                                for t in by_threads) + " |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * len(by_threads)]
     for (target, method), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         r = rs[0]
-        ms, dense_ms = r["latency_ms"], r["dense_latency_ms"]
-        speed = dense_ms / ms if ms and dense_ms else None
-        lat_cell = f"{ms:.2f} ({100 * r['latency_spread']:.0f}%)" if ms else "–"
+        cells = []
+        for t in by_threads:
+            ms, dense_ms = r[f"latency_ms_t{t}"], r[f"dense_latency_ms_t{t}"]
+            cells.append(f"{ms:.2f} ({100 * r[f'latency_spread_t{t}']:.0f}%)" if ms else "–")
+            cells.append(f"{dense_ms / ms:.2f}x" if ms and dense_ms else "–")
         md.append(f"| {100 * target:.0f}% | {method} | {len(rs)} | {_f(r['flops_kept'])}% | "
                   f"{_f(r['params_kept'])}% | {_ms([x['map50_95_before'] for x in rs])} | "
                   f"{_ms([x['map50_95'] for x in rs])} | {_ms([x['map50'] for x in rs])} | "
-                  f"{lat_cell} | {_f(dense_ms, 1, 2)} | {_f(speed, 1, 2)}x |")
-    errors = [r for r in rows if "error" in r]
+                  + " | ".join(cells) + " |")
+    errors = list({(r["method"], r["target"]): r for r in rows if "error" in r}.values())
     if errors:
         md += ["", "Failed runs (a result, not a crash of the benchmark):", ""]
         md += [f"- {r['method']} at {100 * r['target']:.0f}%: {r['error']}" for r in errors]
