@@ -298,6 +298,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--resume", action="store_true", help="skip rows already written")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="fine-tuning / scratch seeds (default: the recipe's, 0)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only jobs whose method is one of these (e.g. ours/taylor scratch)")
+    parser.add_argument("--targets", type=float, nargs="+", default=None,
+                        help="only jobs at these FLOPs targets")
     parser.add_argument("--no-latency", action="store_true",
                         help="skip the latency phase (take it later on a quiet machine)")
     parser.add_argument("--latency-only", action="store_true",
@@ -315,7 +319,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     runs = RESULTS / f"{stem}_runs.jsonl"
     latency = RESULTS / f"{stem}_latency.json"
     if not args.latency_only:
-        _train_all(recipe, runs, stem, resume=args.resume)
+        keep = lambda job: ((args.methods is None or job[0] in args.methods)
+                            and (args.targets is None or job[1] in args.targets))
+        _train_all(recipe, runs, stem, resume=args.resume, keep=keep)
     if not args.no_latency:
         print("latency phase (keep the machine quiet) ...")
         measure_latency(recipe, runs, latency)
@@ -324,7 +330,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(write_summary(runs, latency, RESULTS / stem, recipe))
 
 
-def _train_all(recipe: Recipe, runs: Path, stem: str, resume: bool) -> None:
+def _train_all(recipe: Recipe, runs: Path, stem: str, resume: bool, keep=lambda job: True
+               ) -> None:
     done = set()
     if resume and runs.exists():
         done = {(r["method"], r["target"], r.get("seed", 0))
@@ -336,11 +343,16 @@ def _train_all(recipe: Recipe, runs: Path, stem: str, resume: bool) -> None:
         from .digits import make_dataset
 
         make_dataset(data_dir, n_train=recipe.n_train, n_val=recipe.n_val, imgsz=recipe.imgsz)
-    (RESULTS / f"{stem}_recipe.json").write_text(json.dumps(
-        {"recipe": asdict(recipe), "environment": environment()}, indent=1))
+    record = RESULTS / f"{stem}_recipe.json"
+    entry = {"recipe": asdict(recipe), "environment": environment()}
+    if resume and record.exists():  # keep the first run's recipe; list what resumed it
+        old = json.loads(record.read_text())
+        old.setdefault("resumed", []).append(entry)
+        entry = old
+    record.write_text(json.dumps(entry, indent=1))
     from tqdm import tqdm
 
-    todo = [j for j in jobs(recipe) if j not in done]
+    todo = [j for j in jobs(recipe) if j not in done and keep(j)]
     with open(runs, "a") as out:
         for method, target, seed in tqdm(todo, desc="detection", unit="job"):
             try:
