@@ -78,7 +78,8 @@ def _curves(table: Any, width: int = 1000, height: int = 320) -> str:
         return '<p class="muted">empty table</p>'
     values = [table.baseline] + [m for c in curves for m in c.metric]
     lo, hi = min(values), max(values)
-    hi = hi if hi > lo else lo + 1.0
+    pad = 0.05 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 0.05  # a flat scan sits mid-plot
+    lo, hi = lo - pad, hi + pad
     left, right, top, bottom = 60, 260, 12, 34
     pw, ph = width - left - right, height - top - bottom
 
