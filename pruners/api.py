@@ -33,7 +33,7 @@ from .plan import Plan, apply_plan
 from .recovery import adopt_state, check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
-from .report import GroupChange, PruneReport, block_costs, layer_changes, measure
+from .report import GroupChange, PruneReport, block_costs, layer_changes, measure_modules
 from .verify import VerifyResult, run_model, verify
 
 __all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
@@ -406,9 +406,9 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         recovery = recover(work, pruned, planned.plan, opts.calibration, opts.recover,
                            example_kwargs=kwargs, outputs=opts.outputs)
         clock.lap("recover")
-    flops0, params0 = measure(work, example_inputs, kwargs)
-    flops1, params1 = measure(pruned, example_inputs, kwargs)
-    blocks = block_costs(work, pruned, example_inputs, kwargs)
+    flops0, params0, per_module0 = measure_modules(work, example_inputs, kwargs)
+    flops1, params1, per_module1 = measure_modules(pruned, example_inputs, kwargs)
+    blocks = block_costs(work, pruned, per_module0, per_module1)
     clock.lap("measure")
 
     graph, removed = planned.graph, set(planned.removed)

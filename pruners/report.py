@@ -85,25 +85,20 @@ class BlockCost:
     params_after: int
 
 
-def _module_flops(model: nn.Module, example_inputs: Any, kwargs: Optional[dict]
-                  ) -> tuple[int, dict[str, int]]:
-    """Total FLOPs and FLOPs per submodule name (``""`` is the model)."""
-    counter = _count(model, example_inputs, kwargs)
-    out = {}
-    for key, ops in counter.get_flop_counts().items():
-        if key == "Global":
-            continue
-        name = key.partition(".")[2]  # the counter prefixes the root's class name
-        out[name] = sum(ops.values())
-    return counter.get_total_flops(), out
+def measure_modules(model: nn.Module, example_inputs: Any,
+                    example_kwargs: Optional[dict] = None) -> tuple[int, int, dict[str, int]]:
+    """:func:`measure` plus the FLOPs of every submodule by name, from the same pass."""
+    counter = _count(model, example_inputs, example_kwargs)
+    per_module = {key.partition(".")[2]: sum(ops.values())  # the counter prefixes the root's
+                  for key, ops in counter.get_flop_counts().items() if key != "Global"}  # class
+    return (counter.get_total_flops(), sum(p.numel() for p in model.parameters()), per_module)
 
 
-def block_costs(before: nn.Module, after: nn.Module, example_inputs: Any,
-                example_kwargs: Optional[dict] = None) -> list[BlockCost]:
-    """Costs per block before and after, at the shallowest depth with at least 3 blocks
-    (``layer1``..``layer4`` of a ResNet; ``model.0``..``model.22`` of a YOLO)."""
-    _, f0 = _module_flops(before, example_inputs, example_kwargs)
-    _, f1 = _module_flops(after, example_inputs, example_kwargs)
+def block_costs(before: nn.Module, after: nn.Module, flops_before: dict[str, int],
+                flops_after: dict[str, int]) -> list[BlockCost]:
+    """Costs per block before and after (``flops_*`` from :func:`measure_modules`), at the
+    shallowest depth with at least 3 blocks (``layer1``..``layer4`` of a ResNet;
+    ``model.0``..``model.22`` of a YOLO)."""
     names = [n for n, _ in before.named_modules() if n]
     depth = 1
     while depth < 6 and len([n for n in names if n.count(".") == depth - 1]) < 3:
@@ -113,8 +108,9 @@ def block_costs(before: nn.Module, after: nn.Module, example_inputs: Any,
     def params(model: nn.Module, prefix: str) -> int:
         return sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix + "."))
 
-    return [BlockCost(b, f0.get(b, 0), f1.get(b, 0), params(before, b), params(after, b))
-            for b in blocks if f0.get(b, 0) or params(before, b)]
+    return [BlockCost(b, flops_before.get(b, 0), flops_after.get(b, 0), params(before, b),
+                      params(after, b))
+            for b in blocks if flops_before.get(b, 0) or params(before, b)]
 
 
 @dataclass(frozen=True)
@@ -202,7 +198,6 @@ class PruneReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["recovery"] = self.recovery.to_dict() if self.recovery else None
         data.update(flops_ratio=self.flops_ratio, params_ratio=self.params_ratio,
                     verify=str(self.verify) if self.verify else None)
         return data
