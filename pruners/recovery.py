@@ -125,12 +125,14 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is module), "?")
 
 
-def _output_error(dense: nn.Module, pruned: nn.Module, batches: list, kwargs, outputs) -> float:
-    """sum ||y_pruned - y_dense||^2 / sum ||y_dense||^2 over the contract outputs."""
+def _output_error(reference: list[list[torch.Tensor]], pruned: nn.Module, batches: list,
+                  kwargs, outputs) -> float:
+    """sum ||y_pruned - y_dense||^2 / sum ||y_dense||^2 over the contract outputs;
+    ``reference`` holds the dense outputs of each batch (computed once: the dense model does
+    not change)."""
     num = den = 0.0
-    for batch in batches:
-        for a, b in zip(run_model(dense, batch, outputs, kwargs),
-                        run_model(pruned, batch, outputs, kwargs)):
+    for dense_out, batch in zip(reference, batches):
+        for a, b in zip(dense_out, run_model(pruned, batch, outputs, kwargs)):
             if a.shape != b.shape or not a.is_floating_point():
                 continue
             num += float((b.double() - a.double()).pow(2).sum())
@@ -230,8 +232,8 @@ def _channel_mean(x: torch.Tensor, linear: bool) -> tuple[torch.Tensor, int]:
     return flat.double().sum(0), flat.shape[0]
 
 
-def _bias(dense, pruned, consumers, batches, kwargs, feeds, added) -> tuple[list[str], list[str]]:
-    changed, skipped = [], []
+def _bias(dense, pruned, consumers, batches, kwargs, feeds, added) -> list[str]:
+    changed = []
     pruned_mods = dict(pruned.named_modules())
     by_producer = {src: bn for bn, src in feeds.items()}
     sums: dict[str, list] = {c.name: [0.0, 0] for c in consumers}
@@ -270,7 +272,7 @@ def _bias(dense, pruned, consumers, batches, kwargs, feeds, added) -> tuple[list
             target.bias = nn.Parameter(delta.to(target.weight.dtype))
             added.append(target)
             changed.append(f"{c.name} (bias added)")
-    return changed, skipped
+    return changed
 
 
 def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -497,15 +499,15 @@ def recover(original: nn.Module, pruned: nn.Module, plan: Plan, calibration: Ite
         order, calls, feeds = _trace_calls(original, batches[0], example_kwargs)
         consumers, skipped = _consumers(original, pruned, plan, order, calls)
         steps: list[RecoveryStep] = []
-        error = _output_error(original, pruned, batches, example_kwargs, outputs)
+        reference = [run_model(original, b, outputs, example_kwargs) for b in batches]
+        error = _output_error(reference, pruned, batches, example_kwargs, outputs)
         for method in todo:
             start = time.perf_counter()
             samples = sum(_batch_size(b) for b in batches)
             notes = list(skipped)
             if method == "bias":
-                changed, more = _bias(original, pruned, consumers, batches, example_kwargs,
-                                      feeds, added)
-                notes += more
+                changed = _bias(original, pruned, consumers, batches, example_kwargs, feeds,
+                                added)
             elif method == "reconstruct":
                 changed, more, samples = _reconstruct(original, pruned, consumers, batches,
                                                       example_kwargs, ridge, max_positions)
@@ -515,7 +517,7 @@ def recover(original: nn.Module, pruned: nn.Module, plan: Plan, calibration: Ite
                 notes = [] if changed else ["the model has no BatchNorm with running statistics"]
             if not changed and method != "bn":
                 notes.append("no conv/linear lost input channels: nothing to fix")
-            after = _output_error(original, pruned, batches, example_kwargs, outputs)
+            after = _output_error(reference, pruned, batches, example_kwargs, outputs)
             steps.append(RecoveryStep(method, round(time.perf_counter() - start, 3), samples,
                                       error, after, changed, notes))
             error = after
