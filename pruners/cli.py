@@ -125,11 +125,8 @@ def _run(args: argparse.Namespace) -> str:
 
                     opts["calibration"] = image_batches(args.calibration,
                                                         imgsz=opts.get("imgsz", 640))
-                elif args.calibration:  # a dataset YAML: the trainer's preprocessing
-                    from .integrations.ultralytics import yolo_batches
-
-                    opts["calibration"] = [b["img"] for b in yolo_batches(
-                        args.calibration, task=model.task, imgsz=opts.get("imgsz", 640))]
+                elif args.calibration:  # a dataset YAML: prune_yolo reads it as the trainer does
+                    opts["calibration"] = args.calibration
             small, result = prune_yolo(model, **target, **opts)
             size = small.model.pruning["imgsz"]
             net = small.model

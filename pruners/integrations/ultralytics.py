@@ -147,7 +147,7 @@ def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
         imgsz: the example input's size (also the calibration images').
         **options: the rest of :class:`pruners.PruneOptions`; ``recover=`` ("bn", "bias",
             "reconstruct") takes its calibration images from ``data`` unless
-            ``calibration=`` is given.
+            ``calibration=`` is given (batches, or another dataset YAML to read them from).
 
     The output contract is each task's predictions (detect, segment, pose, obb, classify), so
     no layer list is needed. The user's ``YOLO`` object is not changed.
@@ -173,6 +173,9 @@ def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
         options.update(data=loaded, loss_fn=yolo_loss)
     if wants_images:
         options["calibration"] = [b["img"] for b in loaded]
+    elif isinstance(options.get("calibration"), str):  # a dataset YAML of its own
+        options["calibration"] = [b["img"] for b in yolo_batches(
+            options["calibration"], task=task, imgsz=size, batch=batch, batches=batches)]
     net = yolo.model
     was_training = net.training
     x = torch.randn(1, 3, size, size, device=next(net.parameters()).device)
