@@ -14,27 +14,21 @@ import torch
 from .models import Bench, build as build_bench
 
 DETECTION = {
-    # name: (builder in torchvision.models.detection / .segmentation, image size, verify_at)
-    "retinanet_resnet50_fpn": ("detection", 512, ["head"]),
-    "fcos_resnet50_fpn": ("detection", 512, ["head"]),
-    "ssd300_vgg16": ("detection", 300, ["head"]),
-    "ssdlite320_mobilenet_v3_large": ("detection", 320, ["head"]),
-    "fasterrcnn_resnet50_fpn": ("detection", 512, ["backbone", "rpn.head"]),
-    "fasterrcnn_mobilenet_v3_large_fpn": ("detection", 512, ["backbone", "rpn.head"]),
-    "maskrcnn_resnet50_fpn": ("detection", 512, ["backbone", "rpn.head"]),
-    "keypointrcnn_resnet50_fpn": ("detection", 512, ["backbone", "rpn.head"]),
-    "fcn_resnet50": ("segmentation", 256, None),
-    "deeplabv3_resnet50": ("segmentation", 256, None),
-    "lraspp_mobilenet_v3_large": ("segmentation", 256, None),
+    # name: (builder in torchvision.models.detection / .segmentation, image size). Defaults
+    # only: prune() finds where the detectors' values become data-dependent (top-k, NMS) and
+    # verifies and counts FLOPs before it (depgraph.boundary).
+    "retinanet_resnet50_fpn": ("detection", 512),
+    "fcos_resnet50_fpn": ("detection", 512),
+    "ssd300_vgg16": ("detection", 300),
+    "ssdlite320_mobilenet_v3_large": ("detection", 320),
+    "fasterrcnn_resnet50_fpn": ("detection", 512),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("detection", 512),
+    "maskrcnn_resnet50_fpn": ("detection", 512),
+    "keypointrcnn_resnet50_fpn": ("detection", 512),
+    "fcn_resnet50": ("segmentation", 256),
+    "deeplabv3_resnet50": ("segmentation", 256),
+    "lraspp_mobilenet_v3_large": ("segmentation", 256),
 }
-
-#: Two-stage detectors run their RoI heads once per proposal and per detection, and how many
-#: survive the score threshold and NMS depends on the weights: pruning random weights changes
-#: the count, and with it the FLOPs FlopCounterMode sees. With NMS and the score threshold
-#: open, every image yields the full budget (1000 proposals, 100 detections), so FLOPs are
-#: those of the worst case and comparable before and after pruning.
-RCNN_FIXED_COUNTS = {"rpn_nms_thresh": 1.0, "box_score_thresh": -1.0, "box_nms_thresh": 1.0,
-                     "box_detections_per_img": 100}
 
 ULTRALYTICS = ["yolov3u", "yolov5nu", "yolov5su", "yolov6n", "yolov6s", "yolov8n", "yolov8s",
                "yolov8n-seg", "yolov8n-pose", "yolov8n-obb", "yolov8n-cls", "yolov9t", "yolov9s",
@@ -89,18 +83,16 @@ def build(name: str) -> tuple[Bench, dict[str, Any]]:
     if source == "tvdet":
         import torchvision
 
-        kind, size, at = DETECTION[model]
+        kind, size = DETECTION[model]
         extra = {"weights_backbone": None}
         if kind == "detection" and not model.startswith("ssd"):  # SSDs fix their own size
             extra.update(min_size=size, max_size=size)
-        if "rcnn" in model:  # see RCNN_FIXED_COUNTS
-            extra.update(RCNN_FIXED_COUNTS)
         if model.startswith(("fcn", "deeplab")):
             extra["aux_loss"] = False
         net = getattr(getattr(torchvision.models, kind), model)(weights=None, **extra).eval()
         inputs: Any = ([torch.rand(3, size, size)] if kind == "detection"
                        else torch.randn(1, 3, size, size))
-        return Bench(name, net, inputs), {"verify_at": at}
+        return Bench(name, net, inputs), {}
     if source == "yolo":
         bench = build_bench(model if model.startswith("yolo") else "yolov8n")
         if not model.startswith("yolo"):  # RT-DETR
@@ -108,12 +100,7 @@ def build(name: str) -> tuple[Bench, dict[str, Any]]:
 
             net = RTDETR(f"{model}.yaml").model.eval()
             bench = Bench(name, net, torch.randn(1, 3, 640, 640), bench.outputs)
-            # Its decoder keeps the top-k of 8400 anchor scores: float noise reorders near-ties,
-            # so outputs are compared where every anchor is still present (as for torchvision's
-            # detectors): the decoder's input projections and its per-anchor encoder output.
-            head = f"model.{len(net.model) - 1}"
-            return bench, {"verify_at": [f"{head}.input_proj.{i}" for i in range(3)] + [
-                f"{head}.{m}" for m in ("enc_output", "enc_score_head")]}
+            return bench, {}
         size = 224 if model.endswith("-cls") else 640
         bench.inputs = torch.randn(1, 3, size, size)
         if model.endswith("-cls"):

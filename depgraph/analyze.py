@@ -87,17 +87,25 @@ def analyze(cap: Capture) -> ChannelGraph:
         if node.op != "call_function":
             continue
         inputs = _map_args(list(node.args), env)
+        # capture normalised arguments to schema positions: what is left in kwargs is
+        # keyword-only, which rules do not read, so channels there freeze (fail closed)
+        keyword = {k: m for k, m in zip(node.kwargs, _map_args(list(node.kwargs.values()), env))
+                   if any(True for _ in _arrays(m))}
         is_activation = any(n.name in activation for n in _inputs_of(node))
         if is_activation:
             activation.add(node.name)
-        if not any(True for _ in _arrays(inputs)):
+        if not any(True for _ in _arrays(inputs)) and not keyword:
             continue  # no channel flows in: nothing to do (constants, shapes, index math)
         rule = lookup(node.target)
         ctx.node = node
         try:
             if rule is None:
-                value = _barrier(ctx, node, inputs)
+                value = _barrier(ctx, node, inputs + list(keyword.values()))
             else:
+                if keyword:
+                    ctx.freeze(list(keyword.values()),
+                               f"{ctx.where()} takes channels by keyword-only argument "
+                               f"{', '.join(keyword)}, which its rule does not read")
                 value = _apply(ctx, rule, node, inputs)
         except AnalysisError:
             raise

@@ -171,8 +171,10 @@ def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
 
     # Values read in Python (a detector's box count, a branch on a mean) are fixed at the
     # example's values, as its shapes are; checked below.
-    gm = make_fx(run, tracing_mode="real", pre_dispatch=True,
-                 _error_on_data_dependent_ops=False)(params, buffers, args, kwargs)
+    with _module_calls(model) as calls:
+        gm = make_fx(run, tracing_mode="real", pre_dispatch=True,
+                     _error_on_data_dependent_ops=False)(params, buffers, args, kwargs)
+    _set_module_stacks(gm.graph, calls)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     flat_p = pytree.tree_leaves(params)
     flat_b = pytree.tree_leaves(buffers)
@@ -201,6 +203,52 @@ def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
                      "parameter is used")
     return Capture(gm.graph, param_names, input_names, outputs, "concrete",
                    buffers=set(buffers), notes=notes)
+
+
+@contextlib.contextmanager
+def _module_calls(model: torch.nn.Module):
+    """Record (module name, type, first node, end node) of every submodule call while make_fx
+    traces: nodes are created in call order, so a call owns the nodes made during it."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    names = {id(m): n for n, m in model.named_modules() if n}
+    calls: list[tuple[str, type, int, int]] = []
+    open_calls: list[tuple[str, int]] = []
+
+    def count() -> int:
+        mode = get_proxy_mode()
+        return len(mode.tracer.graph.nodes) if mode is not None else -1
+
+    def enter(module: torch.nn.Module, _args: Any) -> None:
+        if id(module) in names:
+            open_calls.append((names[id(module)], count()))
+
+    def leave(module: torch.nn.Module, _args: Any, _out: Any) -> None:
+        if id(module) in names and open_calls:
+            name, start = open_calls.pop()
+            calls.append((name, type(module), start, count()))
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+             torch.nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _set_module_stacks(graph: torch.fx.Graph, calls: list) -> None:
+    """``nn_module_stack`` metadata as torch.export writes it (outermost first), from calls."""
+    nodes = list(graph.nodes)
+    stacks: list[dict] = [{} for _ in nodes]
+    for name, kind, start, end in sorted((c for c in calls if c[2] >= 0),
+                                         key=lambda c: (c[2], -c[3])):
+        path = f"L['self'].model.{name}"
+        for i in range(start, min(end, len(nodes))):
+            stacks[i][path] = (path, kind)
+    for node, stack in zip(nodes, stacks):
+        if stack and "nn_module_stack" not in node.meta:
+            node.meta["nn_module_stack"] = stack
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, *,
@@ -236,12 +284,46 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
     kwargs = dict(example_kwargs or {})
     with _attributes_restored(model):
         cap = _capture(model, args, kwargs, outputs, method)
+    normalize_arguments(cap.graph)
     cap.fixed = fixed_params(model)
     cap.aliases = _aliases(model)
     # one name per tensor: a tied weight's placeholders all name its first FQN
     cap.param_names = {k: cap.aliases.get(v, v) for k, v in cap.param_names.items()}
     cap.buffers = {cap.aliases.get(b, b) for b in cap.buffers}
     return cap
+
+
+def normalize_arguments(graph: torch.fx.Graph) -> None:
+    """Put every aten call's arguments in its schema's positions, in place.
+
+    Rules read arguments by position; the tracers pass some by keyword (``other=``,
+    ``dim=``) and leave defaults out. After this, every positional parameter of the overload
+    is in ``node.args`` (defaults filled in) and ``node.kwargs`` holds only keyword-only ones,
+    so a rule cannot miss a tensor given by keyword or read ``ord`` where it meant ``dim``.
+    """
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        normalized = _by_schema(node.target._schema, node.args, node.kwargs)
+        if normalized is not None and normalized != (tuple(node.args), dict(node.kwargs)):
+            node.args, node.kwargs = normalized
+
+
+def _by_schema(schema: Any, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+    kwargs = dict(kwargs)
+    out = []
+    for i, param in enumerate(a for a in schema.arguments if not a.kwarg_only):
+        if i < len(args):
+            out.append(args[i])
+        elif param.name in kwargs:
+            out.append(kwargs.pop(param.name))
+        elif param.has_default_value():
+            out.append(param.default_value)
+        else:
+            return None  # not a call of this schema: leave it as traced
+    if len(args) > len(out):
+        return None
+    return tuple(out), kwargs
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, str]:

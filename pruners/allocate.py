@@ -55,11 +55,18 @@ class Target:
 
 
 class _State:
-    """Kept width of every channel dim, updated one unit at a time."""
+    """Kept width of every channel dim, updated one unit at a time.
 
-    def __init__(self, graph: ChannelGraph, cost: CostModel) -> None:
+    Every dim keeps at least ``min_channels`` and ``1 - max_ratio`` of its width, whatever
+    the coupling: a conv whose outputs join a concat shares its group with the other inputs,
+    and the group-level ``max_ratio`` alone would let it shrink to one channel.
+    """
+
+    def __init__(self, graph: ChannelGraph, cost: CostModel, min_channels: int = 1,
+                 max_ratio: float = 1.0) -> None:
         self.cost = cost
         self.kept = cost.sizes.copy()
+        self.floor = np.maximum(min_channels, cost.sizes - np.floor(max_ratio * cost.sizes))
         index = {k: i for i, k in enumerate(cost.keys)}
         self.unit_keys: list[list[tuple[int, int]]] = [[] for _ in graph.units]
         for key, ids in cost.index.items():
@@ -67,12 +74,12 @@ class _State:
             for u, n in zip(*np.unique(present, return_counts=True)):
                 self.unit_keys[int(u)].append((index[key], int(n)))
 
-    def allows(self, units: list[int], min_channels: int) -> bool:
+    def allows(self, units: list[int]) -> bool:
         need: dict[int, int] = {}
         for u in units:
             for k, n in self.unit_keys[u]:
                 need[k] = need.get(k, 0) + n
-        return all(self.kept[k] - n >= min_channels for k, n in need.items())
+        return all(self.kept[k] - n >= self.floor[k] for k, n in need.items())
 
     def remove(self, units: list[int], sign: int = 1) -> None:
         for u in units:
@@ -95,8 +102,8 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
     (``prune_iteratively`` passes one); protected units are never removed.
 
     ``free`` units (dead channels: ``ChannelGraph.dead_units``) are removed first, outside
-    ``round_to`` and ``max_ratio``, whenever no layer dim falls under ``min_channels``; the
-    rest is allocated on top of them.
+    ``round_to``, as far as no layer dim falls under its floor (``min_channels`` and
+    ``1 - max_ratio`` of its width); the rest is allocated on top of them.
 
     Raises:
         InfeasibleTargetError: the target cannot be met; the message states the smallest
@@ -111,9 +118,8 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
     if round_to < 1 or min_channels < 1 or not 0 < max_ratio <= 1:
         raise ValueError("need round_to >= 1, min_channels >= 1 and 0 < max_ratio <= 1")
     protected = protected or set()
-    dead = sorted(set(free or ()) - protected)
-    if dead and not _State(graph, cost).allows(dead, min_channels):
-        dead = []
+    dead = _dead_within_floors(_State(graph, cost, min_channels, max_ratio),
+                               sorted(set(free or ()) - protected))
     if callable(strategy):  # a policy of the caller's: (graph, scores, cost, target) -> units
         chosen = {int(u) for u in strategy(graph, scores, cost, target)}
         bad = [u for u in chosen if not 0 <= u < len(graph.units)]
@@ -126,13 +132,25 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
                   if strategy != "sensitivity" or g.id in losses}
     if target.kind == "channels":
         return sorted(dead + _uniform(graph, cost, candidates, target.value, round_to,
-                                      min_channels, dead))
+                                      min_channels, dead, max_ratio))
     if strategy == "uniform":
         return sorted(dead + _uniform_to_cost(graph, cost, candidates, target, round_to,
                                               min_channels, max_ratio, dead))
     key = _sensitivity_key(graph, cost, target, losses) if strategy == "sensitivity" else None
     return _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio,
                    dead, key)
+
+
+def _dead_within_floors(state: _State, dead: list[int]) -> list[int]:
+    """The dead units that can go without any dim falling under its floor (in id order)."""
+    if state.allows(dead):
+        return dead
+    out = []
+    for u in dead:
+        if state.allows([u]):
+            state.remove([u])
+            out.append(u)
+    return out
 
 
 def _sensitivity_key(graph: ChannelGraph, cost: CostModel, target: Target,
@@ -178,7 +196,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
             return float(np.mean(scores[chunk]))
         return key(gid, sum(len(c) for c in chunks[gid][:i]), chunk)
 
-    state = _State(graph, cost)
+    state = _State(graph, cost, min_channels, max_ratio)
     full = cost.full()
     state.remove(dead)
     if state.ratio(target.kind, full) <= target.value:
@@ -196,7 +214,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
     while heap:
         _, gid, i = heapq.heappop(heap)
         chunk = chunks[gid][i]
-        if state.allows(chunk, min_channels):
+        if state.allows(chunk):
             state.remove(chunk)
             ratio = state.ratio(target.kind, full)
             if ratio <= target.value:
@@ -251,7 +269,7 @@ def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Targe
             for extra in range(len(scores)):
                 if budget <= 0 or extra in current or extra == back:
                     continue
-                if not state.allows([extra], min_channels):
+                if not state.allows([extra]):
                     continue
                 state.remove([extra])
                 budget -= 1
@@ -270,9 +288,9 @@ def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Targe
     return sorted(current)
 
 
-def _uniform(graph, cost, candidates, ratio, round_to, min_channels, dead=()):
+def _uniform(graph, cost, candidates, ratio, round_to, min_channels, dead=(), max_ratio=1.0):
     """Every group loses ``ratio`` of its units (``dead`` ones already gone, not returned)."""
-    state = _State(graph, cost)
+    state = _State(graph, cost, min_channels, max_ratio)
     state.remove(list(dead))
     removed: list[int] = []
     for gid, order in candidates.items():
@@ -280,7 +298,7 @@ def _uniform(graph, cost, candidates, ratio, round_to, min_channels, dead=()):
         want = int(np.floor(ratio * n))
         take = []
         for chunk in _chunks(n, order, round_to, want):
-            if not state.allows(take + chunk, min_channels):
+            if not state.allows(take + chunk):
                 break
             take += chunk
         state.remove(take)
@@ -292,7 +310,7 @@ def _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels, ma
     full = cost.full()
 
     def ratio_for(r: float) -> tuple[float, list[int]]:
-        units = _uniform(graph, cost, candidates, r, round_to, min_channels, dead)
+        units = _uniform(graph, cost, candidates, r, round_to, min_channels, dead, max_ratio)
         kept = cost.kept_after(graph, set(units) | set(dead))
         flops, params = cost.evaluate(kept)
         return (flops / full[0] if target.kind == "flops" else params / full[1]), units

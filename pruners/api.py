@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from depgraph import analyze, capture
+from depgraph.boundary import verification_points
 from depgraph.cost import cost_model
 from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
@@ -122,6 +123,8 @@ class PlannedPruning:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     dead: list[int] = field(default_factory=list)  # removed for free (``dead_units``)
+    # modules whose FLOPs the target counts, when a data-dependent tail runs after them
+    counted: tuple[str, ...] = ()
 
 
 def make_target(target_flops: Optional[float] = None, target_params: Optional[float] = None,
@@ -275,7 +278,20 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
     clock.lap("analyze")
     say(f"[prune] {graph}; probing groups the model's code may fix ...")
     notes = list(cap.notes)
-    kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=opts.verify_at)
+    at = opts.verify_at
+    boundary = verification_points(cap) if at is None else None
+    if boundary is not None:
+        at = list(boundary.modules)
+        notes.append(str(boundary))
+        if boundary.tail:
+            # the target counts what runs before the selection, where every value is present
+            graph = dataclasses.replace(graph, layers=[
+                dataclasses.replace(layer, macs=0) if layer.node in boundary.tainted else layer
+                for layer in graph.layers])
+            notes.append(f"{', '.join(boundary.tail)} run once per selected value (proposal, "
+                         f"detection), as many times as survive the selection: FLOPs are "
+                         f"counted and targeted on {', '.join(boundary.modules)}")
+    kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at)
     bad = find_unprunable_groups(
         work, graph, probe_inputs(work, example_inputs, outputs=opts.outputs,
                                   example_kwargs=opts.example_kwargs), **kw)
@@ -333,8 +349,9 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
             if gone:
                 notes.append(f"removed {len(gone)} dead channels for free (dropped by a slice "
                              "and read by nothing)")
+            counted = boundary.modules if boundary is not None and boundary.tail else ()
             return PlannedPruning(plan, graph, removed, target, check, notes,
-                                  clock.seconds, sorted(gone)), pruned
+                                  clock.seconds, sorted(gone), counted), pruned
     raise PruningError("the pruned model still fails after freezing the groups found "
                        "three times; please report this model")
 
@@ -409,6 +426,12 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     flops0, params0, per_module0 = measure_modules(work, example_inputs, kwargs)
     flops1, params1, per_module1 = measure_modules(pruned, example_inputs, kwargs)
     blocks = block_costs(work, pruned, per_module0, per_module1)
+    if planned.counted:
+        whole = flops1 / max(flops0, 1)
+        flops0, flops1 = (sum(per.get(m, 0) for m in planned.counted)
+                          for per in (per_module0, per_module1))
+        planned.notes.append(f"the whole model measured {whole:.4f} of its FLOPs on the example,"
+                             f" with as many proposals/detections as each model kept")
     clock.lap("measure")
 
     graph, removed = planned.graph, set(planned.removed)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from depgraph.errors import VerificationError
+from depgraph.errors import SurgeryError, VerificationError
 from depgraph.graph import ChannelGraph
 
 from .verify import run_model, verify
@@ -68,7 +68,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
             result = verify(model, graph, units, example_inputs, outputs=outputs,
                             example_kwargs=example_kwargs, at=at, rtol=rtol,
                             train_mode=train_mode)
-        except VerificationError as exc:
+        except (VerificationError, SurgeryError) as exc:
             return str(exc)
         if all(graph.units[u].exact for u in units) and not result.ok:
             return f"outputs differ from the masked original ({result})"

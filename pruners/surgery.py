@@ -100,6 +100,29 @@ MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
 ]
 
 
+def _check_no_widths(model: nn.Module, module: nn.Module, new: dict[str, torch.Tensor]) -> None:
+    """SurgeryError when a module no fixer knows holds a changing width in an attribute.
+
+    Its ``forward`` may read ``self.dim`` rather than ``self.weight.shape``; a stale copy
+    would leave the model wrong or broken, so surgery refuses rather than guess.
+    """
+    changed = {old: len_new for name, t in new.items()
+               for old, len_new in zip(getattr(module, name).shape, t.shape) if old != len_new}
+    stale = []
+    for attr, value in vars(module).items():
+        if attr.startswith("_") or attr == "training":
+            continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, int) and not isinstance(v, bool) and v in changed for v in items):
+            stale.append(f"{attr}={value!r}")
+    if stale:
+        name = next((n for n, m in model.named_modules() if m is module), "?")
+        raise SurgeryError(
+            f"{type(module).__name__} '{name}' keeps a width that changes in attribute(s) "
+            f"{', '.join(stale)}, which surgery does not know how to update; register a fixer "
+            f"in pruners.surgery.MODULE_FIXERS (its type -> the attributes to set)")
+
+
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     """id(tensor) -> every (module, attribute, is_param) that holds it (tied weights too)."""
     owners: dict[int, list] = {}
@@ -199,15 +222,16 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
 
     attr_updates: list[tuple[nn.Module, str, Any]] = []
     for module, new in new_by_module.values():
-        for cls, fixer in MODULE_FIXERS:
-            if isinstance(module, cls):
-                try:
-                    attrs = fixer(module, new)
-                except Exception as exc:  # noqa: BLE001
-                    raise SurgeryError(f"could not update the attributes of {type(module).__name__}"
-                                       f": {exc}") from exc
-                attr_updates.extend((module, k, v) for k, v in attrs.items())
-                break
+        fixer = next((f for cls, f in MODULE_FIXERS if isinstance(module, cls)), None)
+        if fixer is None:
+            _check_no_widths(model, module, new)
+            continue
+        try:
+            attrs = fixer(module, new)
+        except Exception as exc:  # noqa: BLE001
+            raise SurgeryError(f"could not update the attributes of {type(module).__name__}"
+                               f": {exc}") from exc
+        attr_updates.extend((module, k, v) for k, v in attrs.items())
 
     # Commit: nothing below can fail for a well-formed module.
     for s in swaps:

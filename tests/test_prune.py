@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from depgraph import CaptureError, PruningError
 from models import MODELS, ValueBranch, build, snapshot, unchanged
@@ -172,3 +173,51 @@ def test_half_the_flops_on_more_real_models(name):
     shapes = [t.shape for t in run_model(model, x, outputs)]
     assert [t.shape for t in run_model(result.model, x, outputs)] == shapes
     assert result.report.verify is not None and result.report.verify.ok
+
+
+class _CatOfUneven(nn.Module):
+    """A wide, weak conv concatenated with a narrow, strong one: one group, two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide, self.narrow = nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(72, 4, 1)
+        with torch.no_grad():
+            self.wide.weight.mul_(1e-3)  # the lowest scores: greedy ranking takes these first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(torch.cat([self.wide(x), self.narrow(x)], 1)))
+
+
+@pytest.mark.parametrize("kwargs, target", [({}, 0.21), ({"max_ratio": 0.5}, 0.6),
+                                            ({"min_channels": 12}, 0.3),
+                                            ({"round_to": 4, "max_ratio": 0.75}, 0.4)])
+def test_max_ratio_and_min_channels_hold_for_every_layer_dim(kwargs, target):
+    model, x = _CatOfUneven().eval(), torch.randn(1, 3, 16, 16)
+    max_ratio, least = kwargs.get("max_ratio", 0.9), kwargs.get("min_channels", 1)
+    result = prune(model, x, target_flops=target, **kwargs)
+    assert result.plan.kept, "something was pruned"
+    for param, dims in result.plan.kept.items():
+        for dim, idx in dims.items():
+            size = result.plan.shapes[param][dim]
+            assert len(idx) >= max(least, size - int(max_ratio * size)), (param, dim, len(idx))
+    assert result.model.wide.out_channels >= max(least, 64 - int(max_ratio * 64))
+
+
+class _SlicedOff(nn.Module):
+    """Only the first channel of ``a`` is read: the other 15 are dead (removed for free)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(1, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)[:, :1])
+
+
+def test_dead_channels_go_only_down_to_the_max_ratio_floor():
+    model, x = _SlicedOff().eval(), torch.randn(1, 3, 8, 8)
+    result = prune(model, x, target_flops=0.9)
+    assert result.model.a.out_channels == 16 - int(0.9 * 16)  # 14 of the 15 dead go
+    assert any("dead channels" in n for n in result.report.notes)
+    assert prune(model, x, target_flops=0.9, max_ratio=1.0).model.a.out_channels == 1

@@ -212,9 +212,11 @@ def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     else:
         ctx.unify(q[-1], k[-1])
         ctx.mark_contracted(q[-1])
-        if ctx.arg(6, "scale") is None and q[-1] is not None:
+        if ctx.arg("scale") is None and q[-1] is not None:
             ctx.mark_inexact(q[-1], f"{ctx.where()} scales scores by 1/sqrt(head width)")
     ctx.freeze([k[-2], v[-2]], f"{ctx.where()} attends over this dim")
+    if len(inputs) > 3:  # a mask added to the scores: its dims are positions, not channels
+        ctx.freeze(inputs[3], f"{ctx.where()} adds this attention mask to the scores")
     batch = broadcast_maps(ctx, [s[:-2] for s in shapes], [m[:-2] for m in (q, k, v)],
                            ctx.out_shape()[:-2])
     # cost: q @ k^T scales with E, (scores) @ v with Ev; L and S are never channels here
@@ -321,7 +323,7 @@ def batch_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 def group_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
     native = node.target.overloadpacket == aten.native_group_norm
-    groups = int(ctx.arg(6 if native else 1, "group" if native else "num_groups"))
+    groups = int(ctx.arg("group", "num_groups"))
     w, b = (inputs[1], inputs[2]) if native else (inputs[2], inputs[3])
     x_shape = ctx.shape(node.args[0])
     xc = x[1] if x is not None else None
@@ -348,7 +350,7 @@ def group_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 @register(aten.layer_norm, aten.native_layer_norm, aten.rms_norm)
 def layer_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
-    k = len(ctx.arg(1, "normalized_shape"))
+    k = len(ctx.arg("normalized_shape"))
     x_shape = ctx.shape(node.args[0])
     params = [m for m in inputs[2:4] if isinstance(m, tuple)]
     for j in range(k):

@@ -24,7 +24,7 @@ _MIXING_REDUCTIONS = [
 
 
 def _reduced_dims(ctx: RuleContext, node, rank: int) -> list[int]:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = ctx.arg("dim")  # by name: norm(x, p, dim) and mean(x, dim) differ in position
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0) \
             or not isinstance(dims, (int, list, tuple)):
         return list(range(rank))
@@ -63,14 +63,14 @@ def mixing_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         return (None,) * len(outs)
     packet = node.target.overloadpacket
     if packet == aten.topk:
-        dim = ctx.arg(2, "dim", -1)
+        dim = ctx.arg("dim", default=-1)
     elif packet in (aten.flip, aten.roll):
-        dims = ctx.arg(1 if packet == aten.flip else 2, "dims", None)
+        dims = ctx.arg("dims")
         dims = [dims] if isinstance(dims, int) else list(dims or range(len(x)))
         ctx.freeze([x[d % len(x)] for d in dims], f"{ctx.where()} reorders this dim")
         return (x,)
     else:
-        dim = ctx.arg(1, "dim", -1)
+        dim = ctx.arg("dim", default=-1)
     d = dim % len(x) if len(x) else 0
     if len(x) and x[d] is not None:
         ctx.freeze(x[d], f"{ctx.where()} mixes values along channels")

@@ -118,11 +118,19 @@ class RuleContext:
     def out_shape(self) -> tuple[int, ...]:
         return self.shape(self.node)
 
-    def arg(self, index: int, name: str, default: Any = None) -> Any:
-        args, kwargs = self.node.args, self.node.kwargs
-        if index < len(args):
-            return args[index]
-        return kwargs.get(name, default)
+    def arg(self, *names: str, default: Any = None) -> Any:
+        """The argument the op's schema calls ``names[0]`` (or an alias, e.g. swapaxes'
+        "axis0" for "dim0"), by name, never by a position that differs across overloads
+        (``linalg_vector_norm(x, ord, dim)`` vs ``mean(x, dim)``). Capture put every
+        positional parameter in its schema position; keyword-only ones are in kwargs."""
+        positions = _positions(self.node.target)
+        for name in names:
+            if name in positions:
+                i = positions[name]
+                return self.node.args[i] if i < len(self.node.args) else default
+            if name in self.node.kwargs:
+                return self.node.kwargs[name]
+        return default
 
     def param(self, value: Any) -> Optional[str]:
         """FQN of the parameter or buffer a node argument is, or None if it is computed."""
@@ -174,6 +182,18 @@ class RuleContext:
         fqn = self.param(weight)
         if fqn is not None:
             self.consumers.append((fqn, dim))
+
+
+_POSITIONS: dict[Any, dict[str, int]] = {}
+
+
+def _positions(target: Any) -> dict[str, int]:
+    """Schema parameter name -> position, for an aten overload (empty for Python targets)."""
+    if target not in _POSITIONS:
+        params = target._schema.arguments if isinstance(target, OpOverload) else []
+        _POSITIONS[target] = {a.name: i for i, a in
+                              enumerate(a for a in params if not a.kwarg_only)}
+    return _POSITIONS[target]
 
 
 def _clean(module: Optional[str]) -> Optional[str]:

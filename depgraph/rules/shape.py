@@ -39,7 +39,7 @@ def getitem_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     tensors = [(n, m) for n, m in zip(node.args[0], inputs[0]) if ctx.shape(n) != (0,)]
     rank = len(ctx.out_shape())
-    dim = _dim(ctx.arg(1, "dim", 0), rank)
+    dim = _dim(ctx.arg("dim", default=0), rank)
     parts = [m[dim] if m is not None else None for _, m in tensors]
     if all(p is None for p in parts):
         cat_atoms = None
@@ -58,7 +58,7 @@ def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 def stack_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     tensors = list(zip(node.args[0], inputs[0]))
     rank = len(ctx.out_shape())
-    dim = _dim(ctx.arg(1, "dim", 0), rank)
+    dim = _dim(ctx.arg("dim", default=0), rank)
     inner = _unify_other_dims(ctx, tensors, None, rank - 1)
     return (tuple(inner[:dim]) + (None,) + tuple(inner[dim:]),)
 
@@ -90,8 +90,7 @@ def split_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     in_shape = ctx.shape(node.args[0])
     rank = len(in_shape)
     packet = node.target.overloadpacket
-    dim_index = {aten.unbind: 1}.get(packet, 2)
-    dim = _dim(ctx.arg(dim_index, "dim", 0), rank)
+    dim = _dim(ctx.arg("dim", default=0), rank)
     if x is None:
         return tuple(None for _ in outs)
     sizes = [int(t.shape[dim]) if packet != aten.unbind else 1 for t in outs]
@@ -123,12 +122,12 @@ def slice_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if x is None:
         return (None,)
     in_shape = ctx.shape(node.args[0])
-    dim = _dim(ctx.arg(1, "dim", 0), len(in_shape))
+    dim = _dim(ctx.arg("dim", default=0), len(in_shape))
     if ctx.out_shape()[dim] == in_shape[dim]:
         return (x,)
     if x[dim] is not None:
-        start, end, step = slice(ctx.arg(2, "start"), ctx.arg(3, "end"),
-                                 ctx.arg(4, "step", 1)).indices(in_shape[dim])
+        start, end, step = slice(ctx.arg("start"), ctx.arg("end"),
+                                 ctx.arg("step", default=1)).indices(in_shape[dim])
         # x[:, :end] keeps the same channels however many follow end: those are dropped (and
         # removable for free if nothing else reads them); the taken ones keep their indices
         taken = x[dim][:end] if start == 0 and step == 1 else x[dim]
@@ -144,10 +143,25 @@ def select_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
     if x is None:
         return (None,)
-    dim = _dim(ctx.arg(1, "dim", 0), len(x))
+    dim = _dim(ctx.arg("dim", default=0), len(x))
     if x[dim] is not None:
         ctx.freeze(x[dim], f"{ctx.where()} picks one channel by a fixed index")
     return (tuple(m for i, m in enumerate(x) if i != dim),)
+
+
+# index_select(x, dim, index): picks entries of dim by a tensor of indices (the top-k positions
+# a detector keeps); picking channels freezes them; every other dim passes through.
+@register(aten.index_select)
+def index_select_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x, index = inputs[0], inputs[2]
+    if index is not None:
+        ctx.freeze(index, f"{ctx.where()} uses channels as indices")
+    if x is None:
+        return (None,)
+    dim = _dim(ctx.arg("dim"), len(x))
+    if x[dim] is not None:
+        ctx.freeze(x[dim], f"{ctx.where()} picks channels by index")
+    return (tuple(None if i == dim else m for i, m in enumerate(x)),)
 
 
 # permute(x, order): out atoms[i] = x atoms[order[i]]
@@ -156,7 +170,7 @@ def permute_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
     if x is None:
         return (None,)
-    order = [_dim(d, len(x)) for d in ctx.arg(1, "dims")]
+    order = [_dim(d, len(x)) for d in ctx.arg("dims")]
     return (tuple(x[d] for d in order),)
 
 
@@ -171,7 +185,7 @@ def transpose_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if node.target.overloadpacket in (aten.t, aten.numpy_T):
         a, b = 0, len(x) - 1
     else:
-        a, b = _dim(ctx.arg(1, "dim0"), len(x)), _dim(ctx.arg(2, "dim1"), len(x))
+        a, b = _dim(ctx.arg("dim0", "axis0"), len(x)), _dim(ctx.arg("dim1", "axis1"), len(x))
     out = list(x)
     out[a], out[b] = out[b], out[a]
     return (tuple(out),)
@@ -318,7 +332,7 @@ def pixel_shuffle_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
     if x is None or x[-3] is None:
         return (None,) if x is None else (tuple(x[:-3]) + (None, None, None),)
-    r2 = int(ctx.arg(1, "upscale_factor")) ** 2
+    r2 = int(ctx.arg("upscale_factor")) ** 2
     blocks = x[-3].reshape(-1, r2)
     for k in range(1, r2):
         ctx.unify(blocks[:, 0], blocks[:, k])
@@ -333,7 +347,7 @@ def pixel_unshuffle_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
     if x is None or x[-3] is None:
         return (None,) if x is None else (tuple(x[:-3]) + (None, None, None),)
-    r2 = int(ctx.arg(1, "downscale_factor")) ** 2
+    r2 = int(ctx.arg("downscale_factor")) ** 2
     ctx.freeze(list(x[-2:]), f"{ctx.where()} treats this dim as spatial")
     return (tuple(x[:-3]) + (np.repeat(x[-3], r2), None, None),)
 
@@ -344,7 +358,7 @@ def pad_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
     if x is None:
         return (None,)
-    pads = list(ctx.arg(1, "pad"))
+    pads = list(ctx.arg("pad"))
     out = list(x)
     for i in range(len(pads) // 2):
         d = len(x) - 1 - i

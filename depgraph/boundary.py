@@ -1,0 +1,144 @@
+"""Where a model's values become data-dependent, and the modules to verify just before.
+
+A detector's tail keeps the top-k scores, thresholds them and runs NMS: which boxes survive
+depends on the values, so float noise between a pruned model and its masked original (1e-7)
+can change the outputs' number and order. Everything computed from such a selection is
+*tainted*. The tensors handed into tainted code are not: comparing them checks every weight
+before the selection exactly. :func:`verification_points` names the outermost untainted
+modules that produce those tensors (a detector's head, an R-CNN's backbone and RPN head), so
+``prune()`` verifies there without being told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx
+
+from .capture import Capture
+
+__all__ = ["Boundary", "verification_points", "DATA_DEPENDENT"]
+
+aten = torch.ops.aten
+
+#: Ops whose result (its size, or which elements it picks) depends on tensor values.
+DATA_DEPENDENT = {
+    "aten.nonzero", "aten.nonzero_static", "aten.topk", "aten.sort", "aten.argsort",
+    "aten.msort", "aten.unique", "aten._unique", "aten._unique2", "aten.unique_dim",
+    "aten.unique_consecutive", "aten.masked_select", "aten._local_scalar_dense", "aten.item",
+    "aten.argmax", "aten.argmin", "aten.kthvalue", "aten.multinomial",
+    "torchvision.nms", "torchvision.batched_nms",
+}
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """``modules``: where to verify (outermost first); ``ops``: the data-dependent ops found,
+    as "op at module" strings; ``tail``: modules with weights computed after a selection
+    (their cost depends on how many values survive it); ``tainted``: the graph nodes computed
+    from a selection."""
+
+    modules: tuple[str, ...]
+    ops: tuple[str, ...]
+    tail: tuple[str, ...]
+    tainted: frozenset[str] = frozenset()
+
+    def __str__(self) -> str:
+        return (f"verified at {', '.join(self.modules)}: the tensors handed to "
+                f"{', '.join(self.ops[:4])}{' ...' if len(self.ops) > 4 else ''}, whose results "
+                "depend on values")
+
+
+def _packet(node: torch.fx.Node) -> str:
+    target = node.target
+    packet = getattr(target, "overloadpacket", target)
+    return str(packet)
+
+
+def _selects(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if _packet(node) in DATA_DEPENDENT:
+        return True
+    if _packet(node) in ("aten.index", "aten.index_put", "aten._unsafe_index"):
+        # x[mask]: a boolean index keeps as many elements as are True
+        indices = node.args[1] if len(node.args) > 1 else []
+        return any(isinstance(i, torch.fx.Node) and isinstance(i.meta.get("val"), torch.Tensor)
+                   and i.meta["val"].dtype == torch.bool for i in indices or [])
+    return False
+
+
+def _stack(node: torch.fx.Node) -> list[str]:
+    from .rules.registry import _clean
+
+    stack = node.meta.get("nn_module_stack") or {}
+    names = [_clean(path) for path, _ in stack.values()]
+    return [n for n in names if n]
+
+
+def verification_points(cap: Capture) -> Optional[Boundary]:
+    """The boundary of ``cap``'s data-dependent tail, or None when it has none (or when no
+    module lies before it to verify at: then the outputs are compared as usual)."""
+    nodes = [n for n in cap.graph.nodes if n.op == "call_function"]
+    tainted: set[torch.fx.Node] = set()
+    sources = []
+    for node in nodes:
+        if _selects(node):
+            tainted.add(node)
+            sources.append(node)
+        elif any(i in tainted for i in node.all_input_nodes):
+            tainted.add(node)
+    if not sources:
+        return None
+    dirty = {m for n in tainted for m in _stack(n)}
+    params = set(cap.param_names)
+
+    chosen: list[str] = []
+    seen: set[torch.fx.Node] = set()
+
+    def claim(node: torch.fx.Node) -> None:
+        """The outermost clean module computing ``node``; else look at what it reads."""
+        if node in seen or node.op != "call_function" or node in tainted:
+            return
+        seen.add(node)
+        clean = [m for m in _stack(node) if m not in dirty]
+        if clean:
+            if not any(clean[0] == c or clean[0].startswith(c + ".") for c in chosen):
+                chosen[:] = [c for c in chosen if not c.startswith(clean[0] + ".")]
+                chosen.append(clean[0])
+            return
+        for arg in node.all_input_nodes:
+            if arg.name not in params:
+                claim(arg)
+
+    for node in nodes:
+        if node not in tainted and any(u in tainted for u in node.users):
+            claim(node)
+    for out in cap.output_nodes:
+        claim(out)
+    owners = {fqn.rpartition(".")[0] for fqn in cap.param_names.values()}
+    chosen = [m for m in chosen if any(o == m or o.startswith(m + ".") for o in owners)]
+    if not chosen:  # only weightless values (anchors) before the selection
+        return None
+    ops = []
+    for node in sources:
+        where = _stack(node)
+        text = f"{_packet(node).split('.')[-1]}" + (f" in {where[-1]}" if where else "")
+        if text not in ops:
+            ops.append(text)
+    # layers with weights that run on selected values, named two levels deep
+    tail = sorted({".".join(_stack(n)[-1].split(".")[:2]) for n in tainted
+                   if _stack(n) and any(a.name in params for a in n.all_input_nodes)})
+    order = {m: i for i, m in enumerate(_first_seen(nodes))}
+    return Boundary(tuple(sorted(chosen, key=lambda m: order.get(m, 0))), tuple(ops),
+                    tuple(tail), frozenset(n.name for n in tainted))
+
+
+def _first_seen(nodes: list[torch.fx.Node]) -> list[str]:
+    out: dict[str, None] = {}
+    for node in nodes:
+        for m in _stack(node):
+            out.setdefault(m, None)
+    return list(out)

@@ -1,0 +1,78 @@
+"""The engine finds where a model's values become data-dependent and verifies just before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from depgraph import capture
+from depgraph.boundary import verification_points
+from models import build
+from pruners import prune
+
+
+class ToyDetector(nn.Module):
+    """Backbone, a score head, then top-k positions whose features a box head reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(64, 32, 1))
+        self.head = nn.Conv2d(32, 1, 1)
+        self.box_head = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.backbone(x)
+        scores = self.head(f).flatten(1)
+        keep = scores[0].topk(8).indices
+        picked = f.flatten(2).transpose(1, 2).index_select(1, keep)
+        return self.box_head(picked), scores
+
+
+def test_the_boundary_is_the_modules_before_the_selection():
+    model, x = ToyDetector().eval(), torch.randn(1, 3, 16, 16)
+    boundary = verification_points(capture(model, x))
+    assert boundary is not None
+    assert boundary.modules == ("backbone", "head")
+    assert boundary.tail == ("box_head.0", "box_head.2")
+    assert any(op.startswith("topk") for op in boundary.ops)
+
+
+def test_a_model_without_selections_has_no_boundary():
+    model, x = build("resnet_basic")
+    assert verification_points(capture(model, x)) is None
+
+
+def test_prune_verifies_at_the_boundary_and_targets_the_flops_before_it():
+    model, x = ToyDetector().eval(), torch.randn(1, 3, 16, 16)
+    result = prune(model, x, target_flops=0.5)
+    notes = " ".join(result.report.notes)
+    assert "verified at backbone, head" in notes and "topk" in notes
+    assert "box_head" in notes  # its FLOPs depend on the count: said, and not targeted
+    assert result.report.verify is not None and result.report.verify.ok
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    assert result.model.backbone[0].out_channels < 64
+    # the verified tensors are compared whole: the backbone's output keeps its width
+    assert result.model.backbone[4].out_channels == 32
+
+
+def test_a_given_verify_at_wins():
+    model, x = ToyDetector().eval(), torch.randn(1, 3, 16, 16)
+    result = prune(model, x, target_flops=0.5, verify_at=["backbone"])
+    assert not any("verified at" in n for n in result.report.notes)
+
+
+@pytest.mark.zoo
+def test_faster_rcnn_prunes_with_defaults():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=256, max_size=256).eval()
+    result = prune(model, ([torch.rand(3, 256, 256)],), target_flops=0.5)
+    assert result.report.verify is not None and result.report.verify.ok
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    assert any("verified at backbone, rpn.head" in n for n in result.report.notes)
+    out = result.model([torch.rand(3, 256, 256)])
+    assert set(out[0]) == {"boxes", "labels", "scores"}
