@@ -34,7 +34,8 @@ from .plan import Plan, apply_plan
 from .recovery import adopt_state, check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
-from .report import GroupChange, PruneReport, block_costs, layer_changes, measure_modules
+from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
+                     python_width_rewrites)
 from .verify import VerifyResult, run_model, verify
 
 __all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
@@ -434,6 +435,11 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
                              f" with as many proposals/detections as each model kept")
     clock.lap("measure")
 
+    rewrites = python_width_rewrites(work, pruned)
+    if rewrites:
+        planned.notes.append(f"rewrote {len(rewrites)} widths held in Python attributes "
+                             f"(verified): {'; '.join(rewrites[:8])}"
+                             + (f"; {len(rewrites) - 8} more" if len(rewrites) > 8 else ""))
     graph, removed = planned.graph, set(planned.removed)
     groups = [GroupChange(g.id, g.layers, len(g.units),
                           sum(1 for u in g.units if u not in removed)) for g in graph.groups]

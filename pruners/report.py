@@ -243,3 +243,23 @@ def layer_changes(before: nn.Module, after: nn.Module) -> list[LayerChange]:
         o, i = (1, 0) if transposed else (0, 1)
         out.append(LayerChange(name, kind, old[o], new[o], old[i], new[i]))
     return out
+
+
+def python_width_rewrites(before: nn.Module, after: nn.Module) -> list[str]:
+    """The int attributes surgery rewrote outside the known layer types (``name.attr: old ->
+    new``): widths the model's Python holds, such as a container's ``splits``."""
+    from .surgery import MODULE_FIXERS, _public_widths
+
+    known = tuple(cls for cls, _ in MODULE_FIXERS)
+    old = {name: _public_widths(m) for name, m in before.named_modules()
+           if not isinstance(m, known)}
+    out = []
+    for name, m in after.named_modules():
+        if name not in old or isinstance(m, known):
+            continue
+        for attr, items in _public_widths(m).items():
+            if attr in old[name] and old[name][attr] != items:
+                value = getattr(m, attr)
+                was = old[name][attr] if isinstance(value, (list, tuple)) else old[name][attr][0]
+                out.append(f"{name or type(after).__name__}.{attr}: {was} -> {value}")
+    return out

@@ -1,7 +1,10 @@
 """Surgery: physically remove pruning units from a model.
 
 Index selection on every parameter and buffer dim a unit owns, then the module attributes that
-describe shapes are fixed. Transactional: every new tensor and attribute is computed first and
+describe shapes are fixed: by the fixer of a known module type (``MODULE_FIXERS``), and for
+other modules by rewriting the int attributes that hold a width that changed (their own
+``self.dim``, a container's ``self.splits``); ``prune()`` verifies the result and reports
+every rewrite. Transactional: every new tensor and attribute is computed first and
 only then swapped in, so a failure leaves the model exactly as it was.
 """
 
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -100,27 +103,99 @@ MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
 ]
 
 
-def _check_no_widths(model: nn.Module, module: nn.Module, new: dict[str, torch.Tensor]) -> None:
-    """SurgeryError when a module no fixer knows holds a changing width in an attribute.
+def _int_items(value: Any) -> Optional[list[int]]:
+    """``value`` as a list of ints when it is an int or a list/tuple of ints (bools aside)."""
+    items = list(value) if isinstance(value, (tuple, list)) else [value]
+    if items and all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        return items
+    return None
 
-    Its ``forward`` may read ``self.dim`` rather than ``self.weight.shape``; a stale copy
-    would leave the model wrong or broken, so surgery refuses rather than guess.
-    """
-    changed = {old: len_new for name, t in new.items()
-               for old, len_new in zip(getattr(module, name).shape, t.shape) if old != len_new}
-    stale = []
-    for attr, value in vars(module).items():
-        if attr.startswith("_") or attr == "training":
+
+def _public_widths(module: nn.Module) -> dict[str, list[int]]:
+    return {attr: items for attr, value in vars(module).items()
+            if not attr.startswith("_") and attr != "training"
+            and (items := _int_items(value)) is not None}
+
+
+def _as_before(old: Any, items: list[int]) -> Any:
+    return items[0] if isinstance(old, int) else type(old)(items)
+
+
+def _own_width_rewrites(model: nn.Module, module: nn.Module, new: dict[str, torch.Tensor]
+                        ) -> list[tuple[nn.Module, str, Any]]:
+    """A module no fixer knows, whose own tensors shrink: its int attributes that equal a
+    changed width (``self.dim = 64`` read by ``forward``) follow it. Two different new widths
+    for one old value is ambiguous: SurgeryError, rather than a guess."""
+    changed: dict[int, set[int]] = {}
+    for name, t in new.items():
+        for old, now in zip(getattr(module, name).shape, t.shape):
+            if old != now:
+                changed.setdefault(int(old), set()).add(int(now))
+    updates = []
+    for attr, items in _public_widths(module).items():
+        hit = [v for v in items if v in changed]
+        if not hit:
             continue
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(v, int) and not isinstance(v, bool) and v in changed for v in items):
-            stale.append(f"{attr}={value!r}")
-    if stale:
-        name = next((n for n, m in model.named_modules() if m is module), "?")
-        raise SurgeryError(
-            f"{type(module).__name__} '{name}' keeps a width that changes in attribute(s) "
-            f"{', '.join(stale)}, which surgery does not know how to update; register a fixer "
-            f"in pruners.surgery.MODULE_FIXERS (its type -> the attributes to set)")
+        if any(len(changed[v]) > 1 for v in hit):
+            where = next((n for n, m in model.named_modules() if m is module), "?")
+            raise SurgeryError(
+                f"{type(module).__name__} '{where}' keeps {attr}={getattr(module, attr)!r}, a "
+                f"width that shrinks to different sizes along different dims; register a fixer "
+                f"in pruners.surgery.MODULE_FIXERS (its type -> the attributes to set)")
+        old = getattr(module, attr)
+        updates.append((module, attr, _as_before(old, [next(iter(changed[v])) if v in changed
+                                                       else v for v in items])))
+    return updates
+
+
+_WIDTHS = (("in_channels", "out_channels"), ("in_features", "out_features"),
+           ("num_features", "num_features"), ("num_channels", "num_channels"),
+           ("embedding_dim", "embedding_dim"))
+
+
+def _widths(module: nn.Module, updates: dict[str, Any]) -> Optional[tuple[int, int, int, int]]:
+    """(old in, old out, new in, new out) of a layer, with ``updates`` pending."""
+    for a, b in _WIDTHS:
+        if isinstance(getattr(module, a, None), int) and isinstance(getattr(module, b, None), int):
+            return (getattr(module, a), getattr(module, b), updates.get(a, getattr(module, a)),
+                    updates.get(b, getattr(module, b)))
+    return None
+
+
+def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, Any]],
+                        touched: set[int]) -> list[tuple[nn.Module, str, Any]]:
+    """Containers that keep their children's widths in Python (timm's MixedConv2d splits its
+    input by ``self.splits`` and stores ``in_channels``): a list equal to the children's old
+    input (or output) widths, or an int equal to their sum, takes the new widths."""
+    by_module: dict[int, dict[str, Any]] = {}
+    for module, attr, value in pending:
+        by_module.setdefault(id(module), {})[attr] = value
+    updates = []
+    for parent in model.modules():
+        if id(parent) in touched or any(isinstance(parent, c) for c, _ in MODULE_FIXERS):
+            continue
+        children = list(parent.children())
+        if not any(id(c) in by_module for c in children):
+            continue
+        widths = [_widths(c, by_module.get(id(c), {})) for c in children]
+        known = [w for w in widths if w is not None]
+        if not known:
+            continue
+        old_in, old_out, new_in, new_out = ([w[i] for w in known] for i in range(4))
+        for attr, items in _public_widths(parent).items():
+            old = getattr(parent, attr)
+            if isinstance(old, int):
+                rules = [(old_in, new_in), (old_out, new_out)]
+                new_val = next((sum(n) for o, n in rules if old == sum(o) != sum(n)), None)
+            elif len(known) == len(children) == len(items):
+                new_val = next((_as_before(old, n) for o, n in ((old_in, new_in),
+                                                                (old_out, new_out))
+                                if items == o != n), None)
+            else:
+                new_val = None
+            if new_val is not None:
+                updates.append((parent, attr, new_val))
+    return updates
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
@@ -224,7 +299,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
     for module, new in new_by_module.values():
         fixer = next((f for cls, f in MODULE_FIXERS if isinstance(module, cls)), None)
         if fixer is None:
-            _check_no_widths(model, module, new)
+            attr_updates += _own_width_rewrites(model, module, new)
             continue
         try:
             attrs = fixer(module, new)
@@ -232,6 +307,8 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
             raise SurgeryError(f"could not update the attributes of {type(module).__name__}"
                                f": {exc}") from exc
         attr_updates.extend((module, k, v) for k, v in attrs.items())
+    attr_updates += _container_rewrites(model, attr_updates, {id(m) for m, _ in
+                                                              new_by_module.values()})
 
     # Commit: nothing below can fail for a well-formed module.
     for s in swaps:

@@ -107,21 +107,79 @@ class _Scaled(nn.Module):
         return self.b(self.s(self.a(x)))
 
 
-def test_surgery_refuses_an_unknown_module_with_a_width_attribute():
+def test_surgery_rewrites_the_width_an_unknown_module_keeps():
     model, x = _Scaled().eval(), torch.randn(2, 3, 8, 8)
     graph = analyze(capture(model, x))
-    units = graph.units_of("s.gamma")
+    units = sorted(graph.units_of("s.gamma"))[:3]
     assert units, "the scale's channels are prunable in the graph"
+    assert verify(model, graph, units, x).ok
+    pruned = remove_units(model, graph, units)
+    assert pruned.s.dim == 5 and pruned.s.gamma.shape == (5,)
+
+
+class _Ambiguous(nn.Module):
+    """Two tensors of width 8 that shrink differently, and one ``self.width = 8``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width = 8
+        self.u, self.v = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * self.u.view(1, -1, 1, 1), y * self.v.view(1, -1, 1, 1)
+
+
+class _TwoWays(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.s = _Ambiguous()
+        self.c, self.d = nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, q = self.s(self.a(x), self.b(x))
+        return self.c(p) + self.d(q)
+
+
+def test_surgery_refuses_a_width_attribute_it_cannot_map():
+    model, x = _TwoWays().eval(), torch.randn(2, 3, 8, 8)
+    graph = analyze(capture(model, x))
+    units = sorted(graph.units_of("s.u"))[:1] + sorted(graph.units_of("s.v"))[:3]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(SurgeryError, match=r"Scale 's' .*dim=8.*MODULE_FIXERS"):
-        remove_units(model, graph, sorted(units)[:2])
+    with pytest.raises(SurgeryError, match=r"_Ambiguous 's' keeps width=8.*MODULE_FIXERS"):
+        remove_units(model, graph, units)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.s.width == 8
 
 
-def test_prune_freezes_what_surgery_cannot_update_and_says_why():
+def test_prune_reports_the_rewrite_and_verifies_it():
     model, x = _Scaled().eval(), torch.randn(2, 3, 8, 8)
     result = prune(model, x, channel_ratio=0.5)
-    assert result.model.s.gamma.shape == (8,)  # its group is kept whole
-    assert result.model.s.dim == 8
-    assert any("Scale 's'" in n and "dim=8" in n for n in result.report.notes)
-    assert result.report.verify is None or result.report.verify.ok
+    assert result.model.s.gamma.shape == (4,) and result.model.s.dim == 4
+    assert any("rewrote 1 widths held in Python" in n and "s.dim: 8 -> 4" in n
+               for n in result.report.notes)
+    assert result.report.verify is not None and result.report.verify.ok
+
+
+class _Mixed(nn.ModuleDict):
+    """MixNet's mixed conv: the input is split by a stored ``self.splits``."""
+
+    def __init__(self) -> None:
+        super().__init__({"0": nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          "1": nn.Conv2d(8, 8, 5, padding=2, groups=8)})
+        self.splits, self.in_channels, self.out_channels = [8, 8], 16, 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.split(x, self.splits, 1)
+        return torch.cat([conv(p) for conv, p in zip(self.values(), parts)], 1)
+
+
+def test_a_container_holding_its_childrens_widths_is_rewritten():
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), _Mixed(), nn.ReLU(),
+                          nn.Conv2d(16, 4, 1)).eval()
+    result = prune(model, torch.randn(1, 3, 16, 16), target_flops=0.5)
+    mixed = result.model[2]
+    assert mixed.splits == [c.in_channels for c in mixed.values()] and sum(mixed.splits) < 16
+    assert mixed.in_channels == sum(mixed.splits) == mixed.out_channels
+    assert not any("froze group" in n for n in result.report.notes)
+    assert result.report.verify is not None and result.report.verify.ok
