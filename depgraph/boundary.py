@@ -37,13 +37,15 @@ DATA_DEPENDENT = {
 class Boundary:
     """``modules``: where to verify (outermost first); ``ops``: the data-dependent ops found,
     as "op at module" strings; ``tail``: modules with weights computed after a selection
-    (their cost depends on how many values survive it); ``tainted``: the graph nodes computed
-    from a selection."""
+    (their cost depends on how many values survive it), two levels deep; ``tainted``: the graph
+    nodes computed from a selection; ``tail_layers``: the innermost modules of ``tail``'s
+    weighted ops, whose FLOPs the target leaves out."""
 
     modules: tuple[str, ...]
     ops: tuple[str, ...]
     tail: tuple[str, ...]
     tainted: frozenset[str] = frozenset()
+    tail_layers: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return (f"verified at {', '.join(self.modules)}: the tensors handed to "
@@ -128,12 +130,14 @@ def verification_points(cap: Capture) -> Optional[Boundary]:
         text = f"{_packet(node).split('.')[-1]}" + (f" in {where[-1]}" if where else "")
         if text not in ops:
             ops.append(text)
-    # layers with weights that run on selected values, named two levels deep
-    tail = sorted({".".join(_stack(n)[-1].split(".")[:2]) for n in tainted
-                   if _stack(n) and any(a.name in params for a in n.all_input_nodes)})
+    # layers with weights that run on selected values (innermost modules), and for the
+    # report their names two levels deep
+    layers = sorted({_stack(n)[-1] for n in tainted
+                     if _stack(n) and any(a.name in params for a in n.all_input_nodes)})
+    tail = sorted({".".join(m.split(".")[:2]) for m in layers})
     order = {m: i for i, m in enumerate(_first_seen(nodes))}
     return Boundary(tuple(sorted(chosen, key=lambda m: order.get(m, 0))), tuple(ops),
-                    tuple(tail), frozenset(n.name for n in tainted))
+                    tuple(tail), frozenset(n.name for n in tainted), tuple(layers))
 
 
 def _first_seen(nodes: list[torch.fx.Node]) -> list[str]:

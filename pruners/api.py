@@ -124,8 +124,8 @@ class PlannedPruning:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     dead: list[int] = field(default_factory=list)  # removed for free (``dead_units``)
-    # modules whose FLOPs the target counts, when a data-dependent tail runs after them
-    counted: tuple[str, ...] = ()
+    # modules run after a data-dependent selection, whose FLOPs the target leaves out
+    uncounted: tuple[str, ...] = ()
 
 
 def make_target(target_flops: Optional[float] = None, target_params: Optional[float] = None,
@@ -291,7 +291,7 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
                 for layer in graph.layers])
             notes.append(f"{', '.join(boundary.tail)} run once per selected value (proposal, "
                          f"detection), as many times as survive the selection: FLOPs are "
-                         f"counted and targeted on {', '.join(boundary.modules)}")
+                         f"counted and targeted without them")
     kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at)
     bad = find_unprunable_groups(
         work, graph, probe_inputs(work, example_inputs, outputs=opts.outputs,
@@ -350,9 +350,9 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
             if gone:
                 notes.append(f"removed {len(gone)} dead channels for free (dropped by a slice "
                              "and read by nothing)")
-            counted = boundary.modules if boundary is not None and boundary.tail else ()
+            uncounted = boundary.tail_layers if boundary is not None else ()
             return PlannedPruning(plan, graph, removed, target, check, notes,
-                                  clock.seconds, sorted(gone), counted), pruned
+                                  clock.seconds, sorted(gone), uncounted), pruned
     raise PruningError("the pruned model still fails after freezing the groups found "
                        "three times; please report this model")
 
@@ -427,10 +427,10 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     flops0, params0, per_module0 = measure_modules(work, example_inputs, kwargs)
     flops1, params1, per_module1 = measure_modules(pruned, example_inputs, kwargs)
     blocks = block_costs(work, pruned, per_module0, per_module1)
-    if planned.counted:
+    if planned.uncounted:
         whole = flops1 / max(flops0, 1)
-        flops0, flops1 = (sum(per.get(m, 0) for m in planned.counted)
-                          for per in (per_module0, per_module1))
+        flops0, flops1 = (total - sum(per.get(m, 0) for m in planned.uncounted)
+                          for total, per in ((flops0, per_module0), (flops1, per_module1)))
         planned.notes.append(f"the whole model measured {whole:.4f} of its FLOPs on the example,"
                              f" with as many proposals/detections as each model kept")
     clock.lap("measure")

@@ -57,6 +57,9 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     one-unit probes with given units per group (a plan's, to check it as a whole).
     ``train_mode`` also requires the pruned model to run in train mode (see ``verify``).
     """
+    # one-unit probes only compare the verified submodules: stop each forward there; a plan's
+    # probes (after a failed check) run the whole model to find what broke it
+    stop_early = probes is None
     if probes is None:
         sole = _sole_units(graph)
         chosen = {g.id: _probe(graph, g.id, sole) for g in graph.groups if g.units}
@@ -67,7 +70,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         try:
             result = verify(model, graph, units, example_inputs, outputs=outputs,
                             example_kwargs=example_kwargs, at=at, rtol=rtol,
-                            train_mode=train_mode)
+                            train_mode=train_mode, stop_early=stop_early)
         except (VerificationError, SurgeryError) as exc:
             return str(exc)
         if all(graph.units[u].exact for u in units) and not result.ok:

@@ -92,17 +92,32 @@ def mask_consumers(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) 
     return model
 
 
+class _Seen(Exception):
+    """Raised from a hook once every verified submodule has run: the rest is not needed."""
+
+
 def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,
-            example_kwargs: Optional[dict]) -> list[torch.Tensor]:
-    """Run ``model`` and return the outputs of the named submodules, in ``names`` order."""
+            example_kwargs: Optional[dict], stop_early: bool = False) -> list[torch.Tensor]:
+    """Run ``model`` and return the outputs of the named submodules, in ``names`` order.
+
+    ``stop_early`` ends the forward as soon as all of them have run (a detector's NMS and
+    per-box heads after them are skipped: repair's probes only compare these outputs)."""
     seen: dict[str, Any] = {}
     handles = []
+
+    def hook(_m: nn.Module, _i: Any, out: Any, name: str) -> None:
+        seen.setdefault(name, out)
+        if stop_early and len(seen) == len(names):
+            raise _Seen
+
     for name in names:
         module = model.get_submodule(name)
         handles.append(module.register_forward_hook(
-            lambda _m, _i, out, name=name: seen.setdefault(name, out)))
+            lambda m, i, out, name=name: hook(m, i, out, name)))
     try:
         run_model(model, example_inputs, None, example_kwargs)
+    except _Seen:
+        pass
     finally:
         for h in handles:
             h.remove()
@@ -115,7 +130,8 @@ def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,
 def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_inputs: Any, *,
            outputs: Optional[Callable] = None, example_kwargs: Optional[dict] = None,
            at: Optional[Sequence[str]] = None, pruned: Optional[nn.Module] = None,
-           rtol: float = 1e-4, train_mode: bool = False) -> VerifyResult:
+           rtol: float = 1e-4, train_mode: bool = False,
+           stop_early: bool = False) -> VerifyResult:
     """Zero-equivalence check of removing ``units`` from ``model`` (which is not modified).
 
     Args:
@@ -126,6 +142,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         outputs: the output-contract selector given to ``capture``.
         at: compare the outputs of these submodules instead of the model's. For detectors,
             whose top-k and NMS turn float noise into different boxes, name the head.
+        stop_early: with ``at``, end each forward once those submodules have run (faster;
+            what runs after them is then not checked to run).
         pruned: an already-pruned model to check; by default a pruned copy is made.
         rtol: tolerance on ``max|a - b| / max|a|`` per output.
         train_mode: also run both in train mode (copies; only to see that the pruned one runs
@@ -141,7 +159,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         pruned = remove_units(copy.deepcopy(model, dict(shared)), graph, units)
     if at:
         def run(m: nn.Module) -> list[torch.Tensor]:
-            return _run_at(m, list(at), example_inputs, example_kwargs)
+            return _run_at(m, list(at), example_inputs, example_kwargs, stop_early)
     else:
         def run(m: nn.Module) -> list[torch.Tensor]:
             return run_model(m, example_inputs, outputs, example_kwargs)
