@@ -98,6 +98,25 @@ def test_onnx_export_matches_pytorch(which, request, tmp_path):
     assert exported.max_rel_diff <= 1e-4 and exported.simplified
 
 
+def test_int8_export_of_a_pruned_model_stays_within_its_tolerance(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model, x = build("resnet_basic")
+    pruned = prune(model, x, target_flops=0.5).model
+    calibration = [torch.randn(2, 3, 32, 32) for _ in range(8)]
+    path = str(tmp_path / "int8.onnx")
+    exported = export_onnx(pruned, x, path, quantize="int8", calibration=calibration)
+    assert exported.quantized == "int8" and exported.float_max_rel_diff <= 1e-4
+    assert exported.max_rel_diff <= 0.1  # the stated int8 tolerance, checked by export_onnx
+    graph = onnx.load(path).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+    with pytest.raises(ValueError, match="calibration"):
+        export_onnx(pruned, x, str(tmp_path / "no.onnx"), quantize="int8")
+    with pytest.raises(ValueError, match="int8"):
+        export_onnx(pruned, x, str(tmp_path / "no.onnx"), quantize="int4", calibration=[x])
+
+
 def test_plan_rejects_other_types_and_versions():
     model, x = build("resnet_basic")
     data = prune(model, x, channel_ratio=0.3).plan.to_dict()
