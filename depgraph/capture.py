@@ -282,7 +282,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
         raise ValueError(f"method must be 'auto', 'export' or 'concrete', got {method!r}")
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
-    with _attributes_restored(model):
+    with attributes_restored(model):
         cap = _capture(model, args, kwargs, outputs, method)
     normalize_arguments(cap.graph)
     cap.fixed = fixed_params(model)
@@ -361,7 +361,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
 
 
 @contextlib.contextmanager
-def _attributes_restored(model: torch.nn.Module):
+def attributes_restored(model: torch.nn.Module):
     """Undo attribute assignments made by ``forward`` during tracing.
 
     Tracing with fake tensors runs the model's Python code: a forward that caches

@@ -293,9 +293,9 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
                          f"detection), as many times as survive the selection: FLOPs are "
                          f"counted and targeted without them")
     kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at)
-    bad = find_unprunable_groups(
-        work, graph, probe_inputs(work, example_inputs, outputs=opts.outputs,
-                                  example_kwargs=opts.example_kwargs), **kw)
+    small = probe_inputs(work, example_inputs, outputs=opts.outputs,
+                         example_kwargs=opts.example_kwargs)
+    bad = find_unprunable_groups(work, graph, small, **kw)
     clock.lap("repair")
     meta = {"model": type(work).__name__, "target": f"{target.kind}={target.value:g}"}
     for _ in range(3):
@@ -336,7 +336,8 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
         exact = all(graph.units[u].exact for u in removed)
         try:
             check: Optional[VerifyResult] = verify(work, graph, removed, example_inputs,
-                                                   pruned=pruned, train_mode=True, **kw)
+                                                   pruned=pruned, train_mode=True,
+                                                   train_inputs=small, **kw)
             failed = exact and not check.ok
         except PruningError:
             check, failed = None, True

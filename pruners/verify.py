@@ -131,7 +131,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
            outputs: Optional[Callable] = None, example_kwargs: Optional[dict] = None,
            at: Optional[Sequence[str]] = None, pruned: Optional[nn.Module] = None,
            rtol: float = 1e-4, train_mode: bool = False,
-           stop_early: bool = False) -> VerifyResult:
+           stop_early: bool = False, train_inputs: Any = None) -> VerifyResult:
     """Zero-equivalence check of removing ``units`` from ``model`` (which is not modified).
 
     Args:
@@ -144,6 +144,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             whose top-k and NMS turn float noise into different boxes, name the head.
         stop_early: with ``at``, end each forward once those submodules have run (faster;
             what runs after them is then not checked to run).
+        train_inputs: inputs for the train-mode run (it only checks that the pruned model
+            runs, so smaller ones do: ``repair.probe_inputs``); default ``example_inputs``.
         pruned: an already-pruned model to check; by default a pruned copy is made.
         rtol: tolerance on ``max|a - b| / max|a|`` per output.
         train_mode: also run both in train mode (copies; only to see that the pruned one runs
@@ -171,7 +173,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     masked = mask_consumers(copy.deepcopy(model, dict(shared)), graph, units)
     expected = run(masked)
     if train_mode:
-        _check_train_mode(masked, pruned, example_inputs, example_kwargs)
+        _check_train_mode(masked, pruned, example_inputs if train_inputs is None
+                          else train_inputs, example_kwargs)
     if len(expected) != len(got):
         raise VerificationError(f"the pruned model returns {len(got)} tensors, the original "
                                 f"{len(expected)}")

@@ -23,3 +23,38 @@ def test_cost_model_matches_flop_counter(name):
         predicted = cost.evaluate(cost.kept_after(graph, set(units)))
         pruned = remove_units(copy.deepcopy(model), graph, units)
         assert predicted == pytest.approx(measure(pruned, x), rel=1e-9), f"seed {seed}"
+
+
+def test_flops_counted_on_fake_tensors_equal_the_real_count_and_leave_the_model_alone():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pruners.report import _count
+
+    class Caching(torch.nn.Module):
+        """Caches a tensor on self in forward (Ultralytics' Detect caches its anchors)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.cache = x.mean()
+            return self.conv(x)
+
+    class Branchy(torch.nn.Module):  # values decide the path: fake tensors cannot run it
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(3, 8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x) if x.mean() > 0 else self.b(x)
+
+    cases = [(Caching(), torch.randn(1, 3, 16, 16)), (Branchy(), torch.rand(1, 3, 16, 16)),
+             build("resnet_basic")]
+    for model, x in cases:
+        with FlopCounterMode(display=False) as real, torch.no_grad():
+            model(x)
+        assert _count(model, x).get_total_flops() == real.get_total_flops() > 0
+        cache = getattr(model, "cache", None)
+        assert not isinstance(cache, torch._subclasses.fake_tensor.FakeTensor)
