@@ -63,7 +63,12 @@ def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
     torch.backends.mha.set_fastpath_enabled(False)
     extra = {op: f for op, f in _EXTRA_FORMULAS.items()
              if op not in torch.utils.flop_counter.flop_registry}
+    # torch's module tracker (inside FlopCounterMode) hooks every input that requires grad
+    # and asserts on a parameter passed to a submodule under no_grad (timm's PiT, CaiT)
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
+        for p, _ in grads:
+            p.requires_grad_(False)
         try:
             return _count_fake(model, args, example_kwargs or {}, extra)
         except Exception:  # noqa: BLE001 - data-dependent code: count on the real inputs
@@ -72,6 +77,8 @@ def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
             model(*args, **(example_kwargs or {}))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        for p, flag in grads:
+            p.requires_grad_(flag)
     return counter
 
 

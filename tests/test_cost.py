@@ -58,3 +58,15 @@ def test_flops_counted_on_fake_tensors_equal_the_real_count_and_leave_the_model_
         assert _count(model, x).get_total_flops() == real.get_total_flops() > 0
         cache = getattr(model, "cache", None)
         assert not isinstance(cache, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def test_flops_count_timm_pit_whose_modules_trip_torchs_module_tracker():
+    # torch's module tracker (in FlopCounterMode) asserts "Expected gradient function to be
+    # set" on PiT's and CaiT's forward under no_grad; counting must not depend on it
+    import torch
+
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("pit_ti_224", pretrained=False).eval()
+    flops, params = measure(model, torch.randn(1, 3, 224, 224))
+    assert flops > 1e9 and params == sum(p.numel() for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
