@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import os
+import re
 
 from .compare import RESULTS, Progress
 from .limits import run_job
@@ -31,7 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--prefix", default="coverage")
     p.add_argument("--resume", action="store_true", help="skip models already in the runs file")
+    p.add_argument("--list-failures", action="store_true",
+                   help="print, per cause, the models of the runs file that are not ok")
     a = p.parse_args(argv)
+    if a.list_failures:
+        print(failures(load(os.path.join(a.out, f"{a.prefix}_runs.jsonl"))))
+        return
     models = a.models or names(a.scope)
     os.makedirs(a.out, exist_ok=True)
     runs_path = os.path.join(a.out, f"{a.prefix}_runs.jsonl")
@@ -125,6 +131,30 @@ def brief(rows: list[dict], header: str) -> list[str]:
                      f"{r.get('params_ratio', '-')} | {_share(r, 'conv', 0)} | "
                      f"{r.get('engine_s', '-')} | {status} |")
     return lines
+
+
+def cause(row: dict) -> str:
+    """A failure's cause, for grouping: its status and the first reason, with the module
+    names, node names and numbers taken out (so one construct in many models is one cause)."""
+    why = str(row.get("why", "")).split(" | ")[0]
+    why = re.sub(r"'[\w.\[\]-]+'", "'…'", why)
+    why = re.sub(r"\d+", "N", why)
+    return f"{row['status']}: {why[:160]}"
+
+
+def failures(rows: list[dict]) -> str:
+    """Per cause, most frequent first, the models that are not ok."""
+    by_cause: dict[str, list[str]] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            by_cause.setdefault(cause(r), []).append(r["model"])
+    if not by_cause:
+        return f"all {len(rows)} models ok"
+    lines = []
+    for c, models in sorted(by_cause.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"{len(models)} x {c}")
+        lines += [f"    {m}" for m in models]
+    return "\n".join(lines)
 
 
 def _counts(rows: list[dict]) -> str:

@@ -152,3 +152,17 @@ def test_coverage_rows_give_status_and_reasons(tmp_path):
     assert bad["status"] == "error" and "no_such_model" in bad["why"]
     table = (tmp_path / "coverage.md").read_text()
     assert "tv:squeezenet1_1" in table and "1 ok" in table
+    listing = coverage.failures(coverage.load(str(tmp_path / "coverage_runs.jsonl")))
+    assert listing.startswith("1 x error") and "    tv:no_such_model" in listing
+    assert "squeezenet" not in listing
+
+
+def test_failures_group_one_construct_across_models():
+    from benchmarks.coverage import failures
+
+    rows = [{"model": f"timm:m{i}", "status": "limited",
+             "why": f"{64 * i} channels: view at node 'view_{i}' in module 'blocks.{i}' fails"}
+            for i in range(1, 4)] + [{"model": "tv:ok", "status": "ok", "why": ""}]
+    text = failures(rows)
+    assert text.splitlines()[0].startswith("3 x limited: N channels: view at node '…'")
+    assert "tv:ok" not in text
