@@ -65,7 +65,7 @@ def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
              if op not in torch.utils.flop_counter.flop_registry}
     # torch's module tracker (inside FlopCounterMode) hooks every input that requires grad
     # and asserts on a parameter passed to a submodule under no_grad (timm's PiT, CaiT)
-    grads = [(p, p.requires_grad) for p in model.parameters()]
+    grads = [(p, True) for p in model.parameters() if p.is_leaf and p.requires_grad]
     try:
         for p, _ in grads:
             p.requires_grad_(False)
