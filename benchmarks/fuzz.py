@@ -141,6 +141,19 @@ class FuzzNet(nn.Module):
         return self.box_head(picked), scores
 
 
+def randomize_norms(net: nn.Module) -> nn.Module:
+    """Batch norms with non-trivial statistics and affine terms (fresh ones are identities,
+    which would hide a norm sliced out of step with its conv)."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return net
+
+
 def random_net(seed: int) -> tuple[FuzzNet, torch.Tensor, dict]:
     """A random network (seeded), an input for it, and a description."""
     rng = random.Random(seed)
@@ -221,14 +234,7 @@ def random_net(seed: int) -> tuple[FuzzNet, torch.Tensor, dict]:
     last = len(values) - 1
     head = rng.choice(["linear", "conv", "detect"])
     torch.manual_seed(seed)
-    net = FuzzNet(ops, blocks, head, 5, last, values[last][0]).eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    net = randomize_norms(FuzzNet(ops, blocks, head, 5, last, values[last][0]).eval())
     spec = {"ops": [k for _, k, _ in ops], "head": head, "size": size}
     return net, torch.randn(1, 3, size, size), spec
 

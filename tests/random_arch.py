@@ -14,6 +14,8 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from benchmarks.fuzz import randomize_norms
+
 ACTS = {"relu": nn.ReLU, "silu": nn.SiLU, "none": nn.Identity}
 
 
@@ -197,12 +199,5 @@ def networks(draw, max_ops: int = 8, size: int = 16) -> tuple[RandomNet, torch.T
         modules["head"] = nn.Conv2d(c, 5, 1)
         head = Op("conv_head", (last,))
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    net = RandomNet(ops, head, modules)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    net = randomize_norms(RandomNet(ops, head, modules))
     return net.eval(), torch.randn(2, 3, size, size)
