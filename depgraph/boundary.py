@@ -18,10 +18,9 @@ import torch
 import torch.fx
 
 from .capture import Capture
+from .rules.registry import _clean
 
 __all__ = ["Boundary", "verification_points", "DATA_DEPENDENT"]
-
-aten = torch.ops.aten
 
 #: Ops whose result (its size, or which elements it picks) depends on tensor values.
 DATA_DEPENDENT = {
@@ -36,16 +35,19 @@ DATA_DEPENDENT = {
 @dataclass(frozen=True)
 class Boundary:
     """``modules``: where to verify (outermost first); ``ops``: the data-dependent ops found,
-    as "op at module" strings; ``tail``: modules with weights computed after a selection
-    (their cost depends on how many values survive it), two levels deep; ``tainted``: the graph
-    nodes computed from a selection; ``tail_layers``: the innermost modules of ``tail``'s
-    weighted ops, whose FLOPs the target leaves out."""
+    as "op at module" strings; ``tainted``: the graph nodes computed from a selection;
+    ``tail_layers``: the innermost modules of the weighted ops run on selected values (their
+    cost depends on how many survive the selection), whose FLOPs the target leaves out."""
 
     modules: tuple[str, ...]
     ops: tuple[str, ...]
-    tail: tuple[str, ...]
     tainted: frozenset[str] = frozenset()
     tail_layers: tuple[str, ...] = ()
+
+    @property
+    def tail(self) -> tuple[str, ...]:
+        """``tail_layers`` named two levels deep, for the report (``roi_heads.box_head``)."""
+        return tuple(sorted({".".join(m.split(".")[:2]) for m in self.tail_layers}))
 
     def __str__(self) -> str:
         return (f"verified at {', '.join(self.modules)}: the tensors handed to "
@@ -60,8 +62,6 @@ def _packet(node: torch.fx.Node) -> str:
 
 
 def _selects(node: torch.fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
     if _packet(node) in DATA_DEPENDENT:
         return True
     if _packet(node) in ("aten.index", "aten.index_put", "aten._unsafe_index"):
@@ -73,8 +73,7 @@ def _selects(node: torch.fx.Node) -> bool:
 
 
 def _stack(node: torch.fx.Node) -> list[str]:
-    from .rules.registry import _clean
-
+    """The modules computing ``node``, outermost first (the root left out)."""
     stack = node.meta.get("nn_module_stack") or {}
     names = [_clean(path) for path, _ in stack.values()]
     return [n for n in names if n]
@@ -84,6 +83,7 @@ def verification_points(cap: Capture) -> Optional[Boundary]:
     """The boundary of ``cap``'s data-dependent tail, or None when it has none (or when no
     module lies before it to verify at: then the outputs are compared as usual)."""
     nodes = [n for n in cap.graph.nodes if n.op == "call_function"]
+    stacks = {n: _stack(n) for n in nodes}
     tainted: set[torch.fx.Node] = set()
     sources = []
     for node in nodes:
@@ -94,7 +94,7 @@ def verification_points(cap: Capture) -> Optional[Boundary]:
             tainted.add(node)
     if not sources:
         return None
-    dirty = {m for n in tainted for m in _stack(n)}
+    dirty = {m for n in tainted for m in stacks[n]}
     params = set(cap.param_names)
 
     chosen: list[str] = []
@@ -105,7 +105,7 @@ def verification_points(cap: Capture) -> Optional[Boundary]:
         if node in seen or node.op != "call_function" or node in tainted:
             return
         seen.add(node)
-        clean = [m for m in _stack(node) if m not in dirty]
+        clean = [m for m in stacks[node] if m not in dirty]
         if clean:
             if not any(clean[0] == c or clean[0].startswith(c + ".") for c in chosen):
                 chosen[:] = [c for c in chosen if not c.startswith(clean[0] + ".")]
@@ -126,23 +126,16 @@ def verification_points(cap: Capture) -> Optional[Boundary]:
         return None
     ops = []
     for node in sources:
-        where = _stack(node)
+        where = stacks[node]
         text = f"{_packet(node).split('.')[-1]}" + (f" in {where[-1]}" if where else "")
         if text not in ops:
             ops.append(text)
-    # layers with weights that run on selected values (innermost modules), and for the
-    # report their names two levels deep
-    layers = sorted({_stack(n)[-1] for n in tainted
-                     if _stack(n) and any(a.name in params for a in n.all_input_nodes)})
-    tail = sorted({".".join(m.split(".")[:2]) for m in layers})
-    order = {m: i for i, m in enumerate(_first_seen(nodes))}
-    return Boundary(tuple(sorted(chosen, key=lambda m: order.get(m, 0))), tuple(ops),
-                    tuple(tail), frozenset(n.name for n in tainted), tuple(layers))
-
-
-def _first_seen(nodes: list[torch.fx.Node]) -> list[str]:
-    out: dict[str, None] = {}
+    # layers with weights that run on selected values, by their innermost module
+    layers = sorted({stacks[n][-1] for n in tainted
+                     if stacks[n] and any(a.name in params for a in n.all_input_nodes)})
+    order: dict[str, int] = {}  # modules in the order the graph first computes in them
     for node in nodes:
-        for m in _stack(node):
-            out.setdefault(m, None)
-    return list(out)
+        for m in stacks[node]:
+            order.setdefault(m, len(order))
+    return Boundary(tuple(sorted(chosen, key=lambda m: order.get(m, 0))), tuple(ops),
+                    frozenset(n.name for n in tainted), tuple(layers))

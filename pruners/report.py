@@ -65,9 +65,9 @@ def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
              if op not in torch.utils.flop_counter.flop_registry}
     # torch's module tracker (inside FlopCounterMode) hooks every input that requires grad
     # and asserts on a parameter passed to a submodule under no_grad (timm's PiT, CaiT)
-    grads = [(p, True) for p in model.parameters() if p.is_leaf and p.requires_grad]
+    grads = [p for p in model.parameters() if p.is_leaf and p.requires_grad]
     try:
-        for p, _ in grads:
+        for p in grads:
             p.requires_grad_(False)
         try:
             return _count_fake(model, args, example_kwargs or {}, extra)
@@ -77,8 +77,8 @@ def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
             model(*args, **(example_kwargs or {}))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-        for p, flag in grads:
-            p.requires_grad_(flag)
+        for p in grads:
+            p.requires_grad_(True)
     return counter
 
 
@@ -277,14 +277,13 @@ def layer_changes(before: nn.Module, after: nn.Module) -> list[LayerChange]:
 def python_width_rewrites(before: nn.Module, after: nn.Module) -> list[str]:
     """The int attributes surgery rewrote outside the known layer types (``name.attr: old ->
     new``): widths the model's Python holds, such as a container's ``splits``."""
-    from .surgery import MODULE_FIXERS, _public_widths
+    from .surgery import _public_widths, fixer_for
 
-    known = tuple(cls for cls, _ in MODULE_FIXERS)
     old = {name: _public_widths(m) for name, m in before.named_modules()
-           if not isinstance(m, known)}
+           if fixer_for(m) is None}
     out = []
     for name, m in after.named_modules():
-        if name not in old or isinstance(m, known):
+        if name not in old:
             continue
         for attr, items in _public_widths(m).items():
             if attr in old[name] and old[name][attr] != items:

@@ -103,6 +103,11 @@ MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
 ]
 
 
+def fixer_for(module: nn.Module) -> Optional[Callable[..., dict[str, Any]]]:
+    """The ``MODULE_FIXERS`` entry for ``module``'s type (the first that matches), or None."""
+    return next((f for cls, f in MODULE_FIXERS if isinstance(module, cls)), None)
+
+
 def _int_items(value: Any) -> Optional[list[int]]:
     """``value`` as a list of ints when it is an int or a list/tuple of ints (bools aside)."""
     items = list(value) if isinstance(value, (tuple, list)) else [value]
@@ -172,7 +177,7 @@ def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, An
         by_module.setdefault(id(module), {})[attr] = value
     updates = []
     for parent in model.modules():
-        if id(parent) in touched or any(isinstance(parent, c) for c, _ in MODULE_FIXERS):
+        if id(parent) in touched or fixer_for(parent) is not None:
             continue
         children = list(parent.children())
         if not any(id(c) in by_module for c in children):
@@ -297,7 +302,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
 
     attr_updates: list[tuple[nn.Module, str, Any]] = []
     for module, new in new_by_module.values():
-        fixer = next((f for cls, f in MODULE_FIXERS if isinstance(module, cls)), None)
+        fixer = fixer_for(module)
         if fixer is None:
             attr_updates += _own_width_rewrites(model, module, new)
             continue

@@ -105,7 +105,7 @@ def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,
     seen: dict[str, Any] = {}
     handles = []
 
-    def hook(_m: nn.Module, _i: Any, out: Any, name: str) -> None:
+    def record(name: str, out: Any) -> None:
         seen.setdefault(name, out)
         if stop_early and len(seen) == len(names):
             raise _Seen
@@ -113,7 +113,7 @@ def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,
     for name in names:
         module = model.get_submodule(name)
         handles.append(module.register_forward_hook(
-            lambda m, i, out, name=name: hook(m, i, out, name)))
+            lambda _m, _i, out, name=name: record(name, out)))
     try:
         run_model(model, example_inputs, None, example_kwargs)
     except _Seen:
