@@ -1,6 +1,7 @@
 """Coverage: does ``prune()`` work on the models users bring? ``python -m benchmarks.coverage``.
 
-Each model of the zoo (:mod:`benchmarks.zoo`) is pruned to 50% of its FLOPs with defaults and
+``--zoo`` picks the models: the chosen zoo (default), or the ecosystem-wide ``timm-all``,
+``tv-all`` and ``ultra-all`` (:mod:`benchmarks.zoo`). Each model is pruned to 50% of its FLOPs with defaults and
 no user-listed layers, in its own child process under a time and a memory limit. The table
 says, per model: FLOPs and params before and after, the share of prunable conv and linear
 output channels, engine time, status, and for anything not fully pruned, why: the reasons
@@ -18,27 +19,38 @@ import re
 from .compare import RESULTS, Progress
 from .limits import run_job
 from .summary import machine
-from .zoo import SCOPES, names
+from .zoo import SCOPES, WIDE_SCOPES, names, timm_family
+
+README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
+BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
+ENGINE_GOAL_S = 30.0
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.coverage",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--scope", default="all", choices=SCOPES + ("all",))
+    p.add_argument("--zoo", "--scope", dest="zoo", default="all",
+                   choices=SCOPES + ("all",) + WIDE_SCOPES)
     p.add_argument("--models", nargs="+", help="zoo names, e.g. tv:resnet50 yolo:yolov8n")
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--mem-gb", type=float, default=16.0)
     p.add_argument("--out", default=RESULTS)
-    p.add_argument("--prefix", default="coverage")
+    p.add_argument("--prefix", help="file name prefix (coverage, or coverage_timm_all etc.)")
     p.add_argument("--resume", action="store_true", help="skip models already in the runs file")
     p.add_argument("--list-failures", action="store_true",
                    help="print, per cause, the models of the runs file that are not ok")
+    p.add_argument("--readme", action="store_true",
+                   help="regenerate the README's coverage section from the wide zoos' runs")
     a = p.parse_args(argv)
+    a.prefix = a.prefix or prefix_of(a.zoo)
+    if a.readme:
+        print("wrote", write_readme(a.out))
+        return
     if a.list_failures:
         print(failures(load(os.path.join(a.out, f"{a.prefix}_runs.jsonl"))))
         return
-    models = a.models or names(a.scope)
+    models = a.models or names(a.zoo)
     os.makedirs(a.out, exist_ok=True)
     runs_path = os.path.join(a.out, f"{a.prefix}_runs.jsonl")
     done = set()
@@ -65,6 +77,97 @@ def main(argv: list[str] | None = None) -> None:
         progress.step(f"{model}: {status} {flops}")
     for path in write(runs_path, a.out, a.prefix, a.target):
         print("wrote", path)
+
+
+def prefix_of(zoo: str) -> str:
+    """Result file prefix of a zoo: ``coverage`` for the chosen one, ``coverage_timm_all``…"""
+    return f"coverage_{zoo.replace('-', '_')}" if zoo in WIDE_SCOPES else "coverage"
+
+
+def verdict(row: dict) -> str:
+    """ok; refused (the engine said why: a frozen construct, an infeasible target, a
+    PruningError) or failed (off target, outputs changed, a raw exception, timeout, oom)."""
+    if row["status"] == "ok":
+        return "ok"
+    return "refused" if row["status"] in ("limited", "error") else "failed"
+
+
+def group_of(model: str) -> str:
+    """What a wide table groups by: the timm family, the torchvision kind, the YAML folder."""
+    source, _, name = model.partition(":")
+    if source == "timm":
+        return timm_family(name)
+    if source == "yaml":
+        return os.path.dirname(name) or "."
+    return source
+
+
+def stats(rows: list[dict], target: float = 0.5) -> dict:
+    """The acceptance figures of a run: counts per verdict, raw exceptions, models more than
+    a point under their target, models over the engine-time goal."""
+    n = len(rows)
+    counts = {v: sum(verdict(r) == v for r in rows) for v in ("ok", "refused", "failed")}
+    under = [r["model"] for r in rows if "flops_ratio" in r
+             and r["flops_ratio"] < r.get("target", target) - 0.01]
+    slow = [r["model"] for r in rows
+            if (r.get("engine_s") or 0) > ENGINE_GOAL_S or r["status"] == "timeout"]
+    raw = [r["model"] for r in rows if r["status"] in ("crash",)]
+    return {"models": n, **counts, "ok_share": counts["ok"] / n if n else 0.0,
+            "raw_exceptions": raw, "under_target": under, "over_30s": slow}
+
+
+def wide_brief(rows: list[dict], header: str) -> list[str]:
+    """A wide zoo's table: one row per model, grouped, with verdict, FLOPs reached, engine
+    seconds, peak memory, and the reason where it is not ok."""
+    st = stats(rows)
+    lines = [header, "",
+             f"{st['models']} models: {st['ok']} ok ({100 * st['ok_share']:.1f}%), "
+             f"{st['refused']} refused with a reason, {st['failed']} failed; "
+             f"{len(st['raw_exceptions'])} raw exceptions; {len(st['under_target'])} more than "
+             f"1 point under target; {len(st['over_30s'])} over {ENGINE_GOAL_S:g} s in the engine.",
+             "", "| group | model | verdict | FLOPs kept | engine (s) | peak (GB) | why |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (group_of(r["model"]), r["model"])):
+        why = "" if r["status"] == "ok" else f"{r['status']}: {_why(r, 140)}"
+        peak = f"{r['peak_rss_mb'] / 1024:.1f}" if r.get("peak_rss_mb") else "-"
+        lines.append(f"| {group_of(r['model'])} | {r['model'].split(':', 1)[1]} | "
+                     f"{verdict(r)} | {r.get('flops_ratio', '-')} | {r.get('engine_s', '-')} | "
+                     f"{peak} | {why} |")
+    return lines
+
+
+def write_readme(out: str = RESULTS, readme: str = README) -> str:
+    """Replace the README's text between the coverage markers with the wide zoos' summaries
+    (one line of figures per zoo and the models that are not ok), from their runs files."""
+    lines = ["| zoo | models | ok | refused (reason given) | failed | raw exceptions | "
+             ">1 pt under target | over 30 s |", "|---|---|---|---|---|---|---|---|"]
+    not_ok = []
+    for zoo in WIDE_SCOPES:
+        path = os.path.join(out, f"{prefix_of(zoo)}_runs.jsonl")
+        if not os.path.exists(path):
+            lines.append(f"| {zoo} | not run | | | | | | |")
+            continue
+        rows = load(path)
+        st = stats(rows)
+        lines.append(f"| {zoo} | {st['models']} | {st['ok']} ({100 * st['ok_share']:.0f}%) | "
+                     f"{st['refused']} | {st['failed']} | {len(st['raw_exceptions'])} | "
+                     f"{len(st['under_target'])} | {len(st['over_30s'])} |")
+        not_ok += [f"| {zoo} | {r['model']} | {verdict(r)} | {r.get('flops_ratio', '-')} | "
+                   f"{r.get('engine_s', '-')} | {r['status']}: {_why(r, 160)} |"
+                   for r in rows if r["status"] != "ok"]
+    if not_ok:
+        lines += ["", "Models not ok (full tables: `benchmarks/results/coverage_*_all.md`):", "",
+                  "| zoo | model | verdict | FLOPs kept | engine (s) | why |",
+                  "|---|---|---|---|---|---|"] + not_ok
+    with open(readme) as f:
+        text = f.read()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no {BEGIN} … {END} section to regenerate")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(readme, "w") as f:
+        f.write(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail)
+    return readme
 
 
 def load(runs_path: str) -> list[dict]:
@@ -95,7 +198,7 @@ def write(runs_path: str, out: str, prefix: str, target: float) -> list[str]:
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"Coverage at target_flops={target:g}, defaults, no ignored layers. "
-             f"Machine: {machine()}.", "", f"Status: {_counts(rows)}.", "",
+             f"Machine: {machine()}; {_versions()}.", "", f"Status: {_counts(rows)}.", "",
              "| model | params (M) | GFLOPs | FLOPs kept | params kept | prunable conv | "
              "prunable linear | engine (s) | status | why not fully pruned |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,8 +212,9 @@ def write(runs_path: str, out: str, prefix: str, target: float) -> list[str]:
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     brief_path = os.path.join(out, f"{prefix}_brief.md")
+    wide = prefix != "coverage" and prefix.endswith("_all")
     with open(brief_path, "w") as f:
-        f.write("\n".join(brief(rows, lines[0])) + "\n")
+        f.write("\n".join((wide_brief if wide else brief)(rows, lines[0])) + "\n")
     return [csv_path, md_path, brief_path]
 
 
@@ -155,6 +259,12 @@ def failures(rows: list[dict]) -> str:
         lines.append(f"{len(models)} x {c}")
         lines += [f"    {m}" for m in models]
     return "\n".join(lines)
+
+
+def _versions() -> str:
+    from .summary import _version
+
+    return ", ".join(f"{p} {_version(p)}" for p in ("torchvision", "timm", "ultralytics"))
 
 
 def _counts(rows: list[dict]) -> str:

@@ -48,8 +48,9 @@ def _compare(bench: Bench, before: tuple, after: tuple) -> str:
 
 
 def _run(bench: Bench, model: torch.nn.Module, inputs: Any = None) -> Any:
-    with torch.no_grad():
-        out = model(*((bench.inputs if inputs is None else inputs),))
+    inputs = bench.inputs if inputs is None else inputs
+    with torch.no_grad():  # a tuple is the forward's arguments, as prune() reads it
+        out = model(*(inputs if isinstance(inputs, tuple) else (inputs,)))
     return bench.outputs(out) if bench.outputs is not None else out
 
 

@@ -166,3 +166,73 @@ def test_failures_group_one_construct_across_models():
     text = failures(rows)
     assert text.splitlines()[0].startswith("3 x limited: N channels: view at node '…'")
     assert "tv:ok" not in text
+
+
+def test_timm_family_rule():
+    from benchmarks.zoo import timm_family
+
+    cases = {"convnextv2_atto": "convnextv2", "convnext_atto": "convnext",
+             "resnet50d": "resnet", "resnetv2_50": "resnetv2", "vit_tiny_patch16_224": "vit",
+             "tf_efficientnetv2_b0": "tf_efficientnetv2", "efficientnet_b0": "efficientnet",
+             "regnetv_040": "regnetv", "cs3darknet_s": "cs"}
+    assert {name: timm_family(name) for name in cases} == cases
+
+
+def test_wide_zoos_list_what_the_packages_ship():
+    tvm = pytest.importorskip("torchvision.models")
+    pytest.importorskip("ultralytics")
+    import glob
+
+    from benchmarks.zoo import _ultralytics_models, names
+
+    tv = names("tv-all")
+    assert sorted(n.split(":", 1)[1] for n in tv) == sorted(tvm.list_models())
+    assert "tvvideo:r3d_18" in tv and "tvdet:maskrcnn_resnet50_fpn_v2" in tv
+    ultra = names("ultra-all")
+    shipped = glob.glob(os.path.join(_ultralytics_models(), "**", "*.yaml"), recursive=True)
+    assert len(ultra) == len(shipped) and "yaml:v8/yolov8-p2.yaml" in ultra
+
+
+def test_yaml_with_pretrained_torchvision_layer_builds_offline():
+    pytest.importorskip("ultralytics")
+    from benchmarks.zoo import build
+
+    bench, _ = build("yaml:11/yolo11-cls-resnet18.yaml")  # its YAML asks for resnet18 weights
+    assert bench.outputs is None and bench.params > 1e6
+
+
+def _fake_runs(path, rows):
+    with open(path, "w") as f:
+        for model, status, ratio, seconds in rows:
+            result = {"status": status, "target": 0.5, "engine_s": seconds, "why": "w"}
+            if ratio is not None:
+                result["flops_ratio"] = ratio
+            f.write(json.dumps({"job": {"model": model}, "status": status, "error": "",
+                                "seconds": seconds, "peak_rss_mb": 900.0,
+                                "result": result}) + "\n")
+
+
+def test_wide_zoo_figures_and_readme_section(tmp_path):
+    from benchmarks import coverage
+
+    _fake_runs(tmp_path / "coverage_timm_all_runs.jsonl", [
+        ("timm:vit_tiny_patch16_224", "ok", 0.4995, 12.0),
+        ("timm:deit_tiny_patch16_224", "off-target", 0.41, 40.0),
+        ("timm:nf_resnet26", "limited", 0.8, 5.0)])
+    _fake_runs(tmp_path / "coverage_ultra_all_runs.jsonl", [("yaml:v8/yolov8.yaml", "ok", 0.5, 3.0)])
+    rows = coverage.load(str(tmp_path / "coverage_timm_all_runs.jsonl"))
+    st = coverage.stats(rows)
+    assert (st["ok"], st["refused"], st["failed"]) == (1, 1, 1)
+    assert st["under_target"] == ["timm:deit_tiny_patch16_224"]
+    assert st["over_30s"] == ["timm:deit_tiny_patch16_224"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{coverage.BEGIN}\nold\n{coverage.END}\noutro\n")
+    coverage.write_readme(str(tmp_path), str(readme))
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| timm-all | 3 | 1 (33%) | 1 | 1 | 0 | 1 | 1 |" in text
+    assert "| tv-all | not run |" in text and "deit_tiny_patch16_224 | failed" in text
+    assert "vit_tiny" not in text  # only what is not ok is listed by name
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="coverage:begin"):
+        coverage.write_readme(str(tmp_path), str(readme))
