@@ -126,6 +126,8 @@ class PlannedPruning:
     dead: list[int] = field(default_factory=list)  # removed for free (``dead_units``)
     # modules run after a data-dependent selection, whose FLOPs the target leaves out
     uncounted: tuple[str, ...] = ()
+    # FLOPs of the check's forwards ("before": masked original, "after": pruned), if it ran
+    flops: dict = field(default_factory=dict)
 
 
 def make_target(target_flops: Optional[float] = None, target_params: Optional[float] = None,
@@ -334,10 +336,11 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
         for u in removed:
             probes.setdefault(graph.units[u].group, []).append(u)
         exact = all(graph.units[u].exact for u in removed)
+        flops: dict = {}
         try:
             check: Optional[VerifyResult] = verify(work, graph, removed, example_inputs,
                                                    pruned=pruned, train_mode=True,
-                                                   train_inputs=small, **kw)
+                                                   train_inputs=small, flops=flops, **kw)
             failed = exact and not check.ok
         except PruningError:
             check, failed = None, True
@@ -353,7 +356,7 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
                              "and read by nothing)")
             uncounted = boundary.tail_layers if boundary is not None else ()
             return PlannedPruning(plan, graph, removed, target, check, notes,
-                                  clock.seconds, sorted(gone), uncounted), pruned
+                                  clock.seconds, sorted(gone), uncounted, flops), pruned
     raise PruningError("the pruned model still fails after freezing the groups found "
                        "three times; please report this model")
 
@@ -425,8 +428,17 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         recovery = recover(work, pruned, planned.plan, opts.calibration, opts.recover,
                            example_kwargs=kwargs, outputs=opts.outputs)
         clock.lap("recover")
-    flops0, params0, per_module0 = measure_modules(work, example_inputs, kwargs)
-    flops1, params1, per_module1 = measure_modules(pruned, example_inputs, kwargs)
+    counted = planned.flops
+    if len(counted) == 2 and (recovery is None or not planned.uncounted):
+        # the check's forwards, counted as they ran (recovery changes values, not widths;
+        # only a per-detection tail's count follows the values)
+        params0 = sum(p.numel() for p in work.parameters())
+        params1 = sum(p.numel() for p in pruned.parameters())
+        (flops0, per_module0), (flops1, per_module1) = (
+            (counted[k].total, counted[k].per_module) for k in ("before", "after"))
+    else:
+        flops0, params0, per_module0 = measure_modules(work, example_inputs, kwargs)
+        flops1, params1, per_module1 = measure_modules(pruned, example_inputs, kwargs)
     blocks = block_costs(work, pruned, per_module0, per_module1)
     if planned.uncounted:
         whole = flops1 / max(flops0, 1)

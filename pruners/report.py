@@ -8,99 +8,16 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from depgraph.capture import as_args
 from depgraph.graph import FrozenChannels
 
+from .flops import measure, measure_modules  # noqa: F401 - re-exported: the report's counts
 from .verify import VerifyResult
 
 if TYPE_CHECKING:
     from .recovery import RecoveryReport
 
 __all__ = ["PruneReport", "GroupChange", "LayerChange", "StepRecord", "measure"]
-
-
-def _sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _recurrent(input_shape, hx_shapes, param_shapes, *args, out_shape=None, **kwargs) -> int:
-    # every weight matrix (w_ih, w_hh, w_hr of each layer and direction) is applied once per
-    # time step and batch element: 2 * steps * rows * cols, as depgraph.cost counts them
-    steps = 1
-    for s in input_shape[:-1]:
-        steps *= s
-    return sum(2 * steps * s[0] * s[1] for s in param_shapes if len(s) == 2)
-
-
-def _mkldnn_rnn_layer(input_shape, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
-    # one layer and direction of an LSTM on CPU: both weights once per step and batch element
-    steps = 1
-    for s in input_shape[:-1]:
-        steps *= s
-    return 2 * steps * (w_ih[0] * w_ih[1] + w_hh[0] * w_hh[1])
-
-
-# Kernels the installed torch's FlopCounterMode may not count: the CPU flash-attention kernel
-# nn.MultiheadAttention uses (torch 2.14 counts the flash/efficient/cudnn variants), and the
-# fused recurrent layers (nothing is counted for them; GRU/RNN on CPU decompose into mm).
-_EXTRA_FORMULAS = {getattr(torch.ops.aten, name): formula for name, formula in (
-    ("_scaled_dot_product_flash_attention_for_cpu", _sdpa), ("lstm", _recurrent),
-    ("gru", _recurrent), ("rnn_tanh", _recurrent), ("rnn_relu", _recurrent),
-    ("mkldnn_rnn_layer", _mkldnn_rnn_layer))
-    if hasattr(torch.ops.aten, name)}
-
-
-def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None
-           ) -> FlopCounterMode:
-    """Count FLOPs of one forward: with fake tensors (shapes only, several times faster on a
-    large model) when the model runs on them, else for real (a detector whose box count
-    depends on values cannot run on fake tensors)."""
-    args = as_args(example_inputs)
-    # nn.MultiheadAttention's fused inference path is one op the counter does not know
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    extra = {op: f for op, f in _EXTRA_FORMULAS.items()
-             if op not in torch.utils.flop_counter.flop_registry}
-    # torch's module tracker (inside FlopCounterMode) hooks every input that requires grad
-    # and asserts on a parameter passed to a submodule under no_grad (timm's PiT, CaiT)
-    grads = [p for p in model.parameters() if p.is_leaf and p.requires_grad]
-    try:
-        for p in grads:
-            p.requires_grad_(False)
-        try:
-            return _count_fake(model, args, example_kwargs or {}, extra)
-        except Exception:  # noqa: BLE001 - data-dependent code: count on the real inputs
-            pass
-        with FlopCounterMode(display=False, custom_mapping=extra) as counter, torch.no_grad():
-            model(*args, **(example_kwargs or {}))
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for p in grads:
-            p.requires_grad_(True)
-    return counter
-
-
-def _count_fake(model: nn.Module, args: tuple, kwargs: dict, extra: dict) -> FlopCounterMode:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from depgraph.capture import attributes_restored
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with attributes_restored(model), mode:  # a forward that caches tensors on self
-        fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor,
-                                                      (args, kwargs))
-        with FlopCounterMode(display=False, custom_mapping=extra) as counter, torch.no_grad():
-            model(*fake_args, **fake_kwargs)
-    return counter
-
-
-def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None
-            ) -> tuple[int, int]:
-    """(FLOPs, parameters), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``."""
-    counter = _count(model, example_inputs, example_kwargs)
-    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
 
 
 @dataclass(frozen=True)
@@ -112,15 +29,6 @@ class BlockCost:
     flops_after: int
     params_before: int
     params_after: int
-
-
-def measure_modules(model: nn.Module, example_inputs: Any,
-                    example_kwargs: Optional[dict] = None) -> tuple[int, int, dict[str, int]]:
-    """:func:`measure` plus the FLOPs of every submodule by name, from the same pass."""
-    counter = _count(model, example_inputs, example_kwargs)
-    per_module = {key.partition(".")[2]: sum(ops.values())  # the counter prefixes the root's
-                  for key, ops in counter.get_flop_counts().items() if key != "Global"}  # class
-    return (counter.get_total_flops(), sum(p.numel() for p in model.parameters()), per_module)
 
 
 def block_costs(before: nn.Module, after: nn.Module, flops_before: dict[str, int],

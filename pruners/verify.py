@@ -131,7 +131,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
            outputs: Optional[Callable] = None, example_kwargs: Optional[dict] = None,
            at: Optional[Sequence[str]] = None, pruned: Optional[nn.Module] = None,
            rtol: float = 1e-4, train_mode: bool = False,
-           stop_early: bool = False, train_inputs: Any = None) -> VerifyResult:
+           stop_early: bool = False, train_inputs: Any = None,
+           flops: Optional[dict] = None) -> VerifyResult:
     """Zero-equivalence check of removing ``units`` from ``model`` (which is not modified).
 
     Args:
@@ -147,6 +148,9 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         train_inputs: inputs for the train-mode run (it only checks that the pruned model
             runs, so smaller ones do: ``repair.probe_inputs``); default ``example_inputs``.
         pruned: an already-pruned model to check; by default a pruned copy is made.
+        flops: a dict to fill with the FLOPs of the two forwards the check runs anyway
+            (:class:`pruners.flops.FlopCount`, "before": the masked original, which runs
+            every op the original does, "after": the pruned model); not with ``stop_early``.
         rtol: tolerance on ``max|a - b| / max|a|`` per output.
         train_mode: also run both in train mode (copies; only to see that the pruned one runs
             where the original does: code that only training runs, such as an EMA buffer
@@ -165,6 +169,10 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     else:
         def run(m: nn.Module) -> list[torch.Tensor]:
             return run_model(m, example_inputs, outputs, example_kwargs)
+    if flops is not None:
+        if stop_early:
+            raise ValueError("verify: counting FLOPs needs whole forwards (stop_early=False)")
+        run = _counted(run, flops)
     try:  # first: when it fails (the common case in repair's probes) the reference is moot
         got = run(pruned)
     except Exception as exc:  # noqa: BLE001
@@ -190,6 +198,19 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / max(scale, 1e-12))
     return VerifyResult(max_abs, max_rel, rtol)
+
+
+def _counted(run: Callable[[nn.Module], list], into: dict) -> Callable[[nn.Module], list]:
+    """``run`` that also counts the FLOPs of each forward: the first into ``into["after"]``
+    (verify runs the pruned model first), the second into ``into["before"]``."""
+    from .flops import FlopCount, counting
+
+    def counted(m: nn.Module) -> list:
+        with counting(m) as counter:
+            out = run(m)
+        into["before" if "after" in into else "after"] = FlopCount.of(counter)
+        return out
+    return counted
 
 
 def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: Any,

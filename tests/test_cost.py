@@ -29,7 +29,7 @@ def test_flops_counted_on_fake_tensors_equal_the_real_count_and_leave_the_model_
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pruners.report import _count
+    from pruners.flops import _count
 
     class Caching(torch.nn.Module):
         """Caches a tensor on self in forward (Ultralytics' Detect caches its anchors)."""

@@ -20,6 +20,7 @@ def test_half_the_flops_on_hand_written_models(name):
     flops, _ = measure(result.model, x)  # independent count on the returned model
     ratio = flops / measure(model, x)[0]
     assert ratio == pytest.approx(result.report.flops_ratio)
+    assert result.report.flops_before == measure(model, x)[0]  # counted in the check's forward
     assert 0.49 <= ratio <= 0.5
     assert [t.shape for t in run_model(result.model, x)] == [t.shape for t in run_model(model, x)]
     assert unchanged(model, before)  # a deep copy was pruned
@@ -240,3 +241,21 @@ def test_dead_channels_go_only_down_to_the_max_ratio_floor():
     assert result.model.a.out_channels == 16 - int(0.9 * 16)  # 14 of the 15 dead go
     assert any("dead channels" in n for n in result.report.notes)
     assert prune(model, x, target_flops=0.9, max_ratio=1.0).model.a.out_channels == 1
+
+
+def test_verify_counts_the_flops_of_the_forwards_it_runs():
+    from depgraph import analyze, capture
+    from pruners.surgery import remove_units
+    from pruners.verify import sample_units, verify
+
+    model, x = build(sorted(MODELS)[0])
+    graph = analyze(capture(model, x))
+    units = sample_units(graph, 0.3, np.random.default_rng(0))
+    counts: dict = {}
+    assert verify(model, graph, units, x, flops=counts).ok
+    pruned = remove_units(copy.deepcopy(model), graph, units)
+    assert counts["before"].total == measure(model, x)[0]
+    assert counts["after"].total == measure(pruned, x)[0] < counts["before"].total
+    assert all(p.requires_grad for p in model.parameters())  # the counter turned them back on
+    with pytest.raises(ValueError, match="stop_early"):
+        verify(model, graph, units, x, flops={}, at=[""], stop_early=True)
