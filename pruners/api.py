@@ -214,7 +214,8 @@ def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
     work = deepcopy_model(model)
     lifted = lift(work)
     work.eval()
-    try:
+    try:  # also warms what a forward caches by input shape (Ultralytics' anchors; DDP's
+        # first-call buffer broadcast), which a trace of a cold model would record as code
         run_model(work, example_inputs, opts.outputs, opts.example_kwargs)
     except Exception as exc:  # noqa: BLE001
         raise PruningError(f"the example inputs do not fit {type(model).__name__}: "
