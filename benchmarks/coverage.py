@@ -89,7 +89,14 @@ def verdict(row: dict) -> str:
     PruningError) or failed (off target, outputs changed, a raw exception, timeout, oom)."""
     if row["status"] == "ok":
         return "ok"
-    return "refused" if row["status"] in ("limited", "error") else "failed"
+    return "refused" if row["status"] == "limited" or (row["status"] == "error"
+                                                        and not raw(row)) else "failed"
+
+
+def raw(row: dict) -> bool:
+    """The child died of an exception other than a PruningError (which the job catches and
+    reports with its engine time): a raw exception reached the user."""
+    return row["status"] in ("error", "crash") and "engine_s" not in row
 
 
 def group_of(model: str) -> str:
@@ -111,9 +118,8 @@ def stats(rows: list[dict], target: float = 0.5) -> dict:
              and r["flops_ratio"] < r.get("target", target) - 0.01]
     slow = [r["model"] for r in rows
             if (r.get("engine_s") or 0) > ENGINE_GOAL_S or r["status"] == "timeout"]
-    raw = [r["model"] for r in rows if r["status"] in ("crash",)]
     return {"models": n, **counts, "ok_share": counts["ok"] / n if n else 0.0,
-            "raw_exceptions": raw, "under_target": under, "over_30s": slow}
+            "raw_exceptions": [r["model"] for r in rows if raw(r)], "under_target": under, "over_30s": slow}
 
 
 def wide_brief(rows: list[dict], header: str) -> list[str]:

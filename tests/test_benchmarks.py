@@ -220,7 +220,14 @@ def test_wide_zoo_figures_and_readme_section(tmp_path):
         ("timm:deit_tiny_patch16_224", "off-target", 0.41, 40.0),
         ("timm:nf_resnet26", "limited", 0.8, 5.0)])
     _fake_runs(tmp_path / "coverage_ultra_all_runs.jsonl", [("yaml:v8/yolov8.yaml", "ok", 0.5, 3.0)])
+    with open(tmp_path / "coverage_timm_all_runs.jsonl", "a") as f:  # a child that died
+        f.write(json.dumps({"job": {"model": "timm:boom"}, "status": "error", "seconds": 1.0,
+                            "error": "AssertionError: x", "peak_rss_mb": 1.0,
+                            "result": None}) + "\n")
     rows = coverage.load(str(tmp_path / "coverage_timm_all_runs.jsonl"))
+    st = coverage.stats(rows)
+    assert st["raw_exceptions"] == ["timm:boom"]
+    rows = [r for r in rows if r["model"] != "timm:boom"]
     st = coverage.stats(rows)
     assert (st["ok"], st["refused"], st["failed"]) == (1, 1, 1)
     assert st["under_target"] == ["timm:deit_tiny_patch16_224"]
@@ -230,7 +237,7 @@ def test_wide_zoo_figures_and_readme_section(tmp_path):
     coverage.write_readme(str(tmp_path), str(readme))
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert "| timm-all | 3 | 1 (33%) | 1 | 1 | 0 | 1 | 1 |" in text
+    assert "| timm-all | 4 | 1 (25%) | 1 | 2 | 1 | 1 | 1 |" in text
     assert "| tv-all | not run |" in text and "deit_tiny_patch16_224 | failed" in text
     assert "vit_tiny" not in text  # only what is not ok is listed by name
     readme.write_text("no markers")
