@@ -378,6 +378,32 @@ def token_mixer():
     return TokenMixer(), torch.randn(2, 3, 16, 16)
 
 
+class SpatialGating(nn.Module):
+    """MLP-Mixer and gMLP: a linear across tokens, applied to every channel (x[B, C, N] @
+    W[N, N]: its FLOPs follow the channel count), and gMLP's gate, which halves the hidden
+    channels with chunk and multiplies the halves."""
+
+    def __init__(self, dim: int = 24, tokens: int = 16, hidden: int = 48) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.token_mix = nn.Linear(tokens, tokens)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.gate_mix = nn.Linear(tokens, tokens)
+        self.fc2 = nn.Linear(hidden // 2, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)  # B, N, C
+        x = x + self.token_mix(x.transpose(1, 2)).transpose(1, 2)
+        u, v = F.gelu(self.fc1(x)).chunk(2, dim=-1)
+        x = x + self.fc2(u * self.gate_mix(v.transpose(1, 2)).transpose(1, 2))
+        return self.head(x.mean(1))
+
+
+def spatial_gating():
+    return SpatialGating(), torch.randn(2, 3, 16, 16)
+
+
 class EinsumAttention(TokenMixer):
     """MaxViT-style attention written with einsum, and a 1x1 conv written as an einsum."""
 
@@ -648,6 +674,7 @@ MODELS: dict[str, Callable] = {
     "conv1d_conv3d": conv1d_conv3d,
     "norms": norms,
     "token_mixer": token_mixer,
+    "spatial_gating": spatial_gating,
     **ARRIVING,
 }
 
