@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-gb", type=float, default=16.0)
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--prefix", help="file name prefix (coverage, or coverage_timm_all etc.)")
-    p.add_argument("--resume", action="store_true", help="skip models already in the runs file")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs file and skip models already in it (models named by "
+                        "--models run again: their new rows replace the old)")
     p.add_argument("--list-failures", action="store_true",
                    help="print, per cause, the models of the runs file that are not ok")
     p.add_argument("--readme", action="store_true",
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.resume and os.path.exists(runs_path):
         with open(runs_path) as f:
             done = {json.loads(line)["job"]["model"] for line in f if line.strip()}
+        done -= set(a.models or ())
     elif os.path.exists(runs_path):
         os.remove(runs_path)
     progress = Progress(len(models))

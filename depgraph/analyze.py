@@ -18,6 +18,7 @@ from .atoms import AtomTable, UnionFind
 from .capture import Capture
 from .errors import AnalysisError
 from .graph import ChannelGraph, FrozenChannels, Group, Unit
+from .rules.layers import COSTED_WITHOUT_CHANNELS
 from .rules.registry import RuleContext, lookup, node_outputs
 
 __all__ = ["analyze"]
@@ -94,7 +95,8 @@ def analyze(cap: Capture) -> ChannelGraph:
         is_activation = any(n.name in activation for n in _inputs_of(node))
         if is_activation:
             activation.add(node.name)
-        if not any(True for _ in _arrays(inputs)) and not keyword:
+        if not any(True for _ in _arrays(inputs)) and not keyword and \
+                getattr(node.target, "overloadpacket", None) not in COSTED_WITHOUT_CHANNELS:
             continue  # no channel flows in: nothing to do (constants, shapes, index math)
         rule = lookup(node.target)
         ctx.node = node

@@ -404,6 +404,27 @@ def spatial_gating():
     return SpatialGating(), torch.randn(2, 3, 16, 16)
 
 
+class FixedWindowScores(nn.Module):
+    """A product of two activations with no channel in them (patches of the input, as halo
+    attention builds with ``unfold``): its FLOPs are fixed, and still part of the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 32, 3, padding=1)
+        self.c = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        patches = F.unfold(x, 3, padding=1)  # B, 27, H*W
+        scores = patches.transpose(1, 2) @ patches  # B, H*W, H*W
+        y = self.c(F.relu(self.b(F.relu(self.a(x)))))
+        return y + scores.mean((1, 2))[:, None, None, None]
+
+
+def fixed_window_scores():
+    return FixedWindowScores(), torch.randn(1, 3, 8, 8)
+
+
 class EinsumAttention(TokenMixer):
     """MaxViT-style attention written with einsum, and a 1x1 conv written as an einsum."""
 
@@ -675,6 +696,7 @@ MODELS: dict[str, Callable] = {
     "norms": norms,
     "token_mixer": token_mixer,
     "spatial_gating": spatial_gating,
+    "fixed_window_scores": fixed_window_scores,
     **ARRIVING,
 }
 

@@ -189,6 +189,14 @@ def matmul_maps(ctx: RuleContext, a_node, a, b_node, b) -> tuple:
     return out
 
 
+#: Ops whose FLOPs count even when no channel flows into them (a product of two activations
+#: whose widths are fixed, such as attention over a window an unsupported op built): the
+#: analysis runs their rules anyway, so the cost model holds their fixed cost.
+COSTED_WITHOUT_CHANNELS = frozenset({aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm,
+                                     aten.addbmm, aten.scaled_dot_product_attention,
+                                     aten.einsum})
+
+
 # mm/bmm/matmul(a, b): see matmul_maps.
 @register(aten.mm, aten.bmm, aten.matmul)
 def matmul_rule(ctx: RuleContext, node, inputs: list) -> tuple:
