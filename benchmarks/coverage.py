@@ -122,7 +122,8 @@ def stats(rows: list[dict], target: float = 0.5) -> dict:
     slow = [r["model"] for r in rows
             if (r.get("engine_s") or 0) > ENGINE_GOAL_S or r["status"] == "timeout"]
     return {"models": n, **counts, "ok_share": counts["ok"] / n if n else 0.0,
-            "raw_exceptions": [r["model"] for r in rows if raw(r)], "under_target": under, "over_30s": slow}
+            "raw_exceptions": [r["model"] for r in rows if raw(r)], "under_target": under,
+            "over_30s": slow}
 
 
 def wide_brief(rows: list[dict], header: str) -> list[str]:
@@ -221,7 +222,7 @@ def write(runs_path: str, out: str, prefix: str, target: float) -> list[str]:
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     brief_path = os.path.join(out, f"{prefix}_brief.md")
-    wide = prefix != "coverage" and prefix.endswith("_all")
+    wide = prefix.endswith("_all")
     with open(brief_path, "w") as f:
         f.write("\n".join((wide_brief if wide else brief)(rows, lines[0])) + "\n")
     return [csv_path, md_path, brief_path]

@@ -84,4 +84,5 @@ def _classifier(model: nn.Module) -> nn.Module:
 
 
 def _first(out: Any) -> Any:
-    return out[0]
+    """A detector's predictions: the first of what it returns (the whole of a lone tensor)."""
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .models import Bench, build as build_bench
+from .models import Bench, _first, build as build_bench
 
 DETECTION = {
     # name: (builder in torchvision.models.detection / .segmentation, image size). Defaults
@@ -277,10 +277,6 @@ def _no_download(path: str) -> str:
     with open(copy, "w") as f:
         f.write(patched)
     return copy
-
-
-def _first(out: Any) -> Any:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 if __name__ == "__main__":  # python -m benchmarks.zoo: refresh the timm family list

@@ -4,7 +4,7 @@
 installed torch does not count, parameters' ``requires_grad`` off so torch's module tracker
 cannot assert, ``nn.MultiheadAttention``'s fused path off); :func:`measure` and
 :func:`measure_modules` count one forward, with fake tensors when the model runs on them, and
-:func:`pruners.verify.verify` counts the forwards it runs anyway (``count_flops=True``), which
+:func:`pruners.verify.verify` counts the forwards it runs anyway (``flops=``), which
 spares ``prune()`` two more passes of the whole model.
 """
 
@@ -73,8 +73,13 @@ class FlopCount:
 @contextlib.contextmanager
 def counting(model: nn.Module) -> Iterator[FlopCounterMode]:
     """Count the FLOPs of what ``model`` runs inside the block (under ``no_grad``)."""
-    with _quiet(model), FlopCounterMode(display=False, custom_mapping=_extra()) as counter, \
-            torch.no_grad():
+    with _quiet(model), _counter() as counter:
+        yield counter
+
+
+@contextlib.contextmanager
+def _counter() -> Iterator[FlopCounterMode]:
+    with FlopCounterMode(display=False, custom_mapping=_extra()) as counter, torch.no_grad():
         yield counter
 
 
@@ -117,8 +122,7 @@ def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
             with attributes_restored(model), mode:  # a forward that caches tensors on self
                 fake_args, fake_kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor,
                                                               (args, kwargs))
-                with FlopCounterMode(display=False, custom_mapping=_extra()) as counter, \
-                        torch.no_grad():
+                with _counter() as counter:  # inside the fake mode: it sees the ops first
                     model(*fake_args, **fake_kwargs)
             return counter
         except Exception:  # noqa: BLE001 - data-dependent code: count on the real inputs
@@ -133,7 +137,6 @@ def measure(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict
     """(FLOPs, parameters), FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``."""
     counter = _count(model, example_inputs, example_kwargs)
     return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
-
 
 
 def measure_modules(model: nn.Module, example_inputs: Any,

@@ -169,17 +169,15 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     else:
         def run(m: nn.Module) -> list[torch.Tensor]:
             return run_model(m, example_inputs, outputs, example_kwargs)
-    if flops is not None:
-        if stop_early:
-            raise ValueError("verify: counting FLOPs needs whole forwards (stop_early=False)")
-        run = _counted(run, flops)
+    if flops is not None and stop_early:
+        raise ValueError("verify: counting FLOPs needs whole forwards (stop_early=False)")
     try:  # first: when it fails (the common case in repair's probes) the reference is moot
-        got = run(pruned)
+        got = _run_counted(run, pruned, flops, "after")
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     masked = mask_consumers(copy.deepcopy(model, dict(shared)), graph, units)
-    expected = run(masked)
+    expected = _run_counted(run, masked, flops, "before")
     if train_mode:
         _check_train_mode(masked, pruned, example_inputs if train_inputs is None
                           else train_inputs, example_kwargs)
@@ -200,17 +198,17 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     return VerifyResult(max_abs, max_rel, rtol)
 
 
-def _counted(run: Callable[[nn.Module], list], into: dict) -> Callable[[nn.Module], list]:
-    """``run`` that also counts the FLOPs of each forward: the first into ``into["after"]``
-    (verify runs the pruned model first), the second into ``into["before"]``."""
+def _run_counted(run: Callable[[nn.Module], list], model: nn.Module, into: Optional[dict],
+                 key: str) -> list:
+    """``run(model)``, its FLOPs counted into ``into[key]`` when ``into`` is given."""
+    if into is None:
+        return run(model)
     from .flops import FlopCount, counting
 
-    def counted(m: nn.Module) -> list:
-        with counting(m) as counter:
-            out = run(m)
-        into["before" if "after" in into else "after"] = FlopCount.of(counter)
-        return out
-    return counted
+    with counting(model) as counter:
+        out = run(model)
+    into[key] = FlopCount.of(counter)
+    return out
 
 
 def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: Any,
