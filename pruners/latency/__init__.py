@@ -1,0 +1,21 @@
+"""Hardware-aware pruning: measured latency tables, predicted plan latency, trusted timings.
+
+- :mod:`.timing`: the timer, interleaved rounds with the spread checked, the environment.
+- :mod:`.table`: single-layer times by shape, backend, device and threads, cached as JSON.
+- :mod:`.model`: a plan's predicted latency (sum over layers, separable in their widths).
+- :mod:`.staircase`: ``round_to="auto"`` from where a layer's time steps up.
+
+``prune(..., target_latency=0.5)`` and ``round_to="auto"`` use them; see ``pruners.api``.
+"""
+
+from .model import LatencyModel, LayerCall, latency_model, layer_calls
+from .staircase import RoundTo, auto_round_to, pick_round_to, staircase
+from .table import LatencyTable, LayerShape, default_cache_path, shape_of
+from .timing import (Measurement, ModelCall, Timer, Timing, WallTimer, environment, interleave,
+                     measure_models, model_runner, time_call)
+
+__all__ = ["LatencyModel", "LayerCall", "latency_model", "layer_calls", "RoundTo",
+           "auto_round_to", "pick_round_to", "staircase", "LatencyTable", "LayerShape",
+           "default_cache_path", "shape_of", "Measurement", "ModelCall", "Timer", "Timing",
+           "WallTimer", "environment", "interleave", "measure_models", "model_runner",
+           "time_call"]

@@ -1,0 +1,139 @@
+"""``round_to="auto"``: the channel multiple that the backend's kernels reward, measured.
+
+Kernels work on blocks of channels (16 fp32 lanes with AVX-512, 8 with AVX2, tensor-core
+tiles on GPUs), so a layer's time climbs in steps: one channel past a multiple costs a whole
+block. :func:`staircase` times the model's costliest layer at every width of a window;
+:func:`pick_round_to` keeps the smallest multiple whose widths run clearly faster than the
+trend through all of them (1 when none does: every channel costs alike).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .model import LayerCall
+from .table import LatencyTable, LayerShape
+from .timing import time_call
+
+__all__ = ["staircase", "pick_round_to", "RoundTo", "auto_round_to", "CANDIDATES"]
+
+#: Multiples considered, smallest first.
+CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class RoundTo:
+    """The multiple chosen, how much faster its multiples run than the trend, what was timed."""
+
+    multiple: int
+    gain: float
+    layers: tuple[str, ...]
+    backend: str
+    device: str
+    threads: int
+
+    def __str__(self) -> str:
+        return (f"round_to='auto' chose {self.multiple} for {self.backend} on {self.device} "
+                f"({self.threads} threads): on {', '.join(self.layers) or 'no layer'}, widths that "
+                f"are multiples of {self.multiple} run {100 * self.gain:.0f}% faster than the "
+                "trend of their neighbours")
+
+
+def staircase(shape: LayerShape, widths: Sequence[int], table: LatencyTable,
+              rounds: int = 5) -> dict[int, float]:
+    """Seconds of ``shape`` at every output width in ``widths`` (input width unchanged; a
+    depthwise layer changes both), from the table where it has them.
+
+    Missing widths are timed in ``rounds`` rounds, all widths once per round in a rotated
+    order, keeping each width's fastest round: a drift in machine load then lands on every
+    width alike instead of faking a step.
+    """
+    shapes = {w: shape.at(shape.in_channels, w) for w in widths}
+    missing = [w for w, s in shapes.items() if not table.has(s)]
+    best: dict[int, float] = {}
+    runners = {w: table.runner(shapes[w]) for w in missing}
+    for r in range(rounds):
+        for w in missing[r % max(1, len(missing)):] + missing[:r % max(1, len(missing))]:
+            t = time_call(runners[w], shapes[w], table.timer, repeats=3, warmup=1)
+            best[w] = min(best.get(w, t), t)
+    for w, t in best.items():
+        table.put(shapes[w], t)
+    return {w: table.seconds(s) for w, s in shapes.items()}
+
+
+def pick_round_to(times: dict[int, float]) -> tuple[int, float]:
+    """``(multiple, gain)`` for one layer's times by width: the smallest candidate ``m``
+    whose multiples run at least ``NEAR`` times as far below the trend as the best
+    candidate's do, and at least ``MIN_GAIN`` below it; 1 when no multiple is faster than
+    its neighbours.
+
+    ``gain(m)`` is the median, over the widths that are multiples of ``m``, of
+    ``(trend - T) / trend``, the trend being the least-squares line through every width.
+    Both shapes kernels give are caught: a staircase (a width just past a multiple pays for
+    a whole block) and valleys (a multiple takes a faster kernel path than its neighbours).
+    Medians make one timing spike harmless; each ``m`` needs three multiples in the window.
+    """
+    return _choose(_gains(times))
+
+
+#: A multiple must run this much faster than the trend to be worth rounding to ...
+MIN_GAIN = 0.03
+#: ... and the smallest multiple within this share of the best gain is taken.
+NEAR = 0.7
+
+
+def _gains(times: dict[int, float]) -> dict[int, float]:
+    widths = np.array(sorted(times), dtype=np.float64)
+    t = np.array([times[int(w)] for w in widths])
+    if len(widths) < 8 or np.ptp(t) <= 0:
+        return {}
+    slope, intercept = np.polyfit(widths, t, 1)
+    trend = np.maximum(slope * widths + intercept, 1e-12)
+    below = (trend - t) / trend
+    return {m: float(np.median(below[widths % m == 0])) for m in CANDIDATES
+            if m > 1 and (widths % m == 0).sum() >= 3}
+
+
+def _choose(gains: dict[int, float]) -> tuple[int, float]:
+    best = max(gains.values(), default=0.0)
+    if best < MIN_GAIN:
+        return 1, best
+    m = min(k for k, g in gains.items() if g >= NEAR * best)
+    return m, gains[m]
+
+
+def auto_round_to(calls: list[LayerCall], table: LatencyTable, window: int = 96,
+                  layers: int = 3) -> RoundTo:
+    """Pick the multiple from the staircases of the ``layers`` costliest conv/linear shapes
+    of ``calls`` (as :func:`pruners.latency.layer_calls` returns; by MACs, at least 48 output
+    channels), each over ``window`` output widths around half its width; each multiple's
+    gain is the median over those layers."""
+    def macs(call: LayerCall) -> float:
+        s = call.shape
+        k = float(np.prod(s.kernel)) if s.kernel else 1.0
+        return call.out_numel * k * s.in_channels / s.groups
+
+    seen, picked = set(), []
+    for call in sorted((c for c in calls if c.shape.out_channels >= 48), key=macs, reverse=True):
+        if call.shape not in seen:
+            seen.add(call.shape)
+            picked.append(call)
+        if len(picked) == layers:
+            break
+    if not picked:
+        return RoundTo(1, 0.0, (), table.backend, table.device, table.threads)
+    per_layer = []
+    for call in picked:
+        width = call.shape.out_channels
+        lo = max(1, width // 2 - window // 2)
+        per_layer.append(staircase(call.shape, range(lo, min(width, lo + window) + 1), table))
+    table.save()
+    gains = [_gains(times) for times in per_layer]
+    merged = {m: float(np.median([g[m] for g in gains if m in g]))
+              for m in CANDIDATES if any(m in g for g in gains)}
+    multiple, gain = _choose(merged)
+    return RoundTo(multiple, gain, tuple(c.module for c in picked), table.backend, table.device,
+                   table.threads)

@@ -1,0 +1,171 @@
+"""Measured latency of single layers, cached on disk.
+
+A :class:`LayerShape` is one conv or linear call at given widths (and everything else its time
+depends on: kernel, stride, groups, the input's spatial size, dtype); a :class:`LatencyTable`
+maps ``(shape, backend, device, threads)`` to measured seconds and keeps them in a JSON file,
+so a model's layers are timed once per machine and every later plan is predicted from the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .timing import Timer, WallTimer, model_runner, time_call
+
+__all__ = ["LayerShape", "LatencyTable", "default_cache_path", "shape_of"]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One conv (``kind="conv"``, any spatial rank) or linear call.
+
+    ``input_shape`` is the full input (batch first); ``in_channels``/``out_channels`` are the
+    widths timed. A depthwise conv (``groups == in == out``) keeps that when widths change.
+    """
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    input_shape: tuple[int, ...]
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = True
+    dtype: str = "float32"
+
+    @property
+    def depthwise(self) -> bool:
+        return self.kind == "conv" and self.groups > 1 and \
+            self.groups == self.in_channels == self.out_channels
+
+    def at(self, in_channels: int, out_channels: int) -> "LayerShape":
+        """The same layer at other widths (grouped convs keep their group count)."""
+        if self.depthwise:
+            width = out_channels
+            return dataclasses.replace(self, in_channels=width, out_channels=width, groups=width,
+                                       input_shape=_with_channels(self, width))
+        return dataclasses.replace(self, in_channels=in_channels, out_channels=out_channels,
+                                   input_shape=_with_channels(self, in_channels))
+
+    def build(self) -> tuple[nn.Module, torch.Tensor]:
+        """A fresh module of this shape and a random input for it."""
+        dtype = getattr(torch, self.dtype)
+        if self.kind == "linear":
+            module = nn.Linear(self.in_channels, self.out_channels, bias=self.bias)
+        else:
+            conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(self.kernel)]
+            module = conv(self.in_channels, self.out_channels, self.kernel, self.stride,
+                          self.padding, self.dilation, self.groups, self.bias)
+        return module.to(dtype).eval(), torch.randn(self.input_shape, dtype=dtype)
+
+    def key(self, backend: str, device: str, threads: int) -> str:
+        dims = "x".join(map(str, self.input_shape))
+        conv = (f" k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} "
+                f"g{self.groups}" if self.kind == "conv" else "")
+        return (f"{backend}/{device}/t{threads}/{self.dtype}/{self.kind} {self.in_channels}->"
+                f"{self.out_channels} in {dims}{conv}{' bias' if self.bias else ''}")
+
+
+def _with_channels(shape: LayerShape, channels: int) -> tuple[int, ...]:
+    dims = list(shape.input_shape)
+    dims[-1 if shape.kind == "linear" else 1] = channels
+    return tuple(dims)
+
+
+def shape_of(module: nn.Module, x: torch.Tensor) -> Optional[LayerShape]:
+    """The :class:`LayerShape` of ``module`` called on ``x``; None for what is not timed here
+    (transposed convs, non-zero padding modes, string padding)."""
+    if isinstance(module, nn.Linear):
+        return LayerShape("linear", module.in_features, module.out_features, tuple(x.shape),
+                          bias=module.bias is not None, dtype=str(x.dtype).split(".")[-1])
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed \
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return LayerShape("conv", module.in_channels, module.out_channels, tuple(x.shape),
+                          tuple(module.kernel_size), tuple(module.stride),
+                          tuple(module.padding), tuple(module.dilation), module.groups,
+                          module.bias is not None, str(x.dtype).split(".")[-1])
+    return None
+
+
+def default_cache_path() -> str:
+    """``$PRUNERS_LATENCY_CACHE``, else ``~/.cache/pruners/latency.json``."""
+    return os.environ.get("PRUNERS_LATENCY_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pruners", "latency.json")
+
+
+class LatencyTable:
+    """Seconds per layer shape on one backend, device and thread count; JSON on disk.
+
+    ``path=None`` keeps the table in memory. ``timer`` (default: the wall clock) is what
+    measures a missing entry; ``measured`` counts the entries this table timed itself.
+    """
+
+    def __init__(self, path: Optional[str] = None, *, backend: str = "eager",
+                 device: str = "cpu", threads: Optional[int] = None,
+                 timer: Optional[Timer] = None, repeats: int = 7) -> None:
+        if backend not in ("eager", "onnxruntime"):
+            raise ValueError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+        if device != "cpu" and not device.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        if device.startswith("cuda") and backend != "eager":
+            raise ValueError("onnxruntime latency is measured on the CPU only")
+        self.path, self.backend, self.device = path, backend, device
+        self.threads = threads or torch.get_num_threads()
+        self.timer = timer or WallTimer(device)
+        self.repeats = repeats
+        self.measured = 0
+        self._entries: dict[str, float] = {}
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                self._entries = json.load(f)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _key(self, shape: LayerShape) -> str:
+        return shape.key(self.backend, self.device, self.threads)
+
+    def has(self, shape: LayerShape) -> bool:
+        return self._key(shape) in self._entries
+
+    def runner(self, shape: LayerShape):
+        """A no-argument function running a fresh layer of ``shape`` on this backend."""
+        module, x = shape.build()
+        return model_runner(module, x, self.backend, self.device, self.threads)
+
+    def put(self, shape: LayerShape, seconds: float) -> None:
+        self._entries[self._key(shape)] = float(seconds)
+        self.measured += 1
+
+    def seconds(self, shape: LayerShape) -> float:
+        """The table's time for ``shape``, measuring (and remembering) it if missing."""
+        if not self.has(shape):
+            self.put(shape, time_call(self.runner(shape), shape, self.timer, self.repeats))
+        return self._entries[self._key(shape)]
+
+    def save(self) -> None:
+        """Write the table to ``path`` (merged with what another process wrote meanwhile)."""
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        merged: dict[str, Any] = {}
+        if os.path.exists(self.path):
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    merged = json.load(f)
+            except (OSError, ValueError):
+                merged = {}
+        merged.update(self._entries)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(merged, f, indent=0, sort_keys=True)
+        os.replace(tmp, self.path)

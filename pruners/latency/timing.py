@@ -1,0 +1,234 @@
+"""Timing you can trust: interleaved rounds, spread checked, the machine recorded.
+
+Every measurement goes through a :data:`Timer`, ``timer(fn, what) -> seconds of one call``:
+:class:`WallTimer` runs ``fn`` against the clock; tests pass a fake that computes a time from
+``what`` (a :class:`~pruners.latency.table.LayerShape` or a :class:`ModelCall`), so the logic
+above the clock is deterministic.
+
+A figure is only as good as the machine was quiet. :func:`measure_models` times every model
+in rounds, taking turns in an order rotated each round (a load change hits all alike), and
+checks the spread (interquartile range over median) of each; when any is wider than
+``max_spread`` it measures again, and a figure still that wide comes back marked ``noisy``:
+report it as noise, not a result.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+__all__ = ["Timer", "WallTimer", "ModelCall", "Timing", "Measurement", "environment",
+           "time_call", "interleave", "measure_models", "model_runner"]
+
+Timer = Callable[[Callable[[], Any], Any], float]
+
+
+class WallTimer:
+    """Seconds of one call by ``time.perf_counter``; on CUDA, synchronised before and after."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.cuda = device.startswith("cuda")
+
+    def __call__(self, fn: Callable[[], Any], what: Any = None) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """What a whole-model timing runs (for a fake timer): the module, its inputs, the backend."""
+
+    label: str
+    model: Optional[nn.Module]
+    inputs: Any
+    backend: str = "eager"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median milliseconds per call and the spread (interquartile range / median)."""
+
+    median_ms: float
+    spread: float
+    samples: int
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.2f} ms (spread {100 * self.spread:.0f}%, n={self.samples})"
+
+
+@dataclass
+class Measurement:
+    """Timings of several models taken together, the machine they ran on, and whether the
+    figures are trustworthy (``noisy``: some spread stayed over ``max_spread``)."""
+
+    times: dict[str, Timing]
+    env: dict[str, Any]
+    max_spread: float
+    attempts: int
+    noisy: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def ratio(self, label: str, reference: str = "dense") -> float:
+        """``label``'s median over ``reference``'s (latency kept)."""
+        return self.times[label].median_ms / self.times[reference].median_ms
+
+
+def _cpu() -> tuple[str, list[str]]:
+    """CPU model name and the SIMD flags that decide kernel widths."""
+    name, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = sorted(f for f in have if f.startswith(("avx", "amx", "fma", "sse4_2"))
+                                   or f in ("f16c", "neon", "asimd"))
+                    break
+    except OSError:
+        pass
+    return name, flags
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(backend: str = "eager", device: str = "cpu",
+                threads: Optional[int] = None) -> dict[str, Any]:
+    """Everything a latency figure depends on, to print beside it."""
+    cpu, flags = _cpu()
+    env = {"backend": backend, "device": device, "threads": threads or torch.get_num_threads(),
+           "cpu": cpu, "cores": os.cpu_count(), "flags": " ".join(flags),
+           "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
+           "python": platform.python_version(),
+           "load1": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+           "date": time.strftime("%Y-%m-%d %H:%M")}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def time_call(fn: Callable[[], Any], what: Any, timer: Timer, repeats: int = 7,
+              warmup: int = 2) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timer(fn, what) for _ in range(repeats))
+
+
+def _spread(samples: list[float]) -> float:
+    if len(samples) < 4:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4)
+    return (q3 - q1) / max(statistics.median(samples), 1e-12)
+
+
+def interleave(calls: dict[str, tuple[Callable[[], Any], Any]], timer: Timer, rounds: int,
+               warmup: int = 2) -> dict[str, Timing]:
+    """Time every ``label: (fn, what)`` once per round, in an order rotated every round."""
+    labels = list(calls)
+    for _ in range(warmup):
+        for label in labels:
+            calls[label][0]()
+    samples: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            fn, what = calls[label]
+            samples[label].append(timer(fn, what))
+    return {label: Timing(1000 * statistics.median(s), _spread(s), len(s))
+            for label, s in samples.items()}
+
+
+def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: str = "cpu",
+                 threads: Optional[int] = None) -> Callable[[], Any]:
+    """A no-argument function that runs ``model`` on ``inputs`` with the backend: PyTorch
+    eager under ``no_grad``, or an onnxruntime CPU session of its ONNX export."""
+    from depgraph.capture import as_args
+
+    args = as_args(inputs)
+    if backend == "eager":
+        model = model.eval().to(device)
+        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+        def run() -> Any:
+            with torch.no_grad():
+                return model(*args)
+
+        return run
+    if backend == "onnxruntime":
+        session, feeds = _ort_session(model, args, threads)
+        return lambda: session.run(None, feeds)
+    raise ValueError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+
+
+def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
+    import io
+
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), args, buffer, opset_version=17, dynamo=False,
+                          do_constant_folding=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(buffer.getvalue(), options,
+                                   providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    tensors = [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+    return session, {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+
+
+def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = "eager",
+                   device: str = "cpu", threads: Optional[int] = None,
+                   timer: Optional[Timer] = None, rounds: int = 30, max_spread: float = 0.1,
+                   retries: int = 2) -> Measurement:
+    """Median latency of each model, taken interleaved, with the machine recorded.
+
+    Measures again (up to ``retries`` times) while any spread exceeds ``max_spread``, keeping
+    the attempt with the narrowest worst spread; ``noisy`` says it never got under. The
+    first label is the reference of :meth:`Measurement.ratio` ("dense" by convention).
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    timer = timer or WallTimer(device)
+    calls = {label: (model_runner(m, inputs, backend, device, threads),
+                     ModelCall(label, m, inputs, backend)) for label, m in models.items()}
+    best: Optional[dict[str, Timing]] = None
+    attempts = 0
+    for attempts in range(1, retries + 2):
+        times = interleave(calls, timer, rounds)
+        if best is None or max(t.spread for t in times.values()) < max(
+                t.spread for t in best.values()):
+            best = times
+        if max(t.spread for t in best.values()) <= max_spread:
+            break
+    worst = max(t.spread for t in best.values())
+    result = Measurement(best, environment(backend, device, threads), max_spread, attempts,
+                         noisy=worst > max_spread)
+    if result.noisy:
+        result.notes.append(f"spread {100 * worst:.0f}% stayed over {100 * max_spread:.0f}% in "
+                            f"{attempts} attempts: the machine is not quiet, these figures are "
+                            "noise")
+    return result
