@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -40,18 +40,33 @@ class InfeasibleTargetError(PruningError):
 
 @dataclass(frozen=True)
 class Target:
-    """``kind`` is "flops" or "params" (fraction of the original to keep) or "channels"
-    (fraction of every group's channels to remove)."""
+    """``kind`` is "flops", "params" or "latency" (fraction of the original to keep) or
+    "channels" (fraction of every group's channels to remove)."""
 
     kind: str
     value: float
 
     def __post_init__(self) -> None:
-        if self.kind not in ("flops", "params", "channels"):
+        if self.kind not in ("flops", "params", "latency", "channels"):
             raise ValueError(f"unknown target kind {self.kind!r}")
         if not 0.0 < self.value <= 1.0:
             raise ValueError(f"target_{self.kind if self.kind != 'channels' else 'ratio'} must "
                              f"be in (0, 1], got {self.value}")
+
+
+def objective(cost: CostModel, target: Target, latency: Any = None
+              ) -> Callable[[np.ndarray], float]:
+    """``kept widths -> fraction of the original`` for the target's kind: FLOPs or params
+    from the cost model, latency from ``latency`` (an object with ``evaluate(kept)`` and
+    ``full()`` seconds: a :class:`pruners.latency.LatencyModel`)."""
+    if target.kind == "latency":
+        if latency is None:
+            raise ValueError("a latency target needs a latency model (pruners.latency)")
+        full = latency.full() or 1.0
+        return lambda kept: latency.evaluate(kept) / full
+    which = 0 if target.kind == "flops" else 1
+    full = cost.full()[which] or 1.0
+    return lambda kept: cost.evaluate(kept)[which] / full
 
 
 class _State:
@@ -63,8 +78,10 @@ class _State:
     """
 
     def __init__(self, graph: ChannelGraph, cost: CostModel, min_channels: int = 1,
-                 max_ratio: float = 1.0) -> None:
+                 max_ratio: float = 1.0,
+                 value: Optional[Callable[[np.ndarray], float]] = None) -> None:
         self.cost = cost
+        self.value = value
         self.kept = cost.sizes.copy()
         self.floor = np.maximum(min_channels, cost.sizes - np.floor(max_ratio * cost.sizes))
         index = {k: i for i, k in enumerate(cost.keys)}
@@ -86,20 +103,23 @@ class _State:
             for k, n in self.unit_keys[u]:
                 self.kept[k] -= sign * n
 
-    def ratio(self, kind: str, full: tuple[float, float]) -> float:
-        flops, params = self.cost.evaluate(self.kept)
-        return flops / full[0] if kind == "flops" else params / full[1]
+    def ratio(self) -> float:
+        """The target's measure of the current widths, as a fraction of the original."""
+        return self.value(self.kept)
 
 
 def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: Target, *,
              strategy: Union[str, Callable] = "global", round_to: int = 1, min_channels: int = 1,
              max_ratio: float = 0.9, protected: Optional[set[int]] = None,
              free: Optional[set[int]] = None,
-             losses: Optional[dict[int, Callable[[float], float]]] = None) -> list[int]:
+             losses: Optional[dict[int, Callable[[float], float]]] = None,
+             latency: Any = None) -> list[int]:
     """The units to remove, sorted. See the module docstring.
 
     ``strategy`` may also be a function ``(graph, scores, cost, target) -> units to remove``
     (``prune_iteratively`` passes one); protected units are never removed.
+
+    ``latency`` is the cost of a "latency" target (a :class:`pruners.latency.LatencyModel`).
 
     ``free`` units (dead channels: ``ChannelGraph.dead_units``) are removed first, outside
     ``round_to``, as far as no layer dim falls under its floor (``min_channels`` and
@@ -118,6 +138,7 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
     if round_to < 1 or min_channels < 1 or not 0 < max_ratio <= 1:
         raise ValueError("need round_to >= 1, min_channels >= 1 and 0 < max_ratio <= 1")
     protected = protected or set()
+    value = objective(cost, target, latency) if target.kind != "channels" else None
     dead = _dead_within_floors(_State(graph, cost, min_channels, max_ratio),
                                sorted(set(free or ()) - protected))
     if callable(strategy):  # a policy of the caller's: (graph, scores, cost, target) -> units
@@ -135,10 +156,10 @@ def allocate(graph: ChannelGraph, scores: np.ndarray, cost: CostModel, target: T
                                       min_channels, dead, max_ratio))
     if strategy == "uniform":
         return sorted(dead + _uniform_to_cost(graph, cost, candidates, target, round_to,
-                                              min_channels, max_ratio, dead))
-    key = _sensitivity_key(graph, cost, target, losses) if strategy == "sensitivity" else None
+                                              min_channels, max_ratio, dead, value))
+    key = _sensitivity_key(graph, cost, losses, value) if strategy == "sensitivity" else None
     return _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio,
-                   dead, key)
+                   dead, key, value)
 
 
 def _dead_within_floors(state: _State, dead: list[int]) -> list[int]:
@@ -153,17 +174,16 @@ def _dead_within_floors(state: _State, dead: list[int]) -> list[int]:
     return out
 
 
-def _sensitivity_key(graph: ChannelGraph, cost: CostModel, target: Target,
-                     losses: dict[int, Callable[[float], float]]) -> Callable:
+def _sensitivity_key(graph: ChannelGraph, cost: CostModel,
+                     losses: dict[int, Callable[[float], float]],
+                     value: Callable[[np.ndarray], float]) -> Callable:
     """Heap key of a chunk: predicted loss added per unit of cost removed (one unit's cost,
     measured alone on the dense widths, stands for each unit of its group)."""
-    which = 0 if target.kind == "flops" else 1
-    full = cost.full()[which] or 1.0
     per_unit = {}
     for g in graph.groups:
         if g.id in losses and g.units:
             kept = cost.kept_after(graph, {g.units[0]})
-            per_unit[g.id] = max((full - cost.evaluate(kept)[which]) / full, 1e-12)
+            per_unit[g.id] = max(1.0 - value(kept), 1e-12)
 
     def key(gid: int, before: int, chunk: list[int]) -> float:
         n = len(graph.groups[gid].units)
@@ -187,7 +207,7 @@ def _chunks(n_units: int, order: list[int], round_to: int, limit: int) -> list[l
 
 
 def _global(graph, scores, cost, candidates, target, round_to, min_channels, max_ratio, dead,
-            key=None):
+            key=None, value=None):
     """``key(group, units removed before, chunk)`` orders the chunks (default: mean score)."""
 
     def rank(gid: int, i: int) -> float:
@@ -196,10 +216,9 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
             return float(np.mean(scores[chunk]))
         return key(gid, sum(len(c) for c in chunks[gid][:i]), chunk)
 
-    state = _State(graph, cost, min_channels, max_ratio)
-    full = cost.full()
+    state = _State(graph, cost, min_channels, max_ratio, value)
     state.remove(dead)
-    if state.ratio(target.kind, full) <= target.value:
+    if state.ratio() <= target.value:
         return list(dead)
     heap = []
     chunks = {}
@@ -216,7 +235,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
         chunk = chunks[gid][i]
         if state.allows(chunk):
             state.remove(chunk)
-            ratio = state.ratio(target.kind, full)
+            ratio = state.ratio()
             if ratio <= target.value:
                 if ratio >= target.value - _TOLERANCE:
                     return sorted(removed + chunk)
@@ -230,8 +249,8 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
         if i + 1 < len(chunks[gid]):
             heapq.heappush(heap, (rank(gid, i + 1), gid, i + 1))
     if best is not None:
-        return _refine(state, best[1], scores, target, full, min_channels, round_to, set(dead))
-    reachable = state.ratio(target.kind, full)
+        return _refine(state, best[1], scores, target, min_channels, round_to, set(dead))
+    reachable = state.ratio()
     raise InfeasibleTargetError(
         f"target_{target.kind}={target.value:g} cannot be met: with everything prunable removed "
         f"(max_ratio={max_ratio:g}, min_channels={min_channels}, round_to={round_to}) the model "
@@ -240,7 +259,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
 
 
 def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Target,
-            full: tuple[float, float], min_channels: int, round_to: int, dead: set[int],
+            min_channels: int, round_to: int, dead: set[int],
             budget: int = 20000) -> list[int]:
     """Close the gap when the greedy overshot: add back, or swap, single units while the cost
     stays at or under the target. Only runs on coarse models (few, expensive units), and only
@@ -252,7 +271,7 @@ def _refine(state: _State, removed: list[int], scores: np.ndarray, target: Targe
     state.remove(removed)
 
     def ratio() -> float:
-        return state.ratio(target.kind, full)
+        return state.ratio()
 
     value = ratio()
     improved = True
@@ -306,14 +325,11 @@ def _uniform(graph, cost, candidates, ratio, round_to, min_channels, dead=(), ma
     return sorted(removed)
 
 
-def _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels, max_ratio, dead):
-    full = cost.full()
-
+def _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels, max_ratio, dead,
+                     value):
     def ratio_for(r: float) -> tuple[float, list[int]]:
         units = _uniform(graph, cost, candidates, r, round_to, min_channels, dead, max_ratio)
-        kept = cost.kept_after(graph, set(units) | set(dead))
-        flops, params = cost.evaluate(kept)
-        return (flops / full[0] if target.kind == "flops" else params / full[1]), units
+        return value(cost.kept_after(graph, set(units) | set(dead))), units
 
     lo, hi = 0.0, max_ratio
     reached, best = ratio_for(hi)

@@ -55,7 +55,9 @@ class PruneOptions:
             "sensitivity" (with ``sensitivity=``: least predicted metric loss per FLOP), or a
             function ``(graph, scores, cost, target) -> unit ids to remove``.
         sensitivity: the table of :func:`pruners.sensitivity` for ``strategy="sensitivity"``.
-        round_to: keep every pruned group's width a multiple of this (8 or 16 for speed).
+        round_to: keep every pruned group's width a multiple of this (8 or 16 for speed), or
+            "auto": the multiple the backend's kernels reward, measured on the model's
+            costliest layers (``pruners.latency.staircase``; the report's notes say which).
         min_channels: the fewest channels any layer dim keeps.
         max_ratio: the largest fraction of a group's units that may go.
         protect: modules or module-name patterns (``"model.22.*"``) whose channels stay.
@@ -68,13 +70,20 @@ class PruneOptions:
             "reconstruct", "bn" or a tuple of them (see ``pruners.recovery``).
         calibration: unlabeled batches for ``recover``, each passed to ``forward`` as
             ``example_inputs`` is (a list, or ``(x for x, _ in loader)``).
+        backend: where latency is measured for ``target_latency`` and ``round_to="auto"``:
+            "eager" (PyTorch) or "onnxruntime" (CPU session of the ONNX export).
+        device: "cpu" or "cuda" (eager only).
+        threads: intra-op threads for timing (default: torch's current setting).
+        latency_table: a :class:`pruners.latency.LatencyTable` to read and fill (its
+            backend, device, threads and timer then apply); default: the JSON cache at
+            ``pruners.latency.default_cache_path()`` for the backend, device and threads.
     """
 
     importance: Union[str, Importance] = "l2"
     data: Optional[Iterable[Any]] = None
     loss_fn: Optional[Callable] = None
     strategy: Union[str, Callable] = "global"
-    round_to: int = 1
+    round_to: Union[int, str] = 1
     min_channels: int = 1
     max_ratio: float = 0.9
     protect: Optional[Sequence[Union[str, nn.Module]]] = None
@@ -86,6 +95,10 @@ class PruneOptions:
     recover: Union[None, str, Sequence[str]] = None
     calibration: Optional[Iterable[Any]] = None
     sensitivity: Optional[Any] = None  # pruners.sensitivity.Sensitivity
+    backend: str = "eager"
+    device: str = "cpu"
+    threads: Optional[int] = None
+    latency_table: Optional[Any] = None  # pruners.latency.LatencyTable
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "PruneOptions":
@@ -128,16 +141,22 @@ class PlannedPruning:
     uncounted: tuple[str, ...] = ()
     # FLOPs of the check's forwards ("before": masked original, "after": pruned), if it ran
     flops: dict = field(default_factory=dict)
+    # latency targets: the model that predicted it, and its prediction for this plan (fraction)
+    latency: Optional[Any] = None  # pruners.latency.LatencyModel
+    predicted_latency: Optional[float] = None
+    round_to: int = 1  # the multiple used ("auto" resolved)
 
 
 def make_target(target_flops: Optional[float] = None, target_params: Optional[float] = None,
-                channel_ratio: Optional[float] = None) -> Target:
+                channel_ratio: Optional[float] = None,
+                target_latency: Optional[float] = None) -> Target:
     """The one target given; ValueError for none or several."""
     given = {k: v for k, v in (("flops", target_flops), ("params", target_params),
-                               ("channels", channel_ratio)) if v is not None}
+                               ("channels", channel_ratio), ("latency", target_latency))
+             if v is not None}
     if len(given) != 1:
-        raise ValueError("give exactly one of target_flops, target_params, channel_ratio; got "
-                         f"{', '.join(given) or 'none'}")
+        raise ValueError("give exactly one of target_flops, target_params, target_latency, "
+                         f"channel_ratio; got {', '.join(given) or 'none'}")
     (kind, value), = given.items()
     return Target(kind, float(value))
 
@@ -257,6 +276,12 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
                          "inputs passed to forward like example_inputs)")
     example_inputs, kwargs = _split_inputs(model, example_inputs, opts.example_kwargs)
     opts = dataclasses.replace(opts, example_kwargs=kwargs)
+    if not (opts.round_to == "auto" or (isinstance(opts.round_to, int) and opts.round_to >= 1)):
+        raise ValueError(f"round_to must be a positive int or 'auto', got {opts.round_to!r}")
+    if opts.backend not in ("eager", "onnxruntime") or not (
+            opts.device == "cpu" or str(opts.device).startswith("cuda")):
+        raise ValueError(f"backend must be 'eager' or 'onnxruntime' and device 'cpu' or "
+                         f"'cuda', got backend={opts.backend!r}, device={opts.device!r}")
     patterns = _protect_patterns(model, opts.protect)
     clock = _Clock(opts.progress)
     work, lifted = _working_copy(model, example_inputs, opts)
@@ -296,6 +321,11 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
                          f"detection), as many times as survive the selection: FLOPs are "
                          f"counted and targeted without them")
     kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at)
+    hardware = _Hardware.of(work, example_inputs, opts, target)
+    if hardware is not None:
+        notes += hardware.notes
+        clock.lap("latency table")
+    round_to = hardware.round_to if hardware is not None else opts.round_to
     small = probe_inputs(work, example_inputs, outputs=opts.outputs,
                          example_kwargs=opts.example_kwargs)
     bad = find_unprunable_groups(work, graph, small, **kw)
@@ -311,12 +341,17 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
         clock.lap("score")
         dead = set(graph.dead_units())
         losses = opts.sensitivity.losses(graph) if opts.strategy == "sensitivity" else None
+        cost = cost_model(graph)
+        latency = hardware.model(cost) if hardware is not None and target.kind == "latency" \
+            else None
+        if latency is not None:
+            clock.lap("latency table")
         try:
-            removed = allocate(graph, scores, cost_model(graph), target, strategy=opts.strategy,
-                               round_to=opts.round_to, min_channels=opts.min_channels,
+            removed = allocate(graph, scores, cost, target, strategy=opts.strategy,
+                               round_to=round_to, min_channels=opts.min_channels,
                                max_ratio=opts.max_ratio,
                                protected=_protected_units(graph, patterns), free=dead,
-                               losses=losses)
+                               losses=losses, latency=latency)
         except InfeasibleTargetError as exc:
             raise InfeasibleTargetError(f"{exc} {_why_frozen(graph, notes)}",
                                         exc.reachable) from None
@@ -356,15 +391,106 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
                 notes.append(f"removed {len(gone)} dead channels for free (dropped by a slice "
                              "and read by nothing)")
             uncounted = boundary.tail_layers if boundary is not None else ()
+            predicted = None if latency is None else \
+                latency.predict(graph, cost, removed) / latency.full()
             return PlannedPruning(plan, graph, removed, target, check, notes,
-                                  clock.seconds, sorted(gone), uncounted, flops), pruned
+                                  clock.seconds, sorted(gone), uncounted, flops, latency,
+                                  predicted, round_to), pruned
     raise PruningError("the pruned model still fails after freezing the groups found "
                        "three times; please report this model")
 
 
+#: A latency target is re-aimed while the measured share is off by more than this (relative).
+_LATENCY_SLACK = 0.03
+
+
+def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module
+                    ) -> tuple[PlannedPruning, nn.Module, Any]:
+    """Time the pruned model against the dense one; when the measured share of latency is
+    off the target by more than ``_LATENCY_SLACK``, scale the aim by target / measured and
+    plan again (twice at most), keeping the plan measured closest to the target."""
+    from .latency import measure_models
+    from .report import LatencyReport
+
+    work, lifted, example_inputs, target, opts, patterns, clock = prepared
+    def timed(candidate: nn.Module):
+        m = measure_models({"dense": work, "pruned": candidate}, example_inputs,
+                           backend=planned.latency.backend, device=planned.latency.device,
+                           threads=planned.latency.threads, timer=planned.latency.timer)
+        return m, m.ratio("pruned")
+
+    measured, ratio = timed(pruned)
+    best = (abs(ratio / target.value - 1), planned, pruned, measured)
+    aim, attempts = target.value, 1
+    while attempts < 3 and best[0] > _LATENCY_SLACK:  # a median is steady even if noisy
+        aim = min(1.0, aim * target.value / ratio)
+        try:
+            planned2, pruned2 = _search(work, lifted, example_inputs, Target("latency", aim),
+                                        opts, patterns, clock)
+        except InfeasibleTargetError:
+            break
+        attempts += 1
+        measured, ratio = timed(pruned2)
+        if abs(ratio / target.value - 1) < best[0]:
+            best = (abs(ratio / target.value - 1), planned2, pruned2, measured)
+    _, planned, pruned, measured = best
+    if planned.target != target:
+        planned.notes.append(f"latency target re-aimed at {planned.target.value:.4f} of the "
+                             f"predicted dense latency to land at {target.value:g} measured")
+        planned.target = target
+    planned.notes += measured.notes
+    d, p = measured.times["dense"], measured.times["pruned"]
+    report = LatencyReport(planned.latency.backend, planned.latency.device,
+                           planned.latency.threads, d.median_ms, p.median_ms, d.spread, p.spread,
+                           planned.predicted_latency, measured.noisy, measured.env, attempts)
+    return planned, pruned, report
+
+
+@dataclass
+class _Hardware:
+    """What latency targets and ``round_to="auto"`` measure once per ``_search``: the
+    table, the model's conv/linear calls, the resolved multiple and the dense time."""
+
+    table: Any  # pruners.latency.LatencyTable
+    work: nn.Module
+    example_inputs: Any
+    run: Callable[[], Any]
+    calls: list
+    round_to: int
+    notes: list[str]
+    dense_s: Optional[float] = None
+
+    @classmethod
+    def of(cls, work: nn.Module, example_inputs: Any, opts: PruneOptions, target: Target
+           ) -> Optional["_Hardware"]:
+        if target.kind != "latency" and opts.round_to != "auto":
+            return None
+        from .latency import LatencyTable, auto_round_to, default_cache_path, layer_calls
+
+        table = opts.latency_table if opts.latency_table is not None else LatencyTable(
+            default_cache_path(), backend=opts.backend, device=opts.device, threads=opts.threads)
+        run = lambda: run_model(work, example_inputs, opts.outputs, opts.example_kwargs)  # noqa: E731
+        calls = layer_calls(work, run)
+        notes, round_to = [], opts.round_to
+        if round_to == "auto":
+            chosen = auto_round_to(calls, table)
+            round_to = chosen.multiple
+            notes.append(str(chosen))
+        return cls(table, work, example_inputs, run, calls, int(round_to), notes)
+
+    def model(self, cost: Any) -> Any:
+        """The latency model over ``cost``'s channel dims (the dense time measured once)."""
+        from .latency import latency_model
+
+        lm = latency_model(self.work, self.example_inputs, cost, self.table, run=self.run,
+                           step=self.round_to, dense_s=self.dense_s, calls=self.calls)
+        self.dense_s = lm.dense_s
+        return lm
+
+
 def plan_pruning(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float] = None,
                  target_params: Optional[float] = None, channel_ratio: Optional[float] = None,
-                 **options: Any) -> PlannedPruning:
+                 target_latency: Optional[float] = None, **options: Any) -> PlannedPruning:
     """Decide what to prune, without changing ``model``: the plan and the analysis behind it.
 
     Takes the same arguments as :func:`prune`. ``apply_plan(model, planned.plan)`` then
@@ -379,12 +505,13 @@ def plan_pruning(model: nn.Module, example_inputs: Any, *, target_flops: Optiona
         (4, 8)
     """
     return _search(*_prepare(model, example_inputs, make_target(
-        target_flops, target_params, channel_ratio), options))[0]
+        target_flops, target_params, channel_ratio, target_latency), options))[0]
 
 
 def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float] = None,
           target_params: Optional[float] = None, channel_ratio: Optional[float] = None,
-          inplace: bool = False, **options: Any) -> PruneResult:
+          target_latency: Optional[float] = None, inplace: bool = False,
+          **options: Any) -> PruneResult:
     """Prune ``model`` to a target and return the smaller model, its plan and a report.
 
     Args:
@@ -395,6 +522,10 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         target_flops: keep at most this fraction of the FLOPs (e.g. 0.5).
         target_params: keep at most this fraction of the parameters.
         channel_ratio: remove this fraction of the channels of every group.
+        target_latency: keep at most this fraction of the dense model's latency, measured
+            with ``backend`` on ``device`` (allocation costs plans by a measured per-layer
+            latency table; the pruned model is then timed against the dense one, and the
+            target re-aimed up to twice when they disagree by more than 3%).
         inplace: prune ``model`` itself and return it as ``result.model``.
         **options: see :class:`PruneOptions`: ``importance`` ("l2", "l1", "random",
             "bn_scale", "fpgm", "taylor", "hessian" or a function), ``data`` and ``loss_fn``
@@ -419,10 +550,14 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         >>> 0.49 <= result.report.flops_ratio <= 0.50
         True
     """
-    target = make_target(target_flops, target_params, channel_ratio)
+    target = make_target(target_flops, target_params, channel_ratio, target_latency)
     work, _, example_inputs, target, opts, patterns, clock = prepared = _prepare(
         model, example_inputs, target, options)
     planned, pruned = _search(*prepared)
+    latency_report = None
+    if target.kind == "latency":
+        planned, pruned, latency_report = _toward_latency(prepared, planned, pruned)
+        clock.lap("latency")
     kwargs = opts.example_kwargs
     recovery = None
     if check_methods(opts.recover):
@@ -465,13 +600,20 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     report = PruneReport(f"{target.kind}={target.value:g}", flops0, flops1, params0, params1,
                          groups, layer_changes(work, pruned), list(graph.frozen),
                          planned.verify, notes, planned.seconds, recovery=recovery,
-                         blocks=blocks)
-    achieved = report.flops_ratio if target.kind == "flops" else report.params_ratio
+                         blocks=blocks, latency=latency_report)
+    achieved = {"flops": report.flops_ratio, "params": report.params_ratio,
+                "latency": latency_report.ratio if latency_report else 1.0,
+                "channels": 1.0}[target.kind]
     allocated = set(planned.removed) - set(planned.dead)  # dead channels may overshoot: fine
-    if target.kind != "channels" and achieved < target.value - 0.01 and allocated \
+    if target.kind == "latency" and abs(achieved / target.value - 1) > 0.07:
+        notes.append(f"measured latency kept {achieved:.4f} for a target of {target.value:g}: "
+                     f"more than 7% off after {latency_report.attempts} plans (the latency "
+                     "model's prediction and the whole model's time disagree)")
+    elif target.kind in ("flops", "params") and achieved < target.value - 0.01 and allocated \
             and not callable(opts.strategy):  # a caller's strategy decides widths itself
         notes.append(f"achieved {achieved:.4f} for a target of {target.value:g}: no set of units "
-                     f"found lands within 1 point at this granularity (round_to={opts.round_to})")
+                     f"found lands within 1 point at this granularity "
+                     f"(round_to={planned.round_to})")
     if model.training:
         pruned.train()
     if inplace:

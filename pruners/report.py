@@ -17,7 +17,8 @@ from .verify import VerifyResult
 if TYPE_CHECKING:
     from .recovery import RecoveryReport
 
-__all__ = ["PruneReport", "GroupChange", "LayerChange", "StepRecord", "measure"]
+__all__ = ["PruneReport", "GroupChange", "LayerChange", "StepRecord", "LatencyReport",
+           "measure"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,37 @@ class StepRecord:
                 f", params {100 * self.params_ratio:.2f}%{metric}")
 
 
+@dataclass(frozen=True)
+class LatencyReport:
+    """Dense and pruned latency measured together (``pruners.latency.measure_models``), the
+    plan's predicted share, and the machine; ``noisy``: the spread never got under the limit,
+    so the figures are noise, not a result."""
+
+    backend: str
+    device: str
+    threads: int
+    dense_ms: float
+    pruned_ms: float
+    spread_dense: float
+    spread_pruned: float
+    predicted: Optional[float]  # share of the dense latency the latency model predicted
+    noisy: bool
+    env: dict = field(default_factory=dict)
+    attempts: int = 1  # plans measured to land on a latency target
+
+    @property
+    def ratio(self) -> float:
+        """Measured latency kept (pruned / dense)."""
+        return self.pruned_ms / self.dense_ms if self.dense_ms else 1.0
+
+    def __str__(self) -> str:
+        predicted = "" if self.predicted is None else f", predicted {100 * self.predicted:.2f}%"
+        return (f"latency {self.dense_ms:.2f} ms -> {self.pruned_ms:.2f} ms "
+                f"({100 * self.ratio:.2f}% measured{predicted}; {self.backend} on {self.device}, "
+                f"{self.threads} threads, spread {100 * self.spread_dense:.0f}%/"
+                f"{100 * self.spread_pruned:.0f}%{', NOISY' if self.noisy else ''})")
+
+
 @dataclass
 class PruneReport:
     """Printable with ``print(report)``; ``to_dict()`` for data."""
@@ -102,6 +134,7 @@ class PruneReport:
     steps: list[StepRecord] = field(default_factory=list)  # iterative pruning only
     recovery: Optional["RecoveryReport"] = None  # prune(recover=...) only
     blocks: list[BlockCost] = field(default_factory=list)  # costs per stage or block
+    latency: Optional[LatencyReport] = None  # target_latency only: measured and predicted
 
     @property
     def flops_ratio(self) -> float:
@@ -145,6 +178,8 @@ class PruneReport:
                  f"({100 * self.flops_ratio:.2f}%)",
                  f"params {self.params_before / 1e6:10.3f} M -> {self.params_after / 1e6:10.3f} M "
                  f"({100 * self.params_ratio:.2f}%)"]
+        if self.latency is not None:
+            lines.append(str(self.latency))
         if self.verify is not None:
             lines.append(f"check  {self.verify}")
         lines.extend(f"  {s}" for s in self.steps)

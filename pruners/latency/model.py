@@ -84,6 +84,7 @@ class LatencyModel:
     device: str
     threads: int
     step: int
+    timer: Any = field(repr=False, default=None)  # what timed it (the table's timer)
     # vectorised evaluation: per call, the key index (into kept + [1]) of each dim
     _in_idx: np.ndarray = field(repr=False, default=None)
     _out_idx: np.ndarray = field(repr=False, default=None)
@@ -129,18 +130,21 @@ class LatencyModel:
 
 def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table: LatencyTable,
                   *, run: Optional[Callable[[], Any]] = None, step: int = 1, points: int = 8,
-                  dense_s: Optional[float] = None) -> LatencyModel:
+                  dense_s: Optional[float] = None,
+                  calls: Optional[list[LayerCall]] = None) -> LatencyModel:
     """Measure (or read from ``table``) what the :class:`LatencyModel` of ``model`` needs.
 
     ``run`` runs ``model`` on the example (default: ``model(*example_inputs)``) once, to see
-    every conv/linear call; ``dense_s`` skips timing the whole model when already known.
+    every conv/linear call (``calls`` skips that when already known); ``dense_s`` skips
+    timing the whole model when already known.
     """
     if run is None:
         from depgraph.capture import as_args
 
         args = as_args(example_inputs)
         run = lambda: model(*args)  # noqa: E731
-    calls = layer_calls(model, run)
+    if calls is None:
+        calls = layer_calls(model, run)
     index = {k: i for i, k in enumerate(cost.keys)}
     pad = len(cost.keys)
     in_idx, out_idx, in_w, out_w, full, numel = [], [], [], [], [], []
@@ -182,7 +186,7 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
                             table.timer, repeats=max(table.repeats, 9))
     layers_s = float(sum(full))
     lm = LatencyModel(calls, dense_s, layers_s, max(0.0, dense_s - layers_s), table.backend,
-                      table.device, table.threads, step)
+                      table.device, table.threads, step, table.timer)
     lm._in_idx, lm._out_idx = np.array(in_idx, dtype=np.int64), np.array(out_idx, dtype=np.int64)
     lm._in_width = np.array(in_w, dtype=np.float64)
     lm._out_width = np.array(out_w, dtype=np.float64)

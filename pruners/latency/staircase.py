@@ -4,7 +4,7 @@ Kernels work on blocks of channels (16 fp32 lanes with AVX-512, 8 with AVX2, ten
 tiles on GPUs), so a layer's time climbs in steps: one channel past a multiple costs a whole
 block. :func:`staircase` times the model's costliest layer at every width of a window;
 :func:`pick_round_to` keeps the smallest multiple whose widths run clearly faster than the
-trend through all of them (1 when none does: every channel costs alike).
+trend through all widths (1 when none does: every channel costs alike).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
 @dataclass(frozen=True)
 class RoundTo:
-    """The multiple chosen, how much faster its multiples run than the trend, what was timed."""
+    """The multiple chosen, the channels' worth of time its widths save against the trend,
+    and the layers timed."""
 
     multiple: int
     gain: float
@@ -38,8 +39,8 @@ class RoundTo:
     def __str__(self) -> str:
         return (f"round_to='auto' chose {self.multiple} for {self.backend} on {self.device} "
                 f"({self.threads} threads): on {', '.join(self.layers) or 'no layer'}, widths that "
-                f"are multiples of {self.multiple} run {100 * self.gain:.0f}% faster than the "
-                "trend of their neighbours")
+                f"are multiples of {self.multiple} save the time of {self.gain:.1f} channels "
+                "against the trend of their neighbours")
 
 
 def staircase(shape: LayerShape, widths: Sequence[int], table: LatencyTable,
@@ -65,44 +66,44 @@ def staircase(shape: LayerShape, widths: Sequence[int], table: LatencyTable,
 
 
 def pick_round_to(times: dict[int, float]) -> tuple[int, float]:
-    """``(multiple, gain)`` for one layer's times by width: the smallest candidate ``m``
-    whose multiples run at least ``NEAR`` times as far below the trend as the best
-    candidate's do, and at least ``MIN_GAIN`` below it; 1 when no multiple is faster than
-    its neighbours.
-
-    ``gain(m)`` is the median, over the widths that are multiples of ``m``, of
-    ``(trend - T) / trend``, the trend being the least-squares line through every width.
-    Both shapes kernels give are caught: a staircase (a width just past a multiple pays for
-    a whole block) and valleys (a multiple takes a faster kernel path than its neighbours).
-    Medians make one timing spike harmless; each ``m`` needs three multiples in the window.
-    """
+    """``(multiple, gain)`` for one layer's times by width (see :func:`_choose`)."""
     return _choose(_gains(times))
 
 
-#: A multiple must run this much faster than the trend to be worth rounding to ...
-MIN_GAIN = 0.03
-#: ... and the smallest multiple within this share of the best gain is taken.
+#: A multiple ``m`` is a real step of the kernels when its widths save at least this share
+#: of ``m`` channels against the trend (a staircase of ``m`` saves about half of them) ...
+PERIOD = 0.35
+#: ... and the smallest such multiple within this share of the best saving is taken.
 NEAR = 0.7
 
 
 def _gains(times: dict[int, float]) -> dict[int, float]:
+    """Per candidate ``m``: the median, over the widths that are multiples of ``m``, of the
+    time they save against the least-squares line through every width, in channels' worth
+    of that line's slope. A staircase (one channel past a multiple pays for a whole block)
+    and valleys (a multiple takes a faster kernel path) both show; a median makes one spike
+    harmless; each ``m`` needs three multiples in the window."""
     widths = np.array(sorted(times), dtype=np.float64)
     t = np.array([times[int(w)] for w in widths])
-    if len(widths) < 8 or np.ptp(t) <= 0:
+    if len(widths) < 8:
         return {}
     slope, intercept = np.polyfit(widths, t, 1)
-    trend = np.maximum(slope * widths + intercept, 1e-12)
-    below = (trend - t) / trend
-    return {m: float(np.median(below[widths % m == 0])) for m in CANDIDATES
+    if slope * np.ptp(widths) <= 1e-3 * float(np.mean(t)):  # flat: width does not matter
+        return {}
+    saved = (slope * widths + intercept - t) / slope
+    return {m: float(np.median(saved[widths % m == 0])) for m in CANDIDATES
             if m > 1 and (widths % m == 0).sum() >= 3}
 
 
 def _choose(gains: dict[int, float]) -> tuple[int, float]:
-    best = max(gains.values(), default=0.0)
-    if best < MIN_GAIN:
-        return 1, best
-    m = min(k for k, g in gains.items() if g >= NEAR * best)
-    return m, gains[m]
+    """The smallest real step (saving ``PERIOD * m`` channels or more) within ``NEAR`` of
+    the best saving; 1 when no multiple saves enough (every channel costs alike)."""
+    real = {m: g for m, g in gains.items() if g >= PERIOD * m}
+    if not real:
+        return 1, 0.0
+    best = max(real.values())
+    m = min(k for k, g in real.items() if g >= NEAR * best)
+    return m, real[m]
 
 
 def auto_round_to(calls: list[LayerCall], table: LatencyTable, window: int = 96,

@@ -1,0 +1,234 @@
+"""Latency tables, predictions, round_to="auto" and target_latency, on a fake clock.
+
+The fake timer computes a time from what is timed (a layer shape, or a whole model as the
+sum of its layers' times plus overhead), with kernels that work on blocks of ``block``
+channels, so every figure here is deterministic; real timing lives in the benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from depgraph import analyze, capture
+from depgraph.cost import cost_model
+from pruners import InfeasibleTargetError, Target, allocate, apply_plan, plan_pruning, prune
+from pruners.latency import (LatencyTable, LayerShape, ModelCall, auto_round_to, environment,
+                             latency_model, layer_calls, measure_models, pick_round_to)
+
+
+class FakeClock:
+    """Seconds of a layer: ``1e-5 + 1e-10 * MACs`` with channels padded to ``block``; of a
+    model: its layers plus ``overhead`` plus ``per_act`` per output activation, times
+    ``bias`` (what a latency model cannot see: prediction error)."""
+
+    def __init__(self, block: int = 16, overhead: float = 2e-4, per_act: float = 2e-9,
+                 bias=None) -> None:
+        self.block, self.overhead, self.per_act, self.bias = block, overhead, per_act, bias
+        self.layers = self.models = 0
+
+    def pad(self, c: int) -> int:
+        return -(-c // self.block) * self.block
+
+    def layer(self, s: LayerShape) -> float:
+        if s.kind == "linear":
+            rows = math.prod(s.input_shape[:-1])
+            return 1e-5 + 1e-10 * rows * self.pad(s.in_channels) * self.pad(s.out_channels)
+        spatial = 1
+        for n, k, st, p, d in zip(s.input_shape[2:], s.kernel, s.stride, s.padding, s.dilation):
+            spatial *= (n + 2 * p - d * (k - 1) - 1) // st + 1
+        k = math.prod(s.kernel)
+        if s.depthwise:
+            return 1e-5 + 1e-10 * spatial * k * self.pad(s.out_channels)
+        return 1e-5 + 1e-10 * spatial * k * self.pad(s.in_channels) / s.groups \
+            * self.pad(s.out_channels)
+
+    def __call__(self, fn, what) -> float:
+        if isinstance(what, LayerShape):
+            self.layers += 1
+            return self.layer(what)
+        assert isinstance(what, ModelCall)
+        self.models += 1
+        model, x = what.model, what.inputs
+        calls = layer_calls(model, lambda: model(x))
+        t = self.overhead + sum(self.layer(c.shape) + self.per_act * c.out_numel for c in calls)
+        return t * (self.bias(model) if self.bias else 1.0)
+
+
+class Net(nn.Module):
+    """Residual CNN with a depthwise conv and a linear head, widths far from multiples of 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 72, 3, padding=1), nn.BatchNorm2d(72), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(72, 150, 3, padding=1), nn.BatchNorm2d(150), nn.ReLU(),
+                               nn.Conv2d(150, 150, 3, padding=1, groups=150),
+                               nn.BatchNorm2d(150), nn.ReLU(),
+                               nn.Conv2d(150, 72, 1), nn.BatchNorm2d(72))
+        self.b = nn.Sequential(nn.Conv2d(72, 200, 3, stride=2, padding=1), nn.BatchNorm2d(200),
+                               nn.ReLU(), nn.Conv2d(200, 136, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(136, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.a(x))
+        return self.fc(self.b(x).mean((2, 3)))
+
+
+def _net():
+    torch.manual_seed(0)
+    return Net().eval(), torch.randn(1, 3, 24, 24)
+
+
+def test_table_measures_once_caches_on_disk_and_keys_by_threads(tmp_path):
+    path = str(tmp_path / "lat.json")
+    clock = FakeClock()
+    shape = LayerShape("conv", 32, 48, (1, 32, 16, 16), (3, 3), (1, 1), (1, 1), (1, 1))
+    table = LatencyTable(path, timer=clock, threads=2)
+    first = table.seconds(shape)
+    assert table.seconds(shape) == first and table.measured == 1
+    assert first == pytest.approx(clock.layer(shape))
+    table.save()
+    assert len(json.load(open(path))) == 1
+    again = LatencyTable(path, timer=FakeClock(), threads=2)
+    assert again.seconds(shape) == first and again.measured == 0
+    other = LatencyTable(path, timer=FakeClock(), threads=3)
+    other.seconds(shape)
+    assert other.measured == 1  # another thread count is another machine setting
+    with pytest.raises(ValueError, match="backend"):
+        LatencyTable(None, backend="tensorrt")
+
+
+@pytest.mark.parametrize("block", [1, 8, 16, 32])
+def test_pick_round_to_finds_the_block_of_a_staircase(block):
+    times = {w: 1e-3 * (-(-w // block) * block) for w in range(100, 197)}
+    assert pick_round_to(times)[0] == block
+
+
+def test_pick_round_to_finds_valleys_and_ignores_spikes_and_noise():
+    rng = np.random.default_rng(0)
+    valleys = {w: 1e-3 * w * (0.8 if w % 16 == 0 else 1.0) for w in range(100, 197)}
+    assert pick_round_to(valleys)[0] == 16
+    noisy_line = {w: 1e-3 * w * (1 + 0.01 * rng.standard_normal()) for w in range(100, 197)}
+    assert pick_round_to(noisy_line)[0] == 1
+    spiky = {w: 1e-3 * (-(-w // 16) * 16) for w in range(100, 197)}
+    spiky[130] *= 3  # one slow sample
+    assert pick_round_to(spiky)[0] == 16
+
+
+@pytest.mark.parametrize("block", [1, 16])
+def test_round_to_auto_rounds_widths_to_the_measured_block(block):
+    model, x = _net()
+    table = LatencyTable(None, timer=FakeClock(block=block))
+    result = prune(model, x, target_flops=0.5, round_to="auto", latency_table=table)
+    note = next(n for n in result.report.notes if n.startswith("round_to='auto'"))
+    assert f"chose {block} " in note
+    changed = [l for l in result.report.layers if l.out_after != l.out_before]
+    assert changed and all(l.out_after % block == 0 for l in changed)
+    assert result.report.flops_ratio <= 0.5
+
+
+def test_latency_model_predicts_the_pruned_model():
+    model, x = _net()
+    clock = FakeClock()
+    graph = analyze(capture(model, x))
+    cost = cost_model(graph)
+    lm = latency_model(model, x, cost, LatencyTable(None, timer=clock), step=16)
+    dense = clock(None, ModelCall("dense", model, x))
+    assert lm.full() == pytest.approx(dense)
+    planned = plan_pruning(model, x, target_flops=0.5, round_to=16)
+    assert planned.removed
+    pruned = apply_plan(copy.deepcopy(model), planned.plan)
+    predicted = lm.predict(planned.graph, cost, planned.removed)
+    actual = clock(None, ModelCall("pruned", pruned, x))
+    assert predicted == pytest.approx(actual, rel=0.03)
+    assert predicted < 0.8 * dense
+    per_layer = lm.per_layer(cost.kept_after(planned.graph, set(planned.removed)))
+    assert per_layer["a.0"] == pytest.approx(clock.layer(
+        next(c.shape for c in layer_calls(pruned, lambda: pruned(x)) if c.module == "a.0")),
+        rel=0.02)
+
+
+def test_target_latency_lands_on_the_measured_target_and_reports_it():
+    model, x = _net()
+    table = LatencyTable(None, timer=FakeClock())
+    result = prune(model, x, target_latency=0.5, round_to=16, latency_table=table)
+    lat = result.report.latency
+    assert lat is not None and lat.ratio == pytest.approx(0.5, rel=0.07)
+    assert lat.predicted is not None and not lat.noisy
+    assert "latency" in str(result.report) and lat.backend == "eager"
+    assert result.report.flops_ratio < 0.75
+    with torch.no_grad():  # still the same function on what it keeps: a working model
+        assert result.model(x).shape == (1, 10)
+
+
+def test_target_latency_re_aims_when_the_prediction_is_off():
+    """A model time the layer table cannot see (a cost growing with total width): the first
+    plan misses, the target is re-aimed from the measurement and the result lands."""
+    model, x = _net()
+
+    def hidden(m):
+        width = sum(c.weight.shape[0] for c in m.modules() if isinstance(c, nn.Conv2d))
+        return 0.4 + 0.6 * width / 680  # 680: the dense model's total conv width
+
+    table = LatencyTable(None, timer=FakeClock(bias=hidden))
+    result = prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
+    lat = result.report.latency
+    assert lat.attempts > 1 and abs(lat.predicted - lat.ratio) > 0.03
+    assert lat.ratio == pytest.approx(0.5, rel=0.07)
+    assert any("re-aimed" in n for n in result.report.notes)
+
+
+def test_measure_models_retries_and_marks_noise():
+    model, x = _net()
+    samples = iter([1e-3, 3e-3, 1e-3, 5e-3] * 1000)
+    noisy = measure_models({"dense": model, "pruned": model}, x, rounds=8,
+                           timer=lambda fn, what: next(samples), retries=2)
+    assert noisy.noisy and noisy.attempts == 3 and "noise" in noisy.notes[0]
+    quiet = measure_models({"dense": model, "pruned": model}, x, rounds=8,
+                           timer=lambda fn, what: 2e-3)
+    assert not quiet.noisy and quiet.attempts == 1 and quiet.ratio("pruned") == 1.0
+    env = quiet.env
+    assert {"cpu", "threads", "torch", "onnxruntime", "backend", "flags"} <= set(env)
+
+
+def test_interleaving_rotates_who_goes_first():
+    model, x = _net()
+    order = []
+    measure_models({"dense": model, "pruned": model}, x, rounds=4,
+                   timer=lambda fn, what: order.append(what.label) or 1e-3)
+    firsts = order[0::2]
+    assert firsts == ["dense", "pruned", "dense", "pruned"]
+
+
+def test_onnxruntime_backend_times_an_exported_layer():
+    pytest.importorskip("onnxruntime")
+    calls = []
+
+    def timer(fn, what):
+        out = fn()  # run the session for real: the export must work
+        calls.append(type(out).__name__)
+        return 1e-3
+
+    table = LatencyTable(None, backend="onnxruntime", timer=timer, repeats=1)
+    table.seconds(LayerShape("conv", 8, 16, (1, 8, 12, 12), (3, 3), (1, 1), (1, 1), (1, 1)))
+    assert calls and calls[0] == "list" and environment("onnxruntime")["backend"] == "onnxruntime"
+
+
+def test_latency_target_needs_a_latency_model_and_reports_infeasible():
+    model, x = _net()
+    graph = analyze(capture(model, x))
+    with pytest.raises(ValueError, match="latency model"):
+        allocate(graph, np.zeros(len(graph.units)), cost_model(graph), Target("latency", 0.5))
+    table = LatencyTable(None, timer=FakeClock())
+    with pytest.raises(InfeasibleTargetError) as info:
+        prune(model, x, target_latency=0.01, latency_table=table)
+    assert info.value.reachable is not None and info.value.reachable > 0.01
+    with pytest.raises(ValueError, match="round_to"):
+        prune(model, x, target_flops=0.5, round_to="fast")
