@@ -109,37 +109,41 @@ def _describe(exc: BaseException) -> str:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], budget_s: float, warmup: int = 2,
-                min_rounds: int = 3, max_rounds: int = 30) -> dict[str, float]:
-    """Median milliseconds per call of each function, timed round-robin.
+                min_rounds: int = 5, max_rounds: int = 40, max_spread: float = 0.1,
+                retries: int = 2) -> tuple[dict[str, Any], bool]:
+    """Per function its :class:`pruners.latency.Timing` (median ms, spread), timed round-robin
+    in an order rotated every round (``pruners.latency.interleave``), and whether the figures
+    are noise: measured again up to ``retries`` times while a spread exceeds ``max_spread``,
+    keeping the narrowest attempt. The round count fills ``budget_s``."""
+    from pruners.latency import WallTimer, interleave
 
-    Each round calls every function once, in an order rotated every round, so drifts in
-    clock speed or cache state hit all of them alike. The round count fills ``budget_s``.
-    """
     labels = list(fns)
-    per_round = 0.0
-    for _ in range(warmup):
-        start = time.perf_counter()
-        for label in labels:
-            fns[label]()
-        per_round = time.perf_counter() - start
-        if per_round > budget_s / min_rounds:
-            break  # slow models: one warm-up round is enough
+    start = time.perf_counter()
+    for label in labels:
+        fns[label]()
+    per_round = time.perf_counter() - start
     rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-6))))
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            t0 = time.perf_counter()
-            fns[label]()
-            times[label].append(time.perf_counter() - t0)
-    return {label: 1000 * statistics.median(ts) for label, ts in times.items()}
+    calls = {label: (fn, label) for label, fn in fns.items()}
+    best = None
+    for _ in range(retries + 1):
+        times = interleave(calls, WallTimer(), rounds, warmup=warmup - 1)
+        if best is None or max(t.spread for t in times.values()) < max(
+                t.spread for t in best.values()):
+            best = times
+        if max(t.spread for t in best.values()) <= max_spread:
+            break
+    return best, max(t.spread for t in best.values()) > max_spread
 
 
 def latency_job(job: dict) -> dict:
     """Dense and every pruned variant of one model, timed interleaved in this one process:
-    PyTorch eager and onnxruntime, at each batch size in ``job["batches"]``.
+    PyTorch eager and onnxruntime, at each batch size in ``job["batches"]``, each figure with
+    its spread, a noisy flag and the machine (``pruners.latency.environment``).
 
     Batch sizes after the first time only the labels in ``job["wide"]`` (default: all).
     """
+    from pruners.latency import environment
+
     threads = job.get("threads") or os.cpu_count() or 1
     torch.set_num_threads(threads)
     bench = build(job["model"])
@@ -147,7 +151,8 @@ def latency_job(job: dict) -> dict:
     for label, path in job["variants"].items():
         models[label] = torch.load(path, weights_only=False).eval()
     budget = job.get("budget_s", 20.0)
-    out: dict = {"eager": {}, "ort": {}, "ort_errors": {}}
+    out: dict = {"eager": {}, "ort": {}, "ort_errors": {}, "spread": {"eager": {}, "ort": {}},
+                 "noisy": {"eager": {}, "ort": {}}, "env": environment("eager", "cpu", threads)}
     sessions: dict = {}
     if job.get("ort", True):
         sessions, out["ort_errors"] = _ort_sessions(bench, models, threads)
@@ -156,13 +161,18 @@ def latency_job(job: dict) -> dict:
             break  # detectors take a list of full-size images: batch 1 only, to bound time
         timed = [k for k in models if i == 0 or k == "dense" or k in job.get("wide", models)]
         x = bench.batch(b)
-        fns = {k: (lambda m=models[k]: _run(bench, m, x)) for k in timed}
-        out["eager"][str(b)] = interleaved(fns, budget)
         feeds = [t.numpy() for t in pytree.tree_leaves(x)]
-        fns = {k: (lambda s=sessions[k][0], n=sessions[k][1]: s.run(None, dict(zip(n, feeds))))
-               for k in timed if k in sessions}
-        if fns:
-            out["ort"][str(b)] = interleaved(fns, budget)
+        settings = {"eager": {k: (lambda m=models[k]: _run(bench, m, x)) for k in timed},
+                    "ort": {k: (lambda s=sessions[k][0], n=sessions[k][1]:
+                                s.run(None, dict(zip(n, feeds))))
+                            for k in timed if k in sessions}}
+        for setting, fns in settings.items():
+            if not fns:
+                continue
+            times, noisy = interleaved(fns, budget)
+            out[setting][str(b)] = {k: t.median_ms for k, t in times.items()}
+            out["spread"][setting][str(b)] = {k: round(t.spread, 4) for k, t in times.items()}
+            out["noisy"][setting][str(b)] = noisy
     out["status"] = "ok"
     return out
 

@@ -36,11 +36,18 @@ def load_rows(runs_path: str) -> tuple[list[dict], dict[str, dict]]:
             prunes[job["label"], job["model"]] = row  # a resumed run's repeat replaces it
     for row in prunes.values():
         lat = latency.get(row["model"], {})
+        # only figures taken by the checked harness count: it records the machine ("env")
+        # and flags a spread that stayed over 10% as noise; older latency runs are dropped
+        trusted = "env" in lat
         for setting in SETTINGS:
             for batch, times in (lat.get(setting) or {}).items():
-                if row["_label"] in times and "dense" in times:
+                key = f"{setting}_b{batch}"
+                if trusted and (lat.get("noisy", {}).get(setting) or {}).get(batch):
+                    row[f"noisy_{key}"] = True
+                    continue
+                if trusted and row["_label"] in times and "dense" in times:
                     ms, dense = times[row["_label"]], times["dense"]
-                    key = f"{setting}_b{batch}"
+                    row[f"spread_{key}"] = lat["spread"][setting][batch].get(row["_label"])
                     row[f"{key}_ms"] = round(ms, 3)
                     row[f"dense_{key}_ms"] = round(dense, 3)
                     row[f"speedup_{key}"] = round(dense / ms, 3)
@@ -111,7 +118,9 @@ def markdown(rows: list[dict], latency: dict[str, dict]) -> str:
     lines = [f"Machine: {machine()}.", "",
              "FLOPs: achieved fraction of the dense model's FLOPs (FlopCounterMode, same counter "
              "for both tools). Engine: seconds of the tool's own call. Speedup: dense / pruned "
-             "median latency, PyTorch eager, batch 1, CPU.", ""]
+             "median latency, PyTorch eager, batch 1, CPU, from latency jobs that checked their "
+             "spread (\"noisy\": it stayed over 10%, no figure; \"-\": not re-measured with "
+             "the checked harness).", ""]
     head = "| model | target | round_to |"
     rule = "|---|---|---|"
     for tool in tools:
@@ -165,8 +174,9 @@ def _cell(row: Optional[dict]) -> str:
     if row is None or row["status"] != "ok":
         return _short_status(row)
     speedup = row.get("speedup_eager_b1")
-    return (f"{_num(row, 'flops_ratio', '.3f')} · {_num(row, 'engine_s', '.1f')} s · "
-            + (f"{speedup:.2f}x" if speedup is not None else "not timed"))
+    timing = f"{speedup:.2f}x" if speedup is not None else (
+        "noisy" if row.get("noisy_eager_b1") else "not timed")
+    return f"{_num(row, 'flops_ratio', '.3f')} · {_num(row, 'engine_s', '.1f')} s · {timing}"
 
 
 def brief(rows: list[dict]) -> str:

@@ -326,10 +326,10 @@ def _uniform(graph, cost, candidates, ratio, round_to, min_channels, dead=(), ma
 
 
 def _uniform_to_cost(graph, cost, candidates, target, round_to, min_channels, max_ratio, dead,
-                     value):
+                     objective_of):
     def ratio_for(r: float) -> tuple[float, list[int]]:
         units = _uniform(graph, cost, candidates, r, round_to, min_channels, dead, max_ratio)
-        return value(cost.kept_after(graph, set(units) | set(dead))), units
+        return objective_of(cost.kept_after(graph, set(units) | set(dead))), units
 
     lo, hi = 0.0, max_ratio
     reached, best = ratio_for(hi)

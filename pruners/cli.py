@@ -1,6 +1,6 @@
 """``python -m pruners``: prune a model from the command line.
 
-    python -m pruners prune SOURCE --target-flops 0.5 [--round-to 8] [--importance taylor
+    python -m pruners prune SOURCE --target-flops 0.5 [--round-to 8|auto] [--importance taylor
         --data data.yaml] [--recover reconstruct bn --calibration data.yaml|FOLDER]
         --out pruned.pt [--plan plan.json] [--onnx pruned.onnx] [--report report.html]
 
@@ -34,8 +34,15 @@ def _parser() -> argparse.ArgumentParser:
     target = q.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="fraction of the FLOPs to keep")
     target.add_argument("--target-params", type=float, help="fraction of the params to keep")
-    q.add_argument("--round-to", type=int, default=None,
-                   help="channel multiple (default: 8 for Ultralytics models, 1 otherwise)")
+    target.add_argument("--target-latency", type=float,
+                        help="fraction of the dense latency to keep, measured with --backend")
+    q.add_argument("--round-to", type=_round_to, default=None,
+                   help="channel multiple, or 'auto' to measure the one the backend's kernels "
+                        "reward (default: 8 for Ultralytics models, 1 otherwise)")
+    q.add_argument("--backend", choices=("eager", "onnxruntime"), default="eager",
+                   help="where latency is measured for --target-latency / --round-to auto")
+    q.add_argument("--threads", type=int, default=None,
+                   help="threads for latency measurements (default: torch's setting)")
     q.add_argument("--importance", default="l2",
                    help="l2 (default), l1, random, bn_scale, fpgm, taylor, hessian")
     q.add_argument("--data", help="dataset YAML for taylor/hessian (Ultralytics models)")
@@ -52,6 +59,19 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--report", help="also write the report as one self-contained HTML page")
     q.add_argument("--quiet", action="store_true", help="no progress bar, no report")
     return p
+
+
+def _round_to(text: str) -> Any:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--round-to takes a positive int or 'auto', got "
+                                         f"{text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--round-to must be at least 1, got {value}")
+    return value
 
 
 def _progress(quiet: bool, stages: int = _STAGES):
@@ -111,11 +131,13 @@ def _run(args: argparse.Namespace) -> str:
     if args.calibration and not folder and kind != "yolo":
         raise ValueError("--calibration for torchvision/timm models is a folder of images")
     bar, step = _progress(args.quiet, _STAGES + bool(args.recover))
-    target = dict(target_flops=args.target_flops, target_params=args.target_params)
+    target = dict(target_flops=args.target_flops, target_params=args.target_params,
+                  target_latency=args.target_latency)
+    hardware = dict(backend=args.backend, threads=args.threads)
     try:
         if kind == "yolo":
             opts = dict(round_to=args.round_to or 8, importance=args.importance, data=args.data,
-                        progress=step)
+                        progress=step, **hardware)
             if args.imgsz:
                 opts["imgsz"] = args.imgsz
             if args.recover:
@@ -146,7 +168,7 @@ def _run(args: argparse.Namespace) -> str:
                     args.calibration, imgsz=size, mean=IMAGENET_MEAN, std=IMAGENET_STD))
             result = prune(model, torch.randn(1, 3, size, size), **target,
                            round_to=args.round_to or 1, importance=args.importance,
-                           progress=step, **extra)
+                           progress=step, **hardware, **extra)
             net = small = result.model
     finally:
         if bar is not None:

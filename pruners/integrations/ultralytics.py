@@ -133,15 +133,17 @@ def yolo_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
-               target_params: Optional[float] = None, round_to: int = 8,
+               target_params: Optional[float] = None, target_latency: Optional[float] = None,
+               round_to: Union[int, str] = 8,
                importance: str = "l2", data: Optional[str] = None, imgsz: int = 640,
                batches: int = 8, batch: int = 16, **options: Any) -> tuple[Any, PruneResult]:
     """Prune an Ultralytics model and return ``(PrunedYOLO, PruneResult)``.
 
     Args:
         model: a ``YOLO`` object, a checkpoint path (``best.pt``) or a YAML name.
-        target_flops / target_params: the fraction to keep (one of them).
-        round_to: channel multiple (8 by default, for real speed).
+        target_flops / target_params / target_latency: the fraction to keep (one of them;
+            latency is measured with ``backend=`` "eager" or "onnxruntime", see ``prune``).
+        round_to: channel multiple (8 by default, for real speed), or "auto" (measured).
         importance: any criterion of ``prune()``; "taylor"/"hessian" read ``batches`` batches
             of the dataset ``data`` (a dataset YAML) through the trainer's own loss.
         imgsz: the example input's size (also the calibration images').
@@ -180,7 +182,7 @@ def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
     was_training = net.training
     x = torch.randn(1, 3, size, size, device=next(net.parameters()).device)
     result = prune(net.eval(), x, target_flops=target_flops, target_params=target_params,
-                   round_to=round_to, importance=importance, outputs=_contract, **options)
+                   target_latency=target_latency, round_to=round_to, importance=importance, outputs=_contract, **options)
     net.train(was_training)
     small = result.model
     setattr(small, _MARK, {"plan": result.plan.to_dict(), "target": result.report.target,

@@ -81,6 +81,7 @@ class Measurement:
     attempts: int
     noisy: bool = False
     notes: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # models that would not run there
 
     def ratio(self, label: str, reference: str = "dense") -> float:
         """``label``'s median over ``reference``'s (latency kept)."""
@@ -208,25 +209,40 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
 
     Measures again (up to ``retries`` times) while any spread exceeds ``max_spread``, keeping
     the attempt with the narrowest worst spread; ``noisy`` says it never got under. The
-    first label is the reference of :meth:`Measurement.ratio` ("dense" by convention).
+    first label is the reference of :meth:`Measurement.ratio` ("dense" by convention). A
+    model that does not run with the backend (an ONNX export that fails) is left out and
+    named in ``errors``.
     """
     if threads is not None:
         torch.set_num_threads(threads)
+    previous = torch.get_num_threads()
     timer = timer or WallTimer(device)
-    calls = {label: (model_runner(m, inputs, backend, device, threads),
-                     ModelCall(label, m, inputs, backend)) for label, m in models.items()}
-    best: Optional[dict[str, Timing]] = None
-    attempts = 0
-    for attempts in range(1, retries + 2):
-        times = interleave(calls, timer, rounds)
-        if best is None or max(t.spread for t in times.values()) < max(
-                t.spread for t in best.values()):
-            best = times
-        if max(t.spread for t in best.values()) <= max_spread:
-            break
+    calls, errors = {}, {}
+    try:
+        for label, m in models.items():
+            try:
+                calls[label] = (model_runner(m, inputs, backend, device, threads),
+                                ModelCall(label, m, inputs, backend))
+                calls[label][0]()
+            except Exception as exc:  # noqa: BLE001 - reported; the others are still timed
+                calls.pop(label, None)
+                errors[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if not calls:
+            raise RuntimeError(f"no model runs with backend {backend!r}: {errors}")
+        best: Optional[dict[str, Timing]] = None
+        attempts = 0
+        for attempts in range(1, retries + 2):
+            times = interleave(calls, timer, rounds)
+            if best is None or max(t.spread for t in times.values()) < max(
+                    t.spread for t in best.values()):
+                best = times
+            if max(t.spread for t in best.values()) <= max_spread:
+                break
+    finally:
+        torch.set_num_threads(previous)
     worst = max(t.spread for t in best.values())
     result = Measurement(best, environment(backend, device, threads), max_spread, attempts,
-                         noisy=worst > max_spread)
+                         noisy=worst > max_spread, errors=errors)
     if result.noisy:
         result.notes.append(f"spread {100 * worst:.0f}% stayed over {100 * max_spread:.0f}% in "
                             f"{attempts} attempts: the machine is not quiet, these figures are "

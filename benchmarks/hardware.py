@@ -1,0 +1,216 @@
+"""Hardware-aware pruning measured: ``python -m benchmarks.hardware [--quick]``.
+
+For each model, in one process: the dense model; ours at 50% FLOPs with round_to 1, 8, 16 and
+"auto"; ours at ``target_latency=0.5`` measured with PyTorch eager and with onnxruntime;
+Torch-Pruning at 50% FLOPs with round_to 8 and 16. Then every model is timed interleaved
+(``pruners.latency.measure_models``: rounds in rotated order, spread checked, retried, marked
+noisy if it stays wide) with PyTorch eager and with onnxruntime on the CPU, batch 1.
+
+Efficiency is speedup / FLOPs reduction (speedup x FLOPs kept): 1 means every FLOP removed
+turned into time. Results go to ``benchmarks/results/hardware{_quick}.{csv,md,json}``. Run it
+on a quiet machine: nothing else running. Latency tables are cached in
+``pruners.latency.default_cache_path()`` (first run measures them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import torch
+
+from .models import Bench, build
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+MODELS = ["resnet50", "yolov8s", "mobilenet_v2", "retinanet_resnet50_fpn"]
+QUICK_MODELS = ["resnet18"]
+#: label -> (tool, options); every ours row is prune() with these keywords.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "ours r1": ("ours", dict(target_flops=0.5, round_to=1)),
+    "ours r8": ("ours", dict(target_flops=0.5, round_to=8)),
+    "ours r16": ("ours", dict(target_flops=0.5, round_to=16)),
+    "ours auto": ("ours", dict(target_flops=0.5, round_to="auto")),
+    "ours latency eager": ("ours", dict(target_latency=0.5, round_to="auto", backend="eager")),
+    "ours latency ort": ("ours", dict(target_latency=0.5, round_to="auto",
+                                      backend="onnxruntime")),
+    "tp r8": ("torch_pruning", dict(target_flops=0.5, round_to=8)),
+    "tp r16": ("torch_pruning", dict(target_flops=0.5, round_to=16)),
+}
+#: RetinaNet resizes every image to 800 px by default; at 320 px a forward fits 2 cores.
+DETECTOR_SIZE = 320
+
+
+def bench_for(name: str) -> Bench:
+    bench = build(name)
+    if name.startswith("retinanet"):
+        bench.model.transform.min_size = (DETECTOR_SIZE,)
+        bench.model.transform.max_size = DETECTOR_SIZE
+        bench.inputs = [torch.rand(3, DETECTOR_SIZE, DETECTOR_SIZE)]
+    elif name.startswith("yolo"):
+        bench.inputs = torch.randn(1, 3, 640, 640)
+    return bench
+
+
+def prune_variant(name: str, label: str, threads: int) -> tuple[torch.nn.Module, dict]:
+    """One pruned model and what its pruning said."""
+    from pruners import prune
+
+    from .tools import torch_pruning
+
+    tool, options = VARIANTS[label]
+    bench = bench_for(name)
+    start = time.perf_counter()
+    info: dict[str, Any] = {}
+    if tool == "torch_pruning":
+        model, _ = torch_pruning(bench, options["target_flops"], options["round_to"])
+    else:
+        result = prune(bench.model, bench.inputs, outputs=bench.outputs, threads=threads,
+                       **options)
+        model = result.model
+        auto = next((n for n in result.report.notes if n.startswith("round_to='auto'")), None)
+        if auto:
+            info["round_to"] = int(auto.split(" chose ")[1].split()[0])
+        if result.report.latency is not None:
+            lat = result.report.latency
+            info.update(predicted=round(lat.predicted, 4), measured_in_prune=round(lat.ratio, 4),
+                        attempts=lat.attempts)
+    info["engine_s"] = round(time.perf_counter() - start, 1)
+    return model.eval(), info
+
+
+def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
+        variants: Optional[list[str]] = None) -> list[dict]:
+    from pruners.latency import environment, measure_models
+    from pruners.report import measure
+
+    torch.set_num_threads(threads)
+    rows, envs = [], {}
+    for name in models:
+        bench = bench_for(name)
+        counted = (bench.inputs,)
+        flops0, params0 = measure(bench.model, counted)
+        pruned: dict[str, torch.nn.Module] = {}
+        info: dict[str, dict] = {}
+        for label in variants or VARIANTS:
+            print(f"[hardware] {name}: pruning {label} ...", flush=True)
+            try:
+                pruned[label], info[label] = prune_variant(name, label, threads)
+            except Exception as exc:  # noqa: BLE001 - a failing variant is a row
+                info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        models_ = {"dense": bench.model, **pruned}
+        timings = {}
+        for backend in ("eager", "onnxruntime"):
+            print(f"[hardware] {name}: timing {len(models_)} models with {backend} ...",
+                  flush=True)
+            timings[backend] = measure_models(copy.copy(models_), bench.inputs, backend=backend,
+                                              threads=threads, rounds=rounds)
+            envs[f"{name}/{backend}"] = timings[backend].env
+        for label in ["dense", *(variants or VARIANTS)]:
+            row: dict[str, Any] = {"model": name, "variant": label}
+            if label != "dense":
+                row.update(info.get(label, {}))
+            if label in models_:
+                flops, params = measure(models_[label], counted)
+                row.update(flops_kept=round(flops / flops0, 4), params_kept=round(params / params0, 4))
+            for backend, key in (("eager", "eager"), ("onnxruntime", "ort")):
+                m = timings[backend]
+                if label in m.times:
+                    t = m.times[label]
+                    row[f"{key}_ms"] = round(t.median_ms, 3)
+                    row[f"{key}_spread"] = round(t.spread, 3)
+                    row[f"{key}_noisy"] = m.noisy
+                    if label != "dense" and "flops_kept" in row:
+                        speedup = m.ratio("dense", label)
+                        row[f"{key}_speedup"] = round(speedup, 3)
+                        row[f"{key}_eff"] = round(speedup * row["flops_kept"], 3)
+                elif label in m.errors:
+                    row[f"{key}_error"] = m.errors[label]
+            rows.append(row)
+        _write(rows, envs, out, prefix)
+    return rows
+
+
+def _write(rows: list[dict], envs: dict, out: str, prefix: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(os.path.join(out, f"{prefix}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out, f"{prefix}.json"), "w") as f:
+        json.dump({"rows": rows, "environment": envs}, f, indent=1)
+    with open(os.path.join(out, f"{prefix}.md"), "w") as f:
+        f.write(markdown(rows, envs))
+
+
+def _cell(row: dict, key: str) -> str:
+    if f"{key}_error" in row:
+        return "export fails"
+    if f"{key}_ms" not in row:
+        return "-"
+    noisy = " (noisy)" if row.get(f"{key}_noisy") else ""
+    text = f"{row[f'{key}_ms']:.1f} ±{100 * row[f'{key}_spread']:.0f}%"
+    if f"{key}_speedup" in row:
+        mark = "" if row[f"{key}_eff"] >= 0.9 else " ✗"
+        text += f" · {row[f'{key}_speedup']:.2f}x · eff {row[f'{key}_eff']:.2f}{mark}"
+    return text + noisy
+
+
+def markdown(rows: list[dict], envs: dict) -> str:
+    env = next(iter(envs.values()), {})
+    lines = ["# Hardware-aware pruning: measured latency", "",
+             f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
+             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}, onnxruntime "
+             f"{env.get('onnxruntime', '?')}; {env.get('date', '')}. Batch 1, CPU; every model "
+             "of a row group timed interleaved in one process (median ms ± interquartile spread"
+             " · speedup over dense · efficiency = speedup × FLOPs kept; ✗ under 0.9).", "",
+             "| model | variant | FLOPs kept | round_to | eager | onnxruntime | latency target: "
+             "predicted / measured in prune | engine s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        tool, options = VARIANTS.get(r["variant"], ("", {}))
+        rt = r.get("round_to", options.get("round_to", ""))
+        rt = f"auto → {rt}" if options.get("round_to") == "auto" else rt
+        lat = (f"{r['predicted']:.3f} / {r['measured_in_prune']:.3f} ({r['attempts']} plans)"
+               if "predicted" in r else "")
+        lines.append(f"| {r['model']} | {r['variant']} | {r.get('flops_kept', 1.0):.3f} | {rt} | "
+                     f"{_cell(r, 'eager')} | {_cell(r, 'ort')} | {lat} | "
+                     f"{r.get('engine_s', '')} |")
+    noisy = sorted({k for k, e in envs.items() if any(
+        r.get("eager_noisy" if k.endswith("eager") else "ort_noisy") for r in rows
+        if r["model"] == k.split("/")[0])})
+    if noisy:
+        lines += ["", f"Noisy (a spread stayed over 10% after 3 attempts): {', '.join(noisy)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.hardware",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="ResNet-18 only, fewer rounds")
+    p.add_argument("--models", nargs="+")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--out", default=RESULTS)
+    a = p.parse_args(argv)
+    models = a.models or (QUICK_MODELS if a.quick else MODELS)
+    prefix = "hardware_quick" if a.quick else "hardware"
+    rows = run(models, a.threads, a.rounds or (10 if a.quick else 30), a.out, prefix,
+               a.variants)
+    print(markdown(rows, {}), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
