@@ -407,8 +407,8 @@ _LATENCY_SLACK = 0.03
 def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module
                     ) -> tuple[PlannedPruning, nn.Module, Any]:
     """Time the pruned model against the dense one; when the measured share of latency is
-    off the target by more than ``_LATENCY_SLACK``, scale the aim by target / measured and
-    plan again (twice at most), keeping the plan measured closest to the target."""
+    off the target by more than ``_LATENCY_SLACK``, re-aim (:func:`_next_aim`) and plan
+    again (twice at most), keeping the plan measured closest to the target."""
     from .latency import measure_models
     from .report import LatencyReport
 
@@ -422,8 +422,9 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module
     measured, ratio = timed(pruned)
     best = (abs(ratio / target.value - 1), planned, pruned, measured)
     aim, attempts = target.value, 1
+    tried = [(aim, ratio)]  # (aim, measured share)
     while attempts < 3 and best[0] > _LATENCY_SLACK:  # a median is steady even if noisy
-        aim = min(1.0, aim * target.value / ratio)
+        aim = _next_aim(tried, target.value)
         try:
             planned2, pruned2 = _search(work, lifted, example_inputs, Target("latency", aim),
                                         opts, patterns, clock)
@@ -431,6 +432,7 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module
             break
         attempts += 1
         measured, ratio = timed(pruned2)
+        tried.append((aim, ratio))
         if abs(ratio / target.value - 1) < best[0]:
             best = (abs(ratio / target.value - 1), planned2, pruned2, measured)
     _, planned, pruned, measured = best
@@ -444,6 +446,20 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module
                            planned.latency.threads, d.median_ms, p.median_ms, d.spread, p.spread,
                            planned.predicted_latency, measured.noisy, measured.env, attempts)
     return planned, pruned, report
+
+
+def _next_aim(tried: list[tuple[float, float]], target: float) -> float:
+    """The next aim for a latency target from the (aim, measured share) pairs so far: on the
+    line between the nearest measurements either side of the target once there are both,
+    else the last aim scaled by target / measured."""
+    below = [p for p in tried if p[1] <= target]
+    above = [p for p in tried if p[1] > target]
+    if below and above:
+        (a0, m0), (a1, m1) = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+        if m1 > m0:
+            return min(1.0, a0 + (a1 - a0) * (target - m0) / (m1 - m0))
+    aim, ratio = tried[-1]
+    return min(1.0, aim * target / ratio)
 
 
 @dataclass

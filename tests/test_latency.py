@@ -188,7 +188,7 @@ def test_target_latency_re_aims_when_the_prediction_is_off():
 def test_measure_models_retries_and_marks_noise():
     model, x = _net()
     samples = iter([1e-3, 3e-3, 1e-3, 5e-3] * 1000)
-    noisy = measure_models({"dense": model, "pruned": model}, x, rounds=8,
+    noisy = measure_models({"dense": model, "pruned": model}, x, rounds=8, sample_s=0,
                            timer=lambda fn, what: next(samples), retries=2)
     assert noisy.noisy and noisy.attempts == 3 and "noise" in noisy.notes[0]
     quiet = measure_models({"dense": model, "pruned": model}, x, rounds=8,
@@ -198,10 +198,19 @@ def test_measure_models_retries_and_marks_noise():
     assert {"cpu", "threads", "torch", "onnxruntime", "backend", "flags"} <= set(env)
 
 
+def test_a_sample_averages_calls_filling_sample_s():
+    model, x = _net()
+    seen = []
+    m = measure_models({"dense": model, "pruned": model}, x, rounds=3, sample_s=0.01,
+                       timer=lambda fn, what: seen.append(what.label) or 1e-3)
+    assert len(seen) == 2 + 2 * 3 * 10  # one sizing call each, then 10 calls per sample
+    assert m.times["dense"].samples == 3
+
+
 def test_interleaving_rotates_who_goes_first():
     model, x = _net()
     order = []
-    measure_models({"dense": model, "pruned": model}, x, rounds=4,
+    measure_models({"dense": model, "pruned": model}, x, rounds=4, sample_s=0,
                    timer=lambda fn, what: order.append(what.label) or 1e-3)
     firsts = order[0::2]
     assert firsts == ["dense", "pruned", "dense", "pruned"]

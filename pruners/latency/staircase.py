@@ -9,6 +9,7 @@ trend through all widths (1 when none does: every channel costs alike).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -46,13 +47,17 @@ class RoundTo:
 def staircase(shape: LayerShape, widths: Sequence[int], table: LatencyTable,
               rounds: int = 5) -> dict[int, float]:
     """Seconds of ``shape`` at every output width in ``widths`` (input width unchanged; a
-    depthwise layer changes both), from the table where it has them.
+    depthwise layer changes both), followed by a 1x1 layer back to its full width, from the
+    table where it has them.
 
     Missing widths are timed in ``rounds`` rounds, all widths once per round in a rotated
     order, keeping each width's fastest round: a drift in machine load then lands on every
     width alike instead of faking a step.
     """
-    shapes = {w: shape.at(shape.in_channels, w) for w in widths}
+    # followed by a 1x1 layer back to the full width, the varied width is internal to a
+    # graph, as in the model: onnxruntime converts layouts only at a graph's edges
+    chained = dataclasses.replace(shape, follow=shape.out_channels)
+    shapes = {w: chained.at(shape.in_channels, w) for w in widths}
     missing = [w for w, s in shapes.items() if not table.has(s)]
     best: dict[int, float] = {}
     runners = {w: table.runner(shapes[w]) for w in missing}

@@ -41,6 +41,7 @@ class LayerShape:
     groups: int = 1
     bias: bool = True
     dtype: str = "float32"
+    follow: int = 0  # > 0: timed followed by a 1x1 conv/linear back to this many channels
 
     @property
     def depthwise(self) -> bool:
@@ -61,10 +62,14 @@ class LayerShape:
         dtype = getattr(torch, self.dtype)
         if self.kind == "linear":
             module = nn.Linear(self.in_channels, self.out_channels, bias=self.bias)
+            after = nn.Linear(self.out_channels, self.follow) if self.follow else None
         else:
             conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(self.kernel)]
             module = conv(self.in_channels, self.out_channels, self.kernel, self.stride,
                           self.padding, self.dilation, self.groups, self.bias)
+            after = conv(self.out_channels, self.follow, 1) if self.follow else None
+        if after is not None:
+            module = nn.Sequential(module, after)
         return module.to(dtype).eval(), torch.randn(self.input_shape, dtype=dtype)
 
     def key(self, backend: str, device: str, threads: int) -> str:
@@ -72,7 +77,8 @@ class LayerShape:
         conv = (f" k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} "
                 f"g{self.groups}" if self.kind == "conv" else "")
         return (f"{backend}/{device}/t{threads}/{self.dtype}/{self.kind} {self.in_channels}->"
-                f"{self.out_channels} in {dims}{conv}{' bias' if self.bias else ''}")
+                f"{self.out_channels} in {dims}{conv}{' bias' if self.bias else ''}"
+                f"{f' then 1x1 to {self.follow}' if self.follow else ''}")
 
 
 def _with_channels(shape: LayerShape, channels: int) -> tuple[int, ...]:

@@ -144,8 +144,9 @@ def _spread(samples: list[float]) -> float:
 
 
 def interleave(calls: dict[str, tuple[Callable[[], Any], Any]], timer: Timer, rounds: int,
-               warmup: int = 2) -> dict[str, Timing]:
-    """Time every ``label: (fn, what)`` once per round, in an order rotated every round."""
+               warmup: int = 2, repeat: int = 1) -> dict[str, Timing]:
+    """Time every ``label: (fn, what)`` once per round, in an order rotated every round; a
+    sample is the mean of ``repeat`` consecutive calls (the spread is then of those means)."""
     labels = list(calls)
     for _ in range(warmup):
         for label in labels:
@@ -154,7 +155,7 @@ def interleave(calls: dict[str, tuple[Callable[[], Any], Any]], timer: Timer, ro
     for r in range(rounds):
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
             fn, what = calls[label]
-            samples[label].append(timer(fn, what))
+            samples[label].append(sum(timer(fn, what) for _ in range(repeat)) / repeat)
     return {label: Timing(1000 * statistics.median(s), _spread(s), len(s))
             for label, s in samples.items()}
 
@@ -194,6 +195,9 @@ def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # idle pool threads must not spin: with several sessions timed in turn, one session's
+    # spinning threads would steal the cores of the next one's run
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(buffer.getvalue(), options,
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -204,11 +208,13 @@ def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
 def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = "eager",
                    device: str = "cpu", threads: Optional[int] = None,
                    timer: Optional[Timer] = None, rounds: int = 30, max_spread: float = 0.1,
-                   retries: int = 2) -> Measurement:
+                   retries: int = 2, sample_s: float = 0.1) -> Measurement:
     """Median latency of each model, taken interleaved, with the machine recorded.
 
     Measures again (up to ``retries`` times) while any spread exceeds ``max_spread``, keeping
-    the attempt with the narrowest worst spread; ``noisy`` says it never got under. The
+    the attempt with the narrowest worst spread; ``noisy`` says it never got under. A sample
+    is the mean of as many consecutive calls as fill ``sample_s`` (at most 20), so the spread
+    judges the machine, not one call's jitter. The
     first label is the reference of :meth:`Measurement.ratio` ("dense" by convention). A
     model that does not run with the backend (an ONNX export that fails) is left out and
     named in ``errors``.
@@ -229,10 +235,14 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
                 errors[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if not calls:
             raise RuntimeError(f"no model runs with backend {backend!r}: {errors}")
+        repeat = 1
+        if sample_s > 0:
+            slowest = max(timer(fn, what) for fn, what in calls.values())
+            repeat = max(1, min(20, int(sample_s / max(slowest, 1e-9))))
         best: Optional[dict[str, Timing]] = None
         attempts = 0
         for attempts in range(1, retries + 2):
-            times = interleave(calls, timer, rounds)
+            times = interleave(calls, timer, rounds, repeat=repeat)
             if best is None or max(t.spread for t in times.values()) < max(
                     t.spread for t in best.values()):
                 best = times
