@@ -45,6 +45,7 @@ class Config:
     latency_timeout_s: float
     mem_mb: float
     latency_budget_s: float
+    max_spread: float
     ort: bool
     prefix: str
     out: str
@@ -68,6 +69,9 @@ def parse(argv: Optional[list[str]] = None) -> Config:
     p.add_argument("--mem-gb", type=float, default=16.0, help="memory limit per child")
     p.add_argument("--latency-budget", type=float, default=None,
                    help="seconds of timed rounds per latency measurement")
+    p.add_argument("--max-spread", type=float, default=0.1, dest="max_spread",
+                   help="a latency figure whose interquartile spread stays over this after "
+                        "3 attempts is reported as noise")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--prefix", help="file name prefix (compare, or compare_quick)")
     p.add_argument("--resume", action="store_true",
@@ -83,6 +87,7 @@ def parse(argv: Optional[list[str]] = None) -> Config:
         scaling=[] if (quick or a.no_scaling or a.models) else SCALING_MODELS,
         timeout_s=a.timeout or (300.0 if quick else 900.0), latency_timeout_s=3600.0,
         mem_mb=a.mem_gb * 1024, latency_budget_s=a.latency_budget or (4.0 if quick else 6.0),
+        max_spread=a.max_spread,
         ort=not a.no_ort, prefix=a.prefix or ("compare_quick" if quick else "compare"),
         out=a.out, resume=a.resume, summary_only=a.summary_only)
 
@@ -105,7 +110,7 @@ def plan_jobs(cfg: Config, workdir: str) -> list[dict]:
             wide = [k for k in variants if k.split("|")[1] == "0.5"] or list(variants)
             jobs.append({"kind": "latency", "model": model, "variants": variants,
                          "batches": cfg.batches, "wide": wide, "ort": cfg.ort,
-                         "budget_s": cfg.latency_budget_s})
+                         "budget_s": cfg.latency_budget_s, "max_spread": cfg.max_spread})
     return jobs
 
 

@@ -172,7 +172,7 @@ def latency_job(job: dict) -> dict:
         for setting, fns in settings.items():
             if not fns:
                 continue
-            times, noisy = interleaved(fns, budget)
+            times, noisy = interleaved(fns, budget, max_spread=job.get("max_spread", 0.1))
             out[setting][str(b)] = {k: t.median_ms for k, t in times.items()}
             out["spread"][setting][str(b)] = {k: round(t.spread, 4) for k, t in times.items()}
             out["noisy"][setting][str(b)] = noisy

@@ -55,7 +55,8 @@ def test_harness_compares_tools_and_survives_a_crashing_one(tmp_path, bad_tools)
     out = tmp_path / "results"
     compare.main(["--models", "tiny", "--targets", "0.5", "--round-to", "1", "--batches", "1",
                   "--tools", "ours", "torch_pruning", f"{bad_tools}:boom",
-                  "--latency-budget", "0.2", "--out", str(out), "--prefix", "t"])
+                  "--latency-budget", "0.2", "--max-spread", "100", "--out", str(out),
+                  "--prefix", "t"])
     rows = _rows(out / "t.csv")
     assert set(rows) == {"ours", "torch_pruning", f"{bad_tools}:boom"}
     for tool in ("ours", "torch_pruning"):
@@ -243,3 +244,59 @@ def test_wide_zoo_figures_and_readme_section(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="coverage:begin"):
         coverage.write_readme(str(tmp_path), str(readme))
+
+
+def test_summary_keeps_only_checked_quiet_latency_figures(tmp_path):
+    """A latency job without the machine record (the old harness) or whose spread stayed
+    wide gives no speedup; a checked, quiet one does."""
+    from benchmarks.summary import brief, load_rows
+
+    def prune_rec(model):
+        return {"job": {"kind": "prune", "model": model, "tool": "ours", "target": 0.5,
+                        "round_to": 8, "label": "ours|0.5|8"}, "status": "ok", "error": None,
+                "seconds": 1.0, "peak_rss_mb": 100, "result": {"flops_ratio": 0.5}}
+
+    def latency_rec(model, env, noisy):
+        result = {"eager": {"1": {"dense": 10.0, "ours|0.5|8": 6.0}}, "ort": {}}
+        if env:
+            result.update(env={"cpu": "x"}, noisy={"eager": {"1": noisy}, "ort": {}},
+                          spread={"eager": {"1": {"dense": 0.02, "ours|0.5|8": 0.03}},
+                                  "ort": {}})
+        return {"job": {"kind": "latency", "model": model}, "status": "ok", "error": None,
+                "seconds": 1.0, "peak_rss_mb": 100, "result": result}
+
+    runs = tmp_path / "runs.jsonl"
+    records = [prune_rec("quiet"), latency_rec("quiet", True, False),
+               prune_rec("noisy"), latency_rec("noisy", True, True),
+               prune_rec("old"), latency_rec("old", False, False)]
+    runs.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    rows = {r["model"]: r for r in load_rows(str(runs))[0]}
+    assert rows["quiet"]["speedup_eager_b1"] == pytest.approx(10 / 6, rel=1e-3)
+    assert rows["quiet"]["spread_eager_b1"] == 0.03
+    assert "speedup_eager_b1" not in rows["noisy"] and rows["noisy"]["noisy_eager_b1"]
+    assert "speedup_eager_b1" not in rows["old"]
+    text = brief(list(rows.values()))
+    assert "1.67x" in text and "noisy" in text and "not timed" in text
+
+
+def test_hardware_benchmark_rows(tmp_path, monkeypatch):
+    """The hardware harness on the tiny model: every variant asked for gets a row with FLOPs
+    kept and both backends' figures; a latency target reports prediction and measurement."""
+    from benchmarks import hardware
+
+    monkeypatch.setenv("PRUNERS_LATENCY_CACHE", str(tmp_path / "lat.json"))
+    # the tiny model's time is mostly per-call overhead: a mild latency target is reachable
+    monkeypatch.setitem(hardware.VARIANTS, "ours latency 0.9",
+                        ("ours", dict(target_latency=0.9, round_to=8)))
+    rows = hardware.run(["tiny"], threads=1, rounds=3, out=str(tmp_path), prefix="hw",
+                        variants=["ours r8", "ours latency 0.9"])
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"dense", "ours r8", "ours latency 0.9"}
+    assert 0.4 < by["ours r8"]["flops_kept"] <= 0.51
+    for row in rows:
+        assert row["eager_ms"] > 0 and row["ort_ms"] > 0
+    assert 0 < by["ours latency 0.9"]["predicted"] <= 0.95
+    assert by["ours latency 0.9"]["attempts"] >= 1
+    md = (tmp_path / "hw.md").read_text()
+    assert "ours latency 0.9" in md and "threads" in md
+    assert (tmp_path / "lat.json").exists()
