@@ -26,11 +26,9 @@ from .accuracy.run import (FULL, QUICK, RESULTS, Job, _data, _dense_path, _load_
 def _session(path: str, threads: int):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    from pruners.latency import ort_options
+
+    session = ort.InferenceSession(path, ort_options(threads), providers=["CPUExecutionProvider"])
     return session, session.get_inputs()[0].name
 
 

@@ -115,7 +115,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], budget_s: float, warmup: int 
     in an order rotated every round (``pruners.latency.interleave``), and whether the figures
     are noise: measured again up to ``retries`` times while a spread exceeds ``max_spread``,
     keeping the narrowest attempt. The round count fills ``budget_s``."""
-    from pruners.latency import WallTimer, interleave
+    from pruners.latency import WallTimer, steady
 
     labels = list(fns)
     start = time.perf_counter()
@@ -127,14 +127,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], budget_s: float, warmup: int 
     repeat = max(1, min(20, int(0.1 * len(labels) / max(per_round, 1e-6))))
     rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round * repeat, 1e-6))))
     calls = {label: (fn, label) for label, fn in fns.items()}
-    best = None
-    for _ in range(retries + 1):
-        times = interleave(calls, WallTimer(), rounds, warmup=warmup - 1, repeat=repeat)
-        if best is None or max(t.spread for t in times.values()) < max(
-                t.spread for t in best.values()):
-            best = times
-        if max(t.spread for t in best.values()) <= max_spread:
-            break
+    best, _ = steady(calls, WallTimer(), rounds, repeat=repeat, max_spread=max_spread,
+                     retries=retries, warmup=warmup - 1)
     return best, max(t.spread for t in best.values()) > max_spread
 
 
@@ -184,11 +178,9 @@ def _ort_sessions(bench: Bench, models: dict, threads: int) -> tuple[dict, dict]
     import onnxruntime as ort
 
     from pruners import export_onnx
+    from pruners.latency import ort_options
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see latency
-    options.log_severity_level = 3
+    options = ort_options(threads)
     sessions, errors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, model in models.items():

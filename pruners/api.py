@@ -278,10 +278,9 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     opts = dataclasses.replace(opts, example_kwargs=kwargs)
     if not (opts.round_to == "auto" or (isinstance(opts.round_to, int) and opts.round_to >= 1)):
         raise ValueError(f"round_to must be a positive int or 'auto', got {opts.round_to!r}")
-    if opts.backend not in ("eager", "onnxruntime") or not (
-            opts.device == "cpu" or str(opts.device).startswith("cuda")):
-        raise ValueError(f"backend must be 'eager' or 'onnxruntime' and device 'cpu' or "
-                         f"'cuda', got backend={opts.backend!r}, device={opts.device!r}")
+    from .latency.table import check_backend
+
+    check_backend(opts.backend, opts.device)
     patterns = _protect_patterns(model, opts.protect)
     clock = _Clock(opts.progress)
     work, lifted = _working_copy(model, example_inputs, opts)
@@ -290,8 +289,8 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
 
 
 def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: Target,
-            opts: PruneOptions, patterns: list[str], clock: _Clock
-            ) -> tuple[PlannedPruning, nn.Module]:
+            opts: PruneOptions, patterns: list[str], clock: _Clock,
+            hardware: Optional["_Hardware"] = None) -> tuple[PlannedPruning, nn.Module]:
     """Plan on ``work`` (an eval copy, not modified) and return the plan with the pruned copy
     it was verified on, its reparametrizations (``lifted``) restored. Groups whose pruning
     breaks the model's code are frozen, and the plan is made again (at most three rounds)."""
@@ -321,10 +320,12 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
                          f"detection), as many times as survive the selection: FLOPs are "
                          f"counted and targeted without them")
     kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at)
-    hardware = _Hardware.of(work, example_inputs, opts, target)
+    if hardware is None:  # a caller that plans more than once measures once and passes it
+        hardware = _Hardware.of(work, example_inputs, opts, target)
+        if hardware is not None:
+            clock.lap("latency table")
     if hardware is not None:
         notes += hardware.notes
-        clock.lap("latency table")
     round_to = hardware.round_to if hardware is not None else opts.round_to
     small = probe_inputs(work, example_inputs, outputs=opts.outputs,
                          example_kwargs=opts.example_kwargs)
@@ -404,8 +405,8 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
 _LATENCY_SLACK = 0.03
 
 
-def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module
-                    ) -> tuple[PlannedPruning, nn.Module, Any]:
+def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
+                    hardware: "_Hardware") -> tuple[PlannedPruning, nn.Module, Any]:
     """Time the pruned model against the dense one; when the measured share of latency is
     off the target by more than ``_LATENCY_SLACK``, re-aim (:func:`_next_aim`) and plan
     again (twice at most), keeping the plan measured closest to the target."""
@@ -427,7 +428,7 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module
         aim = _next_aim(tried, target.value)
         try:
             planned2, pruned2 = _search(work, lifted, example_inputs, Target("latency", aim),
-                                        opts, patterns, clock)
+                                        opts, patterns, clock, hardware)
         except InfeasibleTargetError:
             break
         attempts += 1
@@ -569,10 +570,13 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     target = make_target(target_flops, target_params, channel_ratio, target_latency)
     work, _, example_inputs, target, opts, patterns, clock = prepared = _prepare(
         model, example_inputs, target, options)
-    planned, pruned = _search(*prepared)
+    hardware = _Hardware.of(work, example_inputs, opts, target)  # measured once for all plans
+    if hardware is not None:
+        clock.lap("latency table")
+    planned, pruned = _search(*prepared, hardware=hardware)
     latency_report = None
     if target.kind == "latency":
-        planned, pruned, latency_report = _toward_latency(prepared, planned, pruned)
+        planned, pruned, latency_report = _toward_latency(prepared, planned, pruned, hardware)
         clock.lap("latency")
     kwargs = opts.example_kwargs
     recovery = None

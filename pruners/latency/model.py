@@ -102,22 +102,24 @@ class LatencyModel:
         """Predicted seconds of the unpruned model (equal to the measured ``dense_s``)."""
         return self.layers_s + self.residual_s
 
-    def evaluate(self, kept: np.ndarray) -> float:
-        """Predicted seconds when channel dim ``i`` keeps ``kept[i]`` (CostModel order)."""
+    def _calls_s(self, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted seconds of every call, kept fraction of every dim with 1 appended)."""
         frac = np.append(np.asarray(kept, dtype=np.float64) / np.maximum(self._sizes, 1), 1.0)
         a = np.rint(frac[self._in_idx] * self._in_width).astype(np.int64)
         b = np.rint(frac[self._out_idx] * self._out_width).astype(np.int64)
-        layers = self._in_curve[self._in_off + a] * self._out_curve[self._out_off + b] / self._full
+        times = self._in_curve[self._in_off + a] * self._out_curve[self._out_off + b] / self._full
+        return times, frac
+
+    def evaluate(self, kept: np.ndarray) -> float:
+        """Predicted seconds when channel dim ``i`` keeps ``kept[i]`` (CostModel order)."""
+        layers, frac = self._calls_s(kept)
         numel = float(self._numel.sum()) or 1.0
         share = float((self._numel * frac[self._out_idx]).sum()) / numel
         return float(layers.sum()) + self.residual_s * share
 
     def per_layer(self, kept: np.ndarray) -> dict[str, float]:
         """Predicted seconds of each module (summed over its calls) at ``kept``."""
-        frac = np.append(np.asarray(kept, dtype=np.float64) / np.maximum(self._sizes, 1), 1.0)
-        a = np.rint(frac[self._in_idx] * self._in_width).astype(np.int64)
-        b = np.rint(frac[self._out_idx] * self._out_width).astype(np.int64)
-        times = self._in_curve[self._in_off + a] * self._out_curve[self._out_off + b] / self._full
+        times, _ = self._calls_s(kept)
         out: dict[str, float] = {}
         for call, t in zip(self.calls, times):
             out[call.module] = out.get(call.module, 0.0) + float(t)

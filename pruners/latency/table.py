@@ -19,7 +19,7 @@ from torch import nn
 
 from .timing import Timer, WallTimer, model_runner, time_call
 
-__all__ = ["LayerShape", "LatencyTable", "default_cache_path", "shape_of"]
+__all__ = ["LayerShape", "LatencyTable", "check_backend", "default_cache_path", "shape_of"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,16 @@ def shape_of(module: nn.Module, x: torch.Tensor) -> Optional[LayerShape]:
     return None
 
 
+def check_backend(backend: str, device: str) -> None:
+    """ValueError unless latency can be measured with ``backend`` on ``device``."""
+    if backend not in ("eager", "onnxruntime"):
+        raise ValueError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+    if device != "cpu" and not str(device).startswith("cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if str(device).startswith("cuda") and backend != "eager":
+        raise ValueError("onnxruntime latency is measured on the CPU only")
+
+
 def default_cache_path() -> str:
     """``$PRUNERS_LATENCY_CACHE``, else ``~/.cache/pruners/latency.json``."""
     return os.environ.get("PRUNERS_LATENCY_CACHE") or os.path.join(
@@ -118,12 +128,7 @@ class LatencyTable:
     def __init__(self, path: Optional[str] = None, *, backend: str = "eager",
                  device: str = "cpu", threads: Optional[int] = None,
                  timer: Optional[Timer] = None, repeats: int = 7) -> None:
-        if backend not in ("eager", "onnxruntime"):
-            raise ValueError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
-        if device != "cpu" and not device.startswith("cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-        if device.startswith("cuda") and backend != "eager":
-            raise ValueError("onnxruntime latency is measured on the CPU only")
+        check_backend(backend, device)
         self.path, self.backend, self.device = path, backend, device
         self.threads = threads or torch.get_num_threads()
         self.timer = timer or WallTimer(device)

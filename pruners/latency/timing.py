@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 __all__ = ["Timer", "WallTimer", "ModelCall", "Timing", "Measurement", "environment",
-           "time_call", "interleave", "measure_models", "model_runner"]
+           "time_call", "interleave", "steady", "measure_models", "model_runner", "ort_options"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
@@ -160,6 +160,40 @@ def interleave(calls: dict[str, tuple[Callable[[], Any], Any]], timer: Timer, ro
             for label, s in samples.items()}
 
 
+def steady(calls: dict[str, tuple[Callable[[], Any], Any]], timer: Timer, rounds: int, *,
+           repeat: int = 1, max_spread: float = 0.1, retries: int = 2, warmup: int = 2
+           ) -> tuple[dict[str, Timing], int]:
+    """:func:`interleave`, again (up to ``retries`` times) while any spread exceeds
+    ``max_spread``: the attempt with the narrowest worst spread, and how many were made."""
+    best: Optional[dict[str, Timing]] = None
+    attempts = 0
+    for attempts in range(1, retries + 2):
+        times = interleave(calls, timer, rounds, warmup=warmup, repeat=repeat)
+        if best is None or _worst(times) < _worst(best):
+            best = times
+        if _worst(best) <= max_spread:
+            break
+    return best, attempts
+
+
+def _worst(times: dict[str, Timing]) -> float:
+    return max(t.spread for t in times.values())
+
+
+def ort_options(threads: Optional[int] = None):
+    """onnxruntime session options for timing: ``threads`` intra-op threads, one inter-op,
+    quiet logs, and idle pool threads that do not spin (with several sessions timed in
+    turn, one session's spinning threads would steal the cores of the next one's run)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: str = "cpu",
                  threads: Optional[int] = None) -> Callable[[], Any]:
     """A no-argument function that runs ``model`` on ``inputs`` with the backend: PyTorch
@@ -191,14 +225,7 @@ def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
     with torch.no_grad():
         torch.onnx.export(model.eval(), args, buffer, opset_version=17, dynamo=False,
                           do_constant_folding=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # idle pool threads must not spin: with several sessions timed in turn, one session's
-    # spinning threads would steal the cores of the next one's run
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(buffer.getvalue(), options,
+    session = ort.InferenceSession(buffer.getvalue(), ort_options(threads),
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     tensors = [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
@@ -239,18 +266,11 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
         if sample_s > 0:
             slowest = max(timer(fn, what) for fn, what in calls.values())
             repeat = max(1, min(20, int(sample_s / max(slowest, 1e-9))))
-        best: Optional[dict[str, Timing]] = None
-        attempts = 0
-        for attempts in range(1, retries + 2):
-            times = interleave(calls, timer, rounds, repeat=repeat)
-            if best is None or max(t.spread for t in times.values()) < max(
-                    t.spread for t in best.values()):
-                best = times
-            if max(t.spread for t in best.values()) <= max_spread:
-                break
+        best, attempts = steady(calls, timer, rounds, repeat=repeat, max_spread=max_spread,
+                                retries=retries)
     finally:
         torch.set_num_threads(previous)
-    worst = max(t.spread for t in best.values())
+    worst = _worst(best)
     result = Measurement(best, environment(backend, device, threads), max_spread, attempts,
                          noisy=worst > max_spread, errors=errors)
     if result.noisy:
