@@ -57,8 +57,10 @@ def bench_for(name: str) -> Bench:
     return bench
 
 
-def prune_variant(name: str, label: str, threads: int) -> tuple[torch.nn.Module, dict]:
-    """One pruned model and what its pruning said."""
+def prune_variant(name: str, label: str, threads: int, latency_table: Any = None
+                  ) -> tuple[torch.nn.Module, dict]:
+    """One pruned model and what its pruning said (``latency_table``: a
+    ``pruners.latency.LatencyTable`` for ours, default the on-disk cache)."""
     from pruners import prune
 
     from .tools import torch_pruning
@@ -70,8 +72,9 @@ def prune_variant(name: str, label: str, threads: int) -> tuple[torch.nn.Module,
     if tool == "torch_pruning":
         model, _ = torch_pruning(bench, options["target_flops"], options["round_to"])
     else:
+        extra = {} if latency_table is None else {"latency_table": latency_table}
         result = prune(bench.model, bench.inputs, outputs=bench.outputs, threads=threads,
-                       **options)
+                       **options, **extra)
         model = result.model
         auto = next((n for n in result.report.notes if n.startswith("round_to='auto'")), None)
         if auto:
@@ -85,7 +88,7 @@ def prune_variant(name: str, label: str, threads: int) -> tuple[torch.nn.Module,
 
 
 def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
-        variants: Optional[list[str]] = None) -> list[dict]:
+        variants: Optional[list[str]] = None, latency_table: Any = None) -> list[dict]:
     from pruners.latency import environment, measure_models
     from pruners.report import measure
 
@@ -100,7 +103,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
         for label in variants or VARIANTS:
             print(f"[hardware] {name}: pruning {label} ...", flush=True)
             try:
-                pruned[label], info[label] = prune_variant(name, label, threads)
+                pruned[label], info[label] = prune_variant(name, label, threads, latency_table)
             except Exception as exc:  # noqa: BLE001 - a failing variant is a row
                 info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         models_ = {"dense": bench.model, **pruned}

@@ -284,12 +284,16 @@ def test_hardware_benchmark_rows(tmp_path, monkeypatch):
     kept and both backends' figures; a latency target reports prediction and measurement."""
     from benchmarks import hardware
 
-    monkeypatch.setenv("PRUNERS_LATENCY_CACHE", str(tmp_path / "lat.json"))
-    # the tiny model's time is mostly per-call overhead: a mild latency target is reachable
+    from pruners.latency import LatencyTable
+    from test_latency import FakeClock
+
+    # the tiny model's time is mostly per-call overhead: a mild latency target is reachable;
+    # its plan comes from a fake clock (its real time is all noise), its rows from the real one
     monkeypatch.setitem(hardware.VARIANTS, "ours latency 0.9",
                         ("ours", dict(target_latency=0.9, round_to=8)))
+    table = LatencyTable(str(tmp_path / "lat.json"), timer=FakeClock())
     rows = hardware.run(["tiny"], threads=1, rounds=3, out=str(tmp_path), prefix="hw",
-                        variants=["ours r8", "ours latency 0.9"])
+                        variants=["ours r8", "ours latency 0.9"], latency_table=table)
     by = {r["variant"]: r for r in rows}
     assert set(by) == {"dense", "ours r8", "ours latency 0.9"}
     assert 0 < by["ours r8"]["flops_kept"] <= 0.51  # TinyNet is coarse at round_to 8
