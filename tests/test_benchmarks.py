@@ -105,7 +105,14 @@ def test_resume_redoes_a_timed_model_that_lost_a_prune_row(tmp_path):
     with open(tmp_path / "d.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(float(r["target"]) for r in rows) == [0.5, 0.7]
-    assert all(float(r["eager_b1_ms"]) > 0 for r in rows), rows
+    # the redone latency job timed the dense model and both variants, the new one included
+    timed = json.loads(runs.read_text().splitlines()[-1])["result"]["eager"]["1"]
+    assert len(timed) == 3 and all(ms > 0 for ms in timed.values()), timed
+    # each row carries its figure, or says the machine was too noisy to give one (a tiny
+    # model's spread on a shared CI machine often stays over 10%: no figure is then right)
+    for r in rows:
+        assert (r.get("eager_b1_ms") and float(r["eager_b1_ms"]) > 0) or \
+            r.get("noisy_eager_b1") == "True", r
 
 
 @pytest.mark.parametrize("tool, status, message", [
