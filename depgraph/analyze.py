@@ -184,7 +184,8 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
     live_root = np.zeros(n, dtype=bool)
     if live:
         live_root[roots[np.concatenate(live)]] = True
-    frozen_by, frozen_texts = _reasons(roots, ctx.frozen, n)
+    frozen_by, frozen_texts = _reasons(roots, ctx.frozen + ctx.pinned, n)
+    loud = _reasons(roots, ctx.frozen, n)[0] > 0 if ctx.pinned else frozen_by > 0
     inexact_by, inexact_texts = _reasons(roots, [(a, w) for a, w in ctx.inexact], n)
     contracted = np.zeros(n, dtype=bool)
     if ctx.contracted:
@@ -198,7 +199,7 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
     for fqn, amap in param_atoms.items():
         for dim, atoms in enumerate(amap):
             r = roots[atoms]
-            if (live_root[r] | (frozen_by[r] > 0)).any():  # explicitly frozen dims count too
+            if (live_root[r] | loud[r]).any():  # explicitly frozen dims count too
                 keys.append((fqn, dim))
                 key_roots.append(r)
     all_roots = np.concatenate(key_roots) if key_roots else np.empty(0, dtype=np.int64)

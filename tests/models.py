@@ -657,6 +657,44 @@ def dead_slice():
     return DeadSlice(), torch.randn(1, 3, 16, 16)
 
 
+class WSConv2d(nn.Conv2d):
+    """Scaled weight standardisation (NF-ResNet, NFNet): each filter normalised over its
+    fan-in by batch_norm on the flattened weight, times a per-filter gain and a fan-in scale."""
+
+    def __init__(self, cin: int, cout: int, k: int = 3, **kwargs) -> None:
+        super().__init__(cin, cout, k, padding=k // 2, **kwargs)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+        self.scale = (cin // self.groups * k * k) ** -0.5
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class WeightStandardized(nn.Module):
+    """Two standardised convs (one grouped) in a residual block, then plain convs: the in-channel
+    side of a standardised conv is inexact (its statistics run over the fan-in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = WSConv2d(3, 32)
+        self.a = WSConv2d(32, 48)
+        self.b = WSConv2d(48, 32, groups=4)
+        self.c = nn.Conv2d(32, 40, 3, padding=1)
+        self.d = nn.Conv2d(40, 10, 1)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))
+        x = x + self.b(F.gelu(self.a(x)))
+        return self.d(F.relu(self.c(x)))
+
+
+def weight_standardized():
+    return WeightStandardized(), torch.randn(1, 3, 16, 16)
+
+
 ARRIVING: dict[str, Callable] = {
     "scripted_child": scripted_child,
     "pixel_shuffle": pixel_shuffle,
@@ -697,6 +735,7 @@ MODELS: dict[str, Callable] = {
     "token_mixer": token_mixer,
     "spatial_gating": spatial_gating,
     "fixed_window_scores": fixed_window_scores,
+    "weight_standardized": weight_standardized,
     **ARRIVING,
 }
 

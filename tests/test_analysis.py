@@ -200,3 +200,56 @@ def test_summary_lists_groups_and_frozen_reasons():
     assert "prunable conv output channels" in text
     assert "reaches the model output" in text
     assert "graph input" in text
+
+
+def test_standardised_weights_prune_with_their_gain_and_their_fan_in_is_inexact():
+    """NF-ResNet/NFNet (issue 19: dm_nfnet_f0, nfnet_l0, nf_regnet_b0 had nothing prunable):
+    ``batch_norm(w.reshape(1, O, -1), weight=gain.view(-1), training=True)``. The gain's dim 0
+    follows the filter's, the input channels prune in whole kernel-sized runs of the flattened
+    weight, and the statistics over that fan-in make them inexact."""
+    model, x = build("weight_standardized")
+    g = _analyse(model, x)
+    for conv in ("stem", "a", "b"):
+        assert np.array_equal(_units_of(g, f"{conv}.gain"), _units_of(g, f"{conv}.weight"))
+        assert (_units_of(g, f"{conv}.weight") >= 0).all()
+    a_in = _units_of(g, "a.weight", 1)  # a reads the stem's channels
+    assert np.array_equal(a_in, _units_of(g, "stem.weight"))
+    assert not any(g.units[u].exact for u in a_in)
+    assert "statistics over channels" in g.units[int(a_in[0])].note
+    c_in = _units_of(g, "c.weight", 1)  # read by a plain conv, after the residual add
+    assert np.array_equal(c_in, _units_of(g, "b.weight"))
+    # the kernel dims flattened under the input channels are not channels: not reported
+    assert not any(p.endswith(("weight", "gain")) and d >= 2
+                   for f in g.frozen for p, d, _ in f.dims), g.frozen
+
+
+def test_pruned_standardised_convs_keep_gain_weight_and_width_attributes_aligned():
+    from pruners import prune
+
+    model, x = build("weight_standardized")
+    result = prune(model, x, target_flops=0.5)
+    assert abs(result.report.flops_ratio - 0.5) <= 0.01
+    for conv in ("stem", "a", "b"):
+        m = result.model.get_submodule(conv)
+        assert m.gain.shape[0] == m.weight.shape[0] == m.out_channels
+    assert result.model.a.out_channels < 48
+    assert result.model(x).shape == (1, 10, 16, 16)
+
+
+def test_a_flatten_and_its_inverse_give_back_the_same_channels():
+    """reshape (O, I, k, k) -> (1, O, I*k*k) -> (O, I, k, k): the inner dim comes back whole (the
+    outer one carries the atoms) instead of all its channels being unified into one."""
+    from depgraph.atoms import AtomTable
+    from depgraph.rules.registry import RuleContext
+    from depgraph.rules.shape import reshape_map
+
+    node = torch.fx.Graph().create_node("call_function", torch.ops.aten.reshape.default)
+    ctx = RuleContext(AtomTable(), {}, node=node)
+    w = tuple(np.arange(n) + 100 * i for i, n in enumerate((4, 6, 3, 3)))  # 4 * 6 * 3 * 3
+    flat = reshape_map(ctx, w, (4, 6, 3, 3), (1, 4, 54))
+    assert flat[0] is None and np.array_equal(flat[1], w[0])
+    assert np.array_equal(flat[2], np.repeat(w[1], 9))  # each input channel over its 3 x 3
+    back = reshape_map(ctx, flat, (1, 4, 54), (4, 6, 3, 3))
+    assert np.array_equal(back[0], w[0]) and np.array_equal(back[1], w[1])
+    assert back[2] is None and back[3] is None
+    assert not ctx.unions and not ctx.frozen and len(ctx.pinned) == 2  # kh, kw: pinned

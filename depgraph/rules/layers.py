@@ -74,7 +74,12 @@ def conv_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     ctx.consumer(node.args[1], in_dim)
     macs = math.prod(out_shape) * math.prod(w_shape[1:]) if not transposed else \
         math.prod(x_shape) * math.prod(w_shape[1:])
-    _record(ctx, "conv_transpose" if transposed else "conv", node.args[1], in_dim, out_dim, macs)
+    # a weight computed in forward (weight standardisation) names no parameter: its channel
+    # dims say what the cost scales with
+    computed = None if ctx.param(node.args[1]) else tuple(m for m in (w_out, w_in)
+                                                            if m is not None)
+    _record(ctx, "conv_transpose" if transposed else "conv", node.args[1], in_dim, out_dim, macs,
+            atoms=computed or None)
     out = [None] * len(out_shape)
     out[ch] = out_atoms
     return (tuple(out),)
@@ -306,7 +311,9 @@ def _per_channel_outputs(node, x: tuple, xc, ch: int) -> tuple:
 _BN_PARAMS = (1, 2, 3, 4)  # weight, bias, running_mean, running_var
 
 
-# batch_norm/instance_norm(x, w, b, mean, var): x atoms[1] == w == b == mean == var (per channel)
+# batch_norm/instance_norm(x, w, b, mean, var): x atoms[1] == w == b == mean == var (per channel).
+# Statistics taken from the input (training=True, instance norm, no running stats) reduce over
+# every other dim: channels there (a weight flattened for weight standardisation) are inexact.
 @register(aten.batch_norm, aten.native_batch_norm, aten._native_batch_norm_legit,
           aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
           aten.instance_norm, aten.cudnn_batch_norm, aten.miopen_batch_norm)
@@ -321,6 +328,11 @@ def batch_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             ctx.freeze(p, f"{ctx.where()} normalises a fixed-size input")
         else:
             ctx.unify(xc, p[0])
+    batch_stats = node.target.overloadpacket == aten.instance_norm or \
+        bool(ctx.arg("training", "use_input_stats", default=False))
+    reduced = [m for i, m in enumerate(x or ()) if i != ch and m is not None]
+    if batch_stats and reduced:
+        ctx.mark_inexact(reduced, f"{ctx.where()} takes statistics over channels")
     _record(ctx, "batch_norm", node.args[1] if len(node.args) > 1 else None, None, 0,
             math.prod(x_shape))
     if x is None:

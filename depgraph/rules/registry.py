@@ -95,6 +95,8 @@ class RuleContext:
     param_names: dict[str, str]
     unions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     frozen: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    # frozen too, but reported only where they turn out to be channels (see ``pin``)
+    pinned: list[tuple[np.ndarray, str]] = field(default_factory=list)
     inexact: list[tuple[np.ndarray, str]] = field(default_factory=list)
     contracted: list[np.ndarray] = field(default_factory=list)
     consumers: list[tuple[str, int]] = field(default_factory=list)
@@ -163,6 +165,13 @@ class RuleContext:
         """Never prune these atoms (an array, an atom map, or a list of either)."""
         for arr in _arrays(atoms):
             self.frozen.append((arr, why))
+
+    def pin(self, atoms: Any, why: str) -> None:
+        """Never prune these atoms, which may well not be channels at all (a conv kernel's
+        dims flattened under its input channels): they are frozen, and reported as frozen
+        only if they reach an activation."""
+        for arr in _arrays(atoms):
+            self.pinned.append((arr, why))
 
     def mark_inexact(self, atoms: Any, why: str) -> None:
         """Prunable, but pruning changes values beyond the removed channels (normalisation)."""

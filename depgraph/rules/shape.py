@@ -230,42 +230,68 @@ def _blocks(a: tuple, b: tuple) -> list[tuple[list[int], list[int]]]:
 def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -> tuple:
     """Atoms through a reshape.
 
-    Dims are paired into blocks of equal element count. Within a block with one channel dim:
-      merge (C, H, W) -> C*H*W:  out atoms = each channel atom repeated H*W times (flatten);
-      split C -> (G, C/G):       the innermost dim of size > 1 carries the atoms and the same
-                                 relative index is unified across the outer dims, so the number
-                                 of groups or heads stays and their width shrinks (this is what
-                                 code like ``x.view(b, groups, c // groups, h, w)`` expects).
-    A block holding two channel dims freezes both.
+    Dims are paired into blocks of equal element count. Within a block:
+      merge (C, H, W) -> C*H*W:  out atoms = each channel atom repeated H*W times (flatten).
+                                 When several merged dims carry atoms (a weight's (I, kh, kw)
+                                 flattened for weight standardisation, heads x head width), the
+                                 outermost carries them and the inner ones freeze: pruning an
+                                 outer channel removes one contiguous run of the merged dim,
+                                 which is what the pruned tensor's reshape gives.
+      split C*H*W -> (C, H, W):  the inverse of a merge: the out dim whose index alone
+                                 determines the atom carries it (outermost if several do).
+      split C -> (G, C/G):       no dim does; the innermost dim of size > 1 carries the atoms and
+                                 the same relative index is unified across the outer dims, so
+                                 the number of groups or heads stays and their width shrinks
+                                 (what code like ``x.view(b, groups, c // groups, h, w)`` expects).
     """
     out: list = [None] * len(out_shape)
     for bi, bj in _blocks(in_shape, out_shape):
         bearing = [d for d in bi if x[d] is not None]
         if not bearing:
             continue
-        if len(bearing) > 1:
-            ctx.freeze([x[d] for d in bearing], f"{ctx.where()} merges two channel dims")
-            continue
         if [in_shape[d] for d in bi] == [out_shape[d] for d in bj] and len(bi) == len(bj):
             for di, dj in zip(bi, bj):
                 out[dj] = x[di]
             continue
         k = bearing[0]
+        if len(bearing) > 1:
+            ctx.pin([x[d] for d in bearing[1:]],
+                    f"{ctx.where()} flattens this dim into an outer channel dim")
         total = int(np.prod([in_shape[d] for d in bi]))
         flat = np.arange(total, dtype=np.int64)
         stride_in = int(np.prod([in_shape[d] for d in bi if d > k]))
         atoms = x[k][(flat // stride_in) % in_shape[k]]
-        sized = [d for d in bj if out_shape[d] > 1]
-        carrier = sized[-1] if sized else bj[-1]
-        stride_out = int(np.prod([out_shape[d] for d in bj if d > carrier]))
-        position = (flat // stride_out) % out_shape[carrier]
+        carrier = _explaining_dim(atoms, flat, out_shape, bj)
+        if carrier is None:
+            sized = [d for d in bj if out_shape[d] > 1]
+            carrier = sized[-1] if sized else bj[-1]
+        position = _position(flat, out_shape, bj, carrier)
         order = np.argsort(position, kind="stable")
         same = position[order][1:] == position[order][:-1]
+        same &= atoms[order][1:] != atoms[order][:-1]
         if same.any():
             ctx.unify(atoms[order][:-1][same], atoms[order][1:][same])
         _, first = np.unique(position, return_index=True)  # first element of each position
         out[carrier] = atoms[first]
     return tuple(out)
+
+
+def _position(flat: np.ndarray, shape: tuple, block: list, dim: int) -> np.ndarray:
+    """Index along ``dim`` of each element of a block of dims (flat, row-major)."""
+    stride = int(np.prod([shape[d] for d in block if d > dim]))
+    return (flat // stride) % shape[dim]
+
+
+def _explaining_dim(atoms: np.ndarray, flat: np.ndarray, shape: tuple,
+                    block: list) -> Optional[int]:
+    """The outermost dim of ``block`` whose index alone determines each element's atom."""
+    for d in block:
+        position = _position(flat, shape, block, d)
+        along = np.empty(shape[d], dtype=atoms.dtype)
+        along[position] = atoms
+        if np.array_equal(along[position], atoms):
+            return d
+    return None
 
 
 # expand(x, sizes): a dim broadcast from 1 cannot carry channels.
