@@ -1,8 +1,9 @@
 """Prune, then quantize: ``python -m benchmarks.int8 [--quick]``.
 
 On the accuracy benchmark's ResNet-20 and shapes10 data (``benchmarks.accuracy``): the dense
-model (trained as that benchmark trains it, or its saved weights), ours at 50% FLOPs (l2)
-fine-tuned for the recipe's epochs, and each exported to ONNX as fp32 and as onnxruntime
+model (trained as that benchmark trains it, or its saved weights), ours at 50% FLOPs (l2;
+round_to 1 as in that benchmark, and round_to="auto" for onnxruntime) each fine-tuned for the
+recipe's epochs, and each exported to ONNX as fp32 and as onnxruntime
 static int8 (``export_onnx(quantize="int8")``, ranges from the recipe's 8 calibration
 batches, no labels). For each file: test accuracy run by onnxruntime, size on disk, and
 batch-1 / batch-64 latency, every session timed interleaved with the spread checked
@@ -41,8 +42,9 @@ def _accuracy(session, name: str, x: torch.Tensor, y: torch.Tensor, batch: int =
 
 
 def run(quick: bool, threads: int, rounds: int) -> dict:
-    from pruners import export_onnx
-    from pruners.latency import WallTimer, environment, interleave
+    from pruners import export_onnx, measure, prune
+    from pruners.latency import WallTimer, environment, steady
+    from .accuracy.methods import X
     from .accuracy.train import accuracy, train
 
     torch.set_num_threads(threads)
@@ -54,24 +56,35 @@ def run(quick: bool, threads: int, rounds: int) -> dict:
         run_job(recipe, Job(model, "dense"))
     dense = _load_dense(recipe, model).to(memory_format=torch.contiguous_format)
     print("[int8] pruning and fine-tuning ...", flush=True)
-    pruned = _pruned(recipe, Job(model, "ours/l2", 0.5), dense, "ours", "l2")
-    pruned = pruned.to(memory_format=torch.channels_last)
-    torch.manual_seed(0)
-    train(pruned, data, iterations=recipe.iterations(recipe.ft_epochs), lr=recipe.ft_lr, seed=0)
-    pruned = pruned.eval().to(memory_format=torch.contiguous_format)
+    # "pruned": the accuracy benchmark's ours/l2 model (round_to 1); "pruned auto": the same
+    # target with widths from onnxruntime's measured staircase (round_to="auto")
+    auto = prune(dense, X, target_flops=0.5, importance="l2", round_to="auto",
+                 backend="onnxruntime", threads=threads)
+    chose = next((n for n in auto.report.notes if n.startswith("round_to='auto'")), "")
+    print(f"[int8] {chose}", flush=True)
+    nets = {"pruned": _pruned(recipe, Job(model, "ours/l2", 0.5), dense, "ours", "l2"),
+            "pruned auto": auto.model}
+    for label, net in nets.items():
+        net = net.to(memory_format=torch.channels_last)
+        torch.manual_seed(0)
+        train(net, data, iterations=recipe.iterations(recipe.ft_epochs), lr=recipe.ft_lr, seed=0)
+        nets[label] = net.eval().to(memory_format=torch.contiguous_format)
     calibration = [x for x, _ in data.calibration()]
     x1 = data.x_test[:1]
-    rows, sessions = [], {}
+    rows, sessions, noisy = [], {}, {}
+    dense_flops = measure(dense, X)[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for label, net, quantize in (("dense fp32", dense, None), ("dense int8", dense, "int8"),
-                                     ("pruned fp32", pruned, None),
-                                     ("pruned int8", pruned, "int8")):
+        variants = [(f"{name} {kind}", net, "int8" if kind == "int8" else None)
+                    for name, net in (("dense", dense), *nets.items())
+                    for kind in ("fp32", "int8")]
+        for label, net, quantize in variants:
             path = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
             exported = export_onnx(net, x1, path, dynamic_batch=True, quantize=quantize,
                                    calibration=calibration if quantize else None)
             session, name = _session(path, threads)
             sessions[label] = (session, name)
-            rows.append({"model": label, "torch_acc": None if quantize else accuracy(net, data),
+            rows.append({"model": label, "flops_kept": round(measure(net, X)[0] / dense_flops, 4),
+                         "torch_acc": None if quantize else accuracy(net, data),
                          "onnx_acc": _accuracy(session, name, data.x_test, data.y_test),
                          "size_kb": round(os.path.getsize(path) / 1024, 1),
                          "max_rel_diff": round(exported.max_rel_diff, 5)})
@@ -79,7 +92,8 @@ def run(quick: bool, threads: int, rounds: int) -> dict:
             feed = data.x_test[:batch].numpy()
             calls = {label: ((lambda s=s, n=n: s.run(None, {n: feed})), label)
                      for label, (s, n) in sessions.items()}
-            times = interleave(calls, WallTimer(), rounds, repeat=20 if batch == 1 else 2)
+            times, _ = steady(calls, WallTimer(), rounds, repeat=20 if batch == 1 else 2)
+            noisy[batch] = max(t.spread for t in times.values()) > 0.1
             for row in rows:
                 t = times[row["model"]]
                 row[f"ms_b{batch}"] = round(t.median_ms, 4)
@@ -88,8 +102,8 @@ def run(quick: bool, threads: int, rounds: int) -> dict:
     for row in rows:
         for batch in (1, 64):
             row[f"speedup_b{batch}"] = round(base[f"ms_b{batch}"] / row[f"ms_b{batch}"], 3)
-    return {"rows": rows, "recipe": recipe.name, "environment": environment("onnxruntime",
-                                                                           "cpu", threads)}
+    return {"rows": rows, "recipe": recipe.name, "round_to_auto": chose, "noisy": noisy,
+            "environment": environment("onnxruntime", "cpu", threads)}
 
 
 def markdown(result: dict) -> str:
@@ -99,16 +113,21 @@ def markdown(result: dict) -> str:
              f"onnxruntime {env['onnxruntime']}, torch {env['torch']}, {env['date']}; recipe "
              f"`{result['recipe']}`. Accuracy on the test set run by onnxruntime (PyTorch's for "
              "fp32 beside it); latency: onnxruntime CPU sessions timed interleaved (median ms "
-             "± interquartile spread, speedup over dense fp32).", "",
-             "| model | test acc (onnxruntime) | PyTorch acc | file KB | batch 1 ms | batch 64 ms "
-             "| max rel diff vs PyTorch fp32 |", "|---|---|---|---|---|---|---|"]
+             "± interquartile spread, retried up to twice while a spread exceeds 10%; speedup "
+             f"over dense fp32). `pruned`: round_to 1; `pruned auto`: {result['round_to_auto']}.",
+             "",
+             "| model | FLOPs kept | test acc (onnxruntime) | PyTorch acc | file KB | batch 1 ms "
+             "| batch 64 ms | max rel diff vs PyTorch fp32 |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         torch_acc = "-" if r["torch_acc"] is None else f"{100 * r['torch_acc']:.1f}%"
         lines.append(
-            f"| {r['model']} | {100 * r['onnx_acc']:.1f}% | {torch_acc} | {r['size_kb']:.0f} | "
+            f"| {r['model']} | {r['flops_kept']:.3f} | {100 * r['onnx_acc']:.1f}% | {torch_acc} | {r['size_kb']:.0f} | "
             f"{r['ms_b1']:.3f} ±{100 * r['spread_b1']:.0f}% ({r['speedup_b1']:.2f}x) | "
             f"{r['ms_b64']:.2f} ±{100 * r['spread_b64']:.0f}% ({r['speedup_b64']:.2f}x) | "
             f"{r['max_rel_diff']:.4f} |")
+    noisy = [f"batch {b}" for b, flag in result["noisy"].items() if flag]
+    if noisy:
+        lines += ["", f"Noisy (a spread stayed over 10% after 3 attempts): {', '.join(noisy)}."]
     return "\n".join(lines) + "\n"
 
 
