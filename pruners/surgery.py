@@ -122,6 +122,15 @@ def _public_widths(module: nn.Module) -> dict[str, list[int]]:
             and (items := _int_items(value)) is not None}
 
 
+def _one_to_one(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """old width -> new width, for the widths that changed to one new value only."""
+    seen: dict[int, set[int]] = {}
+    for old, now in pairs:
+        if old != now:
+            seen.setdefault(int(old), set()).add(int(now))
+    return {old: next(iter(news)) for old, news in seen.items() if len(news) == 1}
+
+
 def _as_before(old: Any, items: list[int]) -> Any:
     return items[0] if isinstance(old, int) else type(old)(items)
 
@@ -136,8 +145,12 @@ def _own_width_rewrites(model: nn.Module, module: nn.Module, new: dict[str, torc
         for old, now in zip(getattr(module, name).shape, t.shape):
             if old != now:
                 changed.setdefault(int(old), set()).add(int(now))
-    updates = []
+    done: set[str] = set()
+    updates = _head_rewrites(module, _one_to_one(
+        (old, now) for old, news in changed.items() for now in news), done)
     for attr, items in _public_widths(module).items():
+        if attr in done:
+            continue
         hit = [v for v in items if v in changed]
         if not hit:
             continue
@@ -150,6 +163,45 @@ def _own_width_rewrites(model: nn.Module, module: nn.Module, new: dict[str, torc
         old = getattr(module, attr)
         updates.append((module, attr, _as_before(old, [next(iter(changed[v])) if v in changed
                                                        else v for v in items])))
+    return updates
+
+
+#: attribute names that count attention heads (the one factor of a head-split width that stays)
+HEAD_COUNTS = ("num_heads", "n_heads", "heads", "nheads", "n_head", "num_attention_heads")
+
+
+def _head_rewrites(module: nn.Module, changed: dict[int, int], done: set[str]
+                   ) -> list[tuple[nn.Module, str, Any]]:
+    """Attention that reshapes by stored head sizes (timm's ``qkv.reshape(B, N, 3,
+    self.num_heads, self.head_dim)``, then ``reshape(B, N, self.attn_dim)``).
+
+    Analysis keeps the number of heads and shrinks every head alike (the innermost dim of a
+    head split carries the channels), so a changed width ``k * num_heads * head_dim`` (k = 1,
+    2, 3: one projection, k/v, q/k/v) gives the new ``head_dim``, and an int equal to the old
+    total (``attn_dim``) takes the new total. ``scale`` stays: the old 1/sqrt(head_dim) is what
+    keeps the pruned scores equal to those of the masked original.
+    """
+    widths = {a: v for a, v in vars(module).items() if a not in done and not a.startswith("_")
+              and isinstance(v, int) and not isinstance(v, bool) and v > 0}
+    updates: list[tuple[nn.Module, str, Any]] = []
+    for count in (a for a in HEAD_COUNTS if a in widths):
+        heads = widths[count]
+        for attr, per_head in widths.items():
+            # the per-head width is named for it (head_dim, head_size, dim_head): a plain
+            # ``dim`` with ``num_heads * dim`` equal to an MLP's width is not one
+            if attr in HEAD_COUNTS or attr in done or "head" not in attr:
+                continue
+            hit = next((k for k in (1, 2, 3) if k * heads * per_head in changed
+                        and changed[k * heads * per_head] % (k * heads) == 0), None)
+            if hit is None:
+                continue
+            total, new_total = heads * per_head, changed[hit * heads * per_head] // hit
+            updates.append((module, attr, new_total // heads))
+            done.add(attr)
+            for other, value in widths.items():
+                if other not in done and other != count and value == total:
+                    updates.append((module, other, new_total))
+                    done.add(other)
     return updates
 
 
@@ -187,7 +239,12 @@ def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, An
         if not known:
             continue
         old_in, old_out, new_in, new_out = ([w[i] for w in known] for i in range(4))
+        done: set[str] = set()
+        updates += _head_rewrites(parent, _one_to_one(zip(old_in + old_out, new_in + new_out)),
+                                  done)
         for attr, items in _public_widths(parent).items():
+            if attr in done:
+                continue
             old = getattr(parent, attr)
             if isinstance(old, int):
                 rules = [(old_in, new_in), (old_out, new_out)]

@@ -695,6 +695,48 @@ def weight_standardized():
     return WeightStandardized(), torch.randn(1, 3, 16, 16)
 
 
+class StoredHeadAttention(nn.Module):
+    """timm's ``Attention``: q/k/v split by the stored ``num_heads`` and ``head_dim``, merged back
+    by the stored ``attn_dim``, scores scaled by a stored ``scale``."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+class StoredHeads(nn.Module):
+    """Patch embedding, a residual stored-head attention and MLP, mean-pooled head."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.attn = StoredHeadAttention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+def stored_heads():
+    return StoredHeads(), torch.randn(2, 3, 16, 16)
+
+
 ARRIVING: dict[str, Callable] = {
     "scripted_child": scripted_child,
     "pixel_shuffle": pixel_shuffle,
@@ -736,6 +778,7 @@ MODELS: dict[str, Callable] = {
     "spatial_gating": spatial_gating,
     "fixed_window_scores": fixed_window_scores,
     "weight_standardized": weight_standardized,
+    "stored_heads": stored_heads,
     **ARRIVING,
 }
 

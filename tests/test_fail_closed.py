@@ -183,3 +183,34 @@ def test_a_container_holding_its_childrens_widths_is_rewritten():
     assert mixed.in_channels == sum(mixed.splits) == mixed.out_channels
     assert not any("froze group" in n for n in result.report.notes)
     assert result.report.verify is not None and result.report.verify.ok
+
+
+def test_stored_head_sizes_are_rewritten_so_attention_heads_prune():
+    """Issue 14: timm's ``Attention`` reshapes q/k/v by ``self.num_heads, self.head_dim`` and
+    merges by ``self.attn_dim``; repair used to freeze its groups. Every head now keeps the same
+    narrower width, ``head_dim`` and ``attn_dim`` follow, and the count of heads stays."""
+    from models import build
+
+    model, x = build("stored_heads")
+    graph = analyze(capture(model, x))
+    qkv_out = graph.unit_index[("attn.qkv.weight", 0)]  # 3 x 4 heads x 8: one unit per dim
+    assert (qkv_out >= 0).all() and len(set(qkv_out.tolist())) == 8, qkv_out
+    units = sorted(set(qkv_out.tolist()))[:3]
+    assert verify(model, graph, units, x).ok
+    pruned = remove_units(model, graph, units)
+    attn = pruned.attn
+    assert (attn.num_heads, attn.head_dim, attn.attn_dim) == (4, 5, 20)  # 4 heads of 8 -> of 5
+    assert attn.qkv.out_features == 3 * attn.attn_dim == 60 and attn.proj.in_features == 20
+    assert attn.scale == 8 ** -0.5  # kept: the pruned scores equal the masked original's
+
+
+def test_prune_reports_the_head_rewrite_and_lands_on_target():
+    from models import build
+
+    model, x = build("stored_heads")
+    result = prune(model, x, target_flops=0.5)
+    attn = result.model.attn
+    assert attn.head_dim < 8 and attn.num_heads == 4 and attn.attn_dim == 4 * attn.head_dim
+    assert any("attn.head_dim: 8 -> " in n for n in result.report.notes), result.report.notes
+    assert not any("froze group" in n for n in result.report.notes), result.report.notes
+    assert abs(result.report.flops_ratio - 0.5) <= 0.01
