@@ -72,18 +72,19 @@ def run(quick: bool, threads: int, rounds: int) -> dict:
     calibration = [x for x, _ in data.calibration()]
     x1 = data.x_test[:1]
     rows, sessions, noisy = [], {}, {}
-    dense_flops = measure(dense, X)[0]
+    flops = {name: measure(net, X)[0] for name, net in (("dense", dense), *nets.items())}
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [(f"{name} {kind}", net, "int8" if kind == "int8" else None)
+        variants = [(name, kind, net, "int8" if kind == "int8" else None)
                     for name, net in (("dense", dense), *nets.items())
                     for kind in ("fp32", "int8")]
-        for label, net, quantize in variants:
+        for name, kind, net, quantize in variants:
+            label = f"{name} {kind}"
             path = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
             exported = export_onnx(net, x1, path, dynamic_batch=True, quantize=quantize,
                                    calibration=calibration if quantize else None)
             session, name = _session(path, threads)
             sessions[label] = (session, name)
-            rows.append({"model": label, "flops_kept": round(measure(net, X)[0] / dense_flops, 4),
+            rows.append({"model": label, "flops_kept": round(flops[name] / flops["dense"], 4),
                          "torch_acc": None if quantize else accuracy(net, data),
                          "onnx_acc": _accuracy(session, name, data.x_test, data.y_test),
                          "size_kb": round(os.path.getsize(path) / 1024, 1),
@@ -121,7 +122,8 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         torch_acc = "-" if r["torch_acc"] is None else f"{100 * r['torch_acc']:.1f}%"
         lines.append(
-            f"| {r['model']} | {r['flops_kept']:.3f} | {100 * r['onnx_acc']:.1f}% | {torch_acc} | {r['size_kb']:.0f} | "
+            f"| {r['model']} | {r['flops_kept']:.3f} | {100 * r['onnx_acc']:.1f}% | "
+            f"{torch_acc} | {r['size_kb']:.0f} | "
             f"{r['ms_b1']:.3f} ±{100 * r['spread_b1']:.0f}% ({r['speedup_b1']:.2f}x) | "
             f"{r['ms_b64']:.2f} ±{100 * r['spread_b64']:.0f}% ({r['speedup_b64']:.2f}x) | "
             f"{r['max_rel_diff']:.4f} |")

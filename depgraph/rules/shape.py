@@ -261,11 +261,11 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
         flat = np.arange(total, dtype=np.int64)
         stride_in = int(np.prod([in_shape[d] for d in bi if d > k]))
         atoms = x[k][(flat // stride_in) % in_shape[k]]
-        carrier = _explaining_dim(atoms, flat, out_shape, bj)
+        carrier, position = _explaining_dim(atoms, flat, out_shape, bj)
         if carrier is None:
             sized = [d for d in bj if out_shape[d] > 1]
             carrier = sized[-1] if sized else bj[-1]
-        position = _position(flat, out_shape, bj, carrier)
+            position = _position(flat, out_shape, bj, carrier)
         order = np.argsort(position, kind="stable")
         same = position[order][1:] == position[order][:-1]
         same &= atoms[order][1:] != atoms[order][:-1]
@@ -282,16 +282,17 @@ def _position(flat: np.ndarray, shape: tuple, block: list, dim: int) -> np.ndarr
     return (flat // stride) % shape[dim]
 
 
-def _explaining_dim(atoms: np.ndarray, flat: np.ndarray, shape: tuple,
-                    block: list) -> Optional[int]:
-    """The outermost dim of ``block`` whose index alone determines each element's atom."""
+def _explaining_dim(atoms: np.ndarray, flat: np.ndarray, shape: tuple, block: list
+                    ) -> tuple[Optional[int], Optional[np.ndarray]]:
+    """The outermost dim of ``block`` whose index alone determines each element's atom, and
+    that index per element; (None, None) when no dim does."""
     for d in block:
         position = _position(flat, shape, block, d)
         along = np.empty(shape[d], dtype=atoms.dtype)
         along[position] = atoms
         if np.array_equal(along[position], atoms):
-            return d
-    return None
+            return d, position
+    return None, None
 
 
 # expand(x, sizes): a dim broadcast from 1 cannot carry channels.
