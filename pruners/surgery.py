@@ -19,6 +19,7 @@ from torch import nn
 
 from depgraph.errors import SurgeryError
 from depgraph.graph import ChannelGraph
+from pruners.attention import as_pruned
 
 __all__ = ["remove_units", "apply_kept", "MODULE_FIXERS"]
 
@@ -90,6 +91,21 @@ def _rnn_attrs(m: nn.RNNBase, new: dict[str, torch.Tensor]) -> dict[str, Any]:
     return attrs
 
 
+def _mha_attrs(m: nn.MultiheadAttention, new: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Widths from the new projections; the class becomes :class:`PrunedMultiheadAttention`,
+    whose forward reads them from its tensors and keeps the unpruned score scale."""
+    if m.in_proj_weight is not None:
+        q = k = v = new.get("in_proj_weight", m.in_proj_weight)
+        inner = q.shape[0] // 3
+    else:
+        q, k, v = (new.get(f"{p}_proj_weight", getattr(m, f"{p}_proj_weight")) for p in "qkv")
+        inner = q.shape[0]
+    if inner % m.num_heads:
+        raise SurgeryError(f"{inner} projection channels do not split into {m.num_heads} heads")
+    return {**as_pruned(m), "embed_dim": q.shape[1], "kdim": k.shape[1], "vdim": v.shape[1],
+            "head_dim": inner // m.num_heads}
+
+
 # Module type -> function(module, its new tensors by attribute name) -> attributes to set.
 MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
     (nn.modules.conv._ConvNd, _conv_attrs),
@@ -99,6 +115,7 @@ MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
     (nn.LayerNorm, _layer_norm_attrs),
     (nn.PReLU, _prelu_attrs),
     (nn.RNNBase, _rnn_attrs),
+    (nn.MultiheadAttention, _mha_attrs),
     (nn.Embedding, lambda m, new: {"embedding_dim": new.get("weight", m.weight).shape[1]}),
 ]
 

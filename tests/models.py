@@ -474,6 +474,35 @@ def mha_block():
     return MHABlock(), torch.randn(2, 3, 16, 16)
 
 
+class ClassTokenViT(nn.Module):
+    """torchvision's ViT in small: a class token and position embedding (the token dim meets
+    parameters, so it carries fixed atoms), run at batch 1 (a size-1 dim beside the channels
+    that the heads' view splits), one attention on sdpa and one on explicit scores."""
+
+    def __init__(self, dim: int = 24, heads: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) / 4)
+        self.attn = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True)
+                                  for _ in range(2))
+        self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
+        self.mlp = nn.Sequential(nn.Linear(dim, 96), nn.GELU(), nn.Linear(96, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        for i, (attn, norm) in enumerate(zip(self.attn, self.norm)):
+            h = norm(t)
+            t = t + attn(h, h, h, need_weights=i == 1)[0]
+        return self.head(t[:, 0] + self.mlp(t[:, 0]))
+
+
+def class_token_vit():
+    return ClassTokenViT(), torch.randn(1, 3, 16, 16)
+
+
 class AutocastBlock(nn.Module):
     """Ops inside ``with torch.autocast(enabled=False)``, as timm's EfficientViT attention:
     torch.export wraps them in a higher-order op that capture inlines."""
@@ -759,6 +788,7 @@ MODELS: dict[str, Callable] = {
     "autocast_block": autocast_block,
     "einsum_attention": einsum_attention,
     "mha_block": mha_block,
+    "class_token_vit": class_token_vit,
     "resnet_basic": resnet_basic,
     "resnet_bottleneck": resnet_bottleneck,
     "vgg": vgg,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .elementwise import broadcast_maps
+from .modules import KEEPS_SCORE_SCALE
 from .registry import LayerUse, RuleContext, register
 
 aten = torch.ops.aten
@@ -218,7 +219,8 @@ def addmm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 
 
 # sdpa(q[..., L, E], k[..., S, E], v[..., S, Ev]): q atoms[-1] == k atoms[-1];
-# out atoms = q atoms[:-1] ++ v atoms[-1]. The default 1/sqrt(E) scale depends on E: inexact.
+# out atoms = q atoms[:-1] ++ v atoms[-1]. The default 1/sqrt(E) scale depends on E: inexact,
+# unless surgery keeps the unpruned scale for the module that runs it (KEEPS_SCORE_SCALE).
 @register(aten.scaled_dot_product_attention)
 def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     q, k, v = inputs[0], inputs[1], inputs[2]
@@ -229,7 +231,8 @@ def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     else:
         ctx.unify(q[-1], k[-1])
         ctx.mark_contracted(q[-1])
-        if ctx.arg("scale") is None and q[-1] is not None:
+        if (ctx.arg("scale") is None and q[-1] is not None
+                and ctx.module_type() not in KEEPS_SCORE_SCALE):
             ctx.mark_inexact(q[-1], f"{ctx.where()} scales scores by 1/sqrt(head width)")
     ctx.freeze([k[-2], v[-2]], f"{ctx.where()} attends over this dim")
     if len(inputs) > 3:  # a mask added to the scores: its dims are positions, not channels

@@ -1,11 +1,11 @@
 """Modules whose widths are pinned by Python attributes that surgery cannot rewrite.
 
-The graph sees ``nn.MultiheadAttention`` as linears and an sdpa, but its forward checks the
-query width against ``embed_dim`` and splits heads by ``embed_dim // num_heads``: no channel of
-its projections can go without changing the head layout. Their parameters are frozen at
-capture, with the reason, instead of being found by the repair probes one group at a time.
+Their parameters are frozen at capture, with the reason, instead of being found by the repair
+probes one group at a time. TorchScript submodules are pinned (below); no eager module type is
+at present: ``nn.MultiheadAttention``, pinned until its forward could follow pruned widths, now
+becomes ``pruners.attention.PrunedMultiheadAttention`` in surgery.
 
-To pin another module type, add it here with the reason users will read.
+To pin a module type, add it to ``FIXED_MODULES`` with the reason users will read.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FIXED_MODULES", "fixed_params"]
+__all__ = ["FIXED_MODULES", "KEEPS_SCORE_SCALE", "fixed_params"]
 
-FIXED_MODULES: dict[type, str] = {
-    nn.MultiheadAttention: "stores embed_dim and num_heads, which fix every width of its "
-                           "projections",
-}
+FIXED_MODULES: dict[type, str] = {}
+
+#: Modules (qualified class names, as capture records them) whose attention keeps its unpruned
+#: score scale after surgery: ``nn.MultiheadAttention``'s pruned forward passes the old
+#: ``1/sqrt(head_dim)``, so the default scale of the sdpa inside it does not make its heads'
+#: channels inexact.
+KEEPS_SCORE_SCALE: frozenset[str] = frozenset({"torch.nn.modules.activation.MultiheadAttention"})
 
 
 _SCRIPTED = ("is TorchScript: its compiled code keeps its own copies of the parameters, so "

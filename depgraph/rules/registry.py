@@ -152,6 +152,14 @@ class RuleContext:
         stack = self.node.meta.get("nn_module_stack")
         return _clean(next(reversed(stack.values()))[0]) if stack else None
 
+    def module_type(self) -> Optional[str]:
+        """Qualified class name of the innermost module running this node, if known."""
+        stack = self.node.meta.get("nn_module_stack")
+        if not stack:
+            return None
+        cls = next(reversed(stack.values()))[1]
+        return cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+
     # ---- recording -----------------------------------------------------------------------
     def unify(self, a: Optional[np.ndarray], b: Optional[np.ndarray]) -> None:
         """Atoms ``a[i]`` and ``b[i]`` must be pruned together."""

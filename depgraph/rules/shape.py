@@ -253,9 +253,11 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
             for di, dj in zip(bi, bj):
                 out[dj] = x[di]
             continue
-        k = bearing[0]
+        # a dim of size 1 (a batch of one whose atom a parameter's broadcast gave it) carries
+        # no channel that could go: the outermost wider dim carries, the rest are pinned
+        k = next((d for d in bearing if in_shape[d] > 1), bearing[0])
         if len(bearing) > 1:
-            ctx.pin([x[d] for d in bearing[1:]],
+            ctx.pin([x[d] for d in bearing if d != k],
                     f"{ctx.where()} flattens this dim into an outer channel dim")
         total = int(np.prod([in_shape[d] for d in bi]))
         flat = np.arange(total, dtype=np.int64)
