@@ -65,29 +65,49 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         chosen = {g.id: _probe(graph, g.id, sole) for g in graph.groups if g.units}
         probes = {g: [u] for g, u in chosen.items() if u is not None}
 
-    def failure(groups: list[int]) -> Optional[str]:
+    def failure(groups: list[int]) -> tuple[Optional[str], Optional[str]]:
+        """What went wrong with ``groups`` probed together (None: nothing), and the module
+        whose forward raised, when one did."""
         units = [u for g in groups for u in probes[g]]
         try:
             result = verify(model, graph, units, example_inputs, outputs=outputs,
                             example_kwargs=example_kwargs, at=at, rtol=rtol,
                             train_mode=train_mode, stop_early=stop_early)
         except (VerificationError, SurgeryError) as exc:
-            return str(exc)
+            return str(exc), _raising_module(exc)
         if all(graph.units[u].exact for u in units) and not result.ok:
-            return f"outputs differ from the masked original ({result})"
-        return None
+            return f"outputs differ from the masked original ({result})", None
+        return None, None
 
     found: dict[int, str] = {}
+    layers = {g: graph.groups[g].layers for g in probes}
 
     def bisect(groups: list[int]) -> None:
-        why = failure(groups)
+        why, where = failure(groups)
         if why is None:
             return
         if len(groups) == 1:
             found[groups[0]] = why
             return
-        half = len(groups) // 2
         before = len(found)
+        # the groups with layers inside the module that raised are the likely culprits, the
+        # most inside first: find one, then probe the rest again, before bisecting blindly
+        share = {g: sum(n == where or n.startswith(f"{where}.") for n in layers[g])
+                 / len(layers[g]) for g in groups} if where else {}
+        suspects = sorted((g for g in groups if share.get(g)), key=lambda g: -share[g])
+        if 0 < len(suspects) < len(groups):
+            if len(suspects) <= 8:  # one probe each, in that order, beats bisecting them
+                for g in suspects:
+                    alone, _ = failure([g])
+                    if alone is not None:
+                        found[g] = alone
+                        break
+            else:
+                bisect(suspects)
+            if len(found) > before:
+                bisect([g for g in groups if g not in found])
+                return
+        half = len(groups) // 2
         bisect(groups[:half])
         bisect(groups[half:])
         if len(found) == before:  # fails only in combination: freeze the whole set
@@ -99,6 +119,24 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         if groups:
             bisect(groups)
     return found
+
+
+def _raising_module(exc: BaseException) -> Optional[str]:
+    """Name, in the model that ran, of the innermost module whose forward raised the error
+    behind ``exc`` (None when it was not raised inside a submodule's forward)."""
+    cause = exc.__cause__
+    tb = cause.__traceback__ if cause is not None else None
+    modules: list[nn.Module] = []
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and (not modules or owner is not modules[-1]):
+            modules.append(owner)
+        tb = tb.tb_next
+    if len(modules) < 2:
+        return None
+    names = {id(m): n for n, m in modules[0].named_modules()}  # the outermost ran the model
+    return next((names[id(m)] for m in reversed(modules) if id(m) in names and names[id(m)]),
+                None)
 
 
 def probe_inputs(model: nn.Module, example_inputs: Any, *,

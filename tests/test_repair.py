@@ -109,3 +109,25 @@ def test_units_that_hold_a_whole_layer_dim_are_not_probed():
             and ids[0] >= 0}
     assert sole  # the case exists in this model
     assert find_unprunable_groups(model, g, x) == {}
+
+
+def test_the_module_that_raised_narrows_the_search(monkeypatch):
+    """Eight BakedSplit blocks in a row, each failing inside its own forward: the probe that
+    fails names the block, whose few groups are probed first; the same groups are found with
+    fewer probes than a blind bisection over every group."""
+    from pruners import repair
+
+    model = nn.Sequential(*[BakedSplit() for _ in range(8)]).eval()
+    for block in model[1:]:
+        block.stem = cbr(4, 16)
+    x = torch.randn(1, 3, 8, 8)
+    g = analyze(capture(model, x))
+    calls = []
+    real = repair.verify
+    monkeypatch.setattr(repair, "verify", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bad = find_unprunable_groups(model, g, x)
+    assert sorted(g.groups[gid].layers[0] for gid in bad) == [f"{i}.cv1.0" for i in range(8)]
+    localized, calls[:] = len(calls), []
+    monkeypatch.setattr(repair, "_raising_module", lambda exc: None)
+    assert find_unprunable_groups(model, g, x) == bad
+    assert localized < len(calls)
