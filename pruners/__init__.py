@@ -24,10 +24,11 @@ from .schedule import prune_iteratively
 from .sensitivity import GroupCurve, Sensitivity, sensitivity
 from .sparsity import GroupSparsity
 from .surgery import MODULE_FIXERS, apply_kept, remove_units
-from .verify import VerifyResult, mask_consumers, run_model, sample_units, verify
+from .verify import (VerifyResult, mask_consumers, masked_in_place, run_model, sample_units,
+                     verify)
 
 __all__ = ["prune", "PruneResult", "plan_pruning", "PlannedPruning", "PruneOptions",
            "prune_iteratively", "sensitivity", "Sensitivity", "GroupCurve", "recover", "RecoveryReport", "reestimate_bn", "StepRecord", "GroupSparsity", "distill_loss", "IMPORTANCE", "export_onnx", "OnnxExport", "PruneReport", "Plan", "apply_plan", "Target", "allocate",
            "InfeasibleTargetError", "score_units", "measure", "remove_units", "apply_kept",
-           "MODULE_FIXERS", "verify", "VerifyResult", "mask_consumers", "run_model",
-           "sample_units", "find_unprunable_groups", "repair_graph"]
+           "MODULE_FIXERS", "verify", "VerifyResult", "mask_consumers", "masked_in_place",
+           "run_model", "sample_units", "find_unprunable_groups", "repair_graph"]

@@ -1,15 +1,16 @@
 """Verification: the pruned model runs, and equals the original with the pruned channels masked.
 
-The zero-equivalence check (see ``shared/design.md``): in a copy of the original, zero the
-*consumer* slices of the removed units (the input columns of every conv/linear/matmul weight
+The zero-equivalence check (see ``shared/design.md``): in the original (in place, restored
+after), zero the *consumer* slices of the removed units (the input columns of every conv/linear/matmul weight
 that reads them). Physically prune the same units from another copy. Both must give the same
 outputs. A missed coupling shows up as a shape error or an output difference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -25,7 +26,8 @@ from depgraph.graph import ChannelGraph
 from .reparam import deepcopy_model
 from .surgery import lookup_tensor, remove_units
 
-__all__ = ["VerifyResult", "verify", "mask_consumers", "run_model", "sample_units"]
+__all__ = ["VerifyResult", "verify", "mask_consumers", "masked_in_place", "run_model",
+           "sample_units"]
 
 
 @dataclass(frozen=True)
@@ -78,18 +80,61 @@ def mask_consumers(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) 
     Units that two activations contract over (attention's q.k) have no consumer weight; for
     those every slice, producers included, is zeroed so the contraction sees zeros.
     """
+    with torch.no_grad():
+        for tensor, dim, idx in _consumer_slices(model, graph, units):
+            tensor.index_fill_(dim, idx, 0.0)
+    return model
+
+
+def _consumer_slices(model: nn.Module, graph: ChannelGraph, units: Iterable[int]
+                     ) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(tensor, dim, indices) of every slice :func:`mask_consumers` zeroes."""
     removed = np.fromiter((int(u) for u in units), dtype=np.int64)
     contracted = np.array([u for u in removed.tolist() if graph.units[u].contracted],
                           dtype=np.int64)
-    with torch.no_grad():
-        for (param, dim), ids in graph.unit_index.items():
-            hit = np.isin(ids, removed if (param, dim) in graph.consumers else contracted)
-            if not hit.any():
-                continue
+    out = []
+    for (param, dim), ids in graph.unit_index.items():
+        hit = np.isin(ids, removed if (param, dim) in graph.consumers else contracted)
+        if hit.any():
             tensor = lookup_tensor(model, param)
-            idx = torch.as_tensor(np.nonzero(hit)[0], dtype=torch.long, device=tensor.device)
-            tensor.index_fill_(dim, idx, 0.0)
-    return model
+            out.append((tensor, dim, torch.as_tensor(np.nonzero(hit)[0], dtype=torch.long,
+                                                     device=tensor.device)))
+    return out
+
+
+@contextlib.contextmanager
+def masked_in_place(model: nn.Module, graph: ChannelGraph, units: Iterable[int]
+                    ) -> Iterator[nn.Module]:
+    """``model`` with the consumer slices of ``units`` zeroed inside the block, restored after
+    (also when the block raises): the masked reference without a copy of the model, which on
+    a large model is most of a repair probe's memory. Only the zeroed slices are kept aside."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for tensor, dim, idx in _consumer_slices(model, graph, units):
+                saved.append((tensor, dim, idx, tensor.index_select(dim, idx)))
+                tensor.index_fill_(dim, idx, 0.0)
+        yield model
+    finally:
+        with torch.no_grad():
+            for tensor, dim, idx, values in reversed(saved):  # tied tensors: first value last
+                tensor.index_copy_(dim, idx, values)
+
+
+@contextlib.contextmanager
+def _training(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in train mode inside the block; its buffers (batch-norm statistics, an EMA)
+    and every module's mode are restored after."""
+    modes = {m: m.training for m in model.modules()}
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield model.train()
+    finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+        for m, mode in modes.items():
+            m.training = mode
 
 
 class _Seen(Exception):
@@ -176,10 +221,10 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     except Exception as exc:  # noqa: BLE001
         raise VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    masked = mask_consumers(copy.deepcopy(model, dict(shared)), graph, units)
-    expected = _run_counted(run, masked, flops, "before")
+    with masked_in_place(model, graph, units) as masked:
+        expected = _run_counted(run, masked, flops, "before")
     if train_mode:
-        _check_train_mode(masked, pruned, example_inputs if train_inputs is None
+        _check_train_mode(model, pruned, example_inputs if train_inputs is None
                           else train_inputs, example_kwargs)
     if len(expected) != len(got):
         raise VerificationError(f"the pruned model returns {len(got)} tensors, the original "
@@ -213,8 +258,11 @@ def _run_counted(run: Callable[[nn.Module], list], model: nn.Module, into: Optio
 
 def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: Any,
                       example_kwargs: Optional[dict]) -> None:
+    """The pruned model runs in train mode where the original does (the original's run,
+    masked or not, only has to run: it is done in place and its state restored)."""
     try:
-        run_model(original.train(), example_inputs, None, example_kwargs)
+        with _training(original):
+            run_model(original, example_inputs, None, example_kwargs)
     except Exception:  # noqa: BLE001 - e.g. batch norm on one value: nothing to compare
         return
     try:

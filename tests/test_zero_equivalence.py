@@ -68,3 +68,23 @@ def test_pruned_parameter_count_matches_units(analysed):
         module = pruned.get_submodule(module_name)
         tensor = getattr(module, attr)
         assert tensor.shape[dim] == expected, f"{name}: {param} dim {dim}"
+
+
+def test_the_masked_reference_is_made_in_place_and_undone():
+    """verify masks the original itself (no copy) and restores it: after the block, after an
+    error inside it, and after the train-mode run that updates batch-norm statistics."""
+    from models import snapshot, unchanged
+    from pruners import masked_in_place
+
+    model, x = build("resnet_basic")
+    graph = analyze(capture(model, x))
+    units = sample_units(graph, 0.5, np.random.default_rng(0))
+    before = snapshot(model)
+    with pytest.raises(RuntimeError):
+        with masked_in_place(model, graph, units) as masked:
+            assert masked is model and not unchanged(model, before)
+            raise RuntimeError("inside the block")
+    assert unchanged(model, before)
+    result = verify(model, graph, units, x, train_mode=True)
+    assert result.ok
+    assert unchanged(model, before) and not any(m.training for m in model.modules())
