@@ -384,7 +384,7 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
         if not exact:
             check = None  # normalisation statistics change: no exact reference to compare
         bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
-                                     train_mode=True, **kw) if failed else {}
+                                     train_mode=True, train_inputs=small, **kw) if failed else {}
         clock.lap("verify")
         if not bad:
             gone = dead & set(removed)

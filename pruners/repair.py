@@ -46,7 +46,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                            example_kwargs: Optional[dict] = None,
                            at: Optional[Sequence[str]] = None,
                            probes: Optional[dict[int, list[int]]] = None,
-                           rtol: float = 1e-4, train_mode: bool = False) -> dict[int, str]:
+                           rtol: float = 1e-4, train_mode: bool = False,
+                           train_inputs: Any = None) -> dict[int, str]:
     """Groups whose pruning breaks the model, with what went wrong for each.
 
     A probe prunes one unit of each group and fails when the pruned model raises, changes its
@@ -55,7 +56,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     ``x.split(4, 1)`` does once 8 channels become 6. The model is not modified. Cost: about
     ``2 * k * log2(groups)`` probes when ``k`` groups are at fault. ``probes`` replaces the
     one-unit probes with given units per group (a plan's, to check it as a whole).
-    ``train_mode`` also requires the pruned model to run in train mode (see ``verify``).
+    ``train_mode`` also requires the pruned model to run in train mode (see ``verify``), on
+    ``train_inputs`` when given (smaller ones do: that run only has to run).
     """
     # one-unit probes only compare the verified submodules: stop each forward there; a plan's
     # probes (after a failed check) run the whole model to find what broke it
@@ -72,7 +74,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         try:
             result = verify(model, graph, units, example_inputs, outputs=outputs,
                             example_kwargs=example_kwargs, at=at, rtol=rtol,
-                            train_mode=train_mode, stop_early=stop_early)
+                            train_mode=train_mode, stop_early=stop_early,
+                            train_inputs=train_inputs)
         except (VerificationError, SurgeryError) as exc:
             return str(exc), _raising_module(exc)
         if all(graph.units[u].exact for u in units) and not result.ok:
