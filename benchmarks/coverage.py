@@ -18,7 +18,7 @@ import re
 
 from .compare import RESULTS, Progress
 from .limits import run_job
-from .summary import machine
+from .summary import machine, package_version
 from .zoo import SCOPES, WIDE_SCOPES, names, timm_family
 
 README = os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")
@@ -272,9 +272,7 @@ def failures(rows: list[dict]) -> str:
 
 
 def _versions() -> str:
-    from .summary import _version
-
-    return ", ".join(f"{p} {_version(p)}" for p in ("torchvision", "timm", "ultralytics"))
+    return ", ".join(f"{p} {package_version(p)}" for p in ("torchvision", "timm", "ultralytics"))
 
 
 def _counts(rows: list[dict]) -> str:

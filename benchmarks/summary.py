@@ -65,11 +65,13 @@ def machine() -> str:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    versions = ", ".join(f"{p} {_version(p)}" for p in ("torch", "torch-pruning", "onnxruntime"))
+    versions = ", ".join(f"{p} {package_version(p)}"
+                         for p in ("torch", "torch-pruning", "onnxruntime"))
     return f"{cpu}, {os.cpu_count()} cores; {versions}; {time.strftime('%Y-%m-%d')}"
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """The installed version of ``package``, or "not installed"."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
