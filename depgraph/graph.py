@@ -217,6 +217,77 @@ class ChannelGraph:
                             self.layers, notes=list(self.notes), buffers=self.buffers,
                             layer_units=layer_units)
 
+    def with_merged(self, pairs: list[tuple[int, int]]) -> tuple["ChannelGraph", np.ndarray]:
+        """A new graph in which each pair of units is one unit (their groups one group), and
+        the old -> new unit id map (the last slot maps -1 to -1).
+
+        For widths that must stay *equal in number* without being the same channels (an
+        attention that reshapes its projection by the width of its input): tying channel
+        ``j`` of one to channel ``j`` of the other keeps the counts equal whatever is removed.
+        """
+        parent: dict[int, int] = {}
+
+        def root(u: int) -> int:
+            while parent.get(u, u) != u:
+                parent[u] = parent.get(parent[u], parent[u])
+                u = parent[u]
+            return u
+
+        for a, b in pairs:
+            ra, rb = root(int(a)), root(int(b))
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        roots = np.arange(len(self.units), dtype=np.int64)
+        for u in parent:
+            roots[u] = root(u)
+        _, new_unit = np.unique(roots, return_inverse=True)
+        # groups: those of tied units become one, numbered by their first old group
+        gparent = {g.id: g.id for g in self.groups}
+
+        def groot(g: int) -> int:
+            while gparent[g] != g:
+                g = gparent[g]
+            return g
+
+        for u in parent:
+            ga, gb = groot(self.units[u].group), groot(self.units[int(roots[u])].group)
+            if ga != gb:
+                gparent[max(ga, gb)] = min(ga, gb)
+        group_ids = sorted({groot(g.id) for g in self.groups})
+        new_group = {g: i for i, g in enumerate(group_ids)}
+        members: dict[int, list[int]] = {}
+        for u in parent:
+            members.setdefault(int(new_unit[u]), []).append(u)
+        units = []
+        for u in self.units:
+            i = int(new_unit[u.id])
+            if len(units) > i:  # a tied unit after the first of its class
+                continue
+            olds = sorted(members.get(i, [u.id]))
+            notes = [self.units[o].note for o in olds if self.units[o].note]
+            units.append(Unit(i, new_group[groot(u.group)],
+                              exact=all(self.units[o].exact for o in olds),
+                              note=notes[0] if notes else None,
+                              contracted=any(self.units[o].contracted for o in olds),
+                              dropped=all(self.units[o].dropped for o in olds)))
+        by_group: dict[int, list[Group]] = {}
+        for old in self.groups:
+            by_group.setdefault(new_group[groot(old.id)], []).append(old)
+        unit_ids: dict[int, list[int]] = {}
+        for unit in units:
+            unit_ids.setdefault(unit.group, []).append(unit.id)
+        groups = [Group(i, tuple(unit_ids.get(i, ())),
+                        tuple(dict.fromkeys(d for old in olds for d in old.dims)),
+                        sum(old.frozen for old in olds))
+                  for i, olds in sorted(by_group.items())]
+        mapping = np.append(new_unit.astype(np.int64), -1)
+        unit_index = {key: mapping[ids] for key, ids in self.unit_index.items()}
+        layer_units = {i: tuple(mapping[ids] for ids in arrays)
+                       for i, arrays in self.layer_units.items()}
+        return ChannelGraph(units, groups, list(self.frozen), unit_index, self.param_shapes,
+                            self.consumers, self.layers, notes=list(self.notes),
+                            buffers=self.buffers, layer_units=layer_units), mapping
+
     # ---- views ---------------------------------------------------------------------------
     def to_networkx(self):
         """A graph of layers (modules) whose channels are coupled.

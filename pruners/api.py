@@ -33,7 +33,7 @@ from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
 from .recovery import adopt_state, check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
-from .repair import find_unprunable_groups, freeze_unprunable, probe_inputs
+from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths, probe_inputs
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
                      python_width_rewrites)
 from .verify import VerifyResult, run_model, verify
@@ -329,7 +329,10 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
     round_to = hardware.round_to if hardware is not None else opts.round_to
     small = probe_inputs(work, example_inputs, outputs=opts.outputs,
                          example_kwargs=opts.example_kwargs)
-    bad = find_unprunable_groups(work, graph, small, **kw)
+    raised: dict[int, str] = {}
+    bad = find_unprunable_groups(work, graph, small, where=raised, **kw)
+    graph, bad, linked = link_input_widths(work, graph, bad, raised, small, **kw)
+    notes += linked
     clock.lap("repair")
     meta = {"model": type(work).__name__, "target": f"{target.kind}={target.value:g}"}
     for _ in range(3):

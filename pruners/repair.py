@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +23,8 @@ from depgraph.graph import ChannelGraph
 
 from .verify import run_model, verify
 
-__all__ = ["find_unprunable_groups", "freeze_unprunable", "probe_inputs", "repair_graph"]
+__all__ = ["find_unprunable_groups", "freeze_unprunable", "link_input_widths", "probe_inputs",
+           "repair_graph"]
 
 
 def _probe(graph: ChannelGraph, group: int, sole: set[int]) -> Optional[int]:
@@ -47,7 +49,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                            at: Optional[Sequence[str]] = None,
                            probes: Optional[dict[int, list[int]]] = None,
                            rtol: float = 1e-4, train_mode: bool = False,
-                           train_inputs: Any = None) -> dict[int, str]:
+                           train_inputs: Any = None,
+                           where: Optional[dict[int, str]] = None) -> dict[int, str]:
     """Groups whose pruning breaks the model, with what went wrong for each.
 
     A probe prunes one unit of each group and fails when the pruned model raises, changes its
@@ -57,7 +60,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     ``2 * k * log2(groups)`` probes when ``k`` groups are at fault. ``probes`` replaces the
     one-unit probes with given units per group (a plan's, to check it as a whole).
     ``train_mode`` also requires the pruned model to run in train mode (see ``verify``), on
-    ``train_inputs`` when given (smaller ones do: that run only has to run).
+    ``train_inputs`` when given (smaller ones do: that run only has to run). ``where``, when
+    given, is filled with the module whose forward raised for each group found alone.
     """
     # one-unit probes only compare the verified submodules: stop each forward there; a plan's
     # probes (after a failed check) run the whole model to find what broke it
@@ -86,24 +90,28 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     layers = {g: graph.groups[g].layers for g in probes}
 
     def bisect(groups: list[int]) -> None:
-        why, where = failure(groups)
+        why, raised = failure(groups)
         if why is None:
             return
         if len(groups) == 1:
             found[groups[0]] = why
+            if where is not None and raised is not None:
+                where[groups[0]] = raised
             return
         before = len(found)
         # the groups with layers inside the module that raised are the likely culprits, the
         # most inside first: find one, then probe the rest again, before bisecting blindly
-        share = {g: sum(n == where or n.startswith(f"{where}.") for n in layers[g])
-                 / len(layers[g]) for g in groups} if where else {}
+        share = {g: sum(n == raised or n.startswith(f"{raised}.") for n in layers[g])
+                 / len(layers[g]) for g in groups} if raised else {}
         suspects = sorted((g for g in groups if share.get(g)), key=lambda g: -share[g])
         if 0 < len(suspects) < len(groups):
             if len(suspects) <= 8:  # one probe each, in that order, beats bisecting them
                 for g in suspects:
-                    alone, _ = failure([g])
+                    alone, at_module = failure([g])
                     if alone is not None:
                         found[g] = alone
+                        if where is not None and at_module is not None:
+                            where[g] = at_module
                         break
             else:
                 bisect(suspects)
@@ -126,7 +134,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
 
 def _raising_module(exc: BaseException) -> Optional[str]:
     """Name, in the model that ran, of the innermost module whose forward raised the error
-    behind ``exc`` (None when it was not raised inside a submodule's forward)."""
+    behind ``exc`` ("" for the model's own forward; None when no module's forward did)."""
     cause = exc.__cause__
     tb = cause.__traceback__ if cause is not None else None
     modules: list[nn.Module] = []
@@ -135,11 +143,10 @@ def _raising_module(exc: BaseException) -> Optional[str]:
         if isinstance(owner, nn.Module) and (not modules or owner is not modules[-1]):
             modules.append(owner)
         tb = tb.tb_next
-    if len(modules) < 2:
+    if not modules:
         return None
     names = {id(m): n for n, m in modules[0].named_modules()}  # the outermost ran the model
-    return next((names[id(m)] for m in reversed(modules) if id(m) in names and names[id(m)]),
-                None)
+    return next((names[id(m)] for m in reversed(modules) if id(m) in names), None)
 
 
 def probe_inputs(model: nn.Module, example_inputs: Any, *,
@@ -174,6 +181,82 @@ def probe_inputs(model: nn.Module, example_inputs: Any, *,
     except Exception:  # noqa: BLE001 - the model wants its own size
         return example_inputs
     return small
+
+
+def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str],
+                      where: dict[int, str], example_inputs: Any, *,
+                      outputs: Optional[Callable] = None,
+                      example_kwargs: Optional[dict] = None,
+                      at: Optional[Sequence[str]] = None
+                      ) -> tuple[ChannelGraph, dict[int, str], list[str]]:
+    """Tie the heads of attention that reads its width from its input to that input.
+
+    Swin's, MaxViT's and many timm blocks reshape their ``qkv`` projection by ``C =
+    x.shape[-1]``: its rows must stay ``k * C`` (k = 1, 2, 3 projections) for the input's ``C``
+    columns. Alone, neither group can shrink (repair found both). Tying row ``j`` to column
+    ``j % C`` makes them one group whose removals keep that count, at the price of choosing
+    the same channels. For each input group, the layers inside a failing module whose rows
+    are another failing group are tied together and probed as one; a link is kept only if
+    that probe runs. Returns the graph, what stays unprunable (renumbered), and notes.
+    """
+    group_of = np.array([u.group for u in graph.units] + [-1], dtype=np.int64)
+    candidates: dict[int, list[tuple[int, str]]] = {}  # input group -> (rows group, param)
+    for (param, dim), rows in graph.unit_index.items():
+        cols = graph.unit_index.get((param, 1))
+        if dim != 0 or cols is None or len(rows) % len(cols) or len(rows) // len(cols) > 3:
+            continue
+        row_groups, col_groups = set(group_of[rows].tolist()), set(group_of[cols].tolist())
+        if len(row_groups) != 1 or len(col_groups) != 1:
+            continue
+        (b,), (a,) = row_groups, col_groups
+        owner = param.rpartition(".")[0]
+        inside = b in where and (where[b] == "" or owner == where[b]
+                                 or owner.startswith(where[b] + "."))
+        if a == b or a not in bad or b not in bad or not inside:
+            continue
+        candidates.setdefault(a, []).append((b, param))
+    linked: list[tuple[int, list[int], list[tuple[int, int]]]] = []
+    for a, entries in sorted(candidates.items()):
+        pairs = []
+        for _, param in entries:
+            rows, cols = graph.unit_index[(param, 0)], graph.unit_index[(param, 1)]
+            pairs += [(int(rows[j]), int(cols[j % len(cols)])) for j in range(len(rows))
+                      if rows[j] >= 0 and cols[j % len(cols)] >= 0]
+        tied = _tied_to(graph.groups[a].units[0], pairs)  # one unit of the tied group
+        try:
+            result = verify(model, graph, tied, example_inputs, outputs=outputs,
+                            example_kwargs=example_kwargs, at=at)
+        except (VerificationError, SurgeryError):
+            continue
+        if all(graph.units[u].exact for u in tied) and not result.ok:
+            continue
+        linked.append((a, sorted({b for b, _ in entries}), pairs))
+    if not linked:
+        return graph, bad, []
+    graph_out, mapping = graph.with_merged([p for _, _, pairs in linked for p in pairs])
+    tied = {a for a, _, _ in linked} | {b for _, bs, _ in linked for b in bs}
+    remaining = {int(group_of_new): why for g, why in bad.items() if g not in tied
+                 for group_of_new in [graph_out.units[int(mapping[graph.groups[g].units[0]])]
+                                      .group]}
+    notes = [f"tied the heads of {', '.join(graph.groups[b].layers[0] for b in bs)} to the "
+             f"width of their input ({graph.groups[a].layers[0]}, ...): their code reshapes by "
+             f"the input's width, so the two keep equal counts" for a, bs, _ in linked]
+    return graph_out, remaining, notes
+
+
+def _tied_to(unit: int, pairs: list[tuple[int, int]]) -> list[int]:
+    """Every unit that ``pairs`` tie to ``unit``, transitively (itself included)."""
+    linked: dict[int, list[int]] = {}
+    for a, b in pairs:
+        linked.setdefault(a, []).append(b)
+        linked.setdefault(b, []).append(a)
+    seen, todo = {unit}, [unit]
+    while todo:
+        for v in linked.get(todo.pop(), ()):
+            if v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return sorted(seen)
 
 
 def freeze_unprunable(graph: ChannelGraph, bad: dict[int, str]) -> ChannelGraph:

@@ -8,6 +8,7 @@ from torch import nn
 from depgraph import analyze, capture
 from models import cbr
 from pruners import find_unprunable_groups, repair_graph, sample_units, verify
+from pruners.repair import link_input_widths
 from pruners.repair import probe_inputs
 
 
@@ -131,3 +132,55 @@ def test_the_module_that_raised_narrows_the_search(monkeypatch):
     monkeypatch.setattr(repair, "_raising_module", lambda exc: None)
     assert find_unprunable_groups(model, g, x) == bad
     assert localized < len(calls)
+
+
+class InputWidthAttention(nn.Module):
+    """Swin's attention in small: the heads' width is read from the input (``C =
+    x.shape[-1]``), so the qkv rows must stay three times the residual width; no norm and a
+    fixed score scale, so the check is exact."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, blocks: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(blocks))
+        self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(blocks))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(dim, 64), nn.ReLU(), nn.Linear(64, dim))
+                                 for _ in range(blocks))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        for qkv, proj, mlp in zip(self.qkv, self.proj, self.mlp):
+            b, n, c = t.shape
+            q, k, v = qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            attn = (q @ k.transpose(-2, -1) * 0.25).softmax(-1)
+            t = t + proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+            t = t + mlp(t)
+        return self.head(t.mean(1))
+
+
+def test_attention_reading_its_width_from_the_input_is_tied_to_it():
+    """Neither the residual width nor the heads can shrink alone; tied (qkv row j to residual
+    channel j), they shrink together and the model stays exact."""
+    from pruners import prune
+
+    torch.manual_seed(0)
+    model, x = InputWidthAttention().eval(), torch.randn(2, 3, 16, 16)
+    g = analyze(capture(model, x))
+    raised: dict = {}
+    bad = find_unprunable_groups(model, g, x, where=raised)
+    assert len(bad) == 3 and set(raised) == set(bad)  # the residual and both blocks' heads
+    linked, rest, notes = link_input_widths(model, g, bad, raised, x)
+    assert rest == {} and len(notes) == 1 and "tied the heads" in notes[0]
+    assert len(linked.groups) == len(g.groups) - 2
+    for seed in range(3):
+        units = sample_units(linked, 0.5, np.random.default_rng(seed))
+        assert verify(model, linked, units, x).ok
+    result = prune(model, x, target_flops=0.5)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    assert result.report.verify is not None and result.report.verify.ok
+    residual = result.model.embed.out_channels
+    assert residual < 32 and residual % 4 == 0
+    assert all(q.out_features == 3 * residual for q in result.model.qkv)
+    assert any("tied the heads" in n for n in result.report.notes)
