@@ -19,7 +19,8 @@ from torch import nn
 
 from depgraph.errors import SurgeryError
 from depgraph.graph import ChannelGraph
-from pruners.attention import as_pruned
+
+from .attention import as_pruned
 
 __all__ = ["remove_units", "apply_kept", "MODULE_FIXERS"]
 

@@ -1,9 +1,10 @@
 """Verification: the pruned model runs, and equals the original with the pruned channels masked.
 
 The zero-equivalence check (see ``shared/design.md``): in the original (in place, restored
-after), zero the *consumer* slices of the removed units (the input columns of every conv/linear/matmul weight
-that reads them). Physically prune the same units from another copy. Both must give the same
-outputs. A missed coupling shows up as a shape error or an output difference.
+after), zero the *consumer* slices of the removed units (the input columns of every
+conv/linear/matmul weight that reads them). Physically prune the same units from a copy.
+Both must give the same outputs. A missed coupling shows up as a shape error or an output
+difference.
 """
 
 from __future__ import annotations
