@@ -28,9 +28,11 @@ __all__ = ["PrunedMultiheadAttention", "as_pruned"]
 
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """A boolean mask (True = do not attend) as an additive float mask, as torch reads it."""
-    if mask is None or mask.is_floating_point():
-        return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    if mask is None:
+        return None
+    if mask.is_floating_point():
+        return mask.to(dtype)
+    return torch.zeros_like(mask, dtype=dtype).masked_fill(mask, float("-inf"))
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):

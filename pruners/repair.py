@@ -101,8 +101,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         before = len(found)
         # the groups with layers inside the module that raised are the likely culprits, the
         # most inside first: find one, then probe the rest again, before bisecting blindly
-        share = {g: sum(n == raised or n.startswith(f"{raised}.") for n in layers[g])
-                 / len(layers[g]) for g in groups} if raised else {}
+        share = {g: sum(_inside(n, raised) for n in layers[g]) / len(layers[g])
+                 for g in groups} if raised else {}
         suspects = sorted((g for g in groups if share.get(g)), key=lambda g: -share[g])
         if 0 < len(suspects) < len(groups):
             if len(suspects) <= 8:  # one probe each, in that order, beats bisecting them
@@ -130,6 +130,11 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         if groups:
             bisect(groups)
     return found
+
+
+def _inside(name: str, module: str) -> bool:
+    """Whether the module called ``name`` is ``module`` or sits in it ("" is the model)."""
+    return module == "" or name == module or name.startswith(module + ".")
 
 
 def _raising_module(exc: BaseException) -> Optional[str]:
@@ -210,9 +215,8 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
             continue
         (b,), (a,) = row_groups, col_groups
         owner = param.rpartition(".")[0]
-        inside = b in where and (where[b] == "" or owner == where[b]
-                                 or owner.startswith(where[b] + "."))
-        if a == b or a not in bad or b not in bad or not inside:
+        if a == b or a not in bad or b not in bad or b not in where \
+                or not _inside(owner, where[b]):
             continue
         candidates.setdefault(a, []).append((b, param))
     linked: list[tuple[int, list[int], list[tuple[int, int]]]] = []

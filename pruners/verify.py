@@ -64,8 +64,9 @@ def untouched_params(model: nn.Module, graph: ChannelGraph, units: Iterable[int]
                      ) -> dict[int, nn.Parameter]:
     """A ``copy.deepcopy`` memo that shares the parameters removing ``units`` leaves alone.
 
-    Surgery swaps new tensors into the copy's modules and masking writes only into the touched
-    parameters, so sharing the rest is safe and saves cloning a large model per repair probe.
+    Surgery swaps new tensors into the copy's modules, and masking (in place, on the
+    original) writes only into the touched parameters, which the copy does not share: sharing
+    the rest is safe and saves cloning a large model per repair probe.
     Buffers are always copied: a forward in train mode updates them in place. Pass a fresh
     ``dict(memo)`` to each deepcopy (deepcopy fills the memo it is given).
     """
