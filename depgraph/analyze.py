@@ -259,6 +259,8 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
 
     layer_units = {i: tuple(unit_ids(a) for a in arrays)
                    for i, arrays in ctx.layer_atoms.items()}
+    sizes = [(module, tuple(unit_ids(a) for a in arrays)) for module, arrays in ctx.sizes
+             if any((unit_ids(a) >= 0).any() for a in arrays)]
     return ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
                         list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
-                        layer_units=layer_units)
+                        layer_units=layer_units, sizes=sizes)

@@ -115,6 +115,9 @@ class ChannelGraph:
     # layer index -> unit id (-1: fixed) of every channel its cost scales with, for layers
     # without a weight (attention's q @ k); see depgraph.cost
     layer_units: dict[int, tuple[np.ndarray, ...]] = field(default_factory=dict)
+    # (module, unit id per position of each width) for widths that module's code passes as
+    # Python numbers (split sizes, a view's new dims); see ``size_changes``
+    sizes: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (f"ChannelGraph(units={len(self.units)}, groups={len(self.groups)}, "
@@ -146,6 +149,32 @@ class ChannelGraph:
         """
         return [u.id for u in self.units if u.dropped and u.exact and not u.contracted
                 and not any((s.param, s.dim) in self.consumers for s in self.slices(u.id))]
+
+    def size_changes(self, removed: "set[int] | frozenset[int]") -> dict[str, dict[int, int]]:
+        """Per module, ``old -> new`` for each width its code passes as a number that removing
+        ``removed`` changes (``x.split((self.c, self.c))``: 128 -> 120). A width that would
+        become two different sizes, or stay in one place and change in another, is left out:
+        no single attribute value could serve both."""
+        removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
+        seen: dict[str, dict[int, set[int]]] = {}
+        for module, arrays in self.sizes:
+            for ids in arrays:
+                new = len(ids) - int(np.isin(ids, removed_arr).sum())
+                seen.setdefault(module, {}).setdefault(len(ids), set()).add(new)
+        out: dict[str, dict[int, int]] = {}
+        for module, olds in seen.items():
+            changed = {old: next(iter(news)) for old, news in olds.items()
+                       if len(news) == 1 and old not in news}
+            if changed:
+                out[module] = changed
+        return out
+
+    def _renumbered(self, mapping: np.ndarray) -> dict:
+        """The unit-id-bearing fields other than ``unit_index``, through ``mapping`` (old id ->
+        new id, its last slot -1 -> -1)."""
+        return {"layer_units": {i: tuple(mapping[ids] for ids in arrays)
+                                for i, arrays in self.layer_units.items()},
+                "sizes": [(m, tuple(mapping[ids] for ids in arrays)) for m, arrays in self.sizes]}
 
     def exact_units(self) -> list[int]:
         return [u.id for u in self.units if u.exact]
@@ -186,7 +215,8 @@ class ChannelGraph:
                   else u for u in self.units]
         return ChannelGraph(marked, self.groups, self.frozen, self.unit_index, self.param_shapes,
                             self.consumers, self.layers, notes=list(self.notes),
-                            buffers=self.buffers, layer_units=self.layer_units)
+                            buffers=self.buffers, layer_units=self.layer_units,
+                            sizes=self.sizes)
 
     def without_groups(self, reasons: dict[int, str]) -> "ChannelGraph":
         """A new graph in which the units of the given groups are frozen with ``reasons``.
@@ -211,11 +241,9 @@ class ChannelGraph:
                          for (p, d), ids in self.unit_index.items())
             frozen.append(FrozenChannels(why, tuple(x for x in dims if x[2])))
         unit_index = {key: new_unit[ids] for key, ids in self.unit_index.items()}
-        layer_units = {i: tuple(new_unit[ids] for ids in arrays)
-                       for i, arrays in self.layer_units.items()}
         return ChannelGraph(units, groups, frozen, unit_index, self.param_shapes, self.consumers,
                             self.layers, notes=list(self.notes), buffers=self.buffers,
-                            layer_units=layer_units)
+                            **self._renumbered(new_unit))
 
     def with_merged(self, pairs: list[tuple[int, int]]) -> tuple["ChannelGraph", np.ndarray]:
         """A new graph in which each pair of units is one unit (their groups one group), and
@@ -282,11 +310,9 @@ class ChannelGraph:
                   for i, olds in sorted(by_group.items())]
         mapping = np.append(new_unit.astype(np.int64), -1)
         unit_index = {key: mapping[ids] for key, ids in self.unit_index.items()}
-        layer_units = {i: tuple(mapping[ids] for ids in arrays)
-                       for i, arrays in self.layer_units.items()}
         return ChannelGraph(units, groups, list(self.frozen), unit_index, self.param_shapes,
                             self.consumers, self.layers, notes=list(self.notes),
-                            buffers=self.buffers, layer_units=layer_units), mapping
+                            buffers=self.buffers, **self._renumbered(mapping)), mapping
 
     # ---- views ---------------------------------------------------------------------------
     def to_networkx(self):

@@ -26,11 +26,14 @@ _VERSION = 1
 
 @dataclass(frozen=True)
 class Plan:
-    """``kept[param][dim]`` lists the indices that stay; ``shapes`` the original shapes."""
+    """``kept[param][dim]`` lists the indices that stay; ``shapes`` the original shapes;
+    ``sizes[module]`` maps old to new widths that module's code passes as numbers (its int
+    attributes holding them are rewritten; see ``ChannelGraph.size_changes``)."""
 
     kept: dict[str, dict[int, list[int]]]
     shapes: dict[str, tuple[int, ...]]
     meta: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"Plan({len(self.kept)} tensors pruned, {self.meta.get('model', '?')})"
@@ -43,7 +46,8 @@ class Plan:
         for (p, d), idx in sorted(graph.kept_indices(set(removed)).items()):
             if len(idx) != graph.param_shapes[p][d]:
                 kept.setdefault(p, {})[d] = idx.tolist()
-        return cls(kept, {p: tuple(graph.param_shapes[p]) for p in kept}, dict(meta or {}))
+        return cls(kept, {p: tuple(graph.param_shapes[p]) for p in kept}, dict(meta or {}),
+                   graph.size_changes(set(removed)))
 
     def then(self, later: "Plan") -> "Plan":
         """The composition: apply ``self``, then ``later`` (whose indices count in the model
@@ -61,13 +65,22 @@ class Plan:
                 before = self.kept.get(p, {}).get(d)
                 kept.setdefault(p, {})[d] = [before[i] for i in idx] if before is not None else list(idx)
         shapes = {p: self.shapes.get(p, later.shapes.get(p)) for p in kept}
-        return Plan(kept, shapes, {**self.meta, **later.meta})
+        sizes = {m: dict(changes) for m, changes in self.sizes.items()}
+        for m, changes in later.sizes.items():
+            first = sizes.setdefault(m, {})
+            for old, mid in list(first.items()):  # a width changed twice
+                first[old] = changes.get(mid, mid)
+            first.update({o: n for o, n in changes.items() if o not in first.values()
+                          and o not in first})
+        return Plan(kept, shapes, {**self.meta, **later.meta}, sizes)
 
     def to_dict(self) -> dict:
         return {"type": _TYPE, "version": _VERSION, "meta": self.meta,
                 "shapes": {k: list(v) for k, v in self.shapes.items()},
                 "kept": {p: {str(d): list(map(int, idx)) for d, idx in dims.items()}
-                         for p, dims in self.kept.items()}}
+                         for p, dims in self.kept.items()},
+                "sizes": {m: {str(o): int(n) for o, n in changes.items()}
+                          for m, changes in self.sizes.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -81,7 +94,9 @@ class Plan:
         kept = {p: {int(d): [int(i) for i in idx] for d, idx in dims.items()}
                 for p, dims in data["kept"].items()}
         shapes = {k: tuple(int(s) for s in v) for k, v in data["shapes"].items()}
-        return cls(kept, shapes, dict(data.get("meta", {})))
+        sizes = {m: {int(o): int(n) for o, n in changes.items()}
+                 for m, changes in data.get("sizes", {}).items()}
+        return cls(kept, shapes, dict(data.get("meta", {})), sizes)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -113,7 +128,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     kept = {(p, d): idx for p, dims in plan.kept.items() for d, idx in dims.items()}
     lifted = lift(model)  # pruning masks, weight/spectral norm: slice the plain weights
     try:
-        apply_kept(model, kept, plan.shapes)
+        apply_kept(model, kept, plan.shapes, plan.sizes)
     except BaseException:
         restore(model, lifted, {})  # unchanged widths: put every reparametrization back
         raise

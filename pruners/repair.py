@@ -1,8 +1,10 @@
 """Find groups that the model's own Python code cannot prune, by running it.
 
-The graph is traced with fixed shapes, so it cannot tell ``x.split(self.c, 1)`` (a width baked
-into an attribute) from ``x.chunk(2, 1)``. After surgery such code raises, returns a different
-output structure, or silently computes something else. We prune one unit of each group, check
+The graph is traced with fixed shapes, so every width the code computes is a number in it.
+Surgery rewrites the attributes that hold the ones it sees passed to splits and views
+(``x.split((self.c, self.c))``, ``view(B, self.num_heads, self.head_dim, N)``), but not a width
+written into the code (``x.split(4, 1)``) or read from another tensor. After surgery such code
+raises, returns a different output structure, or silently computes something else. We prune one unit of each group, check
 the result against the masked original, and bisect over groups until every offending group is
 isolated; those are then frozen with the failure as reason.
 """
@@ -205,7 +207,7 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
     that probe runs. Returns the graph, what stays unprunable (renumbered), and notes.
     """
     group_of = np.array([u.group for u in graph.units] + [-1], dtype=np.int64)
-    candidates: dict[int, list[tuple[int, str]]] = {}  # input group -> (rows group, param)
+    candidates: dict[int, list[tuple[int, str, str]]] = {}  # input group -> (rows, param, module)
     for (param, dim), rows in graph.unit_index.items():
         cols = graph.unit_index.get((param, 1))
         if dim != 0 or cols is None or len(rows) % len(cols) or len(rows) // len(cols) > 3:
@@ -214,16 +216,25 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
         if len(row_groups) != 1 or len(col_groups) != 1:
             continue
         (b,), (a,) = row_groups, col_groups
-        owner = param.rpartition(".")[0]
-        if a == b or a not in bad or b not in bad or b not in where \
-                or not _inside(owner, where[b]):
+        if a == b or a not in bad or b < 0:
             continue
-        candidates.setdefault(a, []).append((b, param))
+        # the module that raised when the rows shrank (or, for rows that probed fine, when
+        # the input did, if that module views the rows' heads back into the input's width)
+        module = where.get(b) if b in bad else where.get(a)
+        if module is None or not _inside(param.rpartition(".")[0], module) or (
+                b not in bad and not _merged_widths(graph, group_of, b, module, len(cols))):
+            continue
+        candidates.setdefault(a, []).append((b, param, module))
     linked: list[tuple[int, list[int], list[tuple[int, int]]]] = []
     for a, entries in sorted(candidates.items()):
         pairs = []
-        for _, param in entries:
+        for b, param, module in entries:
             rows, cols = graph.unit_index[(param, 0)], graph.unit_index[(param, 1)]
+            merged = _merged_widths(graph, group_of, b, module, len(cols))
+            if merged:  # the heads merged back into a width of C: position c is column c
+                pairs += [(int(ids[c]), int(cols[c])) for ids in merged
+                          for c in range(len(cols)) if cols[c] >= 0]
+                continue
             pairs += [(int(rows[j]), int(cols[j % len(cols)])) for j in range(len(rows))
                       if rows[j] >= 0 and cols[j % len(cols)] >= 0]
         tied = _tied_to(graph.groups[a].units[0], pairs)  # one unit of the tied group
@@ -234,7 +245,7 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
             continue
         if all(graph.units[u].exact for u in tied) and not result.ok:
             continue
-        linked.append((a, sorted({b for b, _ in entries}), pairs))
+        linked.append((a, sorted({b for b, _, _ in entries}), pairs))
     if not linked:
         return graph, bad, []
     graph_out, mapping = graph.with_merged([p for _, _, pairs in linked for p in pairs])
@@ -246,6 +257,14 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
              f"width of their input ({graph.groups[a].layers[0]}, ...): their code reshapes by "
              f"the input's width, so the two keep equal counts" for a, bs, _ in linked]
     return graph_out, remaining, notes
+
+
+def _merged_widths(graph: ChannelGraph, group_of: np.ndarray, group: int, module: str,
+                   width: int) -> list[np.ndarray]:
+    """Units per position of the widths that ``module``'s code views as ``width`` channels
+    (``(attn @ v).view(B, C, H, W)``, ``reshape(B, N, C)``) made wholly of ``group``'s units."""
+    return [ids for name, arrays in graph.sizes if _inside(name, module) for ids in arrays
+            if len(ids) == width and (ids >= 0).all() and (group_of[ids] == group).all()]
 
 
 def _tied_to(unit: int, pairs: list[tuple[int, int]]) -> list[int]:
@@ -276,8 +295,11 @@ def repair_graph(model: nn.Module, graph: ChannelGraph, example_inputs: Any, *,
                  outputs: Optional[Callable] = None,
                  example_kwargs: Optional[dict] = None,
                  at: Optional[Sequence[str]] = None) -> ChannelGraph:
-    """``graph`` with every group the model's code cannot prune frozen (see module docstring)."""
-    bad = find_unprunable_groups(model, graph, example_inputs, outputs=outputs,
-                                 example_kwargs=example_kwargs, at=at)
+    """``graph`` with every group the model's code cannot prune frozen (see module docstring),
+    once attention that reads its width from its input is tied to it (``link_input_widths``)."""
+    kw = dict(outputs=outputs, example_kwargs=example_kwargs, at=at)
+    raised: dict[int, str] = {}
+    bad = find_unprunable_groups(model, graph, example_inputs, where=raised, **kw)
+    graph, bad, _ = link_input_widths(model, graph, bad, raised, example_inputs, **kw)
     return freeze_unprunable(graph, bad)
 

@@ -278,6 +278,29 @@ def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, An
     return updates
 
 
+def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
+                   pending: list[tuple[nn.Module, str, Any]]) -> list[tuple[nn.Module, str, Any]]:
+    """A module's code splits or views by widths it keeps in attributes (C2PSA's
+    ``split((self.c, self.c))``, an attention's ``split([self.key_dim, self.key_dim,
+    self.head_dim])``): each public int (or list of ints) equal to such a width takes the new
+    one. Attributes another rewrite already set, and modules with a fixer, are left alone."""
+    done = {(id(m), a) for m, a, _ in pending}
+    updates = []
+    for name, changes in sizes.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise SurgeryError(f"the plan rewrites widths in module '{name}', which the model "
+                               f"does not have; was it planned on a different model?") from exc
+        if fixer_for(module) is not None:
+            continue
+        for attr, items in _public_widths(module).items():
+            new = [changes.get(v, v) for v in items]
+            if (id(module), attr) not in done and new != items:
+                updates.append((module, attr, _as_before(getattr(module, attr), new)))
+    return updates
+
+
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     """id(tensor) -> every (module, attribute, is_param) that holds it (tied weights too)."""
     owners: dict[int, list] = {}
@@ -331,14 +354,17 @@ def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) ->
                            f"{len(graph.units)} units")
     kept = {key: idx for key, idx in graph.kept_indices(removed).items()
             if len(idx) != graph.param_shapes[key[0]][key[1]]}
-    return apply_kept(model, kept, graph.param_shapes)
+    return apply_kept(model, kept, graph.param_shapes, graph.size_changes(removed))
 
 
 def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
-               shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+               shapes: dict[str, tuple[int, ...]],
+               sizes: Optional[dict[str, dict[int, int]]] = None) -> nn.Module:
     """Keep only ``kept[(param, dim)]`` indices of each listed dim; fix module attributes.
 
     ``shapes`` are the original shapes, checked against the model before anything changes.
+    ``sizes[module]`` (old -> new) rewrites that module's int attributes holding a width its
+    code passes as a number (``ChannelGraph.size_changes``).
     """
     by_param: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for (fqn, dim), idx in sorted(kept.items()):
@@ -389,6 +415,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
         attr_updates.extend((module, k, v) for k, v in attrs.items())
     attr_updates += _container_rewrites(model, attr_updates, {id(m) for m, _ in
                                                               new_by_module.values()})
+    attr_updates += _size_rewrites(model, sizes or {}, attr_updates)
 
     # Commit: nothing below can fail for a well-formed module.
     for s in swaps:

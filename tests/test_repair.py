@@ -1,5 +1,7 @@
 """Repair: groups whose width the model's Python code fixes are found by running it."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,20 +15,50 @@ from pruners.repair import probe_inputs
 
 
 class BakedSplit(nn.Module):
-    """C2PSA-style: ``split((self.c, self.c))`` stores the width in an attribute."""
+    """C2PSA-style split, with its sizes written into the code: no attribute to rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 16)
+        self.cv1 = cbr(16, 16, 1)
+        self.m = cbr(8, 8)
+        self.cv2 = cbr(16, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a, b = self.cv1(self.stem(x)).split((8, 8), dim=1)
+        return self.head(self.cv2(torch.cat((a, self.m(b)), 1)))
+
+
+class AttributeSplit(BakedSplit):
+    """C2PSA itself: ``split((self.c, self.c))`` reads the width from an attribute."""
 
     def __init__(self):
         super().__init__()
         self.c = 8
-        self.stem = cbr(3, 16)
-        self.cv1 = cbr(16, 2 * self.c, 1)
-        self.m = cbr(self.c, self.c)
-        self.cv2 = cbr(2 * self.c, 16, 1)
-        self.head = nn.Conv2d(16, 4, 1)
 
     def forward(self, x):
         a, b = self.cv1(self.stem(x)).split((self.c, self.c), dim=1)
         return self.head(self.cv2(torch.cat((a, self.m(b)), 1)))
+
+
+def test_a_split_by_an_attribute_rewrites_it_and_the_plan_carries_it(tmp_path):
+    from pruners import Plan, apply_plan
+    x = torch.randn(1, 3, 8, 8)
+    model = AttributeSplit().eval()
+    g = analyze(capture(model, x))
+    assert find_unprunable_groups(model, g, x) == {}
+    (gid,) = [grp.id for grp in g.groups if ("cv1.0.weight", 0, 16) in grp.dims]
+    units = list(g.groups[gid].units[:3])  # 3 channels of each half
+    assert verify(model, g, units, x).ok
+    plan = Plan.from_units(g, units)
+    assert plan.sizes == {"": {8: 5}}
+    plan.save(tmp_path / "plan.json")
+    pruned = apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
+    assert pruned.c == 5 and pruned.cv1[0].out_channels == 10
+    # the same plan on a model whose split reads no attribute leaves it failing, as it must
+    with pytest.raises(RuntimeError, match="split_with_sizes"):
+        apply_plan(BakedSplit().eval(), plan)(x)
 
 
 def test_repair_freezes_exactly_the_group_with_a_baked_width():

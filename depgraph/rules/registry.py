@@ -109,6 +109,9 @@ class RuleContext:
     internal: list[np.ndarray] = field(default_factory=list)
     # atoms an op discards (the channels past a prefix slice's end): dead unless read elsewhere
     dropped: list[np.ndarray] = field(default_factory=list)
+    # (module, atom arrays) of widths the module's code passes as Python numbers (split sizes,
+    # a view's split-off dims): surgery rewrites the module's int attributes that hold them
+    sizes: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
     node: Optional[torch.fx.Node] = None
 
     # ---- reading -------------------------------------------------------------------------
@@ -193,6 +196,14 @@ class RuleContext:
         """
         if atoms is not None:
             self.contracted.append(atoms)
+
+    def python_sizes(self, atoms: Any) -> None:
+        """The code of the module running this node wrote these widths as numbers (``x.split(
+        (self.c, self.c))``): if pruning changes them, its attributes equal to them follow."""
+        arrays = tuple(_arrays(atoms))
+        module = self.module()
+        if arrays and module is not None:
+            self.sizes.append((module, arrays))
 
     def consumer(self, weight: Any, dim: int) -> None:
         """``weight`` reads channels along ``dim``: verification zeroes those slices."""

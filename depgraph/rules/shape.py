@@ -111,7 +111,14 @@ def split_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             first = atoms[:sizes[0]]
             for i in range(1, len(sizes)):
                 ctx.unify(first, atoms[i * sizes[0]:(i + 1) * sizes[0]])
+        if packet in _SIZED_SPLITS:
+            ctx.python_sizes([r[dim] for r in results])
     return tuple(results)
+
+
+# splits whose part sizes the code gives as numbers (chunk and unbind give a count)
+_SIZED_SPLITS = (aten.split, aten.split_with_sizes, aten.unsafe_split,
+                 aten.unsafe_split_with_sizes)
 
 
 # slice(x, dim, start, end, step): the full range passes through; a strict sub-range of a
@@ -275,6 +282,7 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
             ctx.unify(atoms[order][:-1][same], atoms[order][1:][same])
         _, first = np.unique(position, return_index=True)  # first element of each position
         out[carrier] = atoms[first]
+        ctx.python_sizes(out[carrier])  # a new dim's size, e.g. a head width
     return tuple(out)
 
 
