@@ -9,7 +9,7 @@ from torch import nn
 
 from depgraph import analyze, capture
 from models import cbr
-from pruners import find_unprunable_groups, repair_graph, sample_units, verify
+from pruners import Plan, find_unprunable_groups, repair_graph, sample_units, verify
 from pruners.repair import link_input_widths
 from pruners.repair import probe_inputs
 
@@ -43,7 +43,7 @@ class AttributeSplit(BakedSplit):
 
 
 def test_a_split_by_an_attribute_rewrites_it_and_the_plan_carries_it(tmp_path):
-    from pruners import Plan, apply_plan
+    from pruners import apply_plan
     x = torch.randn(1, 3, 8, 8)
     model = AttributeSplit().eval()
     g = analyze(capture(model, x))
@@ -59,6 +59,24 @@ def test_a_split_by_an_attribute_rewrites_it_and_the_plan_carries_it(tmp_path):
     # the same plan on a model whose split reads no attribute leaves it failing, as it must
     with pytest.raises(RuntimeError, match="split_with_sizes"):
         apply_plan(BakedSplit().eval(), plan)(x)
+
+
+def test_plans_that_rewrite_an_attribute_compose():
+    from pruners import apply_plan
+    x = torch.randn(1, 3, 8, 8)
+    model = AttributeSplit().eval()
+    g = analyze(capture(model, x))
+    (gid,) = [grp.id for grp in g.groups if ("cv1.0.weight", 0, 16) in grp.dims]
+    first = Plan.from_units(g, list(g.groups[gid].units[:3]))
+    once = apply_plan(copy.deepcopy(model), first)
+    g2 = analyze(capture(once, x))
+    (gid2,) = [grp.id for grp in g2.groups if ("cv1.0.weight", 0, 10) in grp.dims]
+    second = Plan.from_units(g2, list(g2.groups[gid2].units[-2:]))
+    assert first.then(second).sizes == {"": {8: 3}}
+    both = apply_plan(copy.deepcopy(model), first.then(second))
+    twice = apply_plan(once, second)
+    assert both.c == twice.c == 3
+    torch.testing.assert_close(both(x), twice(x))
 
 
 def test_repair_freezes_exactly_the_group_with_a_baked_width():
