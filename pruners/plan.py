@@ -68,10 +68,10 @@ class Plan:
         sizes = {m: dict(changes) for m, changes in self.sizes.items()}
         for m, changes in later.sizes.items():
             first = sizes.setdefault(m, {})
+            mids = set(first.values())
             for old, mid in list(first.items()):  # a width changed twice
                 first[old] = changes.get(mid, mid)
-            first.update({o: n for o, n in changes.items() if o not in first.values()
-                          and o not in first})
+            first.update({o: n for o, n in changes.items() if o not in mids and o not in first})
         return Plan(kept, shapes, {**self.meta, **later.meta}, sizes)
 
     def to_dict(self) -> dict:
