@@ -259,8 +259,9 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
 
     layer_units = {i: tuple(unit_ids(a) for a in arrays)
                    for i, arrays in ctx.layer_atoms.items()}
-    sizes = [(module, tuple(unit_ids(a) for a in arrays)) for module, arrays in ctx.sizes
-             if any((unit_ids(a) >= 0).any() for a in arrays)]
+    sizes = [(module, tuple(unit_ids(a) for _, a in parts)) for module, parts in ctx.sizes]
+    changing = {m for m, arrays in sizes if any((ids >= 0).any() for ids in arrays)}
+    sizes = [(m, arrays) for m, arrays in sizes if m in changing]  # the rest never change
     return ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
                         list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
                         layer_units=layer_units, sizes=sizes)

@@ -102,9 +102,12 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
             return
         before = len(found)
         # the groups with layers inside the module that raised are the likely culprits, the
-        # most inside first: find one, then probe the rest again, before bisecting blindly
-        share = {g: sum(_inside(n, raised) for n in layers[g]) / len(layers[g])
-                 for g in groups} if raised else {}
+        # most inside first: find one, then probe the rest again, before bisecting blindly.
+        # A module no group reaches into (a layer only training runs, never traced) points at
+        # its nearest enclosing module that some group does reach into.
+        scope = _enclosing(raised, [n for g in groups for n in layers[g]]) if raised else None
+        share = {g: sum(_inside(n, scope) for n in layers[g]) / len(layers[g])
+                 for g in groups} if scope else {}
         suspects = sorted((g for g in groups if share.get(g)), key=lambda g: -share[g])
         if 0 < len(suspects) < len(groups):
             if len(suspects) <= 8:  # one probe each, in that order, beats bisecting them
@@ -137,6 +140,13 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
 def _inside(name: str, module: str) -> bool:
     """Whether the module called ``name`` is ``module`` or sits in it ("" is the model)."""
     return module == "" or name == module or name.startswith(module + ".")
+
+
+def _enclosing(module: str, names: list[str]) -> str:
+    """``module`` or its nearest parent that holds one of ``names`` ("" when none does)."""
+    while module and not any(_inside(n, module) for n in names):
+        module = module.rpartition(".")[0]
+    return module
 
 
 def _raising_module(exc: BaseException) -> Optional[str]:

@@ -246,6 +246,7 @@ def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, An
     for module, attr, value in pending:
         by_module.setdefault(id(module), {})[attr] = value
     updates = []
+    done = {(id(m), a) for m, a, _ in pending}
     for parent in model.modules():
         if id(parent) in touched or fixer_for(parent) is not None:
             continue
@@ -257,24 +258,25 @@ def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, An
         if not known:
             continue
         old_in, old_out, new_in, new_out = ([w[i] for w in known] for i in range(4))
-        done: set[str] = set()
+        names = {a for (i, a) in done if i == id(parent)}
         updates += _head_rewrites(parent, _one_to_one(zip(old_in + old_out, new_in + new_out)),
-                                  done)
+                                  names)
         for attr, items in _public_widths(parent).items():
-            if attr in done:
+            if attr in names:
                 continue
             old = getattr(parent, attr)
+            rules = [(old_in, new_in), (old_out, new_out)]
             if isinstance(old, int):
-                rules = [(old_in, new_in), (old_out, new_out)]
-                new_val = next((sum(n) for o, n in rules if old == sum(o) != sum(n)), None)
+                found = {sum(n) for o, n in rules if old == sum(o)}
             elif len(known) == len(children) == len(items):
-                new_val = next((_as_before(old, n) for o, n in ((old_in, new_in),
-                                                                (old_out, new_out))
-                                if items == o != n), None)
+                found = {tuple(n) for o, n in rules if items == o}
             else:
-                new_val = None
-            if new_val is not None:
-                updates.append((parent, attr, new_val))
+                found = set()
+            # equal to the inputs and the outputs, which no longer agree: which is it?
+            (new_val,) = found if len(found) == 1 else (None,)
+            if new_val is not None and new_val not in (old, tuple(items)):
+                updates.append((parent, attr, _as_before(old, list(new_val))
+                                if isinstance(new_val, tuple) else new_val))
     return updates
 
 
@@ -413,9 +415,11 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
             raise SurgeryError(f"could not update the attributes of {type(module).__name__}"
                                f": {exc}") from exc
         attr_updates.extend((module, k, v) for k, v in attrs.items())
+    # what the graph saw the code pass as a number first: it says which width an attribute
+    # is, where a container's children may have equal input and output widths
+    attr_updates += _size_rewrites(model, sizes or {}, attr_updates)
     attr_updates += _container_rewrites(model, attr_updates, {id(m) for m, _ in
                                                               new_by_module.values()})
-    attr_updates += _size_rewrites(model, sizes or {}, attr_updates)
 
     # Commit: nothing below can fail for a well-formed module.
     for s in swaps:

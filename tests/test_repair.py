@@ -184,6 +184,41 @@ def test_the_module_that_raised_narrows_the_search(monkeypatch):
     assert localized < len(calls)
 
 
+class TrainOnlyAux(nn.Module):
+    """A block with a layer only training runs (YOLO26-pose's ``cv4_sigma``, GoogLeNet's aux
+    heads): never traced, so nothing prunes its input columns with the feature it reads."""
+
+    def __init__(self, cin: int = 4):
+        super().__init__()
+        self.a, self.b, self.c = cbr(cin, 16), cbr(16, 16), cbr(16, 4)
+        self.aux = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        if self.training:
+            self.aux_out = self.aux(y)
+        return self.c(y)
+
+
+def test_a_layer_only_training_runs_points_at_its_enclosing_block(monkeypatch):
+    """The probe fails inside ``k.aux``, which no group reaches into: its block ``k`` is the
+    narrowest module that some group does, so its groups are probed first."""
+    from pruners import repair
+
+    model = nn.Sequential(TrainOnlyAux(3), *[TrainOnlyAux() for _ in range(7)]).eval()
+    x = torch.randn(1, 3, 8, 8)
+    g = analyze(capture(model, x))
+    calls = []
+    real = repair.verify
+    monkeypatch.setattr(repair, "verify", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bad = find_unprunable_groups(model, g, x, train_mode=True)
+    assert sorted(g.groups[gid].layers[0] for gid in bad) == [f"{i}.b.0" for i in range(8)]
+    localized, calls[:] = len(calls), []
+    monkeypatch.setattr(repair, "_enclosing", lambda module, names: module)
+    assert find_unprunable_groups(model, g, x, train_mode=True) == bad
+    assert localized < len(calls)
+
+
 class InputWidthAttention(nn.Module):
     """Swin's attention in small: the heads' width is read from the input (``C =
     x.shape[-1]``), so the qkv rows must stay three times the residual width; no norm and a

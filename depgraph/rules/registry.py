@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -111,7 +111,8 @@ class RuleContext:
     dropped: list[np.ndarray] = field(default_factory=list)
     # (module, atom arrays) of widths the module's code passes as Python numbers (split sizes,
     # a view's split-off dims): surgery rewrites the module's int attributes that hold them
-    sizes: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
+    sizes: list[tuple[str, tuple[tuple[int, Optional[np.ndarray]], ...]]] = \
+        field(default_factory=list)
     node: Optional[torch.fx.Node] = None
 
     # ---- reading -------------------------------------------------------------------------
@@ -197,13 +198,16 @@ class RuleContext:
         if atoms is not None:
             self.contracted.append(atoms)
 
-    def python_sizes(self, atoms: Any) -> None:
-        """The code of the module running this node wrote these widths as numbers (``x.split(
-        (self.c, self.c))``): if pruning changes them, its attributes equal to them follow."""
-        arrays = tuple(_arrays(atoms))
+    def python_sizes(self, parts: Sequence[tuple[int, Optional[np.ndarray]]]) -> None:
+        """The code of the module running this node passed these widths as numbers (``x.split(
+        (self.c, self.c))``): (size, its atoms). Where pruning changes one, the module's
+        attributes equal to it follow, unless the same number also names a channel width that
+        stays or changes differently. Sizes without atoms (batch, positions, a head count)
+        are left out: a spatial 8 x 8 = 64 must not stop ``head_dim = 64`` from following."""
         module = self.module()
-        if arrays and module is not None:
-            self.sizes.append((module, arrays))
+        kept = tuple((n, a) for n, a in parts if a is not None)
+        if module is not None and kept:
+            self.sizes.append((module, kept))
 
     def consumer(self, weight: Any, dim: int) -> None:
         """``weight`` reads channels along ``dim``: verification zeroes those slices."""
@@ -228,6 +232,9 @@ def _clean(module: Optional[str]) -> Optional[str]:
     if module is None:
         return None
     # torch.export names modules by attribute path, e.g. "L['self'].model.layer1" or "model.x"
+    # and a sliced Sequential's children by the slice too (RT-DETR's ``self.model[:-1]``:
+    # "model.slice(None, -1, None).6"), though they keep their names in the model
+    module = ".".join(p for p in module.split(".") if not p.startswith("slice("))
     for prefix in ("L['self'].model.", "L['self'].", "model."):
         if module.startswith(prefix):
             return module[len(prefix):]

@@ -111,8 +111,9 @@ def split_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             first = atoms[:sizes[0]]
             for i in range(1, len(sizes)):
                 ctx.unify(first, atoms[i * sizes[0]:(i + 1) * sizes[0]])
-        if packet in _SIZED_SPLITS:
-            ctx.python_sizes([r[dim] for r in results])
+    if packet in _SIZED_SPLITS:
+        ctx.python_sizes([(size, None if atoms is None else r[dim])
+                          for size, r in zip(sizes, results)])
     return tuple(results)
 
 
@@ -282,7 +283,7 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
             ctx.unify(atoms[order][:-1][same], atoms[order][1:][same])
         _, first = np.unique(position, return_index=True)  # first element of each position
         out[carrier] = atoms[first]
-        ctx.python_sizes(out[carrier])  # a new dim's size, e.g. a head width
+    ctx.python_sizes(list(zip(out_shape, out)))  # e.g. view(B, self.num_heads, self.head_dim, N)
     return tuple(out)
 
 
