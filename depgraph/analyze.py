@@ -259,7 +259,8 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
 
     layer_units = {i: tuple(unit_ids(a) for a in arrays)
                    for i, arrays in ctx.layer_atoms.items()}
-    sizes = [(module, tuple(unit_ids(a) for _, a in parts)) for module, parts in ctx.sizes]
+    sizes = [(module, tuple(np.full(n, -1, dtype=np.int64) if a is None else unit_ids(a)
+                            for n, a in parts)) for module, parts in ctx.sizes]
     changing = {m for m, arrays in sizes if any((ids >= 0).any() for ids in arrays)}
     sizes = [(m, arrays) for m, arrays in sizes if m in changing]  # the rest never change
     return ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),

@@ -237,25 +237,23 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
         candidates.setdefault(a, []).append((b, param, module))
     linked: list[tuple[int, list[int], list[tuple[int, int]]]] = []
     for a, entries in sorted(candidates.items()):
-        pairs = []
+        # two layouts, the first that probes fine is kept: position c of the heads as the
+        # module views them back into a width of C (when it does) is input column c; else
+        # row j of the projection is column j % C (rows that failed on their own only)
+        views, rows_mod = [], []
         for b, param, module in entries:
             rows, cols = graph.unit_index[(param, 0)], graph.unit_index[(param, 1)]
+            modular = [(int(rows[j]), int(cols[j % len(cols)])) for j in range(len(rows))
+                       if rows[j] >= 0 and cols[j % len(cols)] >= 0] if b in bad else []
+            rows_mod += modular
             merged = _merged_widths(graph, group_of, b, module, len(cols))
-            if merged:  # the heads merged back into a width of C: position c is column c
-                pairs += [(int(ids[c]), int(cols[c])) for ids in merged
-                          for c in range(len(cols)) if cols[c] >= 0]
-                continue
-            pairs += [(int(rows[j]), int(cols[j % len(cols)])) for j in range(len(rows))
-                      if rows[j] >= 0 and cols[j % len(cols)] >= 0]
-        tied = _tied_to(graph.groups[a].units[0], pairs)  # one unit of the tied group
-        try:
-            result = verify(model, graph, tied, example_inputs, outputs=outputs,
-                            example_kwargs=example_kwargs, at=at)
-        except (VerificationError, SurgeryError):
-            continue
-        if all(graph.units[u].exact for u in tied) and not result.ok:
-            continue
-        linked.append((a, sorted({b for b, _, _ in entries}), pairs))
+            views += [(int(ids[c]), int(cols[c])) for ids in merged for c in range(len(cols))
+                      if cols[c] >= 0] if merged else modular
+        for pairs in dict.fromkeys(tuple(p) for p in (views, rows_mod) if p):
+            if _tie_runs(model, graph, a, list(pairs), example_inputs, outputs=outputs,
+                         example_kwargs=example_kwargs, at=at):
+                linked.append((a, sorted({b for b, _, _ in entries}), list(pairs)))
+                break
     if not linked:
         return graph, bad, []
     graph_out, mapping = graph.with_merged([p for _, _, pairs in linked for p in pairs])
@@ -267,6 +265,17 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
              f"width of their input ({graph.groups[a].layers[0]}, ...): their code reshapes by "
              f"the input's width, so the two keep equal counts" for a, bs, _ in linked]
     return graph_out, remaining, notes
+
+
+def _tie_runs(model: nn.Module, graph: ChannelGraph, group: int, pairs: list[tuple[int, int]],
+              example_inputs: Any, **kw: Any) -> bool:
+    """Whether removing one unit of ``group``, with all ``pairs`` tie to it, passes the check."""
+    tied = _tied_to(graph.groups[group].units[0], pairs)
+    try:
+        result = verify(model, graph, tied, example_inputs, **kw)
+    except (VerificationError, SurgeryError):
+        return False
+    return result.ok or not all(graph.units[u].exact for u in tied)
 
 
 def _merged_widths(graph: ChannelGraph, group_of: np.ndarray, group: int, module: str,

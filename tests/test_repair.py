@@ -269,3 +269,34 @@ def test_attention_reading_its_width_from_the_input_is_tied_to_it():
     assert residual < 32 and residual % 4 == 0
     assert all(q.out_features == 3 * residual for q in result.model.qkv)
     assert any("tied the heads" in n for n in result.report.notes)
+
+
+class SquareHeads(nn.Module):
+    """timm-style attention with as many heads as each head is wide (Swin-B's last stage:
+    32 x 32): the number 4 is both ``num_heads``, which stays, and ``head_dim``, which may not."""
+
+    def __init__(self, dim: int = 16, heads: int = 4):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.embed, self.qkv = nn.Linear(8, dim), nn.Linear(dim, 3 * dim)
+        self.proj, self.head = nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        t = self.embed(x)
+        b, n, _ = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * 0.5).softmax(-1)
+        t = t + self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        return self.head(t.mean(1))
+
+
+def test_a_head_count_equal_to_the_head_width_is_not_rewritten():
+    from pruners import apply_plan
+    model, x = SquareHeads().eval(), torch.randn(2, 5, 8)
+    g = analyze(capture(model, x))
+    rows = g.unit_index[("qkv.weight", 0)]
+    units = sorted({int(u) for u in rows if u >= 0})[:1]  # one position of every head
+    plan = Plan.from_units(g, units)
+    pruned = apply_plan(copy.deepcopy(model), plan)
+    assert (pruned.num_heads, pruned.head_dim) == (4, 3)
+    assert verify(model, g, units, x).ok

@@ -200,14 +200,14 @@ class RuleContext:
 
     def python_sizes(self, parts: Sequence[tuple[int, Optional[np.ndarray]]]) -> None:
         """The code of the module running this node passed these widths as numbers (``x.split(
-        (self.c, self.c))``): (size, its atoms). Where pruning changes one, the module's
-        attributes equal to it follow, unless the same number also names a channel width that
-        stays or changes differently. Sizes without atoms (batch, positions, a head count)
-        are left out: a spatial 8 x 8 = 64 must not stop ``head_dim = 64`` from following."""
+        (self.c, self.c))``): (size, its atoms; None for a count that never changes, such as
+        the heads of a head split). Where pruning changes one, the module's attributes equal to
+        it follow, unless the same number also names a width that stays or changes
+        differently (32 heads of width 32). Callers leave out sizes that are no channel
+        width at all (batch, positions): a spatial 8 x 8 = 64 must not pin ``head_dim = 64``."""
         module = self.module()
-        kept = tuple((n, a) for n, a in parts if a is not None)
-        if module is not None and kept:
-            self.sizes.append((module, kept))
+        if module is not None and any(a is not None for _, a in parts):
+            self.sizes.append((module, tuple(parts)))
 
     def consumer(self, weight: Any, dim: int) -> None:
         """``weight`` reads channels along ``dim``: verification zeroes those slices."""

@@ -111,9 +111,8 @@ def split_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             first = atoms[:sizes[0]]
             for i in range(1, len(sizes)):
                 ctx.unify(first, atoms[i * sizes[0]:(i + 1) * sizes[0]])
-    if packet in _SIZED_SPLITS:
-        ctx.python_sizes([(size, None if atoms is None else r[dim])
-                          for size, r in zip(sizes, results)])
+    if packet in _SIZED_SPLITS and atoms is not None:
+        ctx.python_sizes([(size, r[dim]) for size, r in zip(sizes, results)])
     return tuple(results)
 
 
@@ -253,6 +252,7 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
                                  (what code like ``x.view(b, groups, c // groups, h, w)`` expects).
     """
     out: list = [None] * len(out_shape)
+    counts: list[int] = []  # dims a channel dim splits off that keep their size (heads)
     for bi, bj in _blocks(in_shape, out_shape):
         bearing = [d for d in bi if x[d] is not None]
         if not bearing:
@@ -283,7 +283,10 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
             ctx.unify(atoms[order][:-1][same], atoms[order][1:][same])
         _, first = np.unique(position, return_index=True)  # first element of each position
         out[carrier] = atoms[first]
-    ctx.python_sizes(list(zip(out_shape, out)))  # e.g. view(B, self.num_heads, self.head_dim, N)
+        counts += [d for d in bj if d != carrier and out_shape[d] > 1]
+    # e.g. view(B, self.num_heads, self.head_dim, N): head_dim may follow a plan, num_heads not
+    ctx.python_sizes([(out_shape[d], out[d]) for d in range(len(out_shape))
+                      if out[d] is not None or d in counts])
     return tuple(out)
 
 
