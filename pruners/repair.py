@@ -4,9 +4,9 @@ The graph is traced with fixed shapes, so every width the code computes is a num
 Surgery rewrites the attributes that hold the ones it sees passed to splits and views
 (``x.split((self.c, self.c))``, ``view(B, self.num_heads, self.head_dim, N)``), but not a width
 written into the code (``x.split(4, 1)``) or read from another tensor. After surgery such code
-raises, returns a different output structure, or silently computes something else. We prune one unit of each group, check
-the result against the masked original, and bisect over groups until every offending group is
-isolated; those are then frozen with the failure as reason.
+raises, returns a different output structure, or silently computes something else. We prune
+one unit of each group, check the result against the masked original, and bisect over groups
+until every offending group is isolated; those are then frozen with the failure as reason.
 """
 
 from __future__ import annotations
@@ -269,7 +269,8 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
 
 def _tie_runs(model: nn.Module, graph: ChannelGraph, group: int, pairs: list[tuple[int, int]],
               example_inputs: Any, **kw: Any) -> bool:
-    """Whether removing one unit of ``group``, with all ``pairs`` tie to it, passes the check."""
+    """Whether removing one unit of ``group``, and all that ``pairs`` tie to it, passes the
+    check."""
     tied = _tied_to(graph.groups[group].units[0], pairs)
     try:
         result = verify(model, graph, tied, example_inputs, **kw)

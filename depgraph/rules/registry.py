@@ -109,8 +109,8 @@ class RuleContext:
     internal: list[np.ndarray] = field(default_factory=list)
     # atoms an op discards (the channels past a prefix slice's end): dead unless read elsewhere
     dropped: list[np.ndarray] = field(default_factory=list)
-    # (module, atom arrays) of widths the module's code passes as Python numbers (split sizes,
-    # a view's split-off dims): surgery rewrites the module's int attributes that hold them
+    # (module, (size, atoms or None) per width) of widths the module's code passes as Python
+    # numbers (split sizes, a view's dims): surgery rewrites the int attributes that hold them
     sizes: list[tuple[str, tuple[tuple[int, Optional[np.ndarray]], ...]]] = \
         field(default_factory=list)
     node: Optional[torch.fx.Node] = None
