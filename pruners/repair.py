@@ -208,16 +208,19 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
                       ) -> tuple[ChannelGraph, dict[int, str], list[str]]:
     """Tie the heads of attention that reads its width from its input to that input.
 
-    Swin's, MaxViT's and many timm blocks reshape their ``qkv`` projection by ``C =
-    x.shape[-1]``: its rows must stay ``k * C`` (k = 1, 2, 3 projections) for the input's ``C``
-    columns. Alone, neither group can shrink (repair found both). Tying row ``j`` to column
-    ``j % C`` makes them one group whose removals keep that count, at the price of choosing
-    the same channels. For each input group, the layers inside a failing module whose rows
-    are another failing group are tied together and probed as one; a link is kept only if
-    that probe runs. Returns the graph, what stays unprunable (renumbered), and notes.
+    Swin's, MaxViT's, C2PSA's and many timm blocks reshape by ``C = x.shape[-1]``: their
+    heads must stay ``C`` wide in total for the input's ``C`` columns, so the input's group
+    cannot shrink alone (repair found it). For each such input group, the projections inside
+    the module where it failed are tied to it, so the two keep equal counts (at the price of
+    choosing the same channels): the heads' channels where that module views them back into
+    a width of ``C`` go with input column ``c``, position by position; failing that (or with
+    no such view), row ``j`` of a projection whose rows also failed alone goes with column
+    ``j % C``. The first layout whose one-unit probe runs is kept. Returns the graph, what
+    stays unprunable (renumbered), and notes.
     """
     group_of = np.array([u.group for u in graph.units] + [-1], dtype=np.int64)
-    candidates: dict[int, list[tuple[int, str, str]]] = {}  # input group -> (rows, param, module)
+    # input group -> (rows group, projection, module, the rows' views back into the width)
+    candidates: dict[int, list[tuple[int, str, list[np.ndarray]]]] = {}
     for (param, dim), rows in graph.unit_index.items():
         cols = graph.unit_index.get((param, 1))
         if dim != 0 or cols is None or len(rows) % len(cols) or len(rows) // len(cols) > 3:
@@ -231,22 +234,22 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
         # the module that raised when the rows shrank (or, for rows that probed fine, when
         # the input did, if that module views the rows' heads back into the input's width)
         module = where.get(b) if b in bad else where.get(a)
-        if module is None or not _inside(param.rpartition(".")[0], module) or (
-                b not in bad and not _merged_widths(graph, group_of, b, module, len(cols))):
+        if module is None or not _inside(param.rpartition(".")[0], module):
             continue
-        candidates.setdefault(a, []).append((b, param, module))
+        merged = _merged_widths(graph, group_of, b, module, len(cols))
+        if b in bad or merged:
+            candidates.setdefault(a, []).append((b, param, merged))
     linked: list[tuple[int, list[int], list[tuple[int, int]]]] = []
     for a, entries in sorted(candidates.items()):
         # two layouts, the first that probes fine is kept: position c of the heads as the
         # module views them back into a width of C (when it does) is input column c; else
         # row j of the projection is column j % C (rows that failed on their own only)
         views, rows_mod = [], []
-        for b, param, module in entries:
+        for b, param, merged in entries:
             rows, cols = graph.unit_index[(param, 0)], graph.unit_index[(param, 1)]
             modular = [(int(rows[j]), int(cols[j % len(cols)])) for j in range(len(rows))
                        if rows[j] >= 0 and cols[j % len(cols)] >= 0] if b in bad else []
             rows_mod += modular
-            merged = _merged_widths(graph, group_of, b, module, len(cols))
             views += [(int(ids[c]), int(cols[c])) for ids in merged for c in range(len(cols))
                       if cols[c] >= 0] if merged else modular
         for pairs in dict.fromkeys(tuple(p) for p in (views, rows_mod) if p):
