@@ -11,6 +11,7 @@ until every offending group is isolated; those are then frozen with the failure 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -91,6 +92,15 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     found: dict[int, str] = {}
     layers = {g: graph.groups[g].layers for g in probes}
 
+    def alone(group: int) -> bool:
+        """Whether ``group`` fails on its own (then recorded as found)."""
+        why, at_module = failure([group])
+        if why is not None:
+            found[group] = why
+            if where is not None and at_module is not None:
+                where[group] = at_module
+        return why is not None
+
     def bisect(groups: list[int]) -> None:
         why, raised = failure(groups)
         if why is None:
@@ -112,11 +122,13 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         if 0 < len(suspects) < len(groups):
             if len(suspects) <= 8:  # one probe each, in that order, beats bisecting them
                 for g in suspects:
-                    alone, at_module = failure([g])
-                    if alone is not None:
-                        found[g] = alone
-                        if where is not None and at_module is not None:
-                            where[g] = at_module
+                    if alone(g):
+                        # the same layers in the other blocks (stages of a Swin or MaxViT)
+                        # most often fail alike: each alone costs a fraction of a probe of
+                        # the rest, which would fail at the next block; stop at one that runs
+                        for h in _alike(g, [h for h in groups if h not in found], layers):
+                            if not alone(h):
+                                break
                         break
             else:
                 bisect(suspects)
@@ -135,6 +147,15 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         if groups:
             bisect(groups)
     return found
+
+
+def _alike(group: int, groups: list[int], layers: dict[int, list[str]]) -> list[int]:
+    """The ``groups`` whose layers are ``group``'s but for block numbers (``stages.2.3.attn``
+    is ``stages.#.#.attn``), in order."""
+    def shape(g: int) -> frozenset[str]:
+        return frozenset(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "#", n) for n in layers[g])
+    mine = shape(group)
+    return [g for g in groups if g != group and shape(g) == mine]
 
 
 def _inside(name: str, module: str) -> bool:

@@ -19,7 +19,6 @@ it, never sliced blindly.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,6 +28,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from depgraph.errors import PruningError
+
+from .copying import copy_model
 
 __all__ = ["Lifted", "deepcopy_model", "lift", "restore", "sparsity"]
 
@@ -61,7 +62,7 @@ def deepcopy_model(model: nn.Module) -> nn.Module:
         for value in module.__dict__.values():
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
+    return copy_model(model, memo)
 
 
 def _pruning_hooks(module: nn.Module) -> list[tuple[int, Any]]:

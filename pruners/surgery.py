@@ -384,9 +384,8 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
                 raise SurgeryError(f"'{fqn}' has shape {tuple(old.shape)} but was analysed with "
                                    f"{tuple(shapes[fqn])}; re-run analysis on this model")
             new = old.detach()
-            for dim, idx in cuts:
+            for dim, idx in cuts:  # index_select copies: ``new`` never shares ``old``'s memory
                 new = new.index_select(dim, idx.to(new.device))
-            new = new.clone()
             holders = owners.get(id(old), [])
             value: torch.Tensor
             if isinstance(old, nn.Parameter):

@@ -10,7 +10,6 @@ difference.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -24,6 +23,7 @@ from depgraph.capture import as_args
 from depgraph.errors import VerificationError
 from depgraph.graph import ChannelGraph
 
+from .copying import copy_model
 from .reparam import deepcopy_model
 from .surgery import lookup_tensor, remove_units
 
@@ -60,20 +60,18 @@ def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable]
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def untouched_params(model: nn.Module, graph: ChannelGraph, units: Iterable[int]
-                     ) -> dict[int, nn.Parameter]:
-    """A ``copy.deepcopy`` memo that shares the parameters removing ``units`` leaves alone.
+def shared_params(model: nn.Module) -> dict[int, nn.Parameter]:
+    """A deepcopy memo (``copying.copy_model``) that shares every parameter of ``model`` with the copy.
 
-    Surgery swaps new tensors into the copy's modules, and masking (in place, on the
-    original) writes only into the touched parameters, which the copy does not share: sharing
-    the rest is safe and saves cloning a large model per repair probe.
-    Buffers are always copied: a forward in train mode updates them in place. Pass a fresh
-    ``dict(memo)`` to each deepcopy (deepcopy fills the memo it is given).
+    Safe for a copy that surgery prunes before anything else touches it: surgery swaps a new
+    tensor into the copy for every parameter it changes and never writes into the old one, so
+    the copy keeps only parameters the plan leaves alone; masking (in place, on the original,
+    after the pruned copy ran) writes only into changed ones. A repair probe changes nearly
+    every parameter, so copying them first (then slicing them again) tripled its memory
+    traffic. Buffers are always copied: a forward in train mode updates them in place. Pass
+    a fresh ``dict(memo)`` to each deepcopy (deepcopy fills the memo it is given).
     """
-    removed = np.fromiter((int(u) for u in units), dtype=np.int64)
-    touched = {id(lookup_tensor(model, p)) for (p, _), ids in graph.unit_index.items()
-               if p not in graph.buffers and np.isin(ids, removed).any()}
-    return {id(p): p for p in model.parameters() if id(p) not in touched}
+    return {id(p): p for p in model.parameters()}
 
 
 def mask_consumers(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) -> nn.Module:
@@ -207,9 +205,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         VerificationError: the pruned model does not run, or its outputs change shape.
     """
     units = list(units)
-    shared = untouched_params(model, graph, units)
     if pruned is None:
-        pruned = remove_units(copy.deepcopy(model, dict(shared)), graph, units)
+        pruned = remove_units(copy_model(model, shared_params(model)), graph, units)
     if at:
         def run(m: nn.Module) -> list[torch.Tensor]:
             return _run_at(m, list(at), example_inputs, example_kwargs, stop_early)
