@@ -36,7 +36,7 @@ from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths, probe_inputs
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
                      python_width_rewrites)
-from .verify import VerifyResult, run_model, verify
+from .verify import DenseRun, VerifyResult, run_model, verify
 
 __all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
 
@@ -226,21 +226,22 @@ class _Clock:
 
 
 def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
-                  ) -> tuple[nn.Module, list[Lifted]]:
+                  ) -> tuple[nn.Module, list[Lifted], DenseRun]:
     """An eval-mode deep copy with plain weights where ``model`` has pruning masks or weight
-    parametrizations (see ``pruners.reparam``), checked to run on the example inputs."""
+    parametrizations (see ``pruners.reparam``), checked to run on the example inputs; that
+    run's output shapes and FLOPs are kept (``DenseRun``) for checks that need no reference."""
     check_importance(opts.importance, opts.data, opts.loss_fn)
     work = deepcopy_model(model)
     lifted = lift(work)
     work.eval()
     try:  # also warms what a forward caches by input shape (Ultralytics' anchors; DDP's
         # first-call buffer broadcast), which a trace of a cold model would record as code
-        run_model(work, example_inputs, opts.outputs, opts.example_kwargs)
+        dense = DenseRun.of(work, example_inputs, opts.outputs, opts.example_kwargs)
     except Exception as exc:  # noqa: BLE001
         raise PruningError(f"the example inputs do not fit {type(model).__name__}: "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                            ". Pass what forward takes: a tensor, or a tuple of arguments.") from exc
-    return work, lifted
+    return work, lifted, dense
 
 
 def _check_model(model: Any) -> None:
@@ -264,7 +265,8 @@ def _check_model(model: Any) -> None:
 
 
 def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dict[str, Any]
-             ) -> tuple[nn.Module, list[Lifted], Any, Target, PruneOptions, list[str], _Clock]:
+             ) -> tuple[nn.Module, list[Lifted], DenseRun, Any, Target, PruneOptions, list[str],
+                        _Clock]:
     """Validate everything cheap first, then the working copy: the arguments of ``_search``."""
     _check_model(model)
     opts = PruneOptions.of(options)
@@ -283,12 +285,13 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     check_backend(opts.backend, opts.device)
     patterns = _protect_patterns(model, opts.protect)
     clock = _Clock(opts.progress)
-    work, lifted = _working_copy(model, example_inputs, opts)
+    work, lifted, dense = _working_copy(model, example_inputs, opts)
     clock.lap("check inputs")
-    return work, lifted, example_inputs, target, opts, patterns, clock
+    return work, lifted, dense, example_inputs, target, opts, patterns, clock
 
 
-def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: Target,
+def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inputs: Any,
+            target: Target,
             opts: PruneOptions, patterns: list[str], clock: _Clock,
             hardware: Optional["_Hardware"] = None) -> tuple[PlannedPruning, nn.Module]:
     """Plan on ``work`` (an eval copy, not modified) and return the plan with the pruned copy
@@ -319,7 +322,7 @@ def _search(work: nn.Module, lifted: list[Lifted], example_inputs: Any, target: 
             notes.append(f"{', '.join(boundary.tail)} run once per selected value (proposal, "
                          f"detection), as many times as survive the selection: FLOPs are "
                          f"counted and targeted without them")
-    kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at)
+    kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at, dense=dense)
     if hardware is None:  # a caller that plans more than once measures once and passes it
         hardware = _Hardware.of(work, example_inputs, opts, target)
         if hardware is not None:
@@ -416,7 +419,8 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
     from .latency import measure_models
     from .report import LatencyReport
 
-    work, lifted, example_inputs, target, opts, patterns, clock = prepared
+    work, lifted, dense, example_inputs, target, opts, patterns, clock = prepared
+
     def timed(candidate: nn.Module):
         m = measure_models({"dense": work, "pruned": candidate}, example_inputs,
                            backend=planned.latency.backend, device=planned.latency.device,
@@ -430,8 +434,8 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
     while attempts < 3 and best[0] > _LATENCY_SLACK:  # a median is steady even if noisy
         aim = _next_aim(tried, target.value)
         try:
-            planned2, pruned2 = _search(work, lifted, example_inputs, Target("latency", aim),
-                                        opts, patterns, clock, hardware)
+            planned2, pruned2 = _search(work, lifted, dense, example_inputs,
+                                        Target("latency", aim), opts, patterns, clock, hardware)
         except InfeasibleTargetError:
             break
         attempts += 1
@@ -571,7 +575,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         True
     """
     target = make_target(target_flops, target_params, channel_ratio, target_latency)
-    work, _, example_inputs, target, opts, patterns, clock = prepared = _prepare(
+    work, _, _, example_inputs, target, opts, patterns, clock = prepared = _prepare(
         model, example_inputs, target, options)
     hardware = _Hardware.of(work, example_inputs, opts, target)  # measured once for all plans
     if hardware is not None:

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 from depgraph.errors import SurgeryError, VerificationError
 from depgraph.graph import ChannelGraph
 
-from .verify import run_model, verify
+from .verify import DenseRun, run_model, verify
 
 __all__ = ["find_unprunable_groups", "freeze_unprunable", "link_input_widths", "probe_inputs",
            "repair_graph"]
@@ -53,7 +53,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                            probes: Optional[dict[int, list[int]]] = None,
                            rtol: float = 1e-4, train_mode: bool = False,
                            train_inputs: Any = None,
-                           where: Optional[dict[int, str]] = None) -> dict[int, str]:
+                           where: Optional[dict[int, str]] = None,
+                           dense: Optional[DenseRun] = None) -> dict[int, str]:
     """Groups whose pruning breaks the model, with what went wrong for each.
 
     A probe prunes one unit of each group and fails when the pruned model raises, changes its
@@ -65,6 +66,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     ``train_mode`` also requires the pruned model to run in train mode (see ``verify``), on
     ``train_inputs`` when given (smaller ones do: that run only has to run). ``where``, when
     given, is filled with the module whose forward raised for each group found alone.
+    ``dense`` (the unpruned model's run on these inputs) spares inexact probes, whose outputs
+    are not compared, the masked forward (see ``verify``).
     """
     # one-unit probes only compare the verified submodules: stop each forward there; a plan's
     # probes (after a failed check) run the whole model to find what broke it
@@ -82,7 +85,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
             result = verify(model, graph, units, example_inputs, outputs=outputs,
                             example_kwargs=example_kwargs, at=at, rtol=rtol,
                             train_mode=train_mode, stop_early=stop_early,
-                            train_inputs=train_inputs)
+                            train_inputs=train_inputs, dense=dense)
         except (VerificationError, SurgeryError) as exc:
             return str(exc), _raising_module(exc)
         if all(graph.units[u].exact for u in units) and not result.ok:
@@ -225,7 +228,8 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
                       where: dict[int, str], example_inputs: Any, *,
                       outputs: Optional[Callable] = None,
                       example_kwargs: Optional[dict] = None,
-                      at: Optional[Sequence[str]] = None
+                      at: Optional[Sequence[str]] = None,
+                      dense: Optional[DenseRun] = None
                       ) -> tuple[ChannelGraph, dict[int, str], list[str]]:
     """Tie the heads of attention that reads its width from its input to that input.
 
@@ -275,7 +279,7 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
                       if cols[c] >= 0] if merged else modular
         for pairs in dict.fromkeys(tuple(p) for p in (views, rows_mod) if p):
             if _tie_runs(model, graph, a, list(pairs), example_inputs, outputs=outputs,
-                         example_kwargs=example_kwargs, at=at):
+                         example_kwargs=example_kwargs, at=at, dense=dense):
                 linked.append((a, sorted({b for b, _, _ in entries}), list(pairs)))
                 break
     if not linked:

@@ -171,7 +171,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, evaluate: Callable[[nn
         raise ValueError(f"ratios must be in (0, 1), got {list(ratios)}")
     opts = PruneOptions.of(dict(options, importance=criterion, data=data, loss_fn=loss_fn))
     example_inputs, kwargs = _split_inputs(model, example_inputs, opts.example_kwargs)
-    work, _ = _working_copy(model, example_inputs, opts)
+    work, _, _ = _working_copy(model, example_inputs, opts)
     graph = analyze(capture(work, example_inputs, example_kwargs=kwargs, outputs=opts.outputs))
     scores = score_units(work, graph, criterion, data=data, loss_fn=loss_fn)
     cost = cost_model(graph)
