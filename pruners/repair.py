@@ -104,6 +104,21 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                 where[group] = at_module
         return why is not None
 
+    def likes(new: list[int], pool: list[int]) -> None:
+        """Probe alone the groups of ``pool`` laid out as one of ``new`` (just found): the same
+        layers in the other blocks (stages of a Swin, scales of a detection head) most often
+        fail alike, and each alone costs a fraction of a probe of the rest, which would fail
+        at the next one. Per layout, stop at the first that runs."""
+        tried: set[frozenset[str]] = set()
+        for g in new:
+            mine = _layout(layers[g])
+            if mine in tried:
+                continue
+            tried.add(mine)
+            for h in pool:
+                if h not in found and _layout(layers[h]) == mine and not alone(h):
+                    break
+
     def bisect(groups: list[int]) -> None:
         why, raised = failure(groups)
         if why is None:
@@ -113,7 +128,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
             if where is not None and raised is not None:
                 where[groups[0]] = raised
             return
-        before = len(found)
+        before = set(found)
         # the groups with layers inside the module that raised are the likely culprits, the
         # most inside first: find one, then probe the rest again, before bisecting blindly.
         # A module no group reaches into (a layer only training runs, never traced) points at
@@ -124,24 +139,18 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         suspects = sorted((g for g in groups if share.get(g)), key=lambda g: -share[g])
         if 0 < len(suspects) < len(groups):
             if len(suspects) <= 8:  # one probe each, in that order, beats bisecting them
-                for g in suspects:
-                    if alone(g):
-                        # the same layers in the other blocks (stages of a Swin or MaxViT)
-                        # most often fail alike: each alone costs a fraction of a probe of
-                        # the rest, which would fail at the next block; stop at one that runs
-                        for h in _alike(g, [h for h in groups if h not in found], layers):
-                            if not alone(h):
-                                break
-                        break
+                next((g for g in suspects if alone(g)), None)
             else:
                 bisect(suspects)
-            if len(found) > before:
+            if len(found) > len(before):
+                likes([g for g in found if g not in before], groups)
                 bisect([g for g in groups if g not in found])
                 return
         half = len(groups) // 2
         bisect(groups[:half])
-        bisect(groups[half:])
-        if len(found) == before:  # fails only in combination: freeze the whole set
+        likes([g for g in found if g not in before], groups[half:])
+        bisect([g for g in groups[half:] if g not in found])
+        if len(found) == len(before):  # fails only in combination: freeze the whole set
             found.update({g: why for g in groups})
 
     exact = [g for g in sorted(probes) if all(graph.units[u].exact for u in probes[g])]
@@ -152,13 +161,10 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     return found
 
 
-def _alike(group: int, groups: list[int], layers: dict[int, list[str]]) -> list[int]:
-    """The ``groups`` whose layers are ``group``'s but for block numbers (``stages.2.3.attn``
-    is ``stages.#.#.attn``), in order."""
-    def shape(g: int) -> frozenset[str]:
-        return frozenset(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "#", n) for n in layers[g])
-    mine = shape(group)
-    return [g for g in groups if g != group and shape(g) == mine]
+def _layout(names: list[str]) -> frozenset[str]:
+    """Layer names but for block numbers (``stages.2.3.attn`` is ``stages.#.#.attn``): groups
+    of the same layout sit in blocks built alike."""
+    return frozenset(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "#", n) for n in names)
 
 
 def _inside(name: str, module: str) -> bool:
