@@ -22,7 +22,7 @@ from depgraph.graph import ChannelGraph
 
 from .attention import as_pruned
 
-__all__ = ["remove_units", "apply_kept", "MODULE_FIXERS"]
+__all__ = ["remove_units", "apply_kept", "MODULE_FIXERS", "SCORE_SCALE_FIXES"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,59 @@ MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
     (nn.MultiheadAttention, _mha_attrs),
     (nn.Embedding, lambda m, new: {"embedding_dim": new.get("weight", m.weight).shape[1]}),
 ]
+
+
+def _area_attention_q(module: nn.Module, old: int, new: int,
+                      current: Callable[[nn.Module, str], Optional[torch.Tensor]]
+                      ) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Ultralytics' ``AAttn`` multiplies q by ``self.head_dim ** -0.5`` in ``forward``: scale the
+    rows that make q (the first ``head_dim`` of each head's q|k|v block of ``qkv``) by
+    ``sqrt(new / old)``, in its batch norm (or its conv, once fused), so the scores stay the
+    masked original's."""
+    qkv = module.qkv
+    holder = qkv.bn if isinstance(getattr(qkv, "bn", None), nn.BatchNorm2d) else qkv.conv
+    rows = (torch.arange(module.num_heads)[:, None] * 3 * new + torch.arange(new)).flatten()
+    out = []
+    for name in ("weight", "bias"):
+        tensor = current(holder, name)
+        if tensor is None:
+            continue
+        if tensor.shape[0] != 3 * new * module.num_heads:
+            raise SurgeryError(f"{type(module).__name__}: {name} of its qkv has "
+                               f"{tensor.shape[0]} rows, not 3 x {module.num_heads} heads x "
+                               f"{new}")
+        scaled = tensor.detach().clone()
+        scaled[rows.to(scaled.device)] *= (new / old) ** 0.5
+        out.append((holder, name, nn.Parameter(scaled, requires_grad=tensor.requires_grad)))
+    return out
+
+
+#: Modules (qualified class names) whose ``forward`` scales attention scores by a width that
+#: surgery rewrites (``q * self.head_dim ** -0.5``) -> function(module, old width, new width,
+#: current(module, name) -> the tensor about to be committed) -> parameters to swap in, so
+#: the pruned scores equal the masked original's. Without an entry the check finds the
+#: difference and repair freezes the heads.
+SCORE_SCALE_FIXES: dict[str, Callable[..., list[tuple[nn.Module, str, torch.Tensor]]]] = {
+    "ultralytics.nn.modules.block.AAttn": _area_attention_q,
+}
+
+
+def _score_scale_swaps(attr_updates: list[tuple[nn.Module, str, Any]], swaps: list[_Swap]
+                       ) -> list[_Swap]:
+    """Swaps that keep scores where a ``SCORE_SCALE_FIXES`` module's ``head_dim`` changes."""
+    pending = {(id(s.module), s.name): s.value for s in swaps}
+
+    def current(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+        return pending.get((id(module), name), getattr(module, name, None))
+
+    out = []
+    for module, name, value in attr_updates:
+        cls = type(module)
+        fix = SCORE_SCALE_FIXES.get(f"{cls.__module__}.{cls.__qualname__}")
+        old = getattr(module, name, None)
+        if fix is not None and name == "head_dim" and value != old:
+            out += [_Swap(m, n, True, t) for m, n, t in fix(module, old, value, current)]
+    return out
 
 
 def fixer_for(module: nn.Module) -> Optional[Callable[..., dict[str, Any]]]:
@@ -418,6 +471,8 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
     attr_updates += _size_rewrites(model, sizes or {}, attr_updates)
     attr_updates += _container_rewrites(model, attr_updates, {id(m) for m, _ in
                                                               new_by_module.values()})
+
+    swaps += _score_scale_swaps(attr_updates, swaps)  # after the slices they scale: they win
 
     # Commit: nothing below can fail for a well-formed module.
     for s in swaps:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .elementwise import broadcast_maps
-from .modules import KEEPS_SCORE_SCALE, SCALES_BY_WIDTH
+from .modules import KEEPS_SCORE_SCALE
 from .registry import LayerUse, RuleContext, register
 
 aten = torch.ops.aten
@@ -181,8 +181,6 @@ def matmul_maps(ctx: RuleContext, a_node, a, b_node, b) -> tuple:
         ctx.unify(ka, kb)
         if ctx.param(a_node) is None and ctx.param(b_node) is None:
             ctx.mark_contracted(ka)
-            if ctx.module_type() in SCALES_BY_WIDTH:
-                ctx.mark_inexact(ka, f"{ctx.where()} {SCALES_BY_WIDTH[ctx.module_type()]}")
     elif (ka is None) != (kb is None):
         ctx.freeze([ka, kb], f"{ctx.where()} contracts channels with a fixed-size dim")
     ctx.consumer(b_node, len(b_shape) - 2)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FIXED_MODULES", "KEEPS_SCORE_SCALE", "SCALES_BY_WIDTH", "fixed_params"]
+__all__ = ["FIXED_MODULES", "KEEPS_SCORE_SCALE", "fixed_params"]
 
 FIXED_MODULES: dict[type, str] = {}
 
@@ -22,15 +22,6 @@ FIXED_MODULES: dict[type, str] = {}
 #: ``1/sqrt(head_dim)``, so the default scale of the sdpa inside it does not make its heads'
 #: channels inexact.
 KEEPS_SCORE_SCALE: frozenset[str] = frozenset({"torch.nn.modules.activation.MultiheadAttention"})
-
-
-#: Modules (qualified class names) whose forward computes its attention scale from a width
-#: attribute that surgery rewrites (Ultralytics' area attention multiplies q by
-#: ``self.head_dim ** -0.5``): the pruned scale differs, so their q.k channels are inexact.
-SCALES_BY_WIDTH: dict[str, str] = {
-    "ultralytics.nn.modules.block.AAttn": "computes its score scale from head_dim, which "
-                                          "shrinks with its heads",
-}
 
 
 _SCRIPTED = ("is TorchScript: its compiled code keeps its own copies of the parameters, so "
