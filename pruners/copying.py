@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["copy_model"]
+__all__ = ["copy_model", "own_parameters"]
 
 _IMMUTABLE = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device,
                         torch.layout, torch.memory_format, torch.Size, type,
@@ -75,3 +75,16 @@ def _copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
     return new
+
+
+def own_parameters(model: nn.Module, other: nn.Module) -> None:
+    """Give ``model`` its own copy of every parameter it still shares with ``other`` (tied
+    parameters stay tied): a pruned copy made with shared parameters, before it leaves."""
+    theirs = {id(p) for p in other.parameters()}
+    fresh: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and id(p) in theirs:
+                if id(p) not in fresh:
+                    fresh[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                module._parameters[name] = fresh[id(p)]

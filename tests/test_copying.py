@@ -137,3 +137,18 @@ def test_the_original_runs_in_train_mode_only_to_excuse_a_failure(monkeypatch):
     with pytest.raises(VerificationError, match="train mode"):
         verify(model, g, a_group.units[:1], x, train_mode=True)
     assert calls == [1]  # the original ran, and works: the failure stands
+
+
+def test_a_pruned_copy_owns_its_parameters_once_the_check_passed():
+    """``prune`` copies the working model sharing parameters for surgery; the model it returns
+    gets its own copies of those the plan left alone, ties kept."""
+    from pruners.copying import own_parameters
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    model[1].weight = model[0].weight  # tied
+    new = copy_model(model, shared_params(model))
+    new[0].bias = nn.Parameter(torch.zeros(4))  # as surgery swaps a changed one
+    own_parameters(new, model)
+    assert not {id(p) for p in model.parameters()} & {id(p) for p in new.parameters()}
+    assert new[1].weight is new[0].weight and torch.equal(new[0].weight, model[0].weight)
+    assert new[1].bias.requires_grad
