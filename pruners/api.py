@@ -28,10 +28,10 @@ from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
 
 from .allocate import InfeasibleTargetError, Target, allocate
+from .copying import copy_model, own_parameters
 from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
 from .recovery import adopt_state, check_methods, recover
-from .copying import copy_model, own_parameters
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths, probe_inputs
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
@@ -291,8 +291,7 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
 
 
 def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inputs: Any,
-            target: Target,
-            opts: PruneOptions, patterns: list[str], clock: _Clock,
+            target: Target, opts: PruneOptions, patterns: list[str], clock: _Clock,
             hardware: Optional["_Hardware"] = None) -> tuple[PlannedPruning, nn.Module]:
     """Plan on ``work`` (an eval copy, not modified) and return the plan with the pruned copy
     it was verified on, its reparametrizations (``lifted``) restored. Groups whose pruning

@@ -55,7 +55,7 @@ class DenseRun:
     contract outputs and its FLOPs (:class:`pruners.flops.FlopCount`, None if not counted).
 
     Masking changes neither, so a check of inexact units, whose outputs are not compared,
-    needs no masked forward of its own: on a ViT at 546 px that forward is ten seconds.
+    needs no masked forward of its own: on a large ViT that forward takes seconds.
     """
 
     inputs: Any
@@ -89,15 +89,15 @@ def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable]
 
 
 def shared_params(model: nn.Module) -> dict[int, nn.Parameter]:
-    """A deepcopy memo (``copying.copy_model``) that shares every parameter of ``model`` with the copy.
+    """A copy memo (``copying.copy_model``) that shares every parameter of ``model``.
 
     Safe for a copy that surgery prunes before anything else touches it: surgery swaps a new
     tensor into the copy for every parameter it changes and never writes into the old one, so
     the copy keeps only parameters the plan leaves alone; masking (in place, on the original,
     after the pruned copy ran) writes only into changed ones. A repair probe changes nearly
     every parameter, so copying them first (then slicing them again) tripled its memory
-    traffic. Buffers are always copied: a forward in train mode updates them in place. Pass
-    a fresh ``dict(memo)`` to each deepcopy (deepcopy fills the memo it is given).
+    traffic. Buffers are always copied: a forward in train mode updates them in place. The
+    memo is new at each call (a copy fills the memo it is given).
     """
     return {id(p): p for p in model.parameters()}
 

@@ -162,10 +162,9 @@ def test_units_that_hold_a_whole_layer_dim_are_not_probed():
     assert find_unprunable_groups(model, g, x) == {}
 
 
-def test_the_module_that_raised_narrows_the_search(monkeypatch):
-    """Eight BakedSplit blocks in a row, each failing inside its own forward: the probe that
-    fails names the block, whose few groups are probed first; the same groups are found with
-    fewer probes than a blind bisection over every group."""
+def _baked_blocks(monkeypatch):
+    """Eight BakedSplit blocks in a row, each failing inside its own forward; the list that
+    ``calls`` fills with one item per repair probe."""
     from pruners import repair
 
     model = nn.Sequential(*[BakedSplit() for _ in range(8)]).eval()
@@ -176,6 +175,15 @@ def test_the_module_that_raised_narrows_the_search(monkeypatch):
     calls = []
     real = repair.verify
     monkeypatch.setattr(repair, "verify", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return model, g, x, calls
+
+
+def test_the_module_that_raised_narrows_the_search(monkeypatch):
+    """The probe that fails names the block, whose few groups are probed first; the same
+    groups are found with fewer probes than a blind bisection over every group."""
+    from pruners import repair
+
+    model, g, x, calls = _baked_blocks(monkeypatch)
     bad = find_unprunable_groups(model, g, x)
     assert sorted(g.groups[gid].layers[0] for gid in bad) == [f"{i}.cv1.0" for i in range(8)]
     localized, calls[:] = len(calls), []
@@ -190,14 +198,7 @@ def test_a_group_found_has_its_likes_in_the_other_blocks_probed_next(monkeypatch
     the same groups, fewer probes."""
     from pruners import repair
 
-    model = nn.Sequential(*[BakedSplit() for _ in range(8)]).eval()
-    for block in model[1:]:
-        block.stem = cbr(4, 16)
-    x = torch.randn(1, 3, 8, 8)
-    g = analyze(capture(model, x))
-    calls = []
-    real = repair.verify
-    monkeypatch.setattr(repair, "verify", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, g, x, calls = _baked_blocks(monkeypatch)
     bad = find_unprunable_groups(model, g, x)
     with_likes, calls[:] = len(calls), []
     monkeypatch.setattr(repair, "_layout", frozenset)  # every group its own layout
