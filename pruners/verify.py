@@ -66,15 +66,15 @@ class DenseRun:
     def of(cls, model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,
            example_kwargs: Optional[dict] = None) -> "DenseRun":
         """Run ``model`` once, counting its FLOPs where the counter can follow it."""
-        from .flops import FlopCount, counting
+        def run(m: nn.Module) -> list[torch.Tensor]:
+            return run_model(m, example_inputs, outputs, example_kwargs)
 
+        counted: dict = {}
         try:
-            with counting(model) as counter:
-                got = run_model(model, example_inputs, outputs, example_kwargs)
-            flops = FlopCount.of(counter)
+            got = _run_counted(run, model, counted, "dense")
         except Exception:  # noqa: BLE001 - the plain run says whether the model runs
-            got, flops = run_model(model, example_inputs, outputs, example_kwargs), None
-        return cls(example_inputs, [tuple(t.shape) for t in got], flops)
+            got = run(model)
+        return cls(example_inputs, [tuple(t.shape) for t in got], counted.get("dense"))
 
 
 def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,
