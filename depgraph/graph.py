@@ -152,9 +152,11 @@ class ChannelGraph:
 
     def size_changes(self, removed: "set[int] | frozenset[int]") -> dict[str, dict[int, int]]:
         """Per module, ``old -> new`` for each width its code passes as a number that removing
-        ``removed`` changes (``x.split((self.c, self.c))``: 128 -> 120). A width that would
-        become two different sizes, or stay in one place and change in another, is left out:
-        no single attribute value could serve both."""
+        ``removed`` changes (``x.split((self.c, self.c))``: 128 -> 120), and ``old -> old``
+        for one that stays everywhere (so that an attribute equal to it is not taken for
+        another width of that value that shrinks). A width that would become two different
+        sizes, or stay in one place and change in another, is left out: no single attribute
+        value could serve both."""
         removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
         seen: dict[str, dict[int, set[int]]] = {}
         for module, arrays in self.sizes:
@@ -163,11 +165,8 @@ class ChannelGraph:
                 seen.setdefault(module, {}).setdefault(len(ids), set()).add(new)
         out: dict[str, dict[int, int]] = {}
         for module, olds in seen.items():
-            changed = {old: next(iter(news)) for old, news in olds.items()
-                       if len(news) == 1 and old not in news}
-            if changed:
-                out[module] = changed
-        return out
+            out[module] = {old: next(iter(news)) for old, news in olds.items() if len(news) == 1}
+        return {module: widths for module, widths in out.items() if widths}
 
     def _renumbered(self, mapping: np.ndarray) -> dict:
         """The unit-id-bearing fields other than ``unit_index``, through ``mapping`` (old id ->

@@ -10,6 +10,8 @@ only then swapped in, so a failure leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -193,6 +195,14 @@ def _public_widths(module: nn.Module) -> dict[str, list[int]]:
             and (items := _int_items(value)) is not None}
 
 
+def _pinned_attrs(module: nn.Module, stays: frozenset[int]) -> set[str]:
+    """``module``'s int attributes equal to a width in ``stays`` (see ``_own_width_rewrites``):
+    the rewrites by value leave them alone. A head count is not one: it stays by design."""
+    return {a for a, v in vars(module).items()
+            if isinstance(v, int) and not isinstance(v, bool) and v in stays
+            and a not in HEAD_COUNTS}
+
+
 def _one_to_one(pairs: Iterable[tuple[int, int]]) -> dict[int, int]:
     """old width -> new width, for the widths that changed to one new value only."""
     seen: dict[int, set[int]] = {}
@@ -206,17 +216,20 @@ def _as_before(old: Any, items: list[int]) -> Any:
     return items[0] if isinstance(old, int) else type(old)(items)
 
 
-def _own_width_rewrites(model: nn.Module, module: nn.Module, new: dict[str, torch.Tensor]
-                        ) -> list[tuple[nn.Module, str, Any]]:
+def _own_width_rewrites(model: nn.Module, module: nn.Module, new: dict[str, torch.Tensor],
+                        stays: frozenset[int] = frozenset()) -> list[tuple[nn.Module, str, Any]]:
     """A module no fixer knows, whose own tensors shrink: its int attributes that equal a
     changed width (``self.dim = 64`` read by ``forward``) follow it. Two different new widths
-    for one old value is ambiguous: SurgeryError, rather than a guess."""
+    for one old value is ambiguous: SurgeryError, rather than a guess. ``stays``: widths the
+    graph saw this module's code pass that the plan keeps, wherever they appear (TNT's
+    attention reshapes by ``hidden_dim``, equal to its input width; when only the input
+    shrinks, ``hidden_dim`` and ``head_dim`` must stay)."""
     changed: dict[int, set[int]] = {}
     for name, t in new.items():
         for old, now in zip(getattr(module, name).shape, t.shape):
-            if old != now:
+            if old != now and int(old) not in stays:
                 changed.setdefault(int(old), set()).add(int(now))
-    done: set[str] = set()
+    done = _pinned_attrs(module, stays)
     updates = _head_rewrites(module, _one_to_one(
         (old, now) for old, news in changed.items() for now in news), done)
     for attr, items in _public_widths(module).items():
@@ -291,10 +304,13 @@ def _widths(module: nn.Module, updates: dict[str, Any]) -> Optional[tuple[int, i
 
 
 def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, Any]],
-                        touched: set[int]) -> list[tuple[nn.Module, str, Any]]:
+                        touched: set[int],
+                        stays: Callable[[nn.Module], frozenset[int]] = lambda m: frozenset()
+                        ) -> list[tuple[nn.Module, str, Any]]:
     """Containers that keep their children's widths in Python (timm's MixedConv2d splits its
     input by ``self.splits`` and stores ``in_channels``): a list equal to the children's old
-    input (or output) widths, or an int equal to their sum, takes the new widths."""
+    input (or output) widths, or an int equal to their sum, takes the new widths. ``stays``
+    gives the widths a container's code passes that the plan keeps (``_own_width_rewrites``)."""
     by_module: dict[int, dict[str, Any]] = {}
     for module, attr, value in pending:
         by_module.setdefault(id(module), {})[attr] = value
@@ -311,8 +327,10 @@ def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, An
         if not known:
             continue
         old_in, old_out, new_in, new_out = ([w[i] for w in known] for i in range(4))
-        names = {a for (i, a) in done if i == id(parent)}
-        updates += _head_rewrites(parent, _one_to_one(zip(old_in + old_out, new_in + new_out)),
+        kept = stays(parent)
+        names = {a for (i, a) in done if i == id(parent)} | _pinned_attrs(parent, kept)
+        changed = _one_to_one(zip(old_in + old_out, new_in + new_out))
+        updates += _head_rewrites(parent, {o: n for o, n in changed.items() if o not in kept},
                                   names)
         for attr, items in _public_widths(parent).items():
             if attr in names:
@@ -411,6 +429,43 @@ def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) ->
     return apply_kept(model, kept, graph.param_shapes, graph.size_changes(removed))
 
 
+#: Above this many blocks (the product of each cut's runs of kept indices), ``take`` gathers.
+_MAX_BLOCKS = 64
+
+
+def take(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """A new tensor holding ``tensor`` at the sorted indices ``idx`` along each ``(dim, idx)``.
+
+    Where the kept indices form a few runs (a repair probe drops one channel per group), the
+    runs are copied block by block into one new tensor: on a 600M-parameter model, gathering
+    one dim after the other took seconds, through an intermediate as large as the weight.
+    Otherwise (a real plan keeps scattered channels) ``index_select`` along each dim.
+    """
+    cuts = [(dim, idx.to(tensor.device)) for dim, idx in cuts]
+    breaks = [(torch.nonzero(idx[1:] - idx[:-1] != 1).flatten() + 1).tolist()
+              for _, idx in cuts]  # where a new run of consecutive indices starts
+    if any(len(idx) == 0 for _, idx in cuts) or \
+            math.prod(len(b) + 1 for b in breaks) > _MAX_BLOCKS:
+        # the dim that keeps the smallest share first: the intermediate is smallest
+        for dim, idx in sorted(cuts, key=lambda c: len(c[1]) / tensor.shape[c[0]]):
+            tensor = tensor.index_select(dim, idx)
+        return tensor
+    shape = list(tensor.shape)
+    runs = []  # per cut: (source start, destination start, length) of each run
+    for (dim, idx), starts in zip(cuts, breaks):
+        shape[dim] = len(idx)
+        bounds = [0] + starts + [len(idx)]
+        firsts = idx[bounds[:-1]].tolist()
+        runs.append([(f, a, b - a) for f, a, b in zip(firsts, bounds, bounds[1:])])
+    out = tensor.new_empty(shape)
+    for combo in itertools.product(*runs):
+        src, dst = tensor, out
+        for (dim, _), (start, at, n) in zip(cuts, combo):
+            src, dst = src.narrow(dim, start, n), dst.narrow(dim, at, n)
+        dst.copy_(src)
+    return out
+
+
 def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
                shapes: dict[str, tuple[int, ...]],
                sizes: Optional[dict[str, dict[int, int]]] = None) -> nn.Module:
@@ -436,29 +491,31 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
             if tuple(old.shape) != tuple(shapes[fqn]):
                 raise SurgeryError(f"'{fqn}' has shape {tuple(old.shape)} but was analysed with "
                                    f"{tuple(shapes[fqn])}; re-run analysis on this model")
-            new = old.detach()
-            for dim, idx in cuts:  # index_select copies: ``new`` never shares ``old``'s memory
-                new = new.index_select(dim, idx.to(new.device))
+            new = take(old.detach(), cuts)  # a copy: never shares ``old``'s memory
             holders = owners.get(id(old), [])
             value: torch.Tensor
             if isinstance(old, nn.Parameter):
                 value = nn.Parameter(new, requires_grad=old.requires_grad)
                 if old.grad is not None:
-                    grad = old.grad
-                    for dim, idx in cuts:
-                        grad = grad.index_select(dim, idx.to(grad.device))
-                    value.grad = grad.clone()
+                    value.grad = take(old.grad, cuts)
             else:
                 value = new
             for module, name, is_param in holders:
                 swaps.append(_Swap(module, name, is_param, value))
                 new_by_module.setdefault(id(module), (module, {}))[1][name] = value
 
+    names = {id(m): n for n, m in model.named_modules()} if sizes else {}
+
+    def stays(module: nn.Module) -> frozenset[int]:
+        """Widths ``module``'s code passes (as the graph saw) that the plan keeps."""
+        widths = sizes.get(names[id(module)], {}) if id(module) in names else {}
+        return frozenset(old for old, now in widths.items() if old == now)
+
     attr_updates: list[tuple[nn.Module, str, Any]] = []
     for module, new in new_by_module.values():
         fixer = fixer_for(module)
         if fixer is None:
-            attr_updates += _own_width_rewrites(model, module, new)
+            attr_updates += _own_width_rewrites(model, module, new, stays(module))
             continue
         try:
             attrs = fixer(module, new)
@@ -470,7 +527,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
     # is, where a container's children may have equal input and output widths
     attr_updates += _size_rewrites(model, sizes or {}, attr_updates)
     attr_updates += _container_rewrites(model, attr_updates, {id(m) for m, _ in
-                                                              new_by_module.values()})
+                                                              new_by_module.values()}, stays)
 
     swaps += _score_scale_swaps(attr_updates, swaps)  # after the slices they scale: they win
 

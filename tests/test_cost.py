@@ -70,3 +70,37 @@ def test_flops_count_timm_pit_whose_modules_trip_torchs_module_tracker():
     flops, params = measure(model, torch.randn(1, 3, 224, 224))
     assert flops > 1e9 and params == sum(p.numel() for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
+
+
+class _CostAsLatency:
+    """A latency model that is the FLOPs cost itself: allocation evaluates it after every
+    chunk, as it must for a latency table (which may rise at a kernel's step)."""
+
+    def __init__(self, cost):
+        self.cost = cost
+
+    def evaluate(self, kept):
+        return self.cost.evaluate(kept)[0]
+
+    def full(self):
+        return self.cost.full()[0]
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "densenet", "class_token_vit", "fpn"])
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_batched_allocation_removes_what_chunk_by_chunk_does(name, round_to):
+    """A FLOPs target evaluates the cost once per batch of chunks, replaying a batch that
+    crosses the target one chunk at a time; a latency target evaluates after every chunk.
+    With the FLOPs cost as the latency, both must remove the same units, for any target."""
+    from pruners import Target, allocate
+
+    model, x = build(name)
+    graph = analyze(capture(model, x))
+    cost = cost_model(graph)
+    scores = np.random.default_rng(0).random(len(graph.units))
+    for value in (0.3, 0.5, 0.8):
+        batched = allocate(graph, scores, cost, Target("flops", value), round_to=round_to)
+        stepped = allocate(graph, scores, cost, Target("latency", value), round_to=round_to,
+                           latency=_CostAsLatency(cost))
+        assert batched == stepped, (value, len(batched), len(stepped))
+        assert len(batched) > 0

@@ -214,3 +214,37 @@ def test_prune_reports_the_head_rewrite_and_lands_on_target():
     assert any("attn.head_dim: 8 -> " in n for n in result.report.notes), result.report.notes
     assert not any("froze group" in n for n in result.report.notes), result.report.notes
     assert abs(result.report.flops_ratio - 0.5) <= 0.01
+
+
+class _SplitHeads(nn.Module):
+    """TNT's attention: q/k and v project separately, ``hidden_dim`` (the head split) equals
+    the input width, and only q/k reshape by the stored ``head_dim``."""
+
+    def __init__(self, dim: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.hidden_dim, self.num_heads, self.head_dim = dim, heads, dim // heads
+        self.qk, self.v = nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k = self.qk(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        v = self.v(x).reshape(b, n, self.num_heads, -1).transpose(1, 2)
+        return ((q @ k.transpose(-2, -1)).softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+
+
+def test_an_input_as_wide_as_the_heads_shrinks_without_touching_them():
+    """When only the input shrinks (12 -> 9), ``head_dim`` and ``hidden_dim`` equal to that
+    input's old width, or a quarter of it, must stay: the graph saw the code pass them for the
+    q/k heads, which keep their width. They used to follow the input, and q/k's reshape
+    broke (TNT-S froze its residual stream)."""
+    model = nn.Sequential(nn.Linear(5, 12), _SplitHeads(), nn.Linear(12, 4)).eval()
+    x = torch.randn(2, 6, 5)
+    graph = analyze(capture(model, x))
+    stream = sorted(set(graph.unit_index[("0.weight", 0)].tolist()))
+    assert len(stream) == 12
+    units = stream[:3]
+    assert verify(model, graph, units, x).ok
+    attn = remove_units(model, graph, units)[1]
+    assert attn.qk.in_features == attn.v.in_features == 9
+    assert (attn.num_heads, attn.head_dim, attn.hidden_dim) == (3, 4, 12)

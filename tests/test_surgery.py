@@ -111,3 +111,25 @@ def test_tied_weights_shrink_everywhere_they_are_used():
     assert model.b.weight is model.c.weight
     assert model.c.in_channels == model.c.weight.shape[1]
     run_model(model, x)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_take_copies_runs_and_scatters_alike(seed):
+    """``take`` copies few runs of kept indices block by block and gathers scattered ones: both
+    must equal index_select along each dim, in a tensor that shares nothing with the input."""
+    from pruners.surgery import take
+
+    rng = np.random.default_rng(seed)
+    w = torch.randn(40, 24, 3, 3)
+    one_hole = [(0, torch.tensor([i for i in range(40) if i != 7])),
+                (1, torch.tensor([i for i in range(24) if i != 23]))]
+    scattered = [(0, torch.from_numpy(np.sort(rng.choice(40, 17, replace=False)))),
+                 (1, torch.from_numpy(np.sort(rng.choice(24, 9, replace=False))))]
+    for cuts in (one_hole, scattered, one_hole[1:], scattered[:1]):
+        expected = w
+        for dim, idx in cuts:
+            expected = expected.index_select(dim, idx)
+        got = take(w, cuts)
+        assert torch.equal(got, expected)
+        got.zero_()
+        assert w.abs().sum() > 0  # the original is untouched

@@ -45,10 +45,14 @@ def unit_sums(model: nn.Module, graph: ChannelGraph,
 
     ``per_index`` reduces a parameter to one value per index along ``dim``. Buffers (running
     statistics) are skipped: they describe data, not the learned channel. ``keys`` limits the
-    sum to some ``(param, dim)`` pairs (default: every slice the graph knows).
+    sum to some ``(param, dim)`` pairs (default: every slice the graph knows). A parameter's
+    dims are visited one after the other, so ``per_index`` can reuse work between them.
     """
     total = np.zeros(len(graph.units), dtype=np.float64)
+    by_param: dict[str, list[tuple[str, int]]] = {}  # a parameter's dims one after the other
     for key in (graph.unit_index if keys is None else keys):
+        by_param.setdefault(key[0], []).append(key)
+    for key in (k for ks in by_param.values() for k in ks):
         param, dim = key
         ids = graph.unit_index.get(key)
         if ids is None or param in graph.buffers:

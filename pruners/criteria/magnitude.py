@@ -18,9 +18,19 @@ def magnitude(p: int) -> Criterion:
     """``(sum over every slice of the unit of |w|^p) ** (1/p)``: large anywhere counts."""
 
     def score(model: nn.Module, graph: ChannelGraph, data: ScoreData) -> np.ndarray:
+        powered: dict[str, torch.Tensor] = {}  # |w|^p of the parameter whose dims run now
+
+        def per_index(param: str, dim: int, t: torch.Tensor) -> torch.Tensor:
+            if param not in powered:  # once per parameter, in float32 at least (torch's
+                # sums are pairwise): in float64, a 600M-parameter model took seconds
+                powered.clear()
+                w = t.detach()
+                w = w.float() if w.element_size() < 4 else w
+                powered[param] = w.square() if p == 2 else w.abs() if p == 1 else w.abs() ** p
+            return reduce_except(powered[param], dim)
+
         with torch.no_grad():
-            total = unit_sums(model, graph,
-                              lambda _, dim, t: reduce_except(t.detach().double().abs() ** p, dim))
+            total = unit_sums(model, graph, per_index)
         return total ** (1.0 / p)
 
     return Criterion(f"l{p}", score)
