@@ -28,7 +28,8 @@ _VERSION = 1
 class Plan:
     """``kept[param][dim]`` lists the indices that stay; ``shapes`` the original shapes;
     ``sizes[module]`` maps old to new widths that module's code passes as numbers (its int
-    attributes holding them are rewritten; see ``ChannelGraph.size_changes``)."""
+    attributes holding them are rewritten; ``old -> old``: a width that stays, which an
+    attribute rewrite by value must not take for another; see ``ChannelGraph.size_changes``)."""
 
     kept: dict[str, dict[int, list[int]]]
     shapes: dict[str, tuple[int, ...]]

@@ -222,8 +222,8 @@ def _own_width_rewrites(model: nn.Module, module: nn.Module, new: dict[str, torc
     changed width (``self.dim = 64`` read by ``forward``) follow it. Two different new widths
     for one old value is ambiguous: SurgeryError, rather than a guess. ``stays``: widths the
     graph saw this module's code pass that the plan keeps, wherever they appear (TNT's
-    attention reshapes by ``hidden_dim``, equal to its input width; when only the input
-    shrinks, ``hidden_dim`` and ``head_dim`` must stay)."""
+    attention keeps ``hidden_dim`` equal to its input width and reshapes q/k by ``head_dim =
+    hidden_dim / heads``; when only the input shrinks, both must stay)."""
     changed: dict[int, set[int]] = {}
     for name, t in new.items():
         for old, now in zip(getattr(module, name).shape, t.shape):
