@@ -245,7 +245,11 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
         if not tried:
             break
         if batch:
-            kept = [c for c in tried if state.allows(c) and (state.remove(c) or True)]
+            kept = []
+            for chunk in tried:
+                if state.allows(chunk):
+                    state.remove(chunk)
+                    kept.append(chunk)
             if state.ratio() > target.value:  # every chunk of the batch stays
                 removed.extend(u for c in kept for u in c)
                 batch = min(2 * batch, 4096)
