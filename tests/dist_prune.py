@@ -5,6 +5,7 @@ Every rank builds the same model, reads its own shard, prunes with a data-driven
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -46,8 +47,14 @@ def main(out: str) -> None:
     weights = [p.detach().flatten()[:4].tolist() for p in ddp.module.parameters()][:2]
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"plan": result.plan.to_dict()["kept"], "weights": weights}, f)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: gloo's C++ threads occasionally abort there ("terminate called
+    # without an active exception") after all work is done and written
+    os._exit(0)

@@ -14,9 +14,11 @@ import dist_prune
 from pruners import prune
 
 HERE = os.path.dirname(__file__)
-#: what torch.distributed.run prints when its standalone rendezvous could not bind or connect
-_RENDEZVOUS = re.compile(r"address already in use|EADDRINUSE|RendezvousConnectionError|"
-                         r"DistNetworkError", re.IGNORECASE)
+#: what the job prints when torch itself, not the code under test, failed: the standalone
+#: rendezvous could not bind or connect, or a C++ thread of gloo aborted the process
+_TORCH_FLAKE = re.compile(r"address already in use|EADDRINUSE|RendezvousConnectionError|"
+                          r"DistNetworkError|terminate called without an active exception",
+                          re.IGNORECASE)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
@@ -31,8 +33,8 @@ def test_ranks_with_different_shards_get_one_plan_and_train_under_ddp(tmp_path):
                               timeout=300)
 
     job = launch()
-    if job.returncode != 0 and _RENDEZVOUS.search(job.stderr):
-        job = launch()  # the launcher's local rendezvous lost a race for its port: once more
+    if job.returncode != 0 and _TORCH_FLAKE.search(job.stderr):
+        job = launch()  # torch's launcher or gloo failed, not a rank's Python code: once more
     assert job.returncode == 0, \
         f"the 2-rank job failed:\n{job.stdout[-2000:]}\n{job.stderr[-6000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
