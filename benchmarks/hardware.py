@@ -4,7 +4,8 @@ For each model, in one process: the dense model; ours at 50% FLOPs with round_to
 "auto"; ours at ``target_latency=0.5`` measured with PyTorch eager and with onnxruntime;
 Torch-Pruning at 50% FLOPs with round_to 8 and 16. Then every model is timed interleaved
 (``pruners.latency.measure_models``: rounds in rotated order, spread checked, retried, marked
-noisy if it stays wide) with PyTorch eager and with onnxruntime on the CPU, batch 1.
+noisy if it stays wide) with PyTorch eager, onnxruntime and (when installed) OpenVINO on the
+CPU, batch 1.
 
 Efficiency is speedup / FLOPs reduction (speedup x FLOPs kept): 1 means every FLOP removed
 turned into time. Results go to ``benchmarks/results/hardware{_quick}.{csv,md,json}``. Run it
@@ -42,6 +43,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "tp r8": ("torch_pruning", dict(target_flops=0.5, round_to=8)),
     "tp r16": ("torch_pruning", dict(target_flops=0.5, round_to=16)),
 }
+#: backend -> column key; OpenVINO only when it is installed
+BACKENDS = {"eager": "eager", "onnxruntime": "ort", "openvino": "ov"}
 #: RetinaNet resizes every image to 800 px by default; at 320 px a forward fits 2 cores.
 DETECTOR_SIZE = 320
 
@@ -108,7 +111,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
                 info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         models_ = {"dense": bench.model, **pruned}
         timings = {}
-        for backend in ("eager", "onnxruntime"):
+        for backend in _backends():
             print(f"[hardware] {name}: timing {len(models_)} models with {backend} ...",
                   flush=True)
             timings[backend] = measure_models(copy.copy(models_), bench.inputs, backend=backend,
@@ -121,8 +124,8 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
             if label in models_:
                 flops, params = measure(models_[label], counted)
                 row.update(flops_kept=round(flops / flops0, 4), params_kept=round(params / params0, 4))
-            for backend, key in (("eager", "eager"), ("onnxruntime", "ort")):
-                m = timings[backend]
+            for backend, m in timings.items():
+                key = BACKENDS[backend]
                 if label in m.times:
                     t = m.times[label]
                     row[f"{key}_ms"] = round(t.median_ms, 3)
@@ -137,6 +140,12 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
             rows.append(row)
         _write(rows, envs, out, prefix)
     return rows
+
+
+def _backends() -> list[str]:
+    import importlib.util
+
+    return [b for b in BACKENDS if b != "openvino" or importlib.util.find_spec("openvino")]
 
 
 def _write(rows: list[dict], envs: dict, out: str, prefix: str) -> None:
@@ -169,18 +178,23 @@ def _cell(row: dict, key: str) -> str:
 
 def markdown(rows: list[dict], envs: dict) -> str:
     env = next(iter(envs.values()), {})
+    shown = [b for b in BACKENDS if any(f"{BACKENDS[b]}_ms" in r for r in rows)] \
+        or ["eager", "onnxruntime"]
+    versions = f"onnxruntime {env.get('onnxruntime', '?')}" + (
+        f", OpenVINO {env.get('openvino', '?')} (f32)" if "openvino" in shown else "")
     lines = ["# Hardware-aware pruning: measured latency", "",
              f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
-             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}, onnxruntime "
-             f"{env.get('onnxruntime', '?')}; {env.get('date', '')}. Batch 1, CPU; every model "
+             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}, {versions}; "
+             f"{env.get('date', '')}. Batch 1, CPU; every model "
              "of a row group timed interleaved in one process (median ms ± interquartile spread"
              " · speedup over dense · efficiency = speedup × FLOPs kept; ✗ under 0.9).", "",
-             "| model | variant | FLOPs kept | round_to | eager | onnxruntime | latency target: "
+             f"| model | variant | FLOPs kept | round_to | {' | '.join(shown)} | latency target: "
              "predicted / measured in prune | engine s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---" * (6 + len(shown)) + "|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['model']} | {r['variant']} | error: {r['error'][:80]} |"
+                         + " |" * (4 + len(shown)))
             continue
         tool, options = VARIANTS.get(r["variant"], ("", {}))
         rt = r.get("round_to", options.get("round_to", ""))
@@ -188,10 +202,10 @@ def markdown(rows: list[dict], envs: dict) -> str:
         lat = (f"{r['predicted']:.3f} / {r['measured_in_prune']:.3f} ({r['attempts']} plans)"
                if "predicted" in r else "")
         lines.append(f"| {r['model']} | {r['variant']} | {r.get('flops_kept', 1.0):.3f} | {rt} | "
-                     f"{_cell(r, 'eager')} | {_cell(r, 'ort')} | {lat} | "
+                     + "".join(f"{_cell(r, BACKENDS[b])} | " for b in shown) + f"{lat} | "
                      f"{r.get('engine_s', '')} |")
-    noisy = sorted({k for k, e in envs.items() if any(
-        r.get("eager_noisy" if k.endswith("eager") else "ort_noisy") for r in rows
+    noisy = sorted({k for k in envs if any(
+        r.get(f"{BACKENDS[k.split('/')[1]]}_noisy") for r in rows
         if r["model"] == k.split("/")[0])})
     if noisy:
         lines += ["", f"Noisy (a spread stayed over 10% after 3 attempts): {', '.join(noisy)}."]

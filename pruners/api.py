@@ -71,7 +71,8 @@ class PruneOptions:
         calibration: unlabeled batches for ``recover``, each passed to ``forward`` as
             ``example_inputs`` is (a list, or ``(x for x, _ in loader)``).
         backend: where latency is measured for ``target_latency`` and ``round_to="auto"``:
-            "eager" (PyTorch) or "onnxruntime" (CPU session of the ONNX export).
+            "eager" (PyTorch), "onnxruntime" or "openvino" (a CPU runtime running the ONNX
+            export; OpenVINO when installed).
         device: "cpu" or "cuda" (eager only).
         threads: intra-op threads for timing (default: torch's current setting).
         latency_table: a :class:`pruners.latency.LatencyTable` to read and fill (its

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--round-to", type=_round_to, default=None,
                    help="channel multiple, or 'auto' to measure the one the backend's kernels "
                         "reward (default: 8 for Ultralytics models, 1 otherwise)")
-    q.add_argument("--backend", choices=("eager", "onnxruntime"), default="eager",
+    q.add_argument("--backend", choices=("eager", "onnxruntime", "openvino"), default="eager",
                    help="where latency is measured for --target-latency / --round-to auto")
     q.add_argument("--threads", type=int, default=None,
                    help="threads for latency measurements (default: torch's setting)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import textwrap
@@ -288,7 +289,8 @@ def test_summary_keeps_only_checked_quiet_latency_figures(tmp_path):
 
 def test_hardware_benchmark_rows(tmp_path, monkeypatch):
     """The hardware harness on the tiny model: every variant asked for gets a row with FLOPs
-    kept and both backends' figures; a latency target reports prediction and measurement."""
+    kept and every backend's figures (OpenVINO's too, installed for the tests); a latency
+    target reports prediction and measurement."""
     from benchmarks import hardware
 
     from pruners.latency import LatencyTable
@@ -306,8 +308,10 @@ def test_hardware_benchmark_rows(tmp_path, monkeypatch):
     assert 0 < by["ours r8"]["flops_kept"] <= 0.51  # TinyNet is coarse at round_to 8
     for row in rows:
         assert row["eager_ms"] > 0 and row["ort_ms"] > 0
+        assert row["ov_ms"] > 0 or importlib.util.find_spec("openvino") is None
     assert 0 < by["ours latency 0.9"]["predicted"] <= 0.95
     assert by["ours latency 0.9"]["attempts"] >= 1
     md = (tmp_path / "hw.md").read_text()
     assert "ours latency 0.9" in md and "threads" in md
+    assert ("| openvino |" in md) == (importlib.util.find_spec("openvino") is not None)
     assert (tmp_path / "lat.json").exists()

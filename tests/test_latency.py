@@ -20,7 +20,8 @@ from depgraph import analyze, capture
 from depgraph.cost import cost_model
 from pruners import InfeasibleTargetError, Target, allocate, apply_plan, plan_pruning, prune
 from pruners.latency import (LatencyTable, LayerShape, ModelCall, auto_round_to, environment,
-                             latency_model, layer_calls, measure_models, pick_round_to)
+                             latency_model, layer_calls, measure_models, model_runner,
+                             pick_round_to)
 
 
 class FakeClock:
@@ -228,6 +229,35 @@ def test_onnxruntime_backend_times_an_exported_layer():
     table = LatencyTable(None, backend="onnxruntime", timer=timer, repeats=1)
     table.seconds(LayerShape("conv", 8, 16, (1, 8, 12, 12), (3, 3), (1, 1), (1, 1), (1, 1)))
     assert calls and calls[0] == "list" and environment("onnxruntime")["backend"] == "onnxruntime"
+
+
+def test_openvino_backend_runs_the_export_as_pytorch_does():
+    """OpenVINO times what PyTorch computes (float32, not the bfloat16 it would pick on a CPU
+    that has it), and a latency target can be aimed with it."""
+    pytest.importorskip("openvino")
+    model, x = _net()
+    out = model_runner(model, x, "openvino", threads=1)()
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(out[0] - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert environment("openvino")["openvino"] != "not installed"
+    ran = []
+
+    def timer(fn, what):  # the fake clock's figures, but every whole model really runs
+        if isinstance(what, ModelCall):
+            ran.append(type(fn()).__name__)
+        return clock(fn, what)
+
+    clock = FakeClock()
+    table = LatencyTable(None, backend="openvino", timer=timer)
+    result = prune(model, x, target_latency=0.5, round_to=16, backend="openvino",
+                   latency_table=table)
+    assert result.report.latency.backend == "openvino" and set(ran) == {"OVDict"}
+    assert result.report.latency.ratio == pytest.approx(0.5, rel=0.07)
+    with pytest.raises(ValueError, match="CPU only"):
+        LatencyTable(None, backend="openvino", device="cuda")
+    with pytest.raises(ValueError, match="'openvino'"):
+        LatencyTable(None, backend="tensorrt")
 
 
 def test_latency_target_needs_a_latency_model_and_reports_infeasible():

@@ -9,6 +9,7 @@ so a model's layers are timed once per machine and every later plan is predicted
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .timing import Timer, WallTimer, model_runner, time_call
+from .timing import BACKENDS, Timer, WallTimer, model_runner, time_call
 
 __all__ = ["LayerShape", "LatencyTable", "check_backend", "default_cache_path", "shape_of"]
 
@@ -104,12 +105,15 @@ def shape_of(module: nn.Module, x: torch.Tensor) -> Optional[LayerShape]:
 
 def check_backend(backend: str, device: str) -> None:
     """ValueError unless latency can be measured with ``backend`` on ``device``."""
-    if backend not in ("eager", "onnxruntime"):
-        raise ValueError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                         f"got {backend!r}")
     if device != "cpu" and not str(device).startswith("cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
     if str(device).startswith("cuda") and backend != "eager":
-        raise ValueError("onnxruntime latency is measured on the CPU only")
+        raise ValueError(f"{backend} latency is measured on the CPU only")
+    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise ImportError("backend='openvino' needs OpenVINO: pip install openvino")
 
 
 def default_cache_path() -> str:

@@ -26,10 +26,14 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["Timer", "WallTimer", "ModelCall", "Timing", "Measurement", "environment",
+__all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement", "environment",
            "time_call", "interleave", "steady", "measure_models", "model_runner", "ort_options"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
+
+#: Where latency is measured: PyTorch eager, or a CPU runtime running the model's ONNX export
+#: (onnxruntime; OpenVINO, which many CPU deployments use, when installed).
+BACKENDS = ("eager", "onnxruntime", "openvino")
 
 
 class WallTimer:
@@ -120,6 +124,7 @@ def environment(backend: str = "eager", device: str = "cpu",
     env = {"backend": backend, "device": device, "threads": threads or torch.get_num_threads(),
            "cpu": cpu, "cores": os.cpu_count(), "flags": " ".join(flags),
            "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
+           "openvino": _version("openvino"),
            "python": platform.python_version(),
            "load1": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
            "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -197,7 +202,8 @@ def ort_options(threads: Optional[int] = None):
 def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: str = "cpu",
                  threads: Optional[int] = None) -> Callable[[], Any]:
     """A no-argument function that runs ``model`` on ``inputs`` with the backend: PyTorch
-    eager under ``no_grad``, or an onnxruntime CPU session of its ONNX export."""
+    eager under ``no_grad``, or an onnxruntime session or OpenVINO CPU request of its ONNX
+    export."""
     from depgraph.capture import as_args
 
     args = as_args(inputs)
@@ -213,23 +219,48 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
     if backend == "onnxruntime":
         session, feeds = _ort_session(model, args, threads)
         return lambda: session.run(None, feeds)
-    raise ValueError(f"backend must be 'eager' or 'onnxruntime', got {backend!r}")
+    if backend == "openvino":
+        request, arrays = _openvino_request(model, args, threads)
+        return lambda: request.infer(arrays)
+    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
-def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
+def _onnx_bytes(model: nn.Module, args: tuple) -> bytes:
     import io
-
-    import onnxruntime as ort
 
     buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(model.eval(), args, buffer, opset_version=17, dynamo=False,
                           do_constant_folding=True)
-    session = ort.InferenceSession(buffer.getvalue(), ort_options(threads),
+    return buffer.getvalue()
+
+
+def _arrays(args: tuple) -> list:
+    return [t.detach().cpu().numpy() for t in pytree.tree_leaves(args)
+            if isinstance(t, torch.Tensor)]
+
+
+def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(_onnx_bytes(model, args), ort_options(threads),
                                    providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    tensors = [a for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
-    return session, {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+    return session, dict(zip(names, _arrays(args)))
+
+
+def _openvino_request(model: nn.Module, args: tuple, threads: Optional[int]):
+    """An OpenVINO CPU infer request compiled for latency: one stream, ``threads`` threads, in
+    float32 like the other backends (OpenVINO would run bfloat16 on a CPU that has it)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError("backend='openvino' needs OpenVINO: pip install openvino") from None
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(_onnx_bytes(model, args)), "CPU", {
+        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    return compiled.create_infer_request(), _arrays(args)
 
 
 def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = "eager",
