@@ -7,7 +7,9 @@ recipe's epochs, and each exported to ONNX as fp32 and as onnxruntime
 static int8 (``export_onnx(quantize="int8")``, ranges from the recipe's 8 calibration
 batches, no labels). For each file: test accuracy run by onnxruntime, size on disk, and
 batch-1 / batch-64 latency, every session timed interleaved with the spread checked
-(``pruners.latency.interleave``). Writes ``results/int8{_quick}.{md,json}``.
+(``pruners.latency.interleave``); the same files run by OpenVINO's CPU runtime too, when it is
+installed (accuracy and latency; float32 where a model is not quantized). Writes
+``results/int8{_quick}.{md,json}``.
 """
 
 from __future__ import annotations
@@ -33,10 +35,27 @@ def _session(path: str, threads: int):
     return session, session.get_inputs()[0].name
 
 
-def _accuracy(session, name: str, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> float:
+def _openvino(path: str, threads: int, shape: Optional[tuple] = None):
+    """An OpenVINO CPU infer request of the ONNX file (``shape``: fixed, else its dynamic
+    batch), or None when OpenVINO is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    from pruners.latency import openvino_config
+
+    core = ov.Core()
+    model = core.read_model(path)
+    if shape is not None:
+        model.reshape(list(shape))
+    return core.compile_model(model, "CPU", openvino_config(threads)).create_infer_request()
+
+
+def _accuracy(run, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> float:
+    """Test accuracy of ``run(array) -> logits``."""
     right = 0
     for i in range(0, len(x), batch):
-        logits = session.run(None, {name: x[i:i + batch].numpy()})[0]
+        logits = run(x[i:i + batch].numpy())
         right += int((logits.argmax(1) == y[i:i + batch].numpy()).sum())
     return right / len(x)
 
@@ -71,7 +90,7 @@ def run(quick: bool, threads: int, rounds: int) -> dict:
         nets[label] = net.eval().to(memory_format=torch.contiguous_format)
     calibration = [x for x, _ in data.calibration()]
     x1 = data.x_test[:1]
-    rows, sessions, noisy = [], {}, {}
+    rows, runners, noisy = [], {}, {}
     flops = {name: measure(net, X)[0] for name, net in (("dense", dense), *nets.items())}
     with tempfile.TemporaryDirectory() as tmp:
         variants = [(name, kind, net, "int8" if kind == "int8" else None)
@@ -82,52 +101,75 @@ def run(quick: bool, threads: int, rounds: int) -> dict:
             path = os.path.join(tmp, label.replace(" ", "_") + ".onnx")
             exported = export_onnx(net, x1, path, dynamic_batch=True, quantize=quantize,
                                    calibration=calibration if quantize else None)
-            session, name = _session(path, threads)
-            sessions[label] = (session, name)
-            rows.append({"model": label, "flops_kept": round(flops[name] / flops["dense"], 4),
-                         "torch_acc": None if quantize else accuracy(net, data),
-                         "onnx_acc": _accuracy(session, name, data.x_test, data.y_test),
-                         "size_kb": round(os.path.getsize(path) / 1024, 1),
-                         "max_rel_diff": round(exported.max_rel_diff, 5)})
-        for batch in (1, 64):
-            feed = data.x_test[:batch].numpy()
-            calls = {label: ((lambda s=s, n=n: s.run(None, {n: feed})), label)
-                     for label, (s, n) in sessions.items()}
+            session, input_name = _session(path, threads)
+            row = {"model": label, "flops_kept": round(flops[name] / flops["dense"], 4),
+                   "torch_acc": None if quantize else accuracy(net, data),
+                   "onnx_acc": _accuracy(lambda a: session.run(None, {input_name: a})[0],
+                                         data.x_test, data.y_test),
+                   "size_kb": round(os.path.getsize(path) / 1024, 1),
+                   "max_rel_diff": round(exported.max_rel_diff, 5)}
+            for batch in (1, 64):
+                feed = data.x_test[:batch].numpy()
+                runners.setdefault(("", batch), {})[label] = (
+                    lambda s=session, n=input_name, f=feed: s.run(None, {n: f}))
+            ov = _openvino(path, threads)
+            if ov is not None:
+                row["ov_acc"] = _accuracy(lambda a: ov.infer([a])[0], data.x_test, data.y_test)
+                for batch in (1, 64):
+                    feed = data.x_test[:batch].numpy()
+                    request = _openvino(path, threads, (batch, *feed.shape[1:]))
+                    runners.setdefault(("ov_", batch), {})[label] = (
+                        lambda r=request, f=feed: r.infer([f]))
+            rows.append(row)
+        for (runtime, batch), fns in runners.items():  # one runtime and batch at a time
+            calls = {label: (fn, label) for label, fn in fns.items()}
             times, _ = steady(calls, WallTimer(), rounds, repeat=20 if batch == 1 else 2)
-            noisy[batch] = max(t.spread for t in times.values()) > 0.1
+            noisy[f"{'OpenVINO' if runtime else 'onnxruntime'} batch {batch}"] = \
+                max(t.spread for t in times.values()) > 0.1
             for row in rows:
                 t = times[row["model"]]
-                row[f"ms_b{batch}"] = round(t.median_ms, 4)
-                row[f"spread_b{batch}"] = round(t.spread, 3)
+                row[f"{runtime}ms_b{batch}"] = round(t.median_ms, 4)
+                row[f"{runtime}spread_b{batch}"] = round(t.spread, 3)
     base = {r["model"]: r for r in rows}["dense fp32"]
     for row in rows:
-        for batch in (1, 64):
-            row[f"speedup_b{batch}"] = round(base[f"ms_b{batch}"] / row[f"ms_b{batch}"], 3)
+        for runtime, batch in runners:
+            row[f"{runtime}speedup_b{batch}"] = round(
+                base[f"{runtime}ms_b{batch}"] / row[f"{runtime}ms_b{batch}"], 3)
     return {"rows": rows, "recipe": recipe.name, "round_to_auto": chose, "noisy": noisy,
             "environment": environment("onnxruntime", "cpu", threads)}
 
 
 def markdown(result: dict) -> str:
     env = result["environment"]
+    ov = all("ov_ms_b1" in r for r in result["rows"])
     lines = ["# Prune, then quantize (ResNet-20, shapes10)", "",
              f"{env['cpu']} ({env['cores']} cores; {env['flags']}), {env['threads']} threads, "
              f"onnxruntime {env['onnxruntime']}, torch {env['torch']}, {env['date']}; recipe "
              f"`{result['recipe']}`. Accuracy on the test set run by onnxruntime (PyTorch's for "
              "fp32 beside it); latency: onnxruntime CPU sessions timed interleaved (median ms "
              "± interquartile spread, retried up to twice while a spread exceeds 10%; speedup "
-             f"over dense fp32). `pruned`: round_to 1; `pruned auto`: {result['round_to_auto']}.",
+             f"over dense fp32). `pruned`: round_to 1; `pruned auto`: {result['round_to_auto']}."
+             + (f" OpenVINO {env.get('openvino', '?')} CPU: the same files, float32 where not "
+                "quantized, one stream, timed interleaved among themselves." if ov else ""),
              "",
              "| model | FLOPs kept | test acc (onnxruntime) | PyTorch acc | file KB | batch 1 ms "
-             "| batch 64 ms | max rel diff vs PyTorch fp32 |", "|---|---|---|---|---|---|---|---|"]
+             "| batch 64 ms | max rel diff vs PyTorch fp32 |"
+             + (" OpenVINO acc | OpenVINO batch 1 ms | OpenVINO batch 64 ms |" if ov else ""),
+             "|---" * (11 if ov else 8) + "|"]
+
+    def cell(r: dict, key: str, digits: int) -> str:
+        return (f"{r[key.format('ms')]:.{digits}f} ±{100 * r[key.format('spread')]:.0f}% "
+                f"({r[key.format('speedup')]:.2f}x)")
+
     for r in result["rows"]:
         torch_acc = "-" if r["torch_acc"] is None else f"{100 * r['torch_acc']:.1f}%"
         lines.append(
             f"| {r['model']} | {r['flops_kept']:.3f} | {100 * r['onnx_acc']:.1f}% | "
-            f"{torch_acc} | {r['size_kb']:.0f} | "
-            f"{r['ms_b1']:.3f} ±{100 * r['spread_b1']:.0f}% ({r['speedup_b1']:.2f}x) | "
-            f"{r['ms_b64']:.2f} ±{100 * r['spread_b64']:.0f}% ({r['speedup_b64']:.2f}x) | "
-            f"{r['max_rel_diff']:.4f} |")
-    noisy = [f"batch {b}" for b, flag in result["noisy"].items() if flag]
+            f"{torch_acc} | {r['size_kb']:.0f} | {cell(r, '{}_b1', 3)} | "
+            f"{cell(r, '{}_b64', 2)} | {r['max_rel_diff']:.4f} |"
+            + (f" {100 * r['ov_acc']:.1f}% | {cell(r, 'ov_{}_b1', 3)} | "
+               f"{cell(r, 'ov_{}_b64', 2)} |" if ov else ""))
+    noisy = [k for k, flag in result["noisy"].items() if flag]
     if noisy:
         lines += ["", f"Noisy (a spread stayed over 10% after 3 attempts): {', '.join(noisy)}."]
     return "\n".join(lines) + "\n"

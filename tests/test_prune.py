@@ -118,6 +118,27 @@ def test_int8_export_of_a_pruned_model_stays_within_its_tolerance(tmp_path):
         export_onnx(pruned, x, str(tmp_path / "no.onnx"), quantize="int4", calibration=[x])
 
 
+def test_int8_export_runs_in_openvino_within_the_same_tolerance(tmp_path):
+    """The QDQ file is a deployment artefact, not an onnxruntime one: OpenVINO's CPU runtime
+    runs it and agrees with the float PyTorch model as closely as export_onnx demands."""
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    from pruners.latency import openvino_config
+
+    model, x = build("resnet_basic")
+    pruned = prune(model, x, target_flops=0.5).model
+    path = str(tmp_path / "int8.onnx")
+    export_onnx(pruned, x, path, quantize="int8",
+                calibration=[torch.randn(2, 3, 32, 32) for _ in range(8)])
+    core = ov.Core()
+    request = core.compile_model(core.read_model(path), "CPU",
+                                 openvino_config(1)).create_infer_request()
+    with torch.no_grad():
+        ref = pruned(x).numpy()
+    got = request.infer([x.numpy()])[0]
+    assert got.shape == ref.shape and np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
+
+
 def test_plan_rejects_other_types_and_versions():
     model, x = build("resnet_basic")
     data = prune(model, x, channel_ratio=0.3).plan.to_dict()

@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement", "environment",
-           "time_call", "interleave", "steady", "measure_models", "model_runner", "ort_options"]
+           "time_call", "interleave", "steady", "measure_models", "model_runner", "openvino_config",
+           "ort_options"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
@@ -199,6 +200,14 @@ def ort_options(threads: Optional[int] = None):
     return options
 
 
+def openvino_config(threads: Optional[int] = None) -> dict[str, Any]:
+    """OpenVINO CPU compile options for timing: latency mode, one stream, ``threads`` threads,
+    float32 like the other backends (OpenVINO would run bfloat16 on a CPU that has it; a
+    quantized model's int8 layers stay int8)."""
+    return {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+
+
 def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: str = "cpu",
                  threads: Optional[int] = None) -> Callable[[], Any]:
     """A no-argument function that runs ``model`` on ``inputs`` with the backend: PyTorch
@@ -250,16 +259,14 @@ def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
 
 
 def _openvino_request(model: nn.Module, args: tuple, threads: Optional[int]):
-    """An OpenVINO CPU infer request compiled for latency: one stream, ``threads`` threads, in
-    float32 like the other backends (OpenVINO would run bfloat16 on a CPU that has it)."""
+    """An OpenVINO CPU infer request of the ONNX export, compiled by :func:`openvino_config`."""
     try:
         import openvino as ov
     except ImportError:
         raise ImportError("backend='openvino' needs OpenVINO: pip install openvino") from None
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(_onnx_bytes(model, args)), "CPU", {
-        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core.compile_model(core.read_model(_onnx_bytes(model, args)), "CPU",
+                                  openvino_config(threads))
     return compiled.create_infer_request(), _arrays(args)
 
 
