@@ -1,7 +1,7 @@
 """Hardware-aware pruning measured: ``python -m benchmarks.hardware [--quick]``.
 
 For each model, in one process: the dense model; ours at 50% FLOPs with round_to 1, 8, 16 and
-"auto"; ours at ``target_latency=0.5`` measured with PyTorch eager and with onnxruntime;
+"auto"; ours at ``target_latency=0.5`` measured with PyTorch eager, onnxruntime and OpenVINO;
 Torch-Pruning at 50% FLOPs with round_to 8 and 16. Then every model is timed interleaved
 (``pruners.latency.measure_models``: rounds in rotated order, spread checked, retried, marked
 noisy if it stays wide) with PyTorch eager, onnxruntime and (when installed) OpenVINO on the
@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ours latency eager": ("ours", dict(target_latency=0.5, round_to="auto", backend="eager")),
     "ours latency ort": ("ours", dict(target_latency=0.5, round_to="auto",
                                       backend="onnxruntime")),
+    "ours latency ov": ("ours", dict(target_latency=0.5, round_to="auto", backend="openvino")),
     "tp r8": ("torch_pruning", dict(target_flops=0.5, round_to=8)),
     "tp r16": ("torch_pruning", dict(target_flops=0.5, round_to=16)),
 }
@@ -103,7 +104,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
         flops0, params0 = measure(bench.model, counted)
         pruned: dict[str, torch.nn.Module] = {}
         info: dict[str, dict] = {}
-        for label in variants or VARIANTS:
+        for label in variants or _variants():
             print(f"[hardware] {name}: pruning {label} ...", flush=True)
             try:
                 pruned[label], info[label] = prune_variant(name, label, threads, latency_table)
@@ -117,7 +118,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
             timings[backend] = measure_models(copy.copy(models_), bench.inputs, backend=backend,
                                               threads=threads, rounds=rounds)
             envs[f"{name}/{backend}"] = timings[backend].env
-        for label in ["dense", *(variants or VARIANTS)]:
+        for label in ["dense", *(variants or _variants())]:
             row: dict[str, Any] = {"model": name, "variant": label}
             if label != "dense":
                 row.update(info.get(label, {}))
@@ -146,6 +147,11 @@ def _backends() -> list[str]:
     import importlib.util
 
     return [b for b in BACKENDS if b != "openvino" or importlib.util.find_spec("openvino")]
+
+
+def _variants() -> list[str]:
+    return [label for label, (_, options) in VARIANTS.items()
+            if options.get("backend", "eager") in _backends()]
 
 
 def _write(rows: list[dict], envs: dict, out: str, prefix: str) -> None:
