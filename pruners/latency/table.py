@@ -167,6 +167,15 @@ class LatencyTable:
             self.put(shape, time_call(self.runner(shape), shape, self.timer, self.repeats))
         return self._entries[self._key(shape)]
 
+    def call_overhead(self) -> float:
+        """Seconds a runtime spends on any call, whatever it runs: the time of a 1 -> 1 linear
+        layer on one value. A layer timed alone pays it once; inside a whole model, one run
+        pays it once for all layers, so :func:`~pruners.latency.latency_model` takes it off
+        every layer's time. PyTorch eager pays its per-module cost in the model too: 0."""
+        if self.backend == "eager":
+            return 0.0
+        return self.seconds(LayerShape("linear", 1, 1, (1, 1), bias=False))
+
     def save(self) -> None:
         """Write the table to ``path`` (merged with what another process wrote meanwhile)."""
         if not self.path:
