@@ -104,7 +104,8 @@ def shape_of(module: nn.Module, x: torch.Tensor) -> Optional[LayerShape]:
 
 
 def check_backend(backend: str, device: str) -> None:
-    """ValueError unless latency can be measured with ``backend`` on ``device``."""
+    """ValueError unless latency can be measured with ``backend`` on ``device`` (ImportError
+    when the backend's runtime is not installed)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                          f"got {backend!r}")

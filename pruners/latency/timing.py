@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement", "environment",
-           "time_call", "interleave", "steady", "measure_models", "model_runner", "openvino_config",
-           "ort_options"]
+__all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
+           "environment", "time_call", "interleave", "steady", "measure_models", "model_runner",
+           "openvino_config", "ort_options"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
