@@ -144,9 +144,9 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
 
 
 def _backends() -> list[str]:
-    import importlib.util
+    from pruners.latency import installed
 
-    return [b for b in BACKENDS if b != "openvino" or importlib.util.find_spec("openvino")]
+    return [b for b in BACKENDS if installed(b)]
 
 
 def _variants() -> list[str]:

@@ -38,11 +38,11 @@ def _session(path: str, threads: int):
 def _openvino(path: str, threads: int, shape: Optional[tuple] = None):
     """An OpenVINO CPU infer request of the ONNX file (``shape``: fixed, else its dynamic
     batch), or None when OpenVINO is not installed."""
-    try:
-        import openvino as ov
-    except ImportError:
+    from pruners.latency import installed, openvino_config
+
+    if not installed("openvino"):
         return None
-    from pruners.latency import openvino_config
+    import openvino as ov
 
     core = ov.Core()
     model = core.read_model(path)

@@ -12,11 +12,11 @@ from .model import LatencyModel, LayerCall, latency_model, layer_calls
 from .staircase import RoundTo, auto_round_to, pick_round_to, staircase
 from .table import LatencyTable, LayerShape, default_cache_path, shape_of
 from .timing import (BACKENDS, Measurement, ModelCall, Timer, Timing, WallTimer, environment,
-                     interleave, measure_models, model_runner, openvino_config, ort_options,
-                     steady, time_call)
+                     installed, interleave, measure_models, model_runner, openvino_config,
+                     ort_options, require, steady, time_call)
 
 __all__ = ["BACKENDS", "LatencyModel", "LayerCall", "latency_model", "layer_calls", "RoundTo",
            "auto_round_to", "pick_round_to", "staircase", "LatencyTable", "LayerShape",
            "default_cache_path", "shape_of", "Measurement", "ModelCall", "Timer", "Timing",
-           "WallTimer", "environment", "interleave", "measure_models", "model_runner",
-           "openvino_config", "ort_options", "steady", "time_call"]
+           "WallTimer", "environment", "installed", "interleave", "measure_models", "model_runner",
+           "openvino_config", "ort_options", "require", "steady", "time_call"]

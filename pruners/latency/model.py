@@ -6,9 +6,9 @@ spends on any call (``LatencyTable.call_overhead``: onnxruntime's and OpenVINO's
 paid once by a whole model), and interpolated in between; a layer's time at ``(c_in, c_out)``
 is taken as separable, ``T(c_in, C_out) * T(C_in, c_out) / T(C_in, C_out)``. What the layers
 do not account for (norms, activations, adds, concat, Python overhead) is the measured whole
-model minus the layers' sum, and scales with the activations the layers write. ``evaluate(kept)`` takes the
-kept width of every channel dim in :class:`depgraph.cost.CostModel` order, so allocation can
-use latency as its cost.
+model minus the layers' sum, and scales with the activations the layers write.
+``evaluate(kept)`` takes the kept width of every channel dim in
+:class:`depgraph.cost.CostModel` order, so allocation can use latency as its cost.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ so a model's layers are timed once per machine and every later plan is predicted
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .timing import BACKENDS, Timer, WallTimer, model_runner, time_call
+from .timing import BACKENDS, Timer, WallTimer, model_runner, require, time_call
 
 __all__ = ["LayerShape", "LatencyTable", "check_backend", "default_cache_path", "shape_of"]
 
@@ -113,8 +112,7 @@ def check_backend(backend: str, device: str) -> None:
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
     if str(device).startswith("cuda") and backend != "eager":
         raise ValueError(f"{backend} latency is measured on the CPU only")
-    if backend == "openvino" and importlib.util.find_spec("openvino") is None:
-        raise ImportError("backend='openvino' needs OpenVINO: pip install openvino")
+    require(backend)
 
 
 def default_cache_path() -> str:

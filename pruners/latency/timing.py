@@ -14,6 +14,7 @@ report it as noise, not a result.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import statistics
@@ -28,13 +29,24 @@ from torch.utils import _pytree as pytree
 
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "time_call", "interleave", "steady", "measure_models", "model_runner",
-           "openvino_config", "ort_options"]
+           "openvino_config", "ort_options", "installed", "require"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
 #: Where latency is measured: PyTorch eager, or a CPU runtime running the model's ONNX export
 #: (onnxruntime; OpenVINO, which many CPU deployments use, when installed).
 BACKENDS = ("eager", "onnxruntime", "openvino")
+
+
+def installed(backend: str) -> bool:
+    """Whether ``backend``'s runtime imports here (OpenVINO is an optional extra)."""
+    return backend != "openvino" or importlib.util.find_spec("openvino") is not None
+
+
+def require(backend: str) -> None:
+    """ImportError, saying what to install, unless ``backend``'s runtime is installed."""
+    if not installed(backend):
+        raise ImportError(f"backend={backend!r} needs OpenVINO: pip install openvino")
 
 
 class WallTimer:
@@ -262,10 +274,9 @@ def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
 
 def _openvino_request(model: nn.Module, args: tuple, threads: Optional[int]):
     """An OpenVINO CPU infer request of the ONNX export, compiled by :func:`openvino_config`."""
-    try:
-        import openvino as ov
-    except ImportError:
-        raise ImportError("backend='openvino' needs OpenVINO: pip install openvino") from None
+    require("openvino")
+    import openvino as ov
+
     core = ov.Core()
     compiled = core.compile_model(core.read_model(_onnx_bytes(model, args)), "CPU",
                                   openvino_config(threads))
