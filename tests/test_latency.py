@@ -8,6 +8,7 @@ channels, so every figure here is deterministic; real timing lives in the benchm
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -52,9 +53,9 @@ class FakeClock:
             * self.pad(s.out_channels)
 
     def __call__(self, fn, what) -> float:
-        if isinstance(what, LayerShape):
+        if isinstance(what, LayerShape):  # copies of a layer: one call, each copy's time
             self.layers += 1
-            return self.call + self.layer(what)
+            return self.call + what.copies * self.layer(what)
         assert isinstance(what, ModelCall)
         self.models += 1
         model, x = what.model, what.inputs
@@ -162,7 +163,8 @@ def test_a_runtimes_per_call_cost_is_paid_once_per_model_not_per_layer():
     """onnxruntime and OpenVINO pay a cost on every run (OpenVINO about 0.1 ms here): a
     layer timed alone pays it, a whole model pays it once. Left in the layer times, it made
     every layer look unprunable in part, and OpenVINO found a latency target on MobileNetV2
-    infeasible that a FLOPs target reaches."""
+    infeasible that a FLOPs target reaches. A runtime's table times what a layer adds to a
+    graph of several copies of it, which leaves the per-run cost out."""
     model, x = _net()
     clock = FakeClock(call=3e-4)  # about the time of the net's largest layer, per call
     graph = analyze(capture(model, x))
@@ -171,12 +173,28 @@ def test_a_runtimes_per_call_cost_is_paid_once_per_model_not_per_layer():
     pruned = apply_plan(copy.deepcopy(model), planned.plan)
     actual = clock(None, ModelCall("pruned", pruned, x, "onnxruntime"))
     table = LatencyTable(None, backend="onnxruntime", timer=clock)
-    assert table.call_overhead() == pytest.approx(3e-4, rel=0.1)
+    shape = LayerShape("conv", 32, 48, (1, 32, 16, 16), (3, 3), (1, 1), (1, 1), (1, 1))
+    assert table.alone(shape) == pytest.approx(3e-4 + clock.layer(shape))
+    assert table.seconds(shape) == pytest.approx(clock.layer(shape))
     lm = latency_model(model, x, cost, table, step=16)
     assert lm.full() == pytest.approx(clock(None, ModelCall("dense", model, x, "onnxruntime")))
     # with the call's cost left in every layer, the prediction was 16% over; now within 5%
     assert lm.predict(planned.graph, cost, planned.removed) == pytest.approx(actual, rel=0.05)
-    assert LatencyTable(None, timer=clock).call_overhead() == 0.0  # eager: paid per module
+    eager = LatencyTable(None, timer=clock)  # eager runs a model module by module: alone
+    assert eager.seconds(shape) == pytest.approx(3e-4 + clock.layer(shape))
+
+
+def test_copies_of_a_layer_are_distinct_layers_summed():
+    """The graph a runtime's layer time comes from: copies with their own weights (a runtime
+    would merge identical ones), on one input, outputs added."""
+    shape = LayerShape("conv", 8, 16, (1, 8, 12, 12), (3, 3), (1, 1), (1, 1), (1, 1), copies=3)
+    module, x = shape.build()
+    layers = list(module.layers)
+    assert len(layers) == 3 and not torch.equal(layers[0].weight, layers[1].weight)
+    with torch.no_grad():
+        assert torch.allclose(module(x), sum(layer(x) for layer in layers), atol=1e-5)
+    assert "x3 summed" in shape.key("onnxruntime", "cpu", 2)
+    assert "summed" not in dataclasses.replace(shape, copies=1).key("onnxruntime", "cpu", 2)
 
 
 def test_target_latency_lands_on_the_measured_target_and_reports_it():

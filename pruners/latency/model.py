@@ -1,9 +1,9 @@
 """Predicted latency of a plan: the sum over the model's layers of their measured times.
 
 Each conv/linear call is timed at a few widths along each of its prunable dims (multiples of
-``step``, cached in a :class:`~pruners.latency.table.LatencyTable`), less what the runtime
-spends on any call (``LatencyTable.call_overhead``: onnxruntime's and OpenVINO's per-run cost,
-paid once by a whole model), and interpolated in between; a layer's time at ``(c_in, c_out)``
+``step``, cached in a :class:`~pruners.latency.table.LatencyTable`, which for onnxruntime and
+OpenVINO times what the layer adds inside a graph, not its run alone), and interpolated in
+between; a layer's time at ``(c_in, c_out)``
 is taken as separable, ``T(c_in, C_out) * T(C_in, c_out) / T(C_in, C_out)``. What the layers
 do not account for (norms, activations, adds, concat, Python overhead) is the measured whole
 model minus the layers' sum, and scales with the activations the layers write.
@@ -150,17 +150,12 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
         calls = layer_calls(model, run)
     index = {k: i for i, k in enumerate(cost.keys)}
     pad = len(cost.keys)
-    fixed = table.call_overhead()
-
-    def seconds(shape: LayerShape) -> float:  # the layer's own time, without the call's
-        return max(table.seconds(shape) - fixed, 1e-9)
-
     in_idx, out_idx, in_w, out_w, full, numel = [], [], [], [], [], []
     in_curves, out_curves = [], []
     for call in calls:
         s = call.shape
         weight = f"{call.module}.weight"
-        t0 = seconds(s)
+        t0 = table.seconds(s)
         o = index.get((weight, 0), pad)
         i = o if s.depthwise else index.get((weight, 1), pad)
         groups = 1 if s.depthwise else s.groups
@@ -170,14 +165,14 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
         if s.depthwise:
             if o != pad:
                 out_curve = _curve(s.out_channels, lstep, points,
-                                   lambda w: seconds(s.at(w, w)))
+                                   lambda w: table.seconds(s.at(w, w)))
         else:
             if i != pad:
                 in_curve = _curve(s.in_channels, lstep, points,
-                                  lambda w: seconds(s.at(w, s.out_channels)))
+                                  lambda w: table.seconds(s.at(w, s.out_channels)))
             if o != pad:
                 out_curve = _curve(s.out_channels, lstep, points,
-                                   lambda w: seconds(s.at(s.in_channels, w)))
+                                   lambda w: table.seconds(s.at(s.in_channels, w)))
         in_idx.append(i)
         out_idx.append(o)
         in_w.append(s.in_channels)

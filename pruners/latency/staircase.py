@@ -67,7 +67,7 @@ def staircase(shape: LayerShape, widths: Sequence[int], table: LatencyTable,
             best[w] = min(best.get(w, t), t)
     for w, t in best.items():
         table.put(shapes[w], t)
-    return {w: table.seconds(s) for w, s in shapes.items()}
+    return {w: table.alone(s) for w, s in shapes.items()}
 
 
 def pick_round_to(times: dict[int, float]) -> tuple[int, float]:

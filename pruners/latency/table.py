@@ -4,6 +4,15 @@ A :class:`LayerShape` is one conv or linear call at given widths (and everything
 depends on: kernel, stride, groups, the input's spatial size, dtype); a :class:`LatencyTable`
 maps ``(shape, backend, device, threads)`` to measured seconds and keeps them in a JSON file,
 so a model's layers are timed once per machine and every later plan is predicted from the file.
+
+What a layer costs inside a model is not what it costs run alone in a runtime. Alone, an
+onnxruntime or OpenVINO graph of one conv also pays the run's fixed cost and converts its
+input and output between the plain layout and the blocked one its kernels use (``nChw16c``),
+which a model does only at its edges: on MobileNetV2 in OpenVINO the layers timed alone add up
+to 2.8 times the whole model. So for those runtimes a layer's time is the time that
+:data:`COPIES` copies of it, on the same input with their outputs summed, take over one copy,
+per extra copy: the cost of one more such layer inside a graph. Eager PyTorch runs a model
+module by module, as a layer alone.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ class LayerShape:
     bias: bool = True
     dtype: str = "float32"
     follow: int = 0  # > 0: timed followed by a 1x1 conv/linear back to this many channels
+    copies: int = 1  # > 1: that many copies on the same input, their outputs summed
 
     @property
     def depthwise(self) -> bool:
@@ -70,6 +80,9 @@ class LayerShape:
             after = conv(self.out_channels, self.follow, 1) if self.follow else None
         if after is not None:
             module = nn.Sequential(module, after)
+        if self.copies > 1:
+            module = _Summed([module] + [dataclasses.replace(self, copies=1).build()[0]
+                                         for _ in range(self.copies - 1)])
         return module.to(dtype).eval(), torch.randn(self.input_shape, dtype=dtype)
 
     def key(self, backend: str, device: str, threads: int) -> str:
@@ -78,7 +91,23 @@ class LayerShape:
                 f"g{self.groups}" if self.kind == "conv" else "")
         return (f"{backend}/{device}/t{threads}/{self.dtype}/{self.kind} {self.in_channels}->"
                 f"{self.out_channels} in {dims}{conv}{' bias' if self.bias else ''}"
-                f"{f' then 1x1 to {self.follow}' if self.follow else ''}")
+                f"{f' then 1x1 to {self.follow}' if self.follow else ''}"
+                f"{f' x{self.copies} summed' if self.copies > 1 else ''}")
+
+
+class _Summed(nn.Module):
+    """Copies of a layer (each with its own weights, so no runtime merges them) run on the
+    same input, their outputs summed: one graph holding several such layers."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers[0](x)
+        for layer in self.layers[1:]:
+            out = out + layer(x)
+        return out
 
 
 def _with_channels(shape: LayerShape, channels: int) -> tuple[int, ...]:
@@ -121,11 +150,17 @@ def default_cache_path() -> str:
         os.path.expanduser("~"), ".cache", "pruners", "latency.json")
 
 
+#: Copies of a layer timed together to find its cost inside a runtime's graph (see above).
+COPIES = 4
+
+
 class LatencyTable:
     """Seconds per layer shape on one backend, device and thread count; JSON on disk.
 
     ``path=None`` keeps the table in memory. ``timer`` (default: the wall clock) is what
-    measures a missing entry; ``measured`` counts the entries this table timed itself.
+    measures a missing entry; ``measured`` counts the entries this table timed itself. The
+    file keeps what was timed (a graph of one layer, or of :data:`COPIES`), not what is
+    derived from it.
     """
 
     def __init__(self, path: Optional[str] = None, *, backend: str = "eager",
@@ -160,20 +195,23 @@ class LatencyTable:
         self._entries[self._key(shape)] = float(seconds)
         self.measured += 1
 
-    def seconds(self, shape: LayerShape) -> float:
-        """The table's time for ``shape``, measuring (and remembering) it if missing."""
+    def alone(self, shape: LayerShape) -> float:
+        """Seconds of one run of ``shape`` on its own (a graph of just it, for a runtime),
+        measuring (and remembering) it if missing."""
         if not self.has(shape):
             self.put(shape, time_call(self.runner(shape), shape, self.timer, self.repeats))
         return self._entries[self._key(shape)]
 
-    def call_overhead(self) -> float:
-        """Seconds a runtime spends on any call, whatever it runs: the time of a 1 -> 1 linear
-        layer on one value. A layer timed alone pays it once; inside a whole model, one run
-        pays it once for all layers, so :func:`~pruners.latency.latency_model` takes it off
-        every layer's time. PyTorch eager pays its per-module cost in the model too: 0."""
+    def seconds(self, shape: LayerShape) -> float:
+        """Seconds ``shape`` adds to a model run with this backend: its time alone in eager
+        PyTorch; in onnxruntime and OpenVINO, what each copy beyond the first adds to a graph
+        of :data:`COPIES` (the run's fixed cost and the layout conversions at the graph's
+        edges are paid once, as in a model). At least a nanosecond."""
         if self.backend == "eager":
-            return 0.0
-        return self.seconds(LayerShape("linear", 1, 1, (1, 1), bias=False))
+            return self.alone(shape)
+        one = self.alone(shape)
+        many = self.alone(dataclasses.replace(shape, copies=COPIES))
+        return max((many - one) / (COPIES - 1), 1e-9)
 
     def save(self) -> None:
         """Write the table to ``path`` (merged with what another process wrote meanwhile)."""
