@@ -488,6 +488,8 @@ class _Hardware:
     round_to: int
     notes: list[str]
     dense_s: Optional[float] = None
+    context: Any = None  # eager: pruners.latency.InContext, the layers timed in the model
+    smaller: Optional[Callable[[], Any]] = None  # the model at half resolution, if it runs
 
     @classmethod
     def of(cls, work: nn.Module, example_inputs: Any, opts: PruneOptions, target: Target
@@ -505,15 +507,24 @@ class _Hardware:
             chosen = auto_round_to(calls, table)
             round_to = chosen.multiple
             notes.append(str(chosen))
-        return cls(table, work, example_inputs, run, calls, int(round_to), notes)
+        smaller = None
+        if target.kind == "latency" and opts.backend == "eager" and opts.device == "cpu":
+            small = probe_inputs(work, example_inputs, outputs=opts.outputs,
+                                 example_kwargs=opts.example_kwargs)
+            if small is not example_inputs:
+                smaller = lambda: run_model(work, small, opts.outputs,  # noqa: E731
+                                            opts.example_kwargs)
+        return cls(table, work, example_inputs, run, calls, int(round_to), notes,
+                   smaller=smaller)
 
     def model(self, cost: Any) -> Any:
         """The latency model over ``cost``'s channel dims (the dense time measured once)."""
         from .latency import latency_model
 
         lm = latency_model(self.work, self.example_inputs, cost, self.table, run=self.run,
-                           step=self.round_to, dense_s=self.dense_s, calls=self.calls)
-        self.dense_s = lm.dense_s
+                           step=self.round_to, dense_s=self.dense_s, calls=self.calls,
+                           context=self.context, smaller=self.smaller)
+        self.dense_s, self.context = lm.dense_s, lm.context
         return lm
 
 

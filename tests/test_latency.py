@@ -20,9 +20,9 @@ from torch import nn
 from depgraph import analyze, capture
 from depgraph.cost import cost_model
 from pruners import InfeasibleTargetError, Target, allocate, apply_plan, plan_pruning, prune
-from pruners.latency import (LatencyTable, LayerShape, ModelCall, auto_round_to, environment,
+from pruners.latency import (InContext, LatencyTable, LayerShape, ModelCall, auto_round_to, environment,
                              latency_model, layer_calls, measure_models, model_runner,
-                             pick_round_to)
+                             pick_round_to, time_in_context)
 
 
 class FakeClock:
@@ -195,6 +195,69 @@ def test_copies_of_a_layer_are_distinct_layers_summed():
         assert torch.allclose(module(x), sum(layer(x) for layer in layers), atol=1e-5)
     assert "x3 summed" in shape.key("onnxruntime", "cpu", 2)
     assert "summed" not in dataclasses.replace(shape, copies=1).key("onnxruntime", "cpu", 2)
+
+
+def test_layer_curves_are_scaled_to_the_layers_times_inside_the_model():
+    """A table filled when the machine ran slower (here: twice as slow) must not crowd out
+    what the layers do not account for: each layer's curve is scaled to its time inside
+    the model, measured in the same runs as the model."""
+    model, x = _net()
+    clock = FakeClock()
+    graph = analyze(capture(model, x))
+    cost = cost_model(graph)
+    slow = LatencyTable(None, timer=lambda fn, what: 2 * clock(fn, what))
+    calls = layer_calls(model, lambda: model(x))
+    inside = {}
+    for c in calls:
+        inside[c.module] = inside.get(c.module, 0.0) + clock.layer(c.shape)
+    dense = clock(None, ModelCall("dense", model, x))
+    lm = latency_model(model, x, cost, slow, step=16, context=InContext(dense, inside))
+    assert lm.layers_s == pytest.approx(sum(inside.values()))
+    assert lm.residual_s == pytest.approx(dense - sum(inside.values()))
+    full = cost.kept_after(graph, set())
+    assert lm.per_layer(full)["a.0"] == pytest.approx(inside["a.0"])
+    planned = plan_pruning(model, x, target_flops=0.5, round_to=16)
+    pruned = apply_plan(copy.deepcopy(model), planned.plan)
+    actual = clock(None, ModelCall("pruned", pruned, x))
+    assert lm.predict(planned.graph, cost, planned.removed) == pytest.approx(actual, rel=0.05)
+    unscaled = latency_model(model, x, cost, slow, step=16, dense_s=dense)
+    assert unscaled.residual_s == 0.0  # the slow table's layers add up to more than the model
+
+
+def test_time_in_context_times_each_layer_within_the_same_runs():
+    model, x = _net()
+    timed = time_in_context(model, lambda: model(x), rounds=1)  # one run: the sum is strict
+    assert set(timed.layers) == {n for n, m in model.named_modules()
+                                 if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert all(t > 0 for t in timed.layers.values())
+    assert sum(timed.layers.values()) < timed.dense_s  # the layers run inside the forward
+    small = torch.randn(1, 3, 12, 12)
+    split = time_in_context(model, lambda: model(x), smaller=lambda: model(small), rounds=3)
+    assert 0.0 <= split.fixed_s <= split.dense_s - sum(split.layers.values()) + 1e-12
+
+
+def test_what_no_width_removes_stays_in_the_prediction():
+    """Eager pays every norm and activation its per-op cost whatever the width: a model whose
+    layers leave 3 ms, 2 of them fixed, keeps those 2 ms however much it is pruned."""
+    model, x = _net()
+    clock = FakeClock()
+    graph = analyze(capture(model, x))
+    cost = cost_model(graph)
+    table = LatencyTable(None, timer=clock)
+    calls = layer_calls(model, lambda: model(x))
+    inside = {}
+    for c in calls:
+        inside[c.module] = inside.get(c.module, 0.0) + clock.layer(c.shape)
+    layers = sum(inside.values())
+    lm = latency_model(model, x, cost, table, step=16,
+                       context=InContext(layers + 3e-3, inside, fixed_s=2e-3))
+    plain = latency_model(model, x, cost, table, step=16,
+                          context=InContext(layers + 3e-3, inside))
+    kept = cost.kept_after(graph, set())
+    assert lm.evaluate(kept) == pytest.approx(layers + 3e-3) == plain.evaluate(kept)
+    none = np.ones_like(kept)  # one channel per dim: the activations all but gone
+    assert lm.evaluate(none) - plain.evaluate(none) == pytest.approx(2e-3, rel=0.1)
+    assert lm.evaluate(none) > 2e-3
 
 
 def test_target_latency_lands_on_the_measured_target_and_reports_it():

@@ -8,15 +8,16 @@
 ``prune(..., target_latency=0.5)`` and ``round_to="auto"`` use them; see ``pruners.api``.
 """
 
-from .model import LatencyModel, LayerCall, latency_model, layer_calls
+from .model import (InContext, LatencyModel, LayerCall, latency_model, layer_calls,
+                    time_in_context)
 from .staircase import RoundTo, auto_round_to, pick_round_to, staircase
 from .table import LatencyTable, LayerShape, default_cache_path, shape_of
 from .timing import (BACKENDS, Measurement, ModelCall, Timer, Timing, WallTimer, environment,
                      installed, interleave, measure_models, model_runner, openvino_config,
                      ort_options, require, steady, time_call)
 
-__all__ = ["BACKENDS", "LatencyModel", "LayerCall", "latency_model", "layer_calls", "RoundTo",
+__all__ = ["BACKENDS", "InContext", "LatencyModel", "LayerCall", "latency_model", "layer_calls", "RoundTo",
            "auto_round_to", "pick_round_to", "staircase", "LatencyTable", "LayerShape",
            "default_cache_path", "shape_of", "Measurement", "ModelCall", "Timer", "Timing",
            "WallTimer", "environment", "installed", "interleave", "measure_models", "model_runner",
-           "openvino_config", "ort_options", "require", "steady", "time_call"]
+           "openvino_config", "ort_options", "require", "steady", "time_call", "time_in_context"]

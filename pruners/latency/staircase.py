@@ -17,7 +17,6 @@ import numpy as np
 
 from .model import LayerCall
 from .table import LatencyTable, LayerShape
-from .timing import time_call
 
 __all__ = ["staircase", "pick_round_to", "RoundTo", "auto_round_to", "CANDIDATES"]
 
@@ -50,24 +49,16 @@ def staircase(shape: LayerShape, widths: Sequence[int], table: LatencyTable,
     depthwise layer changes both), followed by a 1x1 layer back to its full width, from the
     table where it has them.
 
-    Missing widths are timed in ``rounds`` rounds, all widths once per round in a rotated
-    order, keeping each width's fastest round: a drift in machine load then lands on every
-    width alike instead of faking a step.
+    Missing widths are timed together (:meth:`LatencyTable.alone_many`: ``rounds`` rounds,
+    all widths once per round in a rotated order, keeping each width's fastest round): a
+    drift in machine load then lands on every width alike instead of faking a step.
     """
     # followed by a 1x1 layer back to the full width, the varied width is internal to a
     # graph, as in the model: onnxruntime converts layouts only at a graph's edges
     chained = dataclasses.replace(shape, follow=shape.out_channels)
     shapes = {w: chained.at(shape.in_channels, w) for w in widths}
-    missing = [w for w, s in shapes.items() if not table.has(s)]
-    best: dict[int, float] = {}
-    runners = {w: table.runner(shapes[w]) for w in missing}
-    for r in range(rounds):
-        for w in missing[r % max(1, len(missing)):] + missing[:r % max(1, len(missing))]:
-            t = time_call(runners[w], shapes[w], table.timer, repeats=3, warmup=1)
-            best[w] = min(best.get(w, t), t)
-    for w, t in best.items():
-        table.put(shapes[w], t)
-    return {w: table.alone(s) for w, s in shapes.items()}
+    times = table.alone_many(list(shapes.values()), rounds=rounds)
+    return dict(zip(shapes, times))
 
 
 def pick_round_to(times: dict[int, float]) -> tuple[int, float]:
