@@ -3,20 +3,21 @@
 Each conv/linear call is timed at a few widths along each of its prunable dims (multiples of
 ``step``, cached in a :class:`~pruners.latency.table.LatencyTable`, which for onnxruntime and
 OpenVINO times what the layer adds inside a graph, not its run alone), and interpolated in
-between; a layer's time at ``(c_in, c_out)``
-is taken as separable above a floor ``f`` that no width removes (the call's fixed cost, and
-the efficiency small kernels lose): ``f + (T(c_in, C_out) - f) * (T(C_in, c_out) - f) /
-(T(C_in, C_out) - f)``, with ``f`` where the measured curves' trend lines meet zero width.
-Without the floor, a 3x3 conv of ResNet-50's last stage at a quarter of both widths was
-predicted at 0.15 ms, and took 0.24 ms. What the layers
-do not account for (norms, activations, adds, concat, Python overhead) is the measured whole
-model minus the layers' sum, and scales with the activations the layers write. In eager
-PyTorch on the CPU, the whole model and each layer inside it are timed in the same runs
-(:func:`time_in_context`), and each layer's measured curve is scaled to its time there: the
-table may have been filled on another day, when the machine ran faster or slower, and set
+between. A layer's time at ``(c_in, c_out)`` is taken as separable above a floor ``f`` that
+no width removes (the call's fixed cost, and the efficiency small kernels lose):
+``f + (T(c_in, C_out) - f) * (T(C_in, c_out) - f) / (T(C_in, C_out) - f)``, with ``f`` where
+the measured curves' trend lines meet zero width. Without the floor, a 3x3 conv of ResNet-50's
+last stage at a quarter of both widths was predicted at 0.15 ms, and took 0.24 ms.
+
+What the layers do not account for (norms, activations, adds, concat, Python overhead) is the
+measured whole model minus the layers' sum, and scales with the activations the layers write.
+In eager PyTorch on the CPU, the whole model and each layer inside it are timed in the same
+runs (:func:`time_in_context`), and each layer's measured curve is scaled to its time there:
+the table may have been filled on another day, when the machine ran faster or slower, and set
 against a model timed now its layers could add up to more than the model (on a busy VM,
 ResNet-50's cached layers summed to 1.3 times the model timed minutes later), which left the
-norms and activations no time at all.
+norms and activations no time at all. A second resolution splits that remainder into a part
+fixed per op and one per activation.
 ``evaluate(kept)`` takes the kept width of every channel dim in
 :class:`depgraph.cost.CostModel` order, so allocation can use latency as its cost.
 """
