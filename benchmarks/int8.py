@@ -38,17 +38,9 @@ def _session(path: str, threads: int):
 def _openvino(path: str, threads: int, shape: Optional[tuple] = None):
     """An OpenVINO CPU infer request of the ONNX file (``shape``: fixed, else its dynamic
     batch), or None when OpenVINO is not installed."""
-    from pruners.latency import installed, openvino_config
+    from pruners.latency import installed, openvino_request
 
-    if not installed("openvino"):
-        return None
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(path)
-    if shape is not None:
-        model.reshape(list(shape))
-    return core.compile_model(model, "CPU", openvino_config(threads)).create_infer_request()
+    return openvino_request(path, threads, shape) if installed("openvino") else None
 
 
 def _accuracy(run, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> float:

@@ -364,6 +364,28 @@ def test_openvino_backend_runs_the_export_as_pytorch_does():
         LatencyTable(None, backend="tensorrt")
 
 
+def test_openvino_request_fixes_one_batch_of_a_dynamic_file(tmp_path):
+    """What the int8 benchmark times: a file exported with a dynamic batch, compiled at one
+    batch size, and run from the file's path as from its bytes."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    from pruners import export_onnx
+    from pruners.latency import openvino_request
+
+    model, x = _net()
+    path = str(tmp_path / "net.onnx")
+    export_onnx(model, x, path, dynamic_batch=True)
+    batch = torch.randn(3, *x.shape[1:])
+    with torch.no_grad():
+        ref = model(batch).numpy()
+    request = openvino_request(path, threads=1, shape=tuple(batch.shape))
+    got = request.infer([batch.numpy()])[0]
+    assert got.shape == (3, 10) and np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+    with open(path, "rb") as f:
+        again = openvino_request(f.read(), threads=1, shape=tuple(batch.shape))
+    assert np.allclose(again.infer([batch.numpy()])[0], got)
+
+
 def test_latency_target_needs_a_latency_model_and_reports_infeasible():
     model, x = _net()
     graph = analyze(capture(model, x))

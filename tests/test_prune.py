@@ -121,18 +121,16 @@ def test_int8_export_of_a_pruned_model_stays_within_its_tolerance(tmp_path):
 def test_int8_export_runs_in_openvino_within_the_same_tolerance(tmp_path):
     """The QDQ file is a deployment artefact, not an onnxruntime one: OpenVINO's CPU runtime
     runs it and agrees with the float PyTorch model as closely as export_onnx demands."""
-    ov = pytest.importorskip("openvino")
+    pytest.importorskip("openvino")
     pytest.importorskip("onnxruntime")
-    from pruners.latency import openvino_config
+    from pruners.latency import openvino_request
 
     model, x = build("resnet_basic")
     pruned = prune(model, x, target_flops=0.5).model
     path = str(tmp_path / "int8.onnx")
     export_onnx(pruned, x, path, quantize="int8",
                 calibration=[torch.randn(2, 3, 32, 32) for _ in range(8)])
-    core = ov.Core()
-    request = core.compile_model(core.read_model(path), "CPU",
-                                 openvino_config(1)).create_infer_request()
+    request = openvino_request(path, threads=1)
     with torch.no_grad():
         ref = pruned(x).numpy()
     got = request.infer([x.numpy()])[0]

@@ -14,10 +14,11 @@ from .staircase import RoundTo, auto_round_to, pick_round_to, staircase
 from .table import LatencyTable, LayerShape, default_cache_path, shape_of
 from .timing import (BACKENDS, Measurement, ModelCall, Timer, Timing, WallTimer, environment,
                      installed, interleave, measure_models, model_runner, openvino_config,
-                     ort_options, require, steady, time_call)
+                     openvino_request, ort_options, require, steady, time_call)
 
 __all__ = ["BACKENDS", "InContext", "LatencyModel", "LayerCall", "latency_model", "layer_calls",
            "RoundTo", "auto_round_to", "pick_round_to", "staircase", "LatencyTable", "LayerShape",
            "default_cache_path", "shape_of", "Measurement", "ModelCall", "Timer", "Timing",
-           "WallTimer", "environment", "installed", "interleave", "measure_models", "model_runner",
-           "openvino_config", "ort_options", "require", "steady", "time_call", "time_in_context"]
+           "WallTimer", "environment", "installed", "interleave", "measure_models",
+           "model_runner", "openvino_config", "openvino_request", "ort_options", "require",
+           "steady", "time_call", "time_in_context"]

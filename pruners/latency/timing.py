@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "time_call", "interleave", "steady", "measure_models", "model_runner",
-           "openvino_config", "ort_options", "installed", "require"]
+           "openvino_config", "openvino_request", "ort_options", "installed", "require"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
@@ -273,14 +273,22 @@ def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
 
 
 def _openvino_request(model: nn.Module, args: tuple, threads: Optional[int]):
-    """An OpenVINO CPU infer request of the ONNX export, compiled by :func:`openvino_config`."""
+    """An OpenVINO CPU infer request of the ONNX export, and its inputs as arrays."""
+    return openvino_request(_onnx_bytes(model, args), threads), _arrays(args)
+
+
+def openvino_request(onnx: Any, threads: Optional[int] = None, shape: Optional[tuple] = None):
+    """An OpenVINO CPU infer request for an ONNX model (a file path, or the file's bytes),
+    compiled by :func:`openvino_config`; ``shape`` fixes the input's shape (one batch size of
+    a file exported with a dynamic batch)."""
     require("openvino")
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(_onnx_bytes(model, args)), "CPU",
-                                  openvino_config(threads))
-    return compiled.create_infer_request(), _arrays(args)
+    network = core.read_model(onnx)
+    if shape is not None:
+        network.reshape(list(shape))
+    return core.compile_model(network, "CPU", openvino_config(threads)).create_infer_request()
 
 
 def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = "eager",
