@@ -21,7 +21,7 @@ from depgraph import analyze, capture
 from depgraph.cost import cost_model
 from pruners import InfeasibleTargetError, Target, allocate, apply_plan, plan_pruning, prune
 from pruners.latency import (InContext, LatencyTable, LayerShape, ModelCall, auto_round_to,
-                             environment, latency_model, layer_calls, measure_models,
+                             environment, installed, latency_model, layer_calls, measure_models,
                              model_runner, pick_round_to, time_in_context)
 
 
@@ -384,6 +384,34 @@ def test_openvino_request_fixes_one_batch_of_a_dynamic_file(tmp_path):
     with open(path, "rb") as f:
         again = openvino_request(f.read(), threads=1, shape=tuple(batch.shape))
     assert np.allclose(again.infer([batch.numpy()])[0], got)
+
+
+@pytest.mark.parametrize("shape", [
+    LayerShape("conv", 8, 16, (1, 8, 12, 12), (3, 3), (2, 2), (1, 1), (1, 1), copies=3),
+    LayerShape("conv", 16, 16, (1, 16, 12, 12), (3, 3), (1, 1), (2, 2), (2, 2), groups=16,
+               bias=False),
+    LayerShape("conv", 16, 32, (1, 16, 12, 12), (1, 1), (1, 1), (0, 0), (1, 1), groups=4,
+               follow=16),
+    LayerShape("conv", 4, 6, (1, 4, 9), (3,), (1,), (1,), (1,)),
+    LayerShape("linear", 32, 10, (2, 5, 32), copies=2),
+    LayerShape("linear", 32, 10, (1, 32), bias=False, follow=7),
+], ids=["conv-copies", "depthwise", "grouped-follow", "conv1d", "linear-3d", "linear-follow"])
+def test_a_layers_onnx_graph_computes_what_its_module_does(shape):
+    """A runtime's table times each layer from an ONNX graph written directly (no
+    torch.onnx.export per layer): it must be the module's computation, in both runtimes."""
+    pytest.importorskip("onnxruntime")
+    from pruners.latency import onnx_runner
+
+    onnx, x, module = shape.onnx()
+    with torch.no_grad():
+        ref = module(x).numpy()
+    for backend in ("onnxruntime", "openvino"):
+        if backend == "openvino" and not installed("openvino"):
+            continue
+        out = onnx_runner(onnx, [x.numpy()], backend, threads=1)()
+        out = out[0] if isinstance(out, list) else next(iter(out.values()))
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
 
 
 def test_latency_target_needs_a_latency_model_and_reports_infeasible():

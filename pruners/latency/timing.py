@@ -29,7 +29,8 @@ from torch.utils import _pytree as pytree
 
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "time_call", "interleave", "steady", "measure_models", "model_runner",
-           "openvino_config", "openvino_request", "ort_options", "installed", "require"]
+           "onnx_runner", "openvino_config", "openvino_request", "ort_options", "installed",
+           "require"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
@@ -237,15 +238,28 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
                 return model(*args)
 
         return run
+    if backend in ("onnxruntime", "openvino"):
+        return onnx_runner(_onnx_bytes(model, args), _arrays(args), backend, threads)
+    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def onnx_runner(onnx: bytes, arrays: list, backend: str,
+                threads: Optional[int] = None) -> Callable[[], Any]:
+    """A no-argument function running an ONNX model (its bytes) on ``arrays`` (numpy, in
+    the graph's input order) in an onnxruntime session or an OpenVINO CPU request."""
     if backend == "onnxruntime":
-        session, feeds = _ort_session(model, args, threads)
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(onnx, ort_options(threads),
+                                       providers=["CPUExecutionProvider"])
+        feeds = dict(zip([i.name for i in session.get_inputs()], arrays))
         return lambda: session.run(None, feeds)
     if backend == "openvino":
-        request, arrays = _openvino_request(model, args, threads)
+        request = openvino_request(onnx, threads)
         # inputs and outputs shared, not copied: a layer timed alone would otherwise be
         # mostly the copies, which the layer inside a whole model does not make
         return lambda: request.infer(arrays, share_inputs=True, share_outputs=True)
-    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    raise ValueError(f"no ONNX runtime called {backend!r}: 'onnxruntime' or 'openvino'")
 
 
 def _onnx_bytes(model: nn.Module, args: tuple) -> bytes:
@@ -261,20 +275,6 @@ def _onnx_bytes(model: nn.Module, args: tuple) -> bytes:
 def _arrays(args: tuple) -> list:
     return [t.detach().cpu().numpy() for t in pytree.tree_leaves(args)
             if isinstance(t, torch.Tensor)]
-
-
-def _ort_session(model: nn.Module, args: tuple, threads: Optional[int]):
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(_onnx_bytes(model, args), ort_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return session, dict(zip(names, _arrays(args)))
-
-
-def _openvino_request(model: nn.Module, args: tuple, threads: Optional[int]):
-    """An OpenVINO CPU infer request of the ONNX export, and its inputs as arrays."""
-    return openvino_request(_onnx_bytes(model, args), threads), _arrays(args)
 
 
 def openvino_request(onnx: Any, threads: Optional[int] = None, shape: Optional[tuple] = None):
@@ -318,7 +318,8 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
                 calls[label][0]()
             except Exception as exc:  # noqa: BLE001 - reported; the others are still timed
                 calls.pop(label, None)
-                errors[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                errors[label] = f"{type(exc).__name__}: {first}"
         if not calls:
             raise RuntimeError(f"no model runs with backend {backend!r}: {errors}")
         repeat = 1
