@@ -576,7 +576,8 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         target_latency: keep at most this fraction of the dense model's latency, measured
             with ``backend`` on ``device`` (allocation costs plans by a measured per-layer
             latency table; the pruned model is then timed against the dense one, and the
-            target re-aimed up to twice when they disagree by more than 3%).
+            target re-aimed up to twice when they disagree by more than 3%; the plans are
+            then timed together and the closest kept).
         inplace: prune ``model`` itself and return it as ``result.model``.
         **options: see :class:`PruneOptions`: ``importance`` ("l2", "l1", "random",
             "bn_scale", "fpgm", "taylor", "hessian" or a function), ``data`` and ``loss_fn``
