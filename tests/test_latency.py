@@ -23,6 +23,7 @@ from pruners import InfeasibleTargetError, Target, allocate, apply_plan, plan_pr
 from pruners.latency import (InContext, LatencyTable, LayerShape, ModelCall, auto_round_to,
                              environment, installed, latency_model, layer_calls, measure_models,
                              model_runner, pick_round_to, time_in_context)
+from pruners.latency.table import TIMING
 
 
 class FakeClock:
@@ -105,6 +106,11 @@ def test_table_measures_once_caches_on_disk_and_keys_by_threads(tmp_path):
     other = LatencyTable(path, timer=FakeClock(), threads=3)
     other.seconds(shape)
     assert other.measured == 1  # another thread count is another machine setting
+    stale = shape.key("eager", "cpu", 2).replace(f"/{TIMING}/", "/")  # timed the old way
+    json.dump({stale: 1.0, **json.load(open(path))}, open(path, "w"))
+    assert LatencyTable(path, timer=FakeClock(), threads=2).seconds(shape) == first
+    again.save()
+    assert stale not in json.load(open(path))
     with pytest.raises(ValueError, match="backend"):
         LatencyTable(None, backend="tensorrt")
 

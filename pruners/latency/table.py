@@ -135,7 +135,8 @@ class LayerShape:
         dims = "x".join(map(str, self.input_shape))
         conv = (f" k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} "
                 f"g{self.groups}" if self.kind == "conv" else "")
-        return (f"{backend}/{device}/t{threads}/{self.dtype}/{self.kind} {self.in_channels}->"
+        return (f"{backend}/{device}/t{threads}/{self.dtype}/{TIMING}/{self.kind} "
+                f"{self.in_channels}->"
                 f"{self.out_channels} in {dims}{conv}{' bias' if self.bias else ''}"
                 f"{f' then 1x1 to {self.follow}' if self.follow else ''}"
                 f"{f' x{self.copies} summed' if self.copies > 1 else ''}")
@@ -198,6 +199,11 @@ def default_cache_path() -> str:
 
 #: Copies of a layer timed together to find its cost inside a runtime's graph (see above).
 COPIES = 4
+
+#: How an entry was timed, in its key: an entry timed another way is timed again rather
+#: than mixed into one curve with the new ones (and dropped from the file on save). Now:
+#: interleaved rounds, the fastest kept (``alone_many``); before, one shape after another.
+TIMING = "interleaved"
 
 
 class LatencyTable:
@@ -300,6 +306,7 @@ class LatencyTable:
                     merged = json.load(f)
             except (OSError, ValueError):
                 merged = {}
+        merged = {k: v for k, v in merged.items() if f"/{TIMING}/" in k}
         merged.update(self._entries)
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
