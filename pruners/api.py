@@ -330,8 +330,8 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
     if hardware is not None:
         notes += hardware.notes
     round_to = hardware.round_to if hardware is not None else opts.round_to
-    small = hardware.probe if hardware is not None and hardware.probe is not None else \
-        probe_inputs(work, example_inputs, outputs=opts.outputs, example_kwargs=opts.example_kwargs)
+    small = hardware.probe if hardware is not None else probe_inputs(
+        work, example_inputs, outputs=opts.outputs, example_kwargs=opts.example_kwargs)
     raised: dict[int, str] = {}
     bad = find_unprunable_groups(work, graph, small, where=raised, **kw)
     graph, bad, linked = link_input_widths(work, graph, bad, raised, small, **kw)
@@ -501,7 +501,7 @@ class _Hardware:
     dense_s: Optional[float] = None
     context: Any = None  # eager: pruners.latency.InContext, the layers timed in the model
     smaller: Optional[Callable[[], Any]] = None  # the model at half resolution, if it runs
-    probe: Any = None  # repair.probe_inputs, when found here (repair probes on them too)
+    probe: Any = None  # repair.probe_inputs, found once for every plan
 
     @classmethod
     def of(cls, work: nn.Module, example_inputs: Any, opts: PruneOptions, target: Target
@@ -519,13 +519,15 @@ class _Hardware:
             chosen = auto_round_to(calls, table)
             round_to = chosen.multiple
             notes.append(str(chosen))
-        smaller = small = None
-        if target.kind == "latency" and opts.backend == "eager" and opts.device == "cpu":
-            small = probe_inputs(work, example_inputs, outputs=opts.outputs,
-                                 example_kwargs=opts.example_kwargs)
-            if small is not example_inputs:
-                smaller = lambda: run_model(work, small, opts.outputs,  # noqa: E731
-                                            opts.example_kwargs)
+        # found once here for every plan (repair probes on them; eager latency targets
+        # also time the model on them to split the fixed part of its remainder)
+        small = probe_inputs(work, example_inputs, outputs=opts.outputs,
+                             example_kwargs=opts.example_kwargs)
+        smaller = None
+        if target.kind == "latency" and opts.backend == "eager" and opts.device == "cpu" \
+                and small is not example_inputs:
+            smaller = lambda: run_model(work, small, opts.outputs,  # noqa: E731
+                                        opts.example_kwargs)
         return cls(table, work, example_inputs, run, calls, int(round_to), notes,
                    smaller=smaller, probe=small)
 
