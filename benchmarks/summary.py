@@ -115,8 +115,8 @@ def markdown(rows: list[dict], latency: dict[str, dict]) -> str:
     tools = list(dict.fromkeys(r["tool"] for r in rows))
     by = {(r["model"], r["target"], r["round_to"], r["tool"]): r for r in rows}
     cases = list(dict.fromkeys((r["model"], r["target"], r["round_to"]) for r in rows))
-    timed = [c for c in cases if any("speedup_eager_b1" in (by.get(c + (t,)) or {})
-                                     for t in tools)]
+    timed = [c for c in cases if any(k.startswith(("speedup_", "noisy_"))
+                                     for t in tools for k in (by.get(c + (t,)) or {}))]
     lines = [f"Machine: {machine()}.", "",
              "FLOPs: achieved fraction of the dense model's FLOPs (FlopCounterMode, same counter "
              "for both tools). Engine: seconds of the tool's own call. Speedup: dense / pruned "
@@ -134,7 +134,7 @@ def markdown(rows: list[dict], latency: dict[str, dict]) -> str:
         for tool in tools:
             r = by.get(case + (tool,))
             line += (f" {_status(r)} | {_num(r, 'flops_ratio', '.3f')} | "
-                     f"{_num(r, 'engine_s', '.1f')} | {_num(r, 'speedup_eager_b1', '.2f')} |")
+                     f"{_num(r, 'engine_s', '.1f')} | {_timed(r, 'eager_b1')} |")
         lines.append(line)
     lines += ["", _totals(rows, tools), ""]
     if timed:
@@ -151,7 +151,7 @@ def markdown(rows: list[dict], latency: dict[str, dict]) -> str:
                 cells = []
                 for key in ("eager_b1", "eager_b8", "ort_b1", "ort_b8"):
                     cells.append(f"{r[key + '_ms']:.1f} ({r['speedup_' + key]:.2f}x)"
-                                 if key + "_ms" in r else "-")
+                                 if key + "_ms" in r else _timed(r, key))
                 lines.append(f"| {case[0]} | {tool} | {case[1]:g} | {case[2]} | "
                              + " | ".join(cells) + f" | {_num(r, 'efficiency_eager_b1', '.2f')}"
                              f" | {_num(r, 'efficiency_ort_b1', '.2f')} |")
@@ -170,6 +170,14 @@ def _short_status(row: Optional[dict]) -> str:
         return "not run"
     match = re.match(r"(\w+(?:Error|Exception))\b", row["error"] or "")
     return f"{row['status']} ({match.group(1)})" if match else row["status"]
+
+
+def _timed(row: Optional[dict], key: str) -> str:
+    """The speedup at ``key`` (``eager_b1``...), "noisy" when its spread stayed over 10%,
+    or "-" (not timed by the checked harness)."""
+    if row is not None and row.get(f"speedup_{key}") is not None:
+        return f"{row[f'speedup_{key}']:.2f}"
+    return "noisy" if row is not None and row.get(f"noisy_{key}") else "-"
 
 
 def _cell(row: Optional[dict]) -> str:
