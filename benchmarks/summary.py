@@ -183,9 +183,8 @@ def _timed(row: Optional[dict], key: str) -> str:
 def _cell(row: Optional[dict]) -> str:
     if row is None or row["status"] != "ok":
         return _short_status(row)
-    speedup = row.get("speedup_eager_b1")
-    timing = f"{speedup:.2f}x" if speedup is not None else (
-        "noisy" if row.get("noisy_eager_b1") else "not timed")
+    timing = _timed(row, "eager_b1")
+    timing = {"-": "not timed", "noisy": "noisy"}.get(timing, f"{timing}x")
     return f"{_num(row, 'flops_ratio', '.3f')} · {_num(row, 'engine_s', '.1f')} s · {timing}"
 
 

@@ -257,7 +257,7 @@ def test_wide_zoo_figures_and_readme_section(tmp_path):
 def test_summary_keeps_only_checked_quiet_latency_figures(tmp_path):
     """A latency job without the machine record (the old harness) or whose spread stayed
     wide gives no speedup; a checked, quiet one does."""
-    from benchmarks.summary import brief, load_rows
+    from benchmarks.summary import brief, load_rows, markdown
 
     def prune_rec(model):
         return {"job": {"kind": "prune", "model": model, "tool": "ours", "target": 0.5,
@@ -285,6 +285,12 @@ def test_summary_keeps_only_checked_quiet_latency_figures(tmp_path):
     assert "speedup_eager_b1" not in rows["old"]
     text = brief(list(rows.values()))
     assert "1.67x" in text and "noisy" in text and "not timed" in text
+    lines: dict = {}  # the first table: one row per model and round_to
+    for ln in markdown(list(rows.values()), load_rows(str(runs))[1]).splitlines():
+        if ln.startswith("| "):
+            lines.setdefault(ln.split(" | ")[0].lstrip("| "), ln)
+    assert "| 1.67 |" in lines["quiet"] and "| noisy |" in lines["noisy"]
+    assert lines["old"].endswith("| - |")  # taken before the checked harness: no figure
 
 
 def test_hardware_benchmark_rows(tmp_path, monkeypatch):
