@@ -107,10 +107,14 @@ def test_table_measures_once_caches_on_disk_and_keys_by_threads(tmp_path):
     other.seconds(shape)
     assert other.measured == 1  # another thread count is another machine setting
     stale = shape.key("eager", "cpu", 2).replace(f"/{TIMING}/", "/")  # timed the old way
-    json.dump({stale: 1.0, **json.load(open(path))}, open(path, "w"))
+    with open(path) as f:
+        entries = json.load(f)
+    with open(path, "w") as f:
+        json.dump({stale: 1.0, **entries}, f)
     assert LatencyTable(path, timer=FakeClock(), threads=2).seconds(shape) == first
     again.save()
-    assert stale not in json.load(open(path))
+    with open(path) as f:
+        assert stale not in json.load(f)
     with pytest.raises(ValueError, match="backend"):
         LatencyTable(None, backend="tensorrt")
 
@@ -279,14 +283,18 @@ def test_target_latency_lands_on_the_measured_target_and_reports_it():
         assert result.model(x).shape == (1, 10)
 
 
+def _conv_width(m: nn.Module) -> int:
+    """Total output channels of ``m``'s convs: tells the dense model from a pruned one."""
+    return sum(c.weight.shape[0] for c in m.modules() if isinstance(c, nn.Conv2d))
+
+
 def test_target_latency_re_aims_when_the_prediction_is_off():
     """A model time the layer table cannot see (a cost growing with total width): the first
     plan misses, the target is re-aimed from the measurement and the result lands."""
     model, x = _net()
 
     def hidden(m):
-        width = sum(c.weight.shape[0] for c in m.modules() if isinstance(c, nn.Conv2d))
-        return 0.4 + 0.6 * width / 680  # 680: the dense model's total conv width
+        return 0.4 + 0.6 * _conv_width(m) / 680  # 680: the dense model's total conv width
 
     table = LatencyTable(None, timer=FakeClock(bias=hidden))
     result = prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
@@ -304,11 +312,8 @@ def test_target_latency_times_its_plans_again_together(monkeypatch):
 
     model, x = _net()
     burst = {"dense": 1.0}
-
-    def width(m):
-        return sum(c.weight.shape[0] for c in m.modules() if isinstance(c, nn.Conv2d))
-
-    clock = FakeClock(bias=lambda m: burst["dense"] if width(m) == width(model) else 1.0)
+    dense = _conv_width(model)
+    clock = FakeClock(bias=lambda m: burst["dense"] if _conv_width(m) == dense else 1.0)
     real, timings = latency.measure_models, []
 
     def loaded_once(models, *args, **kwargs):
