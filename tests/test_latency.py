@@ -111,8 +111,9 @@ def test_table_measures_once_caches_on_disk_and_keys_by_threads(tmp_path):
         entries = json.load(f)
     with open(path, "w") as f:
         json.dump({stale: 1.0, **entries}, f)
-    assert LatencyTable(path, timer=FakeClock(), threads=2).seconds(shape) == first
-    again.save()
+    loaded = LatencyTable(path, timer=FakeClock(), threads=2)  # a file with a stale entry
+    assert loaded.seconds(shape) == first and loaded.measured == 0
+    loaded.save()
     with open(path) as f:
         assert stale not in json.load(f)
     with pytest.raises(ValueError, match="backend"):

@@ -206,6 +206,11 @@ COPIES = 4
 TIMING = "interleaved"
 
 
+def _timed_now(entries: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a cache file that were timed as :data:`TIMING` says."""
+    return {k: v for k, v in entries.items() if f"/{TIMING}/" in k}
+
+
 class LatencyTable:
     """Seconds per layer shape on one backend, device and thread count; JSON on disk.
 
@@ -228,7 +233,7 @@ class LatencyTable:
         self._entries: dict[str, float] = {}
         if path and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
-                self._entries = json.load(f)
+                self._entries = _timed_now(json.load(f))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -306,7 +311,7 @@ class LatencyTable:
                     merged = json.load(f)
             except (OSError, ValueError):
                 merged = {}
-        merged = {k: v for k, v in merged.items() if f"/{TIMING}/" in k}
+        merged = _timed_now(merged)
         merged.update(self._entries)
         tmp = f"{self.path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
