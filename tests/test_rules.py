@@ -109,6 +109,7 @@ SAMPLES = {
     "aten.slice": lambda m, y: y[:, :, 1:5],
     "aten.select": lambda m, y: y[:, :, 0].unsqueeze(2),
     "aten.index_select": lambda m, y: y.index_select(2, torch.tensor([0, 2, 3])),
+    "aten.index": lambda m, y: y[:, :, torch.tensor([0, 2, 3])],
     "aten.linalg_vector_norm": lambda m, y: y / torch.linalg.vector_norm(y, 2, dim=(2, 3),
                                                                          keepdim=True),
     "aten.softmax": lambda m, y: torch.softmax(y, dim=-1),
@@ -170,6 +171,50 @@ def test_register_rejects_overloads_and_duplicates():
         register(aten.add.Tensor)(lambda ctx, node, inputs: (None,))
     with pytest.raises(ValueError, match="already has the rule"):
         register(aten.relu)(lambda ctx, node, inputs: (None,))
+
+
+class _Table(nn.Module):
+    """conv -> * a table read by advanced indexing (``table[index]``, as relative position
+    biases are) -> the table's other dims carry the conv's channels -> conv."""
+
+    def __init__(self, pick):
+        super().__init__()
+        self.pick = pick
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.table = nn.Parameter(torch.randn(10, 8))
+        self.register_buffer("index", torch.tensor([[1, 3, 5, 7, 9, 0], [2, 4, 6, 8, 0, 1]]))
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(self.pick(self, self.a(x)))
+
+
+@pytest.mark.parametrize("pick", [
+    # (8, 6, 6)-table by a 2-D index, channels last -> (6, 2, 6, 8) broadcast over the batch
+    lambda m, y: y * m.table[m.index[:, :, None].expand(2, 6, 6)].permute(0, 3, 1, 2),
+    # index dims apart (0 and 2): NumPy puts the indexed dims in front
+    lambda m, y: y[torch.tensor([1, 0]), :, torch.tensor([2, 3])].transpose(0, 1)
+    .unsqueeze(0).expand(2, -1, -1, 6),
+    # index dims adjacent, after a full slice: they stay where they were
+    lambda m, y: y[:, :, torch.tensor([[0, 1], [2, 3]]), torch.tensor([4, 5])],
+])
+def test_advanced_indexing_keeps_the_other_dims_channels(pick):
+    torch.manual_seed(0)
+    model = _Table(pick).eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = analyze(capture(model, x))
+    units = [u.id for u in graph.units]
+    assert len(units) == 8, [f.reason for f in graph.frozen]
+    for seed in range(3):
+        chosen = sample_units(graph, 0.5, np.random.default_rng(seed))
+        assert verify(model, graph, chosen, x).ok
+
+
+def test_indexing_along_channels_freezes_them():
+    model = Probe(lambda m, y: y[:, torch.tensor([0, 2, 3, 5])]).eval()
+    graph = analyze(capture(model, torch.randn(2, 3, 6, 6)))
+    assert not graph.units
+    assert any("picks channels by index" in f.reason for f in graph.frozen)
 
 
 @pytest.mark.parametrize("conv", [

@@ -171,6 +171,49 @@ def index_select_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     return (tuple(None if i == dim else m for i, m in enumerate(x)),)
 
 
+# index(x, [i0, None, i2, ...]): advanced indexing (``table[position_index]``, ``x[mask]``).
+# Dims with an index are replaced by the indices' broadcast dims, placed where the first one
+# was when the indexed dims are adjacent, else in front (NumPy's rule); the other dims pass
+# through. Picking channels, or using channels as indices, pins them.
+@register(aten.index)
+def index_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    indices = list(node.args[1])
+    index_maps = list(inputs[1]) if isinstance(inputs[1], (list, tuple)) else [None] * len(indices)
+    for m in index_maps:
+        if m is not None:
+            ctx.pin(m, f"{ctx.where()} uses channels as indices")
+    if x is None:
+        return (None,)
+    covered: list[list[int]] = []  # the dims of x each index entry covers
+    d = 0
+    for idx in indices:
+        val = idx.meta.get("val") if isinstance(idx, torch.fx.Node) else None
+        span = val.dim() if val is not None and val.dtype == torch.bool else 1
+        covered.append(list(range(d, d + span)) if idx is not None else [])
+        d += span
+    indexed = [dim for dims in covered for dim in dims]
+    kept = [dim for dim in range(len(x)) if dim not in indexed]
+    rank = len(ctx.out_shape())
+    new = rank - len(kept)  # dims the broadcast indices add
+    for dim in indexed:
+        if x[dim] is not None:  # pinned: a table's rows are no channels unless they flow on
+            ctx.pin(x[dim], f"{ctx.where()} picks channels by index")
+    used = [i for i, idx in enumerate(indices) if idx is not None]
+    adjacent = used == list(range(used[0], used[-1] + 1)) if used else True
+    at = covered[used[0]][0] if used and adjacent else 0
+    before = [dim for dim in kept if dim < at] if adjacent else []
+    after = [dim for dim in kept if dim not in before]
+    out = [x[dim] for dim in before] + [None] * new + [x[dim] for dim in after]
+    in_shape, out_shape = ctx.shape(node.args[0]), ctx.out_shape()
+    sizes = [in_shape[dim] for dim in before] + list(out_shape[len(before):len(before) + new]) \
+        + [in_shape[dim] for dim in after]
+    if new < 0 or tuple(sizes) != out_shape:  # a layout this rule does not know: fail closed
+        ctx.freeze(x, f"{ctx.where()} indexes in a layout the index rule does not follow")
+        return (None,)
+    return (tuple(out),)
+
+
 # permute(x, order): out atoms[i] = x atoms[order[i]]
 @register(aten.permute)
 def permute_rule(ctx: RuleContext, node, inputs: list) -> tuple:
