@@ -210,6 +210,43 @@ def test_advanced_indexing_keeps_the_other_dims_channels(pick):
         assert verify(model, graph, chosen, x).ok
 
 
+class _BiasedAttention(nn.Module):
+    """Attention whose scores get a relative-position bias read from a (positions, heads)
+    table by index, as Swin's do: the table's head dim meets the scores' head count."""
+
+    def __init__(self, heads: int = 2, head_dim: int = 8):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(16, 3 * heads * head_dim)
+        self.table = nn.Parameter(torch.randn(5, heads))
+        self.register_buffer("index", torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3]))
+        self.proj = nn.Linear(heads * head_dim, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(n, n, self.heads).permute(2, 0, 1)
+        attn = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        y = (attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.head_dim)
+        return self.out(self.proj(y))
+
+
+def test_a_dim_combined_with_a_fixed_size_one_carries_no_channels_on():
+    """The bias table's head dim is frozen where it meets the scores' head count (a fixed
+    size); it must not flow on as channels, or the heads' merge back (heads x head width)
+    would see two channel dims and pin the head width."""
+    torch.manual_seed(0)
+    model = _BiasedAttention().eval()
+    x = torch.randn(2, 3, 16)
+    graph = analyze(capture(model, x))
+    rows = graph.unit_index[("qkv.weight", 0)]
+    assert (rows >= 0).sum() == 48, [f.reason for f in graph.frozen]
+    assert (graph.unit_index[("table", 1)] < 0).all()  # the head count stays
+    for seed in range(3):
+        assert verify(model, graph, sample_units(graph, 0.5, np.random.default_rng(seed)), x).ok
+
+
 def test_indexing_along_channels_freezes_them():
     model = Probe(lambda m, y: y[:, torch.tensor([0, 2, 3, 5])]).eval()
     graph = analyze(capture(model, torch.randn(2, 3, 6, 6)))

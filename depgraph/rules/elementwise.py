@@ -73,7 +73,8 @@ def broadcasting_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 
 
 def broadcast_maps(ctx: RuleContext, shapes: list, maps: list, out_shape: tuple) -> tuple:
-    """Right-align ``maps`` against ``out_shape``, unify equal-size channel dims, freeze the rest."""
+    """Right-align ``maps`` against ``out_shape``, unify equal-size channel dims, freeze the rest
+    (a channel dim met by a fixed-size one of the same size: the result's dim is fixed)."""
     rank = len(out_shape)
     result: list = [None] * rank
     for d in range(rank):
@@ -96,6 +97,10 @@ def broadcast_maps(ctx: RuleContext, shapes: list, maps: list, out_shape: tuple)
         if plain:
             ctx.freeze(carriers, f"{ctx.where()} combines channels with a tensor of fixed size "
                                  f"{size} (an input or constant) along dim {d}")
+            # the dim is fixed from here on: it carries no channels (None), not frozen ones
+            # that a later op would take for channels (a relative-position table's head dim
+            # added to the scores' head count, then merged with the head width by a view)
+            continue
         for other in carriers[1:]:
             ctx.unify(carriers[0], other)
         result[d] = carriers[0]
