@@ -157,6 +157,8 @@ def _inline_wrappers(gm: torch.fx.GraphModule) -> None:
 
 
 def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -170,8 +172,11 @@ def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
         return wrapped.select(out) if wrapped.select is not None else out
 
     # Values read in Python (a detector's box count, a branch on a mean) are fixed at the
-    # example's values, as its shapes are; checked below.
-    with _module_calls(model) as calls:
+    # example's values, as its shapes are; checked below. make_fx gives each node a fake
+    # value under the fake mode it finds in the tracing context, and with none there it built
+    # a new mode per node (a stack capture each): one shared mode halves Mask R-CNN's trace.
+    with _module_calls(model) as calls, tracing(TracingContext(FakeTensorMode(
+            allow_fallback_kernels=True))):
         gm = make_fx(run, tracing_mode="real", pre_dispatch=True,
                      _error_on_data_dependent_ops=False)(params, buffers, args, kwargs)
     _set_module_stacks(gm.graph, calls)
