@@ -177,12 +177,8 @@ def index_select_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 # through. Picking channels, or using channels as indices, pins them.
 @register(aten.index)
 def index_rule(ctx: RuleContext, node, inputs: list) -> tuple:
-    x = inputs[0]
-    indices = list(node.args[1])
-    index_maps = list(inputs[1]) if isinstance(inputs[1], (list, tuple)) else [None] * len(indices)
-    for m in index_maps:
-        if m is not None:
-            ctx.pin(m, f"{ctx.where()} uses channels as indices")
+    x, indices = inputs[0], list(node.args[1])
+    ctx.pin(inputs[1], f"{ctx.where()} uses channels as indices")  # skips the None entries
     if x is None:
         return (None,)
     covered: list[list[int]] = []  # the dims of x each index entry covers
