@@ -36,6 +36,7 @@ from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths, probe_inputs
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
                      python_width_rewrites)
+from .screen import ShapeScreen, input_share
 from .verify import DenseRun, VerifyResult, run_model, shared_params, verify
 
 __all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
@@ -332,6 +333,10 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
     round_to = hardware.round_to if hardware is not None else opts.round_to
     small = hardware.probe if hardware is not None else probe_inputs(
         work, example_inputs, outputs=opts.outputs, example_kwargs=opts.example_kwargs)
+    # where a forward takes seconds, probes that only have to run are made on fake tensors
+    kw["screen"] = ShapeScreen.of(work, small, outputs=opts.outputs, at=at,
+                                  example_kwargs=opts.example_kwargs,
+                                  real_s=dense.seconds * input_share(small, example_inputs))
     raised: dict[int, str] = {}
     bad = find_unprunable_groups(work, graph, small, where=raised, **kw)
     graph, bad, linked = link_input_widths(work, graph, bad, raised, small, **kw)

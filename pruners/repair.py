@@ -7,6 +7,8 @@ written into the code (``x.split(4, 1)``) or read from another tensor. After sur
 raises, returns a different output structure, or silently computes something else. We prune
 one unit of each group, check the result against the masked original, and bisect over groups
 until every offending group is isolated; those are then frozen with the failure as reason.
+Where a forward takes seconds, probes run on fake tensors first (``pruners.screen``): what
+raises or changes a shape is found without computing anything.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch.utils import _pytree as pytree
 from depgraph.errors import SurgeryError, VerificationError
 from depgraph.graph import ChannelGraph
 
+from .screen import FakeUnsupported, ShapeScreen
 from .verify import DenseRun, run_model, verify
 
 __all__ = ["find_unprunable_groups", "freeze_unprunable", "link_input_widths", "probe_inputs",
@@ -54,7 +57,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                            rtol: float = 1e-4, train_mode: bool = False,
                            train_inputs: Any = None,
                            where: Optional[dict[int, str]] = None,
-                           dense: Optional[DenseRun] = None) -> dict[int, str]:
+                           dense: Optional[DenseRun] = None,
+                           screen: Optional[ShapeScreen] = None) -> dict[int, str]:
     """Groups whose pruning breaks the model, with what went wrong for each.
 
     A probe prunes one unit of each group and fails when the pruned model raises, changes its
@@ -67,7 +71,10 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     ``train_inputs`` when given (smaller ones do: that run only has to run). ``where``, when
     given, is filled with the module whose forward raised for each group found alone.
     ``dense`` (the unpruned model's run on these inputs) spares inexact probes, whose outputs
-    are not compared, the masked forward (see ``verify``).
+    are not compared, the masked forward (see ``verify``). ``screen`` (fake-tensor runs on
+    ``example_inputs``, ``pruners.screen``) finds every one-unit probe that raises or changes
+    an output's shape without computing anything; then only exact groups are probed for real,
+    for outputs that differ. Where fake tensors cannot follow a probe, all run for real.
     """
     # one-unit probes only compare the verified submodules: stop each forward there; a plan's
     # probes (after a failed check) run the whole model to find what broke it
@@ -77,11 +84,16 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         chosen = {g.id: _probe(graph, g.id, sole) for g in graph.groups if g.units}
         probes = {g: [u] for g, u in chosen.items() if u is not None}
 
+    fake = screen is not None and stop_early and screen.inputs is example_inputs
+
     def failure(groups: list[int]) -> tuple[Optional[str], Optional[str]]:
         """What went wrong with ``groups`` probed together (None: nothing), and the module
         whose forward raised, when one did."""
         units = [u for g in groups for u in probes[g]]
         try:
+            if fake:  # raises FakeUnsupported where fake tensors cannot follow the probe
+                screen.check(model, graph, units)
+                return None, None
             result = verify(model, graph, units, example_inputs, outputs=outputs,
                             example_kwargs=example_kwargs, at=at, rtol=rtol,
                             train_mode=train_mode, stop_early=stop_early,
@@ -155,6 +167,16 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
 
     exact = [g for g in sorted(probes) if all(graph.units[u].exact for u in probes[g])]
     inexact = [g for g in sorted(probes) if g not in set(exact)]
+    if fake:
+        try:
+            bisect(sorted(probes))  # shapes: exact or not alike
+            exact, inexact = [g for g in exact if g not in found], []
+        except FakeUnsupported:  # all over again, for real
+            for g in found:
+                if where is not None:
+                    where.pop(g, None)
+            found.clear()
+        fake = False
     for groups in (exact, inexact):  # inexact probes differ by design: judged apart
         if groups:
             bisect(groups)
@@ -235,7 +257,8 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
                       outputs: Optional[Callable] = None,
                       example_kwargs: Optional[dict] = None,
                       at: Optional[Sequence[str]] = None,
-                      dense: Optional[DenseRun] = None
+                      dense: Optional[DenseRun] = None,
+                      screen: Optional[ShapeScreen] = None
                       ) -> tuple[ChannelGraph, dict[int, str], list[str]]:
     """Tie the heads of attention that reads its width from its input to that input.
 
@@ -247,7 +270,7 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
     a width of ``C`` go with input column ``c``, position by position; failing that (or with
     no such view), row ``j`` of a projection whose rows also failed alone goes with column
     ``j % C``. The first layout whose one-unit probe runs is kept. Returns the graph, what
-    stays unprunable (renumbered), and notes.
+    stays unprunable (renumbered), and notes. ``screen``: as in ``find_unprunable_groups``.
     """
     group_of = np.array([u.group for u in graph.units] + [-1], dtype=np.int64)
     # input group -> (rows group, projection, module, the rows' views back into the width)
@@ -284,7 +307,7 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
             views += [(int(ids[c]), int(cols[c])) for ids in merged for c in range(len(cols))
                       if cols[c] >= 0] if merged else modular
         for pairs in dict.fromkeys(tuple(p) for p in (views, rows_mod) if p):
-            if _tie_runs(model, graph, a, list(pairs), example_inputs, outputs=outputs,
+            if _tie_runs(model, graph, a, list(pairs), example_inputs, screen, outputs=outputs,
                          example_kwargs=example_kwargs, at=at, dense=dense):
                 linked.append((a, sorted({b for b, _, _ in entries}), list(pairs)))
                 break
@@ -302,15 +325,24 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
 
 
 def _tie_runs(model: nn.Module, graph: ChannelGraph, group: int, pairs: list[tuple[int, int]],
-              example_inputs: Any, **kw: Any) -> bool:
+              example_inputs: Any, screen: Optional[ShapeScreen], **kw: Any) -> bool:
     """Whether removing one unit of ``group``, and all that ``pairs`` tie to it, passes the
-    check."""
+    check (on fake tensors first, given a ``screen`` on these inputs; then for real where the
+    outputs are compared)."""
     tied = _tied_to(graph.groups[group].units[0], pairs)
+    exact = all(graph.units[u].exact for u in tied)
     try:
+        if screen is not None and screen.inputs is example_inputs and kw.get("at") is None:
+            try:
+                screen.check(model, graph, tied)
+                if not exact:
+                    return True
+            except FakeUnsupported:
+                pass
         result = verify(model, graph, tied, example_inputs, **kw)
     except (VerificationError, SurgeryError):
         return False
-    return result.ok or not all(graph.units[u].exact for u in tied)
+    return result.ok or not exact
 
 
 def _merged_widths(graph: ChannelGraph, group_of: np.ndarray, group: int, module: str,

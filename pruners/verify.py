@@ -10,9 +10,10 @@ difference.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from depgraph.graph import ChannelGraph
 from .copying import copy_model
 from .reparam import deepcopy_model
 from .surgery import lookup_tensor, remove_units
+
+if TYPE_CHECKING:
+    from .screen import ShapeScreen
 
 __all__ = ["DenseRun", "VerifyResult", "verify", "mask_consumers", "masked_in_place", "run_model",
            "sample_units"]
@@ -56,11 +60,13 @@ class DenseRun:
 
     Masking changes neither, so a check of inexact units, whose outputs are not compared,
     needs no masked forward of its own: on a large ViT that forward takes seconds.
+    ``seconds``: how long the run took (it tells whether fake-tensor probes pay, ``screen``).
     """
 
     inputs: Any
     shapes: list[tuple[int, ...]]
     flops: Any = None
+    seconds: float = 0.0
 
     @classmethod
     def of(cls, model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,
@@ -70,11 +76,14 @@ class DenseRun:
             return run_model(m, example_inputs, outputs, example_kwargs)
 
         counted: dict = {}
+        start = time.perf_counter()
         try:
             got = _run_counted(run, model, counted, "dense")
         except Exception:  # noqa: BLE001 - the plain run says whether the model runs
+            start = time.perf_counter()
             got = run(model)
-        return cls(example_inputs, [tuple(t.shape) for t in got], counted.get("dense"))
+        return cls(example_inputs, [tuple(t.shape) for t in got], counted.get("dense"),
+                   time.perf_counter() - start)
 
 
 def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,
@@ -205,7 +214,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
            at: Optional[Sequence[str]] = None, pruned: Optional[nn.Module] = None,
            rtol: float = 1e-4, train_mode: bool = False,
            stop_early: bool = False, train_inputs: Any = None,
-           flops: Optional[dict] = None, dense: Optional[DenseRun] = None) -> VerifyResult:
+           flops: Optional[dict] = None, dense: Optional[DenseRun] = None,
+           screen: Optional["ShapeScreen"] = None) -> VerifyResult:
     """Zero-equivalence check of removing ``units`` from ``model`` (which is not modified).
 
     Args:
@@ -233,6 +243,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             not run: the pruned outputs' shapes are checked against ``dense``'s, and the
             result's differences are NaN (not compared). ``flops["before"]`` is then
             ``dense``'s count.
+        screen: fake-tensor runs of the model (``pruners.screen``); when its inputs are the
+            train-mode run's, that run (which only has to run) is made on fake tensors.
 
     Raises:
         VerificationError: the pruned model does not run, or its outputs change shape.
@@ -265,7 +277,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             flops["before"] = dense.flops
     if train_mode:
         _check_train_mode(model, pruned, example_inputs if train_inputs is None
-                          else train_inputs, example_kwargs)
+                          else train_inputs, example_kwargs, screen)
     if len(shapes) != len(got):
         raise VerificationError(f"the pruned model returns {len(got)} tensors, the original "
                                 f"{len(shapes)}")
@@ -299,15 +311,28 @@ def _run_counted(run: Callable[[nn.Module], list], model: nn.Module, into: Optio
 
 
 def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: Any,
-                      example_kwargs: Optional[dict]) -> None:
+                      example_kwargs: Optional[dict], screen: Optional["ShapeScreen"] = None
+                      ) -> None:
     """The pruned model runs in train mode where the original does. The original's run (in
     place, its state restored) only excuses a failure, so it runs only after one: on a large
-    model each forward is seconds, and the pruned model nearly always runs."""
-    try:
-        run_model(deepcopy_model(pruned).train(), example_inputs, None, example_kwargs)
+    model each forward is seconds, and the pruned model nearly always runs. With a ``screen``
+    on these inputs the pruned model's run is on fake tensors (real where they cannot go)."""
+    failure: Optional[BaseException] = None
+    ran = False
+    if screen is not None and screen.inputs is example_inputs:
+        from .screen import FakeUnsupported
+
+        try:
+            failure, ran = screen.runs_in_train_mode(pruned), True
+        except FakeUnsupported:
+            pass
+    if not ran:
+        try:
+            run_model(deepcopy_model(pruned).train(), example_inputs, None, example_kwargs)
+        except Exception as exc:  # noqa: BLE001
+            failure = exc
+    if failure is None:
         return
-    except Exception as exc:  # noqa: BLE001
-        failure = exc
     try:
         with _training(original):
             run_model(original, example_inputs, None, example_kwargs)
