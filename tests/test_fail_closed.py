@@ -11,7 +11,7 @@ from torch import nn
 from depgraph import analyze, capture
 from depgraph.capture import normalize_arguments
 from depgraph.errors import SurgeryError
-from pruners import prune, remove_units, sample_units, verify
+from pruners import find_unprunable_groups, prune, remove_units, sample_units, verify
 
 
 class _Normed(nn.Module):
@@ -28,19 +28,61 @@ class _Normed(nn.Module):
             y = y / y.norm(dim=1, keepdim=True)
         elif self.how == "vector_norm":
             y = y * torch.linalg.vector_norm(y, 2, dim=1, keepdim=True)
-        else:
+        elif self.how == "normalize":
             y = F.normalize(y, dim=1)
+        elif self.how == "sum":
+            y = y * y.sum(1, keepdim=True)
+        elif self.how == "cosine":  # cosine attention: q.k contracted, q and k normalised
+            t = y.flatten(2).transpose(1, 2)
+            q = F.normalize(t, dim=-1)
+            attn = (q @ q.transpose(1, 2)).softmax(-1)
+            y = (attn @ t).transpose(1, 2).reshape(y.shape)
+        elif self.how == "amax":
+            y = y - y.amax(1, keepdim=True)
+        elif self.how == "min_norm":  # ord -inf: the smallest magnitude, which a zero changes
+            y = y * torch.linalg.vector_norm(y, float("-inf"), dim=1, keepdim=True)
+        elif self.how == "sigmoid_sum":  # a zeroed channel is 0.5 here: adds to the sum
+            y = y * torch.sigmoid(y).sum(1, keepdim=True)
         return self.b(y)
 
 
-@pytest.mark.parametrize("how", ["norm", "vector_norm", "normalize"])
-def test_a_norm_over_channels_freezes_them(how):
+@pytest.mark.parametrize("how", ["norm", "vector_norm", "normalize", "sum", "cosine"])
+def test_a_sum_or_norm_over_channels_prunes_them_exactly(how):
     # linalg_vector_norm(x, ord, dim): the dims are the third argument; read as the second,
-    # the norm looked like one over H and the channels pruned as if nothing mixed them
+    # the norm looked like one over H, the channels passed through unmasked, and the check
+    # below failed. Read by name, the channels are contracted: zero where they are made,
+    # they add nothing to the norm, as removed
+    model, x = _Normed(how).eval(), torch.randn(2, 3, 8, 8)
+    graph = analyze(capture(model, x))
+    units = graph.units_of("a.weight")
+    assert len(units) == 8 and all(graph.units[u].contracted for u in units)
+    for seed in range(3):
+        removed = sample_units(graph, 0.5, np.random.default_rng(seed))
+        assert removed and verify(model, graph, removed, x).ok
+
+
+@pytest.mark.parametrize("how", ["amax", "min_norm"])
+def test_a_reduction_a_zero_changes_freezes_the_channels(how):
     model, x = _Normed(how).eval(), torch.randn(2, 3, 8, 8)
     graph = analyze(capture(model, x))
     assert not graph.units_of("a.weight")
     assert any("reduces over channels" in f.reason for f in graph.frozen)
+
+
+def test_a_sum_of_what_zero_does_not_stay_zero_is_caught_by_repair():
+    """sigmoid(0) = 0.5: zeroed channels still add to the sum, so the check differs; repair
+    sees it and freezes the group, and prune() says why nothing can go."""
+    torch.manual_seed(0)
+    model, x = _Normed("sigmoid_sum").eval(), torch.randn(2, 3, 8, 8)
+    graph = analyze(capture(model, x))
+    bad = find_unprunable_groups(model, graph, x)
+    assert [graph.groups[g].layers[0] for g in bad] == ["a"]
+    assert "differ" in next(iter(bad.values()))
+    from pruners.allocate import InfeasibleTargetError
+
+    with pytest.raises(InfeasibleTargetError, match="outputs differ") as info:
+        prune(model, x, target_params=0.95)  # nothing else in it can go
+    assert info.value.reachable == pytest.approx(1.0)
 
 
 def _two_branch() -> tuple[nn.Module, torch.Tensor]:

@@ -3,7 +3,12 @@
 Channel identities:
     mean/var/std(x, dims):  reduced channel dims are normalisation statistics: inexact;
                             kept dims pass through, reduced dims vanish (or become size 1).
-    sum/amax/...(x, dims):  reducing over channels mixes them: the atoms freeze.
+    sum/norm(x, dims):      a channel that is zero adds nothing to a sum or a p-norm (p > 0):
+                            the pruned model's sum is the masked original's when verification
+                            zeroes those channels where they are made, as for attention's q.k
+                            (contracted). F.normalize over channels (cosine attention, SSD's
+                            L2Norm, an embedding head) prunes exactly so.
+    amax/prod/...(x, dims): a zero can change a max, a product, a logsumexp: the atoms freeze.
     softmax(x, dim):        mixes along dim: its atoms freeze; every dim passes through.
 """
 
@@ -16,6 +21,8 @@ from .registry import RuleContext, node_outputs, register
 aten = torch.ops.aten
 
 _STATISTICS = [aten.mean, aten.var, aten.std, aten.var_mean, aten.std_mean]
+#: a channel that is zero adds nothing to these (norms: for p > 0)
+_ADDITIVE = frozenset({aten.sum, aten.nansum, aten.norm, aten.linalg_vector_norm})
 _MIXING_REDUCTIONS = [
     aten.sum, aten.amax, aten.amin, aten.max, aten.min, aten.prod, aten.argmax, aten.argmin,
     aten.logsumexp, aten.norm, aten.linalg_vector_norm, aten.any, aten.all, aten.nansum,
@@ -32,6 +39,17 @@ def _reduced_dims(ctx: RuleContext, node, rank: int) -> list[int]:
     return sorted(d % rank for d in dims)
 
 
+def _adds_zero(ctx: RuleContext, node) -> bool:
+    """Whether a zero element leaves this reduction's value as it is (see ``_ADDITIVE``)."""
+    packet = node.target.overloadpacket
+    if packet not in _ADDITIVE:
+        return False
+    if packet in (aten.sum, aten.nansum):
+        return True
+    p = ctx.arg("ord" if packet == aten.linalg_vector_norm else "p", default=2)
+    return p is None or (isinstance(p, (int, float)) and p > 0)
+
+
 # reduce(x, dims): see the module docstring.
 @register(*_STATISTICS, *_MIXING_REDUCTIONS)
 def reduction_rule(ctx: RuleContext, node, inputs: list) -> tuple:
@@ -45,6 +63,9 @@ def reduction_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if channel:
         if node.target.overloadpacket in _STATISTICS:
             ctx.mark_inexact(channel, f"{ctx.where()} takes statistics over channels")
+        elif _adds_zero(ctx, node):
+            for atoms in channel:
+                ctx.mark_contracted(atoms)
         else:
             ctx.freeze(channel, f"{ctx.where()} reduces over channels")
     keepdim = isinstance(outs[0], torch.Tensor) and len(outs[0].shape) == rank

@@ -348,10 +348,15 @@ def _explaining_dim(atoms: np.ndarray, flat: np.ndarray, shape: tuple, block: li
     return None, None
 
 
-# expand(x, sizes): a dim broadcast from 1 cannot carry channels.
+# expand(x, sizes): a dim broadcast from 1 cannot carry channels. expand_as(x, other) takes
+# its sizes from other, whose channels it then carries (F.normalize expands the norm as x):
+# the two broadcast as an elementwise op's operands do.
 @register(aten.expand, aten.expand_as, aten.broadcast_to)
 def expand_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
+    if node.target.overloadpacket == aten.expand_as and inputs[1] is not None:
+        shapes = [ctx.shape(node.args[0]), ctx.shape(node.args[1])]
+        return (broadcast_maps(ctx, shapes, [x, inputs[1]], ctx.out_shape()),)
     if x is None:
         return (None,)
     return (broadcast_maps(ctx, [ctx.shape(node.args[0])], [x], ctx.out_shape()),)
