@@ -30,12 +30,11 @@ from torch._subclasses import fake_tensor as _fake
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
-from depgraph.errors import VerificationError
 from depgraph.graph import ChannelGraph
 
 from .copying import copy_model
 from .surgery import remove_units
-from .verify import _run_at, run_model, shared_params
+from .verify import _run_at, check_shapes, fails_to_run, run_model, shared_params
 
 __all__ = ["FakeUnsupported", "ShapeScreen"]
 
@@ -148,14 +147,8 @@ class ShapeScreen:
         except FakeUnsupported:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
-                                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-        if len(got) != len(self.shapes):
-            raise VerificationError(f"the pruned model returns {len(got)} tensors, the original "
-                                    f"{len(self.shapes)}")
-        for i, (a, b) in enumerate(zip(self.shapes, got)):
-            if a != b:
-                raise VerificationError(f"output {i} changed shape from {a} to {b}")
+            raise fails_to_run(exc) from exc
+        check_shapes(self.shapes, got)
 
     def runs_in_train_mode(self, pruned: nn.Module) -> Optional[BaseException]:
         """What a train-mode forward of ``pruned`` on fake tensors raises (None: it runs).

@@ -263,8 +263,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     try:  # first: when it fails (the common case in repair's probes) the reference is moot
         got = _run_counted(run, pruned, flops, "after")
     except Exception as exc:  # noqa: BLE001
-        raise VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise fails_to_run(exc) from exc
     compare = (dense is None or at or dense.inputs is not example_inputs
                or all(graph.units[u].exact for u in units))
     if compare:
@@ -278,12 +277,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     if train_mode:
         _check_train_mode(model, pruned, example_inputs if train_inputs is None
                           else train_inputs, example_kwargs, screen)
-    if len(shapes) != len(got):
-        raise VerificationError(f"the pruned model returns {len(got)} tensors, the original "
-                                f"{len(shapes)}")
-    for i, (a, b) in enumerate(zip(shapes, got)):
-        if a != tuple(b.shape):
-            raise VerificationError(f"output {i} changed shape from {a} to {tuple(b.shape)}")
+    check_shapes(shapes, [tuple(t.shape) for t in got])
     if not compare:
         return VerifyResult(float("nan"), float("nan"), rtol)
     max_abs = max_rel = 0.0
@@ -295,6 +289,23 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / max(scale, 1e-12))
     return VerifyResult(max_abs, max_rel, rtol)
+
+
+def fails_to_run(exc: BaseException) -> VerificationError:
+    """The error for a pruned model whose forward raised ``exc`` (raise it ``from exc``)."""
+    return VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def check_shapes(expected: list[tuple[int, ...]], got: list[tuple[int, ...]]) -> None:
+    """VerificationError unless the pruned model's outputs have the original's number and
+    shapes."""
+    if len(expected) != len(got):
+        raise VerificationError(f"the pruned model returns {len(got)} tensors, the original "
+                                f"{len(expected)}")
+    for i, (a, b) in enumerate(zip(expected, got)):
+        if a != b:
+            raise VerificationError(f"output {i} changed shape from {a} to {b}")
 
 
 def _run_counted(run: Callable[[nn.Module], list], model: nn.Module, into: Optional[dict],
