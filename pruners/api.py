@@ -37,7 +37,7 @@ from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
                      python_width_rewrites)
 from .screen import ShapeScreen, input_share
-from .verify import DenseRun, VerifyResult, run_model, shared_params, verify
+from .verify import DenseRun, VerifyResult, one_line, run_model, shared_params, verify
 
 __all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
 
@@ -241,8 +241,8 @@ def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
         dense = DenseRun.of(work, example_inputs, opts.outputs, opts.example_kwargs)
     except Exception as exc:  # noqa: BLE001
         raise PruningError(f"the example inputs do not fit {type(model).__name__}: "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                           ". Pass what forward takes: a tensor, or a tuple of arguments.") from exc
+                           f"{one_line(exc)}. Pass what forward takes: a tensor, or a tuple of "
+                           "arguments.") from exc
     return work, lifted, dense
 
 

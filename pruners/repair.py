@@ -172,8 +172,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
             bisect(sorted(probes))  # shapes: exact or not alike
             exact, inexact = [g for g in exact if g not in found], []
         except FakeUnsupported:  # all over again, for real
-            for g in found:
-                if where is not None:
+            if where is not None:
+                for g in found:
                     where.pop(g, None)
             found.clear()
         fake = False

@@ -291,10 +291,14 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     return VerifyResult(max_abs, max_rel, rtol)
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc`` as its type and the first line of its message, for an error that wraps it."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def fails_to_run(exc: BaseException) -> VerificationError:
     """The error for a pruned model whose forward raised ``exc`` (raise it ``from exc``)."""
-    return VerificationError(f"the pruned model fails to run: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    return VerificationError(f"the pruned model fails to run: {one_line(exc)}")
 
 
 def check_shapes(expected: list[tuple[int, ...]], got: list[tuple[int, ...]]) -> None:
@@ -349,8 +353,7 @@ def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: An
             run_model(original, example_inputs, None, example_kwargs)
     except Exception:  # noqa: BLE001 - e.g. batch norm on one value: nothing to compare
         return
-    raise VerificationError(f"the pruned model fails in train mode: {type(failure).__name__}: "
-                            f"{str(failure).splitlines()[0] if str(failure) else ''}"
+    raise VerificationError(f"the pruned model fails in train mode: {one_line(failure)}"
                             ) from failure
 
 
