@@ -21,7 +21,7 @@ from .graph import ChannelGraph, FrozenChannels, Group, Unit
 from .rules.layers import COSTED_WITHOUT_CHANNELS
 from .rules.registry import RuleContext, lookup, node_outputs
 
-__all__ = ["analyze"]
+__all__ = ["analyze", "HEAD_MODES"]
 
 
 def _map_args(args: Any, env: dict) -> Any:
@@ -44,17 +44,28 @@ def _inputs_of(node: torch.fx.Node):
     return node.all_input_nodes
 
 
-def analyze(cap: Capture) -> ChannelGraph:
+#: how head splits (a channel dim viewed as heads x head width) prune; see ``analyze``
+HEAD_MODES = ("auto", "width", "count")
+
+
+def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
     """Find the pruning units, groups and frozen channels of a captured model.
 
     Args:
         cap: the result of :func:`depgraph.capture`.
+        heads: how attention heads (a channel dim viewed as heads x head width) prune.
+            ``"width"``: every head keeps its place and narrows alike (the head count stays);
+            ``"count"``: whole heads go (the head width stays); ``"auto"`` (default): by width,
+            except in modules where the head width cannot change (rotary tables, a per-head
+            norm, a width fixed in Python), which prune whole heads when that frees more
+            channels. The graph's notes name the modules that prune whole heads.
 
     Returns:
         A :class:`ChannelGraph`.
 
     Raises:
         AnalysisError: a rule failed on a node; the message names the node and source line.
+        ValueError: ``heads`` is not one of ``HEAD_MODES``.
 
     Example:
         >>> import torch
@@ -65,7 +76,33 @@ def analyze(cap: Capture) -> ChannelGraph:
         >>> len(g.units)  # the 8 hidden channels; inputs and outputs are frozen
         8
     """
-    ctx = RuleContext(AtomTable(), cap.param_names)
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads={heads!r}: expected one of {', '.join(HEAD_MODES)}")
+    graph, fixed, split = _analyze_once(cap, frozenset())
+    whole = split if heads == "count" else fixed if heads == "auto" else set()
+    if not whole:
+        return graph
+    by_count, _, _ = _analyze_once(cap, frozenset(whole))
+    if heads == "auto" and _prunable(by_count) <= _prunable(graph):
+        return graph
+    names = sorted(whole)
+    shown = ", ".join(f"'{m}'" for m in names[:4]) + (f" and {len(names) - 4} more"
+                                                      if len(names) > 4 else "")
+    why = "" if heads == "count" else " (their head width cannot change)"
+    by_count.notes.append(f"prunes whole attention heads in {len(names)} modules{why}: {shown}")
+    return by_count
+
+
+def _prunable(graph: ChannelGraph) -> int:
+    """Prunable entries over every channel-bearing parameter dim."""
+    return sum(int((ids >= 0).sum()) for ids in graph.unit_index.values())
+
+
+def _analyze_once(cap: Capture, whole_heads: frozenset[str]
+                  ) -> tuple[ChannelGraph, set[str], set[str]]:
+    """One walk and resolve, whole heads pruned in ``whole_heads``: the graph, the modules
+    whose head splits (pruned by width) froze, and every module with a head split."""
+    ctx = RuleContext(AtomTable(), cap.param_names, whole_heads=whole_heads)
     env: dict[str, Any] = {}
     activation: set[str] = set(cap.input_names)
     live: list[np.ndarray] = []
@@ -175,7 +212,8 @@ def _reasons(roots: np.ndarray, records: list, n: int) -> tuple[np.ndarray, list
     return first, texts
 
 
-def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> ChannelGraph:
+def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture
+             ) -> tuple[ChannelGraph, set[str], set[str]]:
     n = ctx.atoms.count
     uf = UnionFind(n)
     for a, b in ctx.unions:
@@ -263,6 +301,10 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture) -> C
                             for n, a in parts)) for module, parts in ctx.sizes]
     changing = {m for m, arrays in sizes if any((ids >= 0).any() for ids in arrays)}
     sizes = [(m, arrays) for m, arrays in sizes if m in changing]  # the rest never change
-    return ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
-                        list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
-                        layer_units=layer_units, sizes=sizes)
+    graph = ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
+                         list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
+                         layer_units=layer_units, sizes=sizes)
+    split = {m for m, _ in ctx.head_splits if m is not None}
+    fixed = {m for m, atoms in ctx.head_splits
+             if m is not None and (frozen_by[roots[atoms]] > 0).any()}
+    return graph, fixed, split

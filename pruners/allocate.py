@@ -1,7 +1,8 @@
 """Allocation: which units to remove to meet a target, from scores and the cost model.
 
 Global strategy: every group offers its lowest-scoring units in chunks (``round_to`` units,
-the first chunk sized so the kept count becomes a multiple of ``round_to``); a heap takes the
+the first chunk sized so the kept count becomes a multiple of ``round_to``; fewer where a unit
+is several channels wide, a whole attention head: see ``unit_step``); a heap takes the
 cheapest chunk across all groups until the cost meets the target. Uniform strategy: every
 group loses the same fraction (searched by bisection for FLOPs/params targets). Sensitivity
 strategy: the same heap, keyed by the predicted metric loss per unit of cost that the chunk
@@ -206,6 +207,22 @@ def _sensitivity_key(graph: ChannelGraph, cost: CostModel,
     return key
 
 
+def unit_step(graph: ChannelGraph, gid: int, round_to: int) -> int:
+    """How many of group ``gid``'s units make ``round_to`` channels' worth: ``round_to``
+    divided by what it shares with the channels every unit is in each dim it touches (a whole
+    head of 64 channels: 1 unit for any ``round_to`` up to 64)."""
+    if round_to == 1:
+        return 1
+    width = 0  # a dim's units all belong to its group
+    for param, dim, _ in graph.groups[gid].dims:
+        ids = graph.unit_index[(param, dim)]
+        width = int(np.gcd.reduce(np.unique(ids[ids >= 0], return_counts=True)[1],
+                                  initial=width))
+        if width == 1:
+            break
+    return round_to // int(np.gcd(round_to, max(width, 1)))
+
+
 def _chunks(n_units: int, order: list[int], round_to: int, limit: int) -> list[list[int]]:
     """Successive removal chunks keeping ``n_units - removed`` a multiple of ``round_to``."""
     stop = min(limit, len(order))
@@ -233,7 +250,7 @@ def _global(graph, scores, cost, candidates, target, round_to, min_channels, max
     state.remove(dead)
     if state.ratio() <= target.value:
         return list(dead)
-    chunks = {gid: _chunks(len(graph.groups[gid].units), order, round_to,
+    chunks = {gid: _chunks(len(graph.groups[gid].units), order, unit_step(graph, gid, round_to),
                            int(np.floor(max_ratio * len(graph.groups[gid].units))))
               for gid, order in candidates.items()}
     removed: list[int] = list(dead)
@@ -358,7 +375,7 @@ def _uniform(graph, cost, candidates, ratio, round_to, min_channels, dead=(), ma
         n = len(graph.groups[gid].units)
         want = int(np.floor(ratio * n))
         take = []
-        for chunk in _chunks(n, order, round_to, want):
+        for chunk in _chunks(n, order, unit_step(graph, gid, round_to), want):
             if not state.allows(take + chunk):
                 break
             take += chunk

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from depgraph import analyze, capture
+from depgraph.analyze import HEAD_MODES
 from depgraph.boundary import verification_points
 from depgraph.cost import cost_model
 from depgraph.errors import PruningError
@@ -61,6 +62,9 @@ class PruneOptions:
             costliest layers (``pruners.latency.staircase``; the report's notes say which).
         min_channels: the fewest channels any layer dim keeps.
         max_ratio: the largest fraction of a group's units that may go.
+        heads: how attention heads prune: "auto" (default: every head narrows alike, except
+            where the head width cannot change, as under rotary embeddings: whole heads go
+            there), "width" or "count" (whole heads everywhere); see ``depgraph.analyze``.
         protect: modules or module-name patterns (``"model.22.*"``) whose channels stay.
         outputs: picks the output contract from the return value (``lambda o: o[0]``).
         example_kwargs: keyword arguments of ``forward`` besides ``example_inputs``.
@@ -88,6 +92,7 @@ class PruneOptions:
     round_to: Union[int, str] = 1
     min_channels: int = 1
     max_ratio: float = 0.9
+    heads: str = "auto"
     protect: Optional[Sequence[Union[str, nn.Module]]] = None
     outputs: Optional[Callable] = None
     example_kwargs: Optional[dict] = None
@@ -282,6 +287,8 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     opts = dataclasses.replace(opts, example_kwargs=kwargs)
     if not (opts.round_to == "auto" or (isinstance(opts.round_to, int) and opts.round_to >= 1)):
         raise ValueError(f"round_to must be a positive int or 'auto', got {opts.round_to!r}")
+    if opts.heads not in HEAD_MODES:
+        raise ValueError(f"heads={opts.heads!r}: expected one of {', '.join(HEAD_MODES)}")
     from .latency.table import check_backend
 
     check_backend(opts.backend, opts.device)
@@ -302,14 +309,14 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
     say(f"[prune] capturing {type(work).__name__} ...")
     cap = capture(work, example_inputs, example_kwargs=opts.example_kwargs, outputs=opts.outputs)
     clock.lap("capture")
-    graph = analyze(cap)
+    graph = analyze(cap, heads=opts.heads)
     for item in lifted:
         if item.kind == "spectral_norm":  # sigma is recomputed on the smaller weight
             graph = graph.with_inexact(graph.units_of(item.fqn), f"spectral norm of '{item.fqn}'"
                                        " is recomputed on the pruned weight")
     clock.lap("analyze")
     say(f"[prune] {graph}; probing groups the model's code may fix ...")
-    notes = list(cap.notes)
+    notes = list(graph.notes)
     at = opts.verify_at
     boundary = verification_points(cap) if at is None else None
     if boundary is not None:

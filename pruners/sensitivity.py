@@ -172,7 +172,8 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, evaluate: Callable[[nn
     opts = PruneOptions.of(dict(options, importance=criterion, data=data, loss_fn=loss_fn))
     example_inputs, kwargs = _split_inputs(model, example_inputs, opts.example_kwargs)
     work, _, _ = _working_copy(model, example_inputs, opts)
-    graph = analyze(capture(work, example_inputs, example_kwargs=kwargs, outputs=opts.outputs))
+    graph = analyze(capture(work, example_inputs, example_kwargs=kwargs, outputs=opts.outputs),
+                    heads=opts.heads)
     scores = score_units(work, graph, criterion, data=data, loss_fn=loss_fn)
     cost = cost_model(graph)
     full_flops = cost.full()[0] or 1.0

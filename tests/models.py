@@ -766,6 +766,56 @@ def stored_heads():
     return StoredHeads(), torch.randn(2, 3, 16, 16)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryAttention(nn.Module):
+    """Gemma-style attention: separate q/k/v views by stored head sizes, a norm over each
+    head's width, rotary tables of the head width (fixed by the positions, not the plan),
+    sdpa, and ``reshape(B, N, -1)`` back: the head width cannot shrink, whole heads can."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, tokens: int = 16) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, 16
+        width = num_heads * self.head_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, width) for _ in range(3))
+        self.o_proj = nn.Linear(width, dim)
+        self.q_norm = nn.LayerNorm(self.head_dim)
+        angle = torch.arange(tokens)[:, None] / 10 ** (torch.arange(self.head_dim) / 8)
+        self.register_buffer("cos", angle.cos(), persistent=False)
+        self.register_buffer("sin", angle.sin(), persistent=False)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_norm(q)
+        q, k = ((t * self.cos + _rotate_half(t) * self.sin) for t in (q, k))
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(x.transpose(1, 2).reshape(b, n, -1))
+
+
+class RotaryViT(StoredHeads):
+    """StoredHeads with two rotary attention blocks."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__(dim)
+        self.attn = nn.Sequential(RotaryAttention(dim), RotaryAttention(dim))
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        for block in self.attn:
+            x = x + block(x)
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+def rotary_vit():
+    return RotaryViT(), torch.randn(2, 3, 16, 16)
+
+
 ARRIVING: dict[str, Callable] = {
     "scripted_child": scripted_child,
     "pixel_shuffle": pixel_shuffle,
@@ -809,6 +859,7 @@ MODELS: dict[str, Callable] = {
     "fixed_window_scores": fixed_window_scores,
     "weight_standardized": weight_standardized,
     "stored_heads": stored_heads,
+    "rotary_vit": rotary_vit,
     **ARRIVING,
 }
 

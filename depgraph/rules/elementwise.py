@@ -95,8 +95,10 @@ def broadcast_maps(ctx: RuleContext, shapes: list, maps: list, out_shape: tuple)
         if not carriers:
             continue
         if plain:
-            ctx.freeze(carriers, f"{ctx.where()} combines channels with a tensor of fixed size "
-                                 f"{size} (an input or constant) along dim {d}")
+            # pinned: reported only where they are channels (a rotary table's own dims,
+            # multiplied into whole heads of a fixed width, are none)
+            ctx.pin(carriers, f"{ctx.where()} combines channels with a tensor of fixed size "
+                              f"{size} (an input or constant) along dim {d}")
             # the dim is fixed from here on: it carries no channels (None), not frozen ones
             # that a later op would take for channels (a relative-position table's head dim
             # added to the scores' head count, then merged with the head width by a view)

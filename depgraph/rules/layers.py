@@ -239,11 +239,13 @@ def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         ctx.freeze(inputs[3], f"{ctx.where()} adds this attention mask to the scores")
     batch = broadcast_maps(ctx, [s[:-2] for s in shapes], [m[:-2] for m in (q, k, v)],
                            ctx.out_shape()[:-2])
-    # cost: q @ k^T scales with E, (scores) @ v with Ev; L and S are never channels here
+    # cost: q @ k^T scales with E, (scores) @ v with Ev, both with the heads where they carry
+    # channels (whole heads pruned); L and S are never channels here
     scores = math.prod(ctx.out_shape()[:-1]) * shapes[1][-2]
+    heads = tuple(m for m in batch if m is not None)
     for width, atoms in ((shapes[0][-1], q[-1]), (shapes[2][-1], v[-1])):
-        _record(ctx, "matmul", None, None, None, scores * width,
-                atoms=(atoms,) if atoms is not None else None)
+        carried = heads + ((atoms,) if atoms is not None else ())
+        _record(ctx, "matmul", None, None, None, scores * width, atoms=carried or None)
     return (tuple(batch) + (q[-2], v[-1]),)
 
 

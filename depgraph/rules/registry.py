@@ -113,6 +113,12 @@ class RuleContext:
     # numbers (split sizes, a view's dims): surgery rewrites the int attributes that hold them
     sizes: list[tuple[str, tuple[tuple[int, Optional[np.ndarray]], ...]]] = \
         field(default_factory=list)
+    # modules whose head splits (a channel dim viewed as heads x head width) prune whole heads
+    # rather than every head's width (see ``reshape_map``); the analysis chooses them
+    whole_heads: frozenset[str] = frozenset()
+    # (module, atoms of the dim that carries channels) of every head split: the analysis checks
+    # whether a split's carrier froze, to offer whole heads there instead
+    head_splits: list[tuple[Optional[str], np.ndarray]] = field(default_factory=list)
     node: Optional[torch.fx.Node] = None
 
     # ---- reading -------------------------------------------------------------------------

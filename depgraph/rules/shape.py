@@ -289,6 +289,10 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
                                  the same relative index is unified across the outer dims, so
                                  the number of groups or heads stays and their width shrinks
                                  (what code like ``x.view(b, groups, c // groups, h, w)`` expects).
+                                 In a module of ``ctx.whole_heads`` the dim outside it (the
+                                 heads) carries them instead: all channels of a head are one
+                                 unit, the head width stays and the count shrinks (rotary
+                                 tables and per-head norms fix the width).
     """
     out: list = [None] * len(out_shape)
     counts: list[int] = []  # dims a channel dim splits off that keep their size (heads)
@@ -313,8 +317,11 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
         carrier, position = _explaining_dim(atoms, flat, out_shape, bj)
         if carrier is None:
             sized = [d for d in bj if out_shape[d] > 1]
-            carrier = sized[-1] if sized else bj[-1]
+            heads = len(sized) > 1 and ctx.module() in ctx.whole_heads
+            carrier = sized[-2] if heads else sized[-1] if sized else bj[-1]
             position = _position(flat, out_shape, bj, carrier)
+            if len(sized) > 1 and not heads:
+                ctx.head_splits.append((ctx.module(), atoms))
         order = np.argsort(position, kind="stable")
         same = position[order][1:] == position[order][:-1]
         same &= atoms[order][1:] != atoms[order][:-1]

@@ -1,0 +1,104 @@
+"""Attention heads prune by width (every head narrows alike) or by count (whole heads go).
+
+``heads="auto"`` keeps the width rule except where a head's width cannot change (rotary
+tables, a norm over the head width): there whole heads go, the head count attribute is
+rewritten and the pruned model matches the masked original exactly (sdpa's default scale
+depends on the head width, which stays)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from depgraph import analyze, capture
+from depgraph.cost import cost_model
+from models import build
+from pruners import measure, prune, remove_units, sample_units, verify
+from pruners.allocate import unit_step
+
+
+def _graphs(name):
+    model, x = build(name)
+    cap = capture(model, x)
+    return model, x, {mode: analyze(cap, heads=mode) for mode in ("width", "auto", "count")}
+
+
+def _units_in(graph, key):
+    ids = graph.unit_index.get(key, np.full(1, -1))
+    return np.unique(ids[ids >= 0])
+
+
+def test_auto_prunes_whole_heads_where_the_head_width_is_fixed():
+    model, x, graphs = _graphs("rotary_vit")
+    width, auto = graphs["width"], graphs["auto"]
+    q = ("attn.0.q_proj.weight", 0)
+    # by width, rotary tables freeze q's and k's head width: nothing of q prunes
+    assert len(_units_in(width, q)) == 0
+    # whole heads: 4 units, each all 16 rows of one head, shared by q, k, v and o's columns
+    heads = _units_in(auto, q)
+    assert len(heads) == 4
+    rows = auto.unit_index[q]
+    for u in heads:
+        assert np.array_equal(np.nonzero(rows == u)[0], np.arange(16) + 16 * list(heads).index(u))
+    assert set(heads) == set(_units_in(auto, ("attn.0.o_proj.weight", 1)))
+    assert set(heads) == set(_units_in(auto, ("attn.0.k_proj.weight", 0)))
+    assert any("whole attention heads in 2 modules" in n for n in auto.notes)
+    for seed in range(3):
+        units = sample_units(auto, 0.5, np.random.default_rng(seed))
+        assert verify(model, auto, units, x).ok, seed
+
+
+def test_auto_keeps_the_width_rule_where_heads_can_narrow():
+    _, _, graphs = _graphs("stored_heads")
+    assert graphs["auto"].unit_index.keys() == graphs["width"].unit_index.keys()
+    for key, ids in graphs["width"].unit_index.items():
+        assert np.array_equal(ids, graphs["auto"].unit_index[key]), key
+    assert not any("whole attention heads" in n for n in graphs["auto"].notes)
+
+
+@pytest.mark.parametrize("name", ["stored_heads", "token_mixer"])
+def test_whole_heads_on_request_match_the_masked_original_and_the_flop_counter(name):
+    model, x, graphs = _graphs(name)
+    graph = graphs["count"]
+    assert any("whole attention heads" in n for n in graph.notes)
+    cost = cost_model(graph)
+    for seed in range(3):
+        units = sample_units(graph, 0.5, np.random.default_rng(seed))
+        assert verify(model, graph, units, x).ok, seed
+        pruned = remove_units(copy.deepcopy(model), graph, units)
+        assert cost.evaluate(cost.kept_after(graph, set(units))) == \
+            pytest.approx(measure(pruned, x), rel=1e-9), seed
+
+
+def test_prune_rewrites_the_head_count_and_keeps_the_head_width():
+    model, x = build("rotary_vit")
+    result = prune(model, x, target_flops=0.6)
+    assert result.report.verify.ok
+    assert abs(result.report.flops_ratio - 0.6) <= 0.01
+    blocks = list(result.model.attn)
+    assert all(b.head_dim == 16 for b in blocks)
+    assert [b.num_heads for b in blocks] == [b.q_proj.out_features // 16 for b in blocks]
+    assert sum(b.num_heads for b in blocks) < 8
+    assert result.model(x).shape == model(x).shape
+
+
+def test_round_to_counts_channels_not_heads():
+    _, _, graphs = _graphs("rotary_vit")
+    graph = graphs["auto"]
+    gid = graph.units[int(graph.unit_index[("attn.0.q_proj.weight", 0)][0])].group
+    assert unit_step(graph, gid, 8) == 1 and unit_step(graph, gid, 16) == 1
+    assert unit_step(graph, gid, 32) == 2  # two heads of 16 make 32 channels
+    plain = next(g.id for g in graph.groups if gid != g.id)
+    assert unit_step(graph, plain, 8) == 8
+    model, x = build("rotary_vit")
+    result = prune(model, x, target_flops=0.6, round_to=8)
+    assert sum(b.num_heads for b in result.model.attn) < 8
+
+
+def test_an_unknown_head_mode_is_refused():
+    model, x = build("rotary_vit")
+    with pytest.raises(ValueError, match="heads="):
+        prune(model, x, target_flops=0.5, heads="some")
+    with pytest.raises(ValueError, match="heads="):
+        analyze(capture(model, x), heads="some")
