@@ -55,7 +55,8 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
         cap: the result of :func:`depgraph.capture`.
         heads: how attention heads (a channel dim viewed as heads x head width) prune.
             ``"width"``: every head keeps its place and narrows alike (the head count stays);
-            ``"count"``: whole heads go (the head width stays); ``"auto"`` (default): by width,
+            ``"count"``: whole heads go (the head width stays), in every module where they
+            do not freeze (the notes name those that keep widths); ``"auto"`` (default): by width,
             except in modules where the head width cannot change (rotary tables, a per-head
             norm, a width fixed in Python), which prune whole heads when that frees more
             channels. The graph's notes name the modules that prune whole heads.
@@ -82,15 +83,28 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
     whole = split if heads == "count" else fixed if heads == "auto" else set()
     if not whole:
         return graph
-    by_count, _, _ = _analyze_once(cap, frozenset(whole))
+    by_count, froze, _ = _analyze_once(cap, frozenset(whole))
+    back = sorted(whole & froze)  # a split that is no head split (MHA's q/k/v of
+    if back:                      # ``unflatten(-1, (3, E))``, then picked by index)
+        whole -= froze
+        by_count = _analyze_once(cap, frozenset(whole))[0] if whole else graph
+        if heads == "count":
+            by_count.notes.append(f"whole heads would freeze in {_listed(back)}: they prune "
+                                  "by width")
+        if not whole:
+            return by_count
     if heads == "auto" and _prunable(by_count) <= _prunable(graph):
         return graph
     names = sorted(whole)
-    shown = ", ".join(f"'{m}'" for m in names[:4]) + (f" and {len(names) - 4} more"
-                                                      if len(names) > 4 else "")
     why = "" if heads == "count" else " (their head width cannot change)"
-    by_count.notes.append(f"prunes whole attention heads in {len(names)} modules{why}: {shown}")
+    by_count.notes.append(f"prunes whole attention heads in {len(names)} modules{why}: "
+                          f"{_listed(names)}")
     return by_count
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(f"'{m}'" for m in names[:4]) + (f" and {len(names) - 4} more"
+                                                      if len(names) > 4 else "")
 
 
 def _prunable(graph: ChannelGraph) -> int:
@@ -101,7 +115,7 @@ def _prunable(graph: ChannelGraph) -> int:
 def _analyze_once(cap: Capture, whole_heads: frozenset[str]
                   ) -> tuple[ChannelGraph, set[str], set[str]]:
     """One walk and resolve, whole heads pruned in ``whole_heads``: the graph, the modules
-    whose head splits (pruned by width) froze, and every module with a head split."""
+    with a head split whose channels froze, and every module with a head split."""
     ctx = RuleContext(AtomTable(), cap.param_names, whole_heads=whole_heads)
     env: dict[str, Any] = {}
     activation: set[str] = set(cap.input_names)

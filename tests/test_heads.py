@@ -71,6 +71,16 @@ def test_whole_heads_on_request_match_the_masked_original_and_the_flop_counter(n
             pytest.approx(measure(pruned, x), rel=1e-9), seed
 
 
+def test_whole_heads_on_request_fall_back_to_widths_where_they_would_freeze():
+    # nn.MultiheadAttention's decomposition also splits its packed projection into q/k/v
+    # (``unflatten(-1, (3, E))``, then picked by index): taken as heads, those would freeze
+    _, _, graphs = _graphs("mha_block")
+    width, count = graphs["width"], graphs["count"]
+    key = ("attn.in_proj_weight", 0)
+    assert (count.unit_index[key] >= 0).sum() == (width.unit_index[key] >= 0).sum() == 96
+    assert any("whole heads would freeze in 'attn'" in n for n in count.notes)
+
+
 def test_prune_rewrites_the_head_count_and_keeps_the_head_width():
     model, x = build("rotary_vit")
     result = prune(model, x, target_flops=0.6)

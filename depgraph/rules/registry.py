@@ -116,8 +116,8 @@ class RuleContext:
     # modules whose head splits (a channel dim viewed as heads x head width) prune whole heads
     # rather than every head's width (see ``reshape_map``); the analysis chooses them
     whole_heads: frozenset[str] = frozenset()
-    # (module, atoms of the dim that carries channels) of every head split: the analysis checks
-    # whether a split's carrier froze, to offer whole heads there instead
+    # (module, atoms) of every head split: the analysis checks whether a split's channels
+    # froze, to offer whole heads there instead (or to take them back where those froze too)
     head_splits: list[tuple[Optional[str], np.ndarray]] = field(default_factory=list)
     node: Optional[torch.fx.Node] = None
 

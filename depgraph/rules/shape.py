@@ -320,7 +320,7 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
             heads = len(sized) > 1 and ctx.module() in ctx.whole_heads
             carrier = sized[-2] if heads else sized[-1] if sized else bj[-1]
             position = _position(flat, out_shape, bj, carrier)
-            if len(sized) > 1 and not heads:
+            if len(sized) > 1:
                 ctx.head_splits.append((ctx.module(), atoms))
         order = np.argsort(position, kind="stable")
         same = position[order][1:] == position[order][:-1]
