@@ -21,7 +21,7 @@ from .graph import ChannelGraph, FrozenChannels, Group, Unit
 from .rules.layers import COSTED_WITHOUT_CHANNELS
 from .rules.registry import RuleContext, lookup, node_outputs
 
-__all__ = ["analyze", "HEAD_MODES"]
+__all__ = ["analyze", "check_head_mode", "HEAD_MODES"]
 
 
 def _map_args(args: Any, env: dict) -> Any:
@@ -56,10 +56,10 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
         heads: how attention heads (a channel dim viewed as heads x head width) prune.
             ``"width"``: every head keeps its place and narrows alike (the head count stays);
             ``"count"``: whole heads go (the head width stays), in every module where they
-            do not freeze (the notes name those that keep widths); ``"auto"`` (default): by width,
-            except in modules where the head width cannot change (rotary tables, a per-head
-            norm, a width fixed in Python), which prune whole heads when that frees more
-            channels. The graph's notes name the modules that prune whole heads.
+            do not freeze (the notes name those that keep widths); ``"auto"`` (default): by
+            width, except in modules where the head width cannot change (rotary tables, a
+            per-head norm, a width fixed in Python), which prune whole heads when that frees
+            more channels. The graph's notes name the modules that prune whole heads.
 
     Returns:
         A :class:`ChannelGraph`.
@@ -77,8 +77,7 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
         >>> len(g.units)  # the 8 hidden channels; inputs and outputs are frozen
         8
     """
-    if heads not in HEAD_MODES:
-        raise ValueError(f"heads={heads!r}: expected one of {', '.join(HEAD_MODES)}")
+    check_head_mode(heads)
     graph, fixed, split = _analyze_once(cap, frozenset())
     whole = split if heads == "count" else fixed if heads == "auto" else set()
     if not whole:
@@ -100,6 +99,12 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
     by_count.notes.append(f"prunes whole attention heads in {len(names)} modules{why}: "
                           f"{_listed(names)}")
     return by_count
+
+
+def check_head_mode(heads: str) -> None:
+    """Raise ValueError unless ``heads`` is one of ``HEAD_MODES``."""
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads={heads!r}: expected one of {', '.join(HEAD_MODES)}")
 
 
 def _listed(names: list[str]) -> str:

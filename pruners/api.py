@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from depgraph import analyze, capture
-from depgraph.analyze import HEAD_MODES
+from depgraph.analyze import check_head_mode
 from depgraph.boundary import verification_points
 from depgraph.cost import cost_model
 from depgraph.errors import PruningError
@@ -64,7 +64,8 @@ class PruneOptions:
         max_ratio: the largest fraction of a group's units that may go.
         heads: how attention heads prune: "auto" (default: every head narrows alike, except
             where the head width cannot change, as under rotary embeddings: whole heads go
-            there), "width" or "count" (whole heads everywhere); see ``depgraph.analyze``.
+            there), "width" or "count" (whole heads wherever they do not freeze); see
+            ``depgraph.analyze``.
         protect: modules or module-name patterns (``"model.22.*"``) whose channels stay.
         outputs: picks the output contract from the return value (``lambda o: o[0]``).
         example_kwargs: keyword arguments of ``forward`` besides ``example_inputs``.
@@ -287,8 +288,7 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     opts = dataclasses.replace(opts, example_kwargs=kwargs)
     if not (opts.round_to == "auto" or (isinstance(opts.round_to, int) and opts.round_to >= 1)):
         raise ValueError(f"round_to must be a positive int or 'auto', got {opts.round_to!r}")
-    if opts.heads not in HEAD_MODES:
-        raise ValueError(f"heads={opts.heads!r}: expected one of {', '.join(HEAD_MODES)}")
+    check_head_mode(opts.heads)
     from .latency.table import check_backend
 
     check_backend(opts.backend, opts.device)
