@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from depgraph.errors import SurgeryError, VerificationError
 from depgraph.graph import ChannelGraph
 
-from .screen import FakeUnsupported, ShapeScreen
+from .screen import FakeUnsupported, ShapeScreen, serves
 from .verify import DenseRun, run_model, verify
 
 __all__ = ["find_unprunable_groups", "freeze_unprunable", "link_input_widths", "probe_inputs",
@@ -84,7 +84,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         chosen = {g.id: _probe(graph, g.id, sole) for g in graph.groups if g.units}
         probes = {g: [u] for g, u in chosen.items() if u is not None}
 
-    fake = screen is not None and stop_early and screen.inputs is example_inputs
+    fake = stop_early and serves(screen, example_inputs)
 
     def failure(groups: list[int]) -> tuple[Optional[str], Optional[str]]:
         """What went wrong with ``groups`` probed together (None: nothing), and the module
@@ -332,7 +332,7 @@ def _tie_runs(model: nn.Module, graph: ChannelGraph, group: int, pairs: list[tup
     tied = _tied_to(graph.groups[group].units[0], pairs)
     exact = all(graph.units[u].exact for u in tied)
     try:
-        if screen is not None and screen.inputs is example_inputs and kw.get("at") is None:
+        if serves(screen, example_inputs) and kw.get("at") is None:
             try:
                 screen.check(model, graph, tied)
                 if not exact:

@@ -36,7 +36,7 @@ from .copying import copy_model
 from .surgery import remove_units
 from .verify import _run_at, check_shapes, fails_to_run, run_model, shared_params
 
-__all__ = ["FakeUnsupported", "ShapeScreen"]
+__all__ = ["FakeUnsupported", "ShapeScreen", "serves"]
 
 #: what a fake run raises where it cannot go on without values (not a fault of the model)
 _VALUE_NEEDED = (_fake.DataDependentOutputException, _fake.DynamicOutputShapeException,
@@ -47,6 +47,11 @@ _VALUE_NEEDED = (_fake.DataDependentOutputException, _fake.DynamicOutputShapeExc
 _CHEAPER = 1 / 3
 #: ... and real runs take at least this long (below, a fake run saves too little to try)
 _MIN_REAL_S = 1.0
+
+
+def serves(screen: Optional["ShapeScreen"], inputs: Any) -> bool:
+    """``screen`` exists and probes these very inputs (probes on other inputs run for real)."""
+    return screen is not None and screen.inputs is inputs
 
 
 class FakeUnsupported(Exception):

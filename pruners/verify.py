@@ -332,11 +332,11 @@ def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: An
     place, its state restored) only excuses a failure, so it runs only after one: on a large
     model each forward is seconds, and the pruned model nearly always runs. With a ``screen``
     on these inputs the pruned model's run is on fake tensors (real where they cannot go)."""
+    from .screen import FakeUnsupported, serves
+
     failure: Optional[BaseException] = None
     ran = False
-    if screen is not None and screen.inputs is example_inputs:
-        from .screen import FakeUnsupported
-
+    if serves(screen, example_inputs):
         try:
             failure, ran = screen.runs_in_train_mode(pruned), True
         except FakeUnsupported:
