@@ -2,8 +2,10 @@
 
 Each network is drawn from a seeded generator whose blocks are what users' models hold and
 what breaks pruning engines: convs (dense, depthwise, grouped), residuals, concat, chunk, SE
-gates, pooling, upsampling, and four kinds that hide widths or values from a tracer:
-attention whose ``forward`` reshapes by a stored head count, a split by stored sizes
+gates, pooling, upsampling, and five kinds that hide widths or values from a tracer:
+attention whose ``forward`` reshapes by a stored head count, attention with rotary tables as
+wide as a head (only whole heads can go, and only where the heads are viewed back by ``-1``;
+see ``depgraph.analyze``'s ``heads``), a split by stored sizes
 (``split((self.c, self.c))``, C2f-style), a tensor passed to a submodule by keyword, and a
 detection-style tail (top-k positions whose features a box head reads).
 
@@ -65,6 +67,33 @@ class HeadAttention(nn.Module):
         return x + self.proj(out)
 
 
+class RotaryAttention(nn.Module):
+    """Attention over positions with rotary tables as wide as a head (stored ``num_heads`` and
+    ``head_dim``): the head width cannot change, whole heads can where the heads are viewed
+    back by ``-1``; with ``keep_width`` they are viewed back into the input's width, which
+    no plan of this block's heads can keep (repair must freeze them)."""
+
+    def __init__(self, c: int, heads: int, side: int, keep_width: bool) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.keep_width = heads, c // heads, keep_width
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        angle = torch.arange(side * side)[:, None] / 10 ** (torch.arange(self.head_dim)
+                                                            / self.head_dim)
+        self.register_buffer("cos", angle.cos(), persistent=False)
+        self.register_buffer("sin", angle.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).transpose(1, 2).reshape(
+            b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        half = self.head_dim // 2
+        q, k = (t * self.cos + torch.cat((-t[..., half:], t[..., :half]), -1) * self.sin
+                for t in (q, k))
+        out = nn.functional.scaled_dot_product_attention(q, k, v).transpose(2, 3)
+        return x + self.proj(out.reshape(b, c if self.keep_width else -1, h, w))
+
+
 class HeldSplit(nn.Module):
     """C2f-style: split by a stored half width, transform one half, concatenate."""
 
@@ -111,7 +140,7 @@ class FuzzNet(nn.Module):
         values = [x]
         for name, kind, inputs in self.ops:
             xs = [values[i] for i in inputs]
-            if kind in ("conv", "attention", "held_split"):
+            if kind in ("conv", "attention", "rotary", "held_split"):
                 y = self.blocks[name](xs[0])
             elif kind == "residual":
                 y = xs[0] + self.blocks[name](xs[0])
@@ -165,15 +194,15 @@ def random_net(seed: int) -> tuple[FuzzNet, torch.Tensor, dict]:
         name = f"b{step}"
         i = rng.randint(max(0, len(values) - 3), len(values) - 1)
         c, s = values[i]
-        kinds = ["conv", "conv", "residual", "se", "attention", "held_split", "gated", "cat",
-                 "add", "chunk", "pool", "upsample"]
+        kinds = ["conv", "conv", "residual", "se", "attention", "rotary", "held_split", "gated",
+                 "cat", "add", "chunk", "pool", "upsample"]
         kind = rng.choice(kinds) if i > 0 else "conv"
         same = [j for j, v in enumerate(values) if j > 0 and v == values[i] and j != i]
         if kind in ("add", "gated") and not same:
             kind = "conv"
         if kind == "cat" and not [j for j, v in enumerate(values) if j > 0 and v[1] == s]:
             kind = "conv"
-        if kind in ("attention", "held_split", "se") and (c < 4 or c % 2):
+        if kind in ("attention", "rotary", "held_split", "se") and (c < 4 or c % 2):
             kind = "conv"
         if kind == "chunk" and (c % 2 or c < 4):
             kind = "conv"
@@ -205,6 +234,11 @@ def random_net(seed: int) -> tuple[FuzzNet, torch.Tensor, dict]:
         elif kind == "attention":
             heads = rng.choice([h for h in (1, 2, 4) if c % h == 0 and c // h >= 2] or [1])
             blocks[name] = HeadAttention(c, heads)
+            ops.append((name, kind, (i,)))
+            values.append((c, s))
+        elif kind == "rotary":  # heads of an even width (rotate_half halves it)
+            heads = rng.choice([h for h in (1, 2, 4) if c % (2 * h) == 0])
+            blocks[name] = RotaryAttention(c, heads, s, keep_width=rng.random() < 0.3)
             ops.append((name, kind, (i,)))
             values.append((c, s))
         elif kind == "held_split":

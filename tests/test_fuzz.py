@@ -14,9 +14,25 @@ SEEDS = range(16)
 def test_the_generator_draws_every_block_kind_and_head():
     specs = [random_net(seed)[2] for seed in range(60)]
     kinds = Counter(k for s in specs for k in s["ops"])
-    assert set(kinds) >= {"conv", "residual", "se", "attention", "held_split", "gated", "cat",
-                          "add", "chunk", "pool", "upsample"}
+    assert set(kinds) >= {"conv", "residual", "se", "attention", "rotary", "held_split", "gated",
+                          "cat", "add", "chunk", "pool", "upsample"}
     assert {s["head"] for s in specs} == {"linear", "conv", "detect"}
+
+
+def test_rotary_blocks_prune_whole_heads_where_their_heads_are_viewed_back_by_minus_one():
+    from benchmarks.fuzz import RotaryAttention
+    from depgraph import analyze, capture
+
+    seen = 0
+    for seed in range(40):
+        net, x, _ = random_net(seed)
+        rotary = [name for name, b in net.blocks.items() if isinstance(b, RotaryAttention)
+                  and b.num_heads > 1 and not b.keep_width]
+        if rotary:
+            notes = " ".join(analyze(capture(net, x)).notes)
+            assert all(f"'blocks.{name}'" in notes for name in rotary), (seed, notes)
+            seen += 1
+    assert seen >= 2
 
 
 @pytest.fixture(scope="module")
