@@ -776,14 +776,15 @@ class RotaryAttention(nn.Module):
     head's width, rotary tables of the head width (fixed by the positions, not the plan),
     sdpa, and ``reshape(B, N, -1)`` back: the head width cannot shrink, whole heads can."""
 
-    def __init__(self, dim: int = 32, num_heads: int = 4, tokens: int = 16) -> None:
+    def __init__(self, dim: int = 32, num_heads: int = 4, tokens: int = 16,
+                 head_dim: int = 16) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, 16
+        self.num_heads, self.head_dim = num_heads, head_dim
         width = num_heads * self.head_dim
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, width) for _ in range(3))
         self.o_proj = nn.Linear(width, dim)
         self.q_norm = nn.LayerNorm(self.head_dim)
-        angle = torch.arange(tokens)[:, None] / 10 ** (torch.arange(self.head_dim) / 8)
+        angle = torch.arange(tokens)[:, None] / 10 ** (torch.arange(head_dim) / head_dim * 2)
         self.register_buffer("cos", angle.cos(), persistent=False)
         self.register_buffer("sin", angle.sin(), persistent=False)
 
@@ -800,9 +801,10 @@ class RotaryAttention(nn.Module):
 class RotaryViT(StoredHeads):
     """StoredHeads with two rotary attention blocks."""
 
-    def __init__(self, dim: int = 32) -> None:
+    def __init__(self, dim: int = 32, num_heads: int = 4, head_dim: int = 16) -> None:
         super().__init__(dim)
-        self.attn = nn.Sequential(RotaryAttention(dim), RotaryAttention(dim))
+        self.attn = nn.Sequential(*(RotaryAttention(dim, num_heads, head_dim=head_dim)
+                                    for _ in range(2)))
 
     def forward(self, x):
         x = self.embed(x).flatten(2).transpose(1, 2)

@@ -13,9 +13,9 @@ import torch
 
 from depgraph import analyze, capture
 from depgraph.cost import cost_model
-from models import build
+from models import RotaryViT, build
 from pruners import measure, prune, remove_units, sample_units, verify
-from pruners.allocate import unit_step
+from pruners.allocate import InfeasibleTargetError, unit_step
 
 
 def _graphs(name):
@@ -91,6 +91,22 @@ def test_prune_rewrites_the_head_count_and_keeps_the_head_width():
     assert [b.num_heads for b in blocks] == [b.q_proj.out_features // 16 for b in blocks]
     assert sum(b.num_heads for b in blocks) < 8
     assert result.model(x).shape == model(x).shape
+
+
+def test_a_head_count_equal_to_the_head_width_keeps_the_width_rule():
+    # 4 heads of width 4: a rewrite by value cannot tell num_heads from head_dim, so whole
+    # heads are not offered there (they were, and head_dim was rewritten in num_heads' place)
+    torch.manual_seed(0)
+    model, x = RotaryViT(num_heads=4, head_dim=4).eval(), torch.randn(2, 3, 16, 16)
+    graph = analyze(capture(model, x))
+    assert not any("whole attention heads" in n for n in graph.notes)
+    assert (graph.unit_index[("attn.0.q_proj.weight", 0)] < 0).all()
+    try:
+        result = prune(model, x, target_flops=0.7)
+    except InfeasibleTargetError:
+        return
+    assert result.report.flops_ratio <= 0.71
+    assert all(b.num_heads == 4 and b.head_dim == 4 for b in result.model.attn)
 
 
 def test_round_to_counts_channels_not_heads():
