@@ -679,6 +679,10 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         notes.append(f"measured latency kept {achieved:.4f} for a target of {target.value:g}: "
                      f"more than 7% off after {latency_report.attempts} plans (the latency "
                      "model's prediction and the whole model's time disagree)")
+    elif target.kind in ("flops", "params") and achieved > target.value + 0.01:
+        notes.append(f"measured {achieved:.4f} of the {target.kind} for a target of "
+                     f"{target.value:g}: the pruned model costs more than its plan (a width the "
+                     "cost model does not see; please report the model)")
     elif target.kind in ("flops", "params") and achieved < target.value - 0.01 and allocated \
             and not callable(opts.strategy):  # a caller's strategy decides widths itself
         notes.append(f"achieved {achieved:.4f} for a target of {target.value:g}: no set of units "
