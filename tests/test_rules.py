@@ -254,6 +254,27 @@ def test_indexing_along_channels_freezes_them():
     assert any("picks channels by index" in f.reason for f in graph.frozen)
 
 
+def test_index_select_along_channels_freezes_them_and_a_tables_rows_are_no_channels():
+    model = Probe(lambda m, y: y.index_select(1, torch.tensor([0, 2, 3, 5]))).eval()
+    graph = analyze(capture(model, torch.randn(2, 3, 6, 6)))
+    assert not graph.units
+    assert any("picks channels by index" in f.reason for f in graph.frozen)
+
+    class Rows(torch.nn.Module):  # rows of a table picked by fixed indices, then added
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 1)
+            self.table = torch.nn.Parameter(torch.randn(10, 8))
+
+        def forward(self, x):
+            rows = self.table.index_select(0, torch.tensor([1, 4]))  # (2, 8)
+            return self.conv(x).mean((2, 3)) + rows
+
+    graph = analyze(capture(Rows().eval(), torch.randn(2, 3, 6, 6)))
+    assert ("table", 0) not in graph.unit_index  # the 10 rows are no channels
+    assert not any(("table", 0, 10) in f.dims for f in graph.frozen)
+
+
 @pytest.mark.parametrize("conv", [
     lambda y: F.conv2d(y, torch.ones(4, 8, 1, 1)),
     lambda y: F.conv_transpose2d(y, torch.ones(8, 2, 1, 1), groups=2),

@@ -157,17 +157,17 @@ def select_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 
 
 # index_select(x, dim, index): picks entries of dim by a tensor of indices (the top-k positions
-# a detector keeps); picking channels freezes them; every other dim passes through.
+# a detector keeps); picking channels pins them, as ``index`` does (a table's rows are no
+# channels unless they flow on); every other dim passes through.
 @register(aten.index_select)
 def index_select_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x, index = inputs[0], inputs[2]
-    if index is not None:
-        ctx.freeze(index, f"{ctx.where()} uses channels as indices")
+    ctx.pin(index, f"{ctx.where()} uses channels as indices")
     if x is None:
         return (None,)
     dim = _dim(ctx.arg("dim"), len(x))
     if x[dim] is not None:
-        ctx.freeze(x[dim], f"{ctx.where()} picks channels by index")
+        ctx.pin(x[dim], f"{ctx.where()} picks channels by index")
     return (tuple(None if i == dim else m for i, m in enumerate(x)),)
 
 
