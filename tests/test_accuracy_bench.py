@@ -21,6 +21,15 @@ def test_shapes_are_deterministic_and_cover_every_class():
     assert not torch.equal(make_shapes(200, seed=4)[0], x)
 
 
+@pytest.fixture(autouse=True)
+def no_onednn():
+    """On an AVX2-only CPU, oneDNN's 1x1-conv weight gradient
+    (``jit_avx2_1x1_convolution_bwd_weights``) on these pruned nets spun forever with two
+    threads and aborted the process with one; PyTorch's own kernels train them."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
 TINY = run.Recipe("tiny", ("resnet20",), (0.5,), (0, 1),
                   ("ours/taylor", "tp/l2", "ours/l2+kd", "ours/iterative-l2", "ours/sparse-l2",
                    "scratch", "recover/bias+bn", "ours/sensitivity-l2"),
