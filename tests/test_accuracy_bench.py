@@ -24,8 +24,10 @@ def test_shapes_are_deterministic_and_cover_every_class():
 @pytest.fixture(autouse=True)
 def no_onednn():
     """On an AVX2-only CPU, oneDNN's 1x1-conv weight gradient
-    (``jit_avx2_1x1_convolution_bwd_weights``) on these pruned nets spun forever with two
-    threads and aborted the process with one; PyTorch's own kernels train them."""
+    (``jit_avx2_1x1_convolution_bwd_weights``) corrupts the heap for a strided 1x1 conv in
+    channels_last with under 8 input channels (the sensitivity-pruned ResNet-20's shortcut
+    keeps 2): it spun forever with two threads and aborted the process with one. PyTorch's own
+    kernels train them (README, "Known limitations")."""
     with torch.backends.mkldnn.flags(enabled=False):
         yield
 
