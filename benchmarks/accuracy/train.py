@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -14,7 +16,7 @@ from pruners import distill_loss
 
 from .shapes import make_shapes
 
-__all__ = ["Data", "load_data", "train", "accuracy", "ce"]
+__all__ = ["Data", "load_data", "train", "accuracy", "ce", "onednn_trains"]
 
 
 @dataclass
@@ -56,6 +58,26 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.roll(F.pad(x, (2, 2, 2, 2), mode="replicate"), (dy, dx), (2, 3))[..., 2:-2, 2:-2]
 
 
+def onednn_trains(model: nn.Module) -> bool:
+    """False where oneDNN's backward is known to corrupt memory on AVX2-only CPUs (torch
+    2.14.1): a strided 1x1 conv reading under 8 channels per group, as a ResNet shortcut
+    pruned to 2 channels (README, "Known limitations"). Such nets train on PyTorch's own
+    kernels instead, on every CPU, so figures do not depend on which CPU ran them."""
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                   and m.in_channels // m.groups < 8 for m in model.modules())
+
+
+@contextlib.contextmanager
+def _onednn(enabled: bool) -> Iterator[None]:
+    """oneDNN on or off (``mkldnn.flags`` would also set TF32 and warn about it each time)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
 def train(model: nn.Module, data: Data, *, iterations: int, lr: float, seed: int,
           batch: int = 128, weight_decay: float = 5e-4, teacher: Optional[nn.Module] = None,
           kd_weight: float = 0.5, temperature: float = 4.0,
@@ -78,28 +100,29 @@ def train(model: nn.Module, data: Data, *, iterations: int, lr: float, seed: int
     model.train()
     if teacher is not None:
         teacher.eval()
-    for step in range(iterations):
-        if pos + batch > n:
-            order, pos = torch.randperm(n, generator=g), 0
-        idx = order[pos:pos + batch]
-        pos += batch
-        x = _augment(data.x_train[idx], g).contiguous(memory_format=torch.channels_last)
-        y = data.y_train[idx]
-        out = model(x)
-        loss = F.cross_entropy(out, y)
-        if teacher is not None:
-            with torch.no_grad():
-                soft = teacher(x)
-            loss = (1 - kd_weight) * loss + kd_weight * distill_loss(out, soft, temperature)
-        if penalty is not None:
-            loss = loss + penalty()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if after is not None:
-            after(step + 1)
-            model.train()
+    with _onednn(torch.backends.mkldnn.enabled and onednn_trains(model)):
+        for step in range(iterations):
+            if pos + batch > n:
+                order, pos = torch.randperm(n, generator=g), 0
+            idx = order[pos:pos + batch]
+            pos += batch
+            x = _augment(data.x_train[idx], g).contiguous(memory_format=torch.channels_last)
+            y = data.y_train[idx]
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(x)
+                loss = (1 - kd_weight) * loss + kd_weight * distill_loss(out, soft, temperature)
+            if penalty is not None:
+                loss = loss + penalty()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after is not None:
+                after(step + 1)
+                model.train()
     model.eval()
     return model
 
