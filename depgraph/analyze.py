@@ -83,21 +83,21 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
     if not whole:
         return graph
     by_count, froze, _ = _analyze_once(cap, frozenset(whole))
-    back = sorted(whole & froze)  # a split that is no head split (MHA's q/k/v of
-    if back:                      # ``unflatten(-1, (3, E))``, then picked by index)
-        whole -= froze
-        by_count = _analyze_once(cap, frozenset(whole))[0] if whole else graph
-        if heads == "count":
-            by_count.notes.append(f"whole heads would freeze in {_listed(back)}: they prune "
-                                  "by width")
-        if not whole:
-            return by_count
+    # a split that is no head split (MHA's q/k/v of ``unflatten(-1, (3, E))``, then picked by
+    # index) freezes as heads too: those modules keep widths
+    back, whole = sorted(whole & froze), whole - froze
+    notes = [f"whole heads would freeze in {_listed(back)}: they prune by width"] \
+        if back and heads == "count" else []
+    if not whole:
+        graph.notes += notes
+        return graph
+    if back:
+        by_count = _analyze_once(cap, frozenset(whole))[0]
     if heads == "auto" and _prunable(by_count) <= _prunable(graph):
         return graph
-    names = sorted(whole)
     why = "" if heads == "count" else " (their head width cannot change)"
-    by_count.notes.append(f"prunes whole attention heads in {len(names)} modules{why}: "
-                          f"{_listed(names)}")
+    by_count.notes += notes + [f"prunes whole attention heads in {len(whole)} modules{why}: "
+                               f"{_listed(sorted(whole))}"]
     return by_count
 
 

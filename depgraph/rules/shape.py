@@ -317,11 +317,10 @@ def reshape_map(ctx: RuleContext, x: tuple, in_shape: tuple, out_shape: tuple) -
         carrier, position = _explaining_dim(atoms, flat, out_shape, bj)
         if carrier is None:
             sized = [d for d in bj if out_shape[d] > 1]
-            heads = len(sized) > 1 and ctx.module() in ctx.whole_heads
             # a head count equal to another of the view's sizes (2 heads of width 2, the 3
             # of q/k/v with 3 heads) is a number no rewrite by value can tell apart: widths
-            if heads and [out_shape[d] for d in sized].count(out_shape[sized[-2]]) > 1:
-                heads = False
+            heads = len(sized) > 1 and ctx.module() in ctx.whole_heads and \
+                [out_shape[d] for d in sized].count(out_shape[sized[-2]]) == 1
             carrier = sized[-2] if heads else sized[-1] if sized else bj[-1]
             position = _position(flat, out_shape, bj, carrier)
             if len(sized) > 1:
