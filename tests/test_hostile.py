@@ -3,6 +3,8 @@ and the user's model is bitwise unchanged either way."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,31 @@ def test_low_precision(dtype):
     result = prune_checked(model, X.to(dtype))
     assert all(p.dtype == dtype for p in result.model.parameters())
     assert result.model(X.to(dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_verify_tolerance_follows_the_output_dtype(dtype):
+    """A pruned conv rounds differently from the masked one: in float16/bfloat16 an output
+    moves by an ulp on some CPUs, which the float32 tolerance (1e-4) would call a mismatch;
+    a real difference still fails in every dtype."""
+    from depgraph import analyze, capture
+    from pruners.verify import verify
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).to(dtype).eval()
+    x = X.to(dtype)
+    graph = analyze(capture(model, x))
+    scale = model(x).abs().max().item()
+
+    def nudged(by: float) -> nn.Module:
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            other[2].bias[0] += by * scale
+        return other
+
+    small = verify(model, graph, [], x, pruned=nudged(1e-3))
+    assert small.max_rel_diff > 1e-4  # over float32's tolerance
+    assert small.ok == (dtype != torch.float32)
+    assert not verify(model, graph, [], x, pruned=nudged(0.1)).ok
 
 
 class Tied(nn.Module):
