@@ -34,7 +34,7 @@ from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
 from .recovery import adopt_state, check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
-from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths, probe_inputs
+from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths, probe_run
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
                      python_width_rewrites)
 from .screen import ShapeScreen, input_share
@@ -332,25 +332,32 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
                          f"counted and targeted without them")
     kw = dict(outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at, dense=dense)
     if hardware is None:  # a caller that plans more than once measures once and passes it
-        hardware = _Hardware.of(work, example_inputs, opts, target)
+        hardware = _Hardware.of(work, dense, opts, target)
         if hardware is not None:
             clock.lap("latency table")
     if hardware is not None:
         notes += hardware.notes
     round_to = hardware.round_to if hardware is not None else opts.round_to
-    small = hardware.probe if hardware is not None else probe_inputs(
-        work, example_inputs, outputs=opts.outputs, example_kwargs=opts.example_kwargs)
+    probe = hardware.probe if hardware is not None else probe_run(
+        work, dense, outputs=opts.outputs, example_kwargs=opts.example_kwargs)
+    small = probe.inputs
     # where a forward takes seconds, probes that only have to run are made on fake tensors
     kw["screen"] = ShapeScreen.of(work, small, outputs=opts.outputs, at=at,
                                   example_kwargs=opts.example_kwargs,
                                   real_s=dense.seconds * input_share(small, example_inputs))
     raised: dict[int, str] = {}
-    bad = find_unprunable_groups(work, graph, small, where=raised, **kw)
-    graph, bad, linked = link_input_widths(work, graph, bad, raised, small, **kw)
+    # probes check their shapes against the dense run on their inputs; exact groups' outputs
+    # are compared by the final check where the plan is all exact (most CNNs), else by
+    # one-unit probes once the plan is known (below): no masked forward per probe before
+    probing = {**kw, "dense": probe}
+    deferred = at is None
+    bad = find_unprunable_groups(work, graph, small, where=raised, compare=not deferred,
+                                 **probing)
+    graph, bad, linked = link_input_widths(work, graph, bad, raised, small, **probing)
     notes += linked
     clock.lap("repair")
     meta = {"model": type(work).__name__, "target": f"{target.kind}={target.value:g}"}
-    for _ in range(3):
+    for _ in range(4 if deferred else 3):
         if bad:
             notes += [f"froze group {g} ({', '.join(graph.groups[g].layers[:3])}): {why}"
                       for g, why in sorted(bad.items())]
@@ -395,6 +402,13 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
         for u in removed:
             probes.setdefault(graph.units[u].group, []).append(u)
         exact = all(graph.units[u].exact for u in removed)
+        if deferred and not exact:  # the check below cannot compare: compare the groups now
+            deferred = False
+            bad = find_unprunable_groups(work, graph, small, exact_only=True,
+                                         **{**probing, "screen": None})
+            clock.lap("repair")
+            if bad:
+                continue
         flops: dict = {}
         try:
             check: Optional[VerifyResult] = verify(work, graph, removed, example_inputs,
@@ -513,10 +527,10 @@ class _Hardware:
     dense_s: Optional[float] = None
     context: Any = None  # eager: pruners.latency.InContext, the layers timed in the model
     smaller: Optional[Callable[[], Any]] = None  # the model at half resolution, if it runs
-    probe: Any = None  # repair.probe_inputs, found once for every plan
+    probe: Optional[DenseRun] = None  # repair.probe_run, found once for every plan
 
     @classmethod
-    def of(cls, work: nn.Module, example_inputs: Any, opts: PruneOptions, target: Target
+    def of(cls, work: nn.Module, dense: DenseRun, opts: PruneOptions, target: Target
            ) -> Optional["_Hardware"]:
         if target.kind != "latency" and opts.round_to != "auto":
             return None
@@ -524,6 +538,7 @@ class _Hardware:
 
         table = opts.latency_table if opts.latency_table is not None else LatencyTable(
             default_cache_path(), backend=opts.backend, device=opts.device, threads=opts.threads)
+        example_inputs = dense.inputs
         run = lambda: run_model(work, example_inputs, opts.outputs, opts.example_kwargs)  # noqa: E731
         calls = layer_calls(work, run)
         notes, round_to = [], opts.round_to
@@ -533,15 +548,15 @@ class _Hardware:
             notes.append(str(chosen))
         # found once here for every plan (repair probes on them; eager latency targets
         # also time the model on them to split the fixed part of its remainder)
-        small = probe_inputs(work, example_inputs, outputs=opts.outputs,
-                             example_kwargs=opts.example_kwargs)
+        probe = probe_run(work, dense, outputs=opts.outputs, example_kwargs=opts.example_kwargs)
+        small = probe.inputs
         smaller = None
         if target.kind == "latency" and opts.backend == "eager" and opts.device == "cpu" \
                 and small is not example_inputs:
             smaller = lambda: run_model(work, small, opts.outputs,  # noqa: E731
                                         opts.example_kwargs)
         return cls(table, work, example_inputs, run, calls, int(round_to), notes,
-                   smaller=smaller, probe=small)
+                   smaller=smaller, probe=probe)
 
     def model(self, cost: Any) -> Any:
         """The latency model over ``cost``'s channel dims (the dense time measured once)."""
@@ -620,7 +635,7 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
     target = make_target(target_flops, target_params, channel_ratio, target_latency)
     work, _, _, example_inputs, target, opts, patterns, clock = prepared = _prepare(
         model, example_inputs, target, options)
-    hardware = _Hardware.of(work, example_inputs, opts, target)  # measured once for all plans
+    hardware = _Hardware.of(work, prepared[2], opts, target)  # measured once for all plans
     if hardware is not None:
         clock.lap("latency table")
     planned, pruned = _search(*prepared, hardware=hardware)

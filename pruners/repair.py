@@ -14,6 +14,7 @@ raises or changes a shape is found without computing anything.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
@@ -30,7 +31,7 @@ from .screen import FakeUnsupported, ShapeScreen, serves
 from .verify import DenseRun, run_model, verify
 
 __all__ = ["find_unprunable_groups", "freeze_unprunable", "link_input_widths", "probe_inputs",
-           "repair_graph"]
+           "probe_run", "repair_graph"]
 
 
 def _probe(graph: ChannelGraph, group: int, sole: set[int]) -> Optional[int]:
@@ -58,7 +59,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                            train_inputs: Any = None,
                            where: Optional[dict[int, str]] = None,
                            dense: Optional[DenseRun] = None,
-                           screen: Optional[ShapeScreen] = None) -> dict[int, str]:
+                           screen: Optional[ShapeScreen] = None, compare: bool = True,
+                           exact_only: bool = False) -> dict[int, str]:
     """Groups whose pruning breaks the model, with what went wrong for each.
 
     A probe prunes one unit of each group and fails when the pruned model raises, changes its
@@ -75,6 +77,11 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     ``example_inputs``, ``pruners.screen``) finds every one-unit probe that raises or changes
     an output's shape without computing anything; then only exact groups are probed for real,
     for outputs that differ. Where fake tensors cannot follow a probe, all run for real.
+    ``compare=False`` (given ``dense`` on these inputs) compares no outputs: exact groups are
+    probed like inexact ones, for what raises or changes a shape, on fake tensors where the
+    screen serves and else by the pruned forward alone. A caller whose final check compares
+    the plan's outputs saves the masked forwards; otherwise it compares later with
+    ``exact_only=True``, which probes only exact groups.
     """
     # one-unit probes only compare the verified submodules: stop each forward there; a plan's
     # probes (after a failed check) run the whole model to find what broke it
@@ -82,7 +89,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     if probes is None:
         sole = _sole_units(graph)
         chosen = {g.id: _probe(graph, g.id, sole) for g in graph.groups if g.units}
-        probes = {g: [u] for g, u in chosen.items() if u is not None}
+        probes = {g: [u] for g, u in chosen.items() if u is not None
+                  and not (exact_only and not graph.units[u].exact)}
 
     fake = stop_early and serves(screen, example_inputs)
 
@@ -97,10 +105,10 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
             result = verify(model, graph, units, example_inputs, outputs=outputs,
                             example_kwargs=example_kwargs, at=at, rtol=rtol,
                             train_mode=train_mode, stop_early=stop_early,
-                            train_inputs=train_inputs, dense=dense)
+                            train_inputs=train_inputs, dense=dense, compare=compare)
         except (VerificationError, SurgeryError) as exc:
             return str(exc), _raising_module(exc)
-        if all(graph.units[u].exact for u in units) and not result.ok:
+        if compare and all(graph.units[u].exact for u in units) and not result.ok:
             return f"outputs differ from the masked original ({result})", None
         return None, None
 
@@ -167,6 +175,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
 
     exact = [g for g in sorted(probes) if all(graph.units[u].exact for u in probes[g])]
     inexact = [g for g in sorted(probes) if g not in set(exact)]
+    if not compare:  # none compared: alike
+        exact, inexact = [], sorted(probes)
     if fake:
         try:
             bisect(sorted(probes))  # shapes: exact or not alike
@@ -228,6 +238,15 @@ def probe_inputs(model: nn.Module, example_inputs: Any, *,
     tied to one size (a ViT's position embedding) fail on the smaller input; they are probed at
     the example's. The plan as a whole is still checked at the example's size.
     """
+    return probe_run(model, DenseRun(example_inputs, []), outputs=outputs,
+                     example_kwargs=example_kwargs, min_side=min_side).inputs
+
+
+def probe_run(model: nn.Module, dense: DenseRun, *, outputs: Optional[Callable] = None,
+              example_kwargs: Optional[dict] = None, min_side: int = 64) -> DenseRun:
+    """The unpruned model's run on :func:`probe_inputs` made from ``dense.inputs`` (``dense``
+    itself where those are the example's): probes whose outputs are not compared check their
+    shapes against it instead of running the masked original (``verify``)."""
     changed = False
 
     def half(t: Any) -> Any:
@@ -242,14 +261,15 @@ def probe_inputs(model: nn.Module, example_inputs: Any, *,
                             align_corners=False)
         return out.reshape(*t.shape[:-2], *size)
 
-    small = pytree.tree_map(half, example_inputs)
+    small = pytree.tree_map(half, dense.inputs)
     if not changed:
-        return example_inputs
+        return dense
+    start = time.perf_counter()
     try:
-        run_model(model, small, outputs, example_kwargs)
+        got = run_model(model, small, outputs, example_kwargs)
     except Exception:  # noqa: BLE001 - the model wants its own size
-        return example_inputs
-    return small
+        return dense
+    return DenseRun(small, [tuple(t.shape) for t in got], None, time.perf_counter() - start)
 
 
 def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str],

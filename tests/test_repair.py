@@ -323,3 +323,38 @@ def test_a_head_count_equal_to_the_head_width_is_not_rewritten():
     pruned = apply_plan(copy.deepcopy(model), plan)
     assert (pruned.num_heads, pruned.head_dim) == (4, 3)
     assert verify(model, g, units, x).ok
+
+
+class SilentSplitNorm(nn.Module):
+    """``split(4)`` that runs wrong once 8 channels become 6, beside a GroupNorm branch whose
+    channels are inexact (pruning changes its statistics): the final check of a plan that
+    prunes both cannot compare outputs, so repair's numeric probes must still run."""
+
+    def __init__(self, norm: bool = True):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.b = cbr(8, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+        self.c = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1),
+                               nn.GroupNorm(1, 32) if norm else nn.BatchNorm2d(32), nn.ReLU())
+        self.d = nn.Conv2d(32, 2, 3, padding=1)
+
+    def forward(self, x):
+        lo, hi = self.a(x).split(4, dim=1)
+        return self.head(self.b(torch.cat((hi, lo), 1))) + self.d(self.c(x))
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["mixed_plan", "exact_plan"])
+def test_prune_freezes_a_silently_wrong_group_whether_or_not_its_check_compares(norm):
+    """Repair's probes compare no outputs (the final check does, for an all-exact plan); a
+    plan with inexact units is compared by one-unit probes before its check."""
+    from pruners import prune
+
+    model = SilentSplitNorm(norm).eval()
+    x = torch.randn(2, 3, 16, 16)
+    result = prune(model, x, target_flops=0.6)
+    assert result.model.a[0].out_channels == 8
+    assert result.model.c[0].out_channels < 32
+    assert any("a.0" in n and "differ" in n for n in result.report.notes)
+    assert (result.report.verify is None) == norm
+    assert result.report.verify is None or result.report.verify.ok
