@@ -8,7 +8,9 @@ raises, returns a different output structure, or silently computes something els
 one unit of each group, check the result against the masked original, and bisect over groups
 until every offending group is isolated; those are then frozen with the failure as reason.
 Where a forward takes seconds, probes run on fake tensors first (``pruners.screen``): what
-raises or changes a shape is found without computing anything.
+raises or changes a shape is found without computing anything. ``prune()`` probes with
+``compare=False`` (shapes against ``probe_run``'s dense run, no masked forward) and leaves
+outputs to the plan's check, or to exact-only probes when that check cannot compare.
 """
 
 from __future__ import annotations

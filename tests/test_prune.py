@@ -278,3 +278,23 @@ def test_verify_counts_the_flops_of_the_forwards_it_runs():
     assert all(p.requires_grad for p in model.parameters())  # the counter turned them back on
     with pytest.raises(ValueError, match="stop_early"):
         verify(model, graph, units, x, flops={}, at=[""], stop_early=True)
+
+
+@pytest.mark.parametrize("planned, says", [(0.8, "costs more than its plan"),
+                                           (0.5, None)])
+def test_the_report_says_when_the_result_costs_more_than_the_target(monkeypatch, planned, says):
+    """A model that measures over its target (a width the cost model missed) is said, not
+    passed off: allocation is made to plan 0.8 for a 0.5 target, as such a miss would."""
+    import dataclasses
+    import sys
+
+    api = sys.modules["pruners.api"]
+    real = api.allocate
+    monkeypatch.setattr(api, "allocate", lambda graph, scores, cost, target, **kw: real(
+        graph, scores, cost, dataclasses.replace(target, value=planned), **kw))
+    model, x = build("resnet_basic")
+    result = prune(model, x, target_flops=0.5)
+    over = [n for n in result.report.notes if "costs more than its plan" in n]
+    assert result.report.flops_ratio > 0.51 if says else result.report.flops_ratio <= 0.5
+    assert len(over) == (1 if says else 0)
+    assert not over or f"{result.report.flops_ratio:.4f}" in over[0]
