@@ -351,6 +351,12 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
     # one-unit probes once the plan is known (below): no masked forward per probe before
     probing = {**kw, "dense": probe}
     deferred = at is None
+
+    def compare_groups() -> dict[int, str]:
+        """Exact groups of the current graph whose one-unit probe's outputs differ."""
+        return find_unprunable_groups(work, graph, small, exact_only=True,
+                                      **{**probing, "screen": None})
+
     bad = find_unprunable_groups(work, graph, small, where=raised, compare=not deferred,
                                  **probing)
     graph, bad, linked = link_input_widths(work, graph, bad, raised, small, **probing)
@@ -403,9 +409,7 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
             probes.setdefault(graph.units[u].group, []).append(u)
         exact = all(graph.units[u].exact for u in removed)
         if deferred and not exact:  # the check below cannot compare: compare the groups now
-            deferred = False
-            bad = find_unprunable_groups(work, graph, small, exact_only=True,
-                                         **{**probing, "screen": None})
+            deferred, bad = False, compare_groups()
             clock.lap("repair")
             if bad:
                 continue
@@ -419,8 +423,12 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
             check, failed = None, True
         if not exact:
             check = None  # normalisation statistics change: no exact reference to compare
-        bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
-                                     train_mode=True, train_inputs=small, **kw) if failed else {}
+        bad = {}
+        if failed and deferred and check is not None:  # outputs differ: the cheap probes first
+            deferred, bad = False, compare_groups()
+        if failed and not bad:  # bisect the plan itself, at the example's size
+            bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
+                                         train_mode=True, train_inputs=small, **kw)
         clock.lap("verify")
         if not bad:
             own_parameters(pruned, work)

@@ -175,10 +175,11 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         if len(found) == len(before):  # fails only in combination: freeze the whole set
             found.update({g: why for g in groups})
 
+    # exact and inexact groups are probed apart, also where no outputs are compared: a unit
+    # of every group at once can leave a block consistent (EfficientViM's input and its
+    # heads shrinking together) where the heads alone break it, and repair ties them then
     exact = [g for g in sorted(probes) if all(graph.units[u].exact for u in probes[g])]
     inexact = [g for g in sorted(probes) if g not in set(exact)]
-    if not compare:  # none compared: alike
-        exact, inexact = [], sorted(probes)
     if fake:
         try:
             bisect(sorted(probes))  # shapes: exact or not alike
@@ -189,7 +190,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                     where.pop(g, None)
             found.clear()
         fake = False
-    for groups in (exact, inexact):  # inexact probes differ by design: judged apart
+    for groups in (exact, inexact):
         if groups:
             bisect(groups)
     return found
