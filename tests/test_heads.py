@@ -10,6 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from depgraph import analyze, capture
 from depgraph.cost import cost_model
@@ -128,3 +129,38 @@ def test_an_unknown_head_mode_is_refused():
         prune(model, x, target_flops=0.5, heads="some")
     with pytest.raises(ValueError, match="heads="):
         analyze(capture(model, x), heads="some")
+
+
+class _DFL(nn.Module):
+    """Ultralytics' distribution focal loss decode: 64 channels viewed as 4 sides x 16 bins,
+    a softmax over the bins: a head split, with no attention around it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(16, 1, 1, bias=False)
+
+    def forward(self, x):
+        b, _, a = x.shape
+        return self.proj(x.view(b, 4, 16, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+
+class _BoxHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.box, self.dfl = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 64, 1), _DFL()
+
+    def forward(self, x):
+        return self.dfl(self.box(torch.relu(self.stem(x))).flatten(2))
+
+
+def test_whole_heads_are_tried_only_where_attention_runs():
+    """A detector's frozen per-anchor view is a head split with no heads to drop: no second
+    analysis for it; the rotary ViT's attention modules get one."""
+    from depgraph.analyze import _analyze_once
+
+    _, fixed, split = _analyze_once(capture(_BoxHead().eval(), torch.randn(1, 3, 8, 8)),
+                                    frozenset())
+    assert "dfl" in split and not fixed
+    model, x = build("rotary_vit")
+    _, fixed, _ = _analyze_once(capture(model, x), frozenset())
+    assert fixed and all(m.startswith("attn.") for m in fixed)

@@ -177,6 +177,8 @@ def matmul_maps(ctx: RuleContext, a_node, a, b_node, b) -> tuple:
     if b_vec:
         b, b_shape = tuple(b) + (None,), b_shape + (1,)
     ka, kb = a[-1], b[-2]
+    if ctx.param(a_node) is None and ctx.param(b_node) is None:
+        ctx.attention.add(ctx.module() or "")
     if ka is not None and kb is not None:
         ctx.unify(ka, kb)
         if ctx.param(a_node) is None and ctx.param(b_node) is None:
@@ -224,6 +226,7 @@ def addmm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 @register(aten.scaled_dot_product_attention)
 def sdpa_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     q, k, v = inputs[0], inputs[1], inputs[2]
+    ctx.attention.add(ctx.module() or "")
     shapes = [ctx.shape(n) for n in node.args[:3]]
     q, k, v = [m if m is not None else (None,) * len(s) for m, s in zip((q, k, v), shapes)]
     if (q[-1] is None) != (k[-1] is None):
@@ -290,6 +293,8 @@ def einsum_rule(ctx: RuleContext, node, inputs: list) -> tuple:
                 ctx.mark_contracted(atom_of[c])
     if len(operands) > 1:
         weight = next((n for n in operands if ctx.param(n)), None)
+        if weight is None:
+            ctx.attention.add(ctx.module() or "")
         _record(ctx, "matmul", weight, None, None,
                 math.prod(max(u[1] for u in uses) for uses in letters.values()),
                 atoms=tuple(a for a in atom_of.values() if a is not None))

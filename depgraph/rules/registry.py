@@ -119,6 +119,9 @@ class RuleContext:
     # (module, atoms) of every head split: the analysis checks whether a split's channels
     # froze, to offer whole heads there instead (or to take them back where those froze too)
     head_splits: list[tuple[Optional[str], np.ndarray]] = field(default_factory=list)
+    # modules that multiply two activations (attention's scores and weighted values): a head
+    # split elsewhere (a detector's per-anchor view) has no heads that could go whole
+    attention: set[str] = field(default_factory=set)
     node: Optional[torch.fx.Node] = None
 
     # ---- reading -------------------------------------------------------------------------
