@@ -23,7 +23,7 @@ from torch import nn
 
 from depgraph import analyze, capture
 from depgraph.analyze import check_head_mode
-from depgraph.boundary import verification_points
+from depgraph.boundary import Boundary, verification_points
 from depgraph.cost import cost_model
 from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
@@ -299,12 +299,38 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     return work, lifted, dense, example_inputs, target, opts, patterns, clock
 
 
+@dataclass
+class _Analysis:
+    """Capture, analysis and repair of the working copy, made once per ``prune()`` and planned
+    on by :func:`_plan` (a latency target plans up to three times). ``graph``, ``notes``,
+    ``bad`` and ``deferred`` move on as plans freeze groups."""
+
+    graph: ChannelGraph
+    notes: list[str]  # the analysis's and repair's, and every group frozen since
+    boundary: Optional[Boundary]
+    kw: dict[str, Any]  # verify's keyword arguments for the example inputs
+    probe: DenseRun  # the dense run on the probes' (half-size) inputs
+    bad: dict[int, str]  # groups found failing, not yet frozen
+    deferred: bool  # exact groups' outputs not yet compared (see _plan)
+    hardware: Optional["_Hardware"]
+    round_to: Any
+
+
 def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inputs: Any,
             target: Target, opts: PruneOptions, patterns: list[str], clock: _Clock,
             hardware: Optional["_Hardware"] = None) -> tuple[PlannedPruning, nn.Module]:
     """Plan on ``work`` (an eval copy, not modified) and return the plan with the pruned copy
-    it was verified on, its reparametrizations (``lifted``) restored. Groups whose pruning
-    breaks the model's code are frozen, and the plan is made again (at most three rounds)."""
+    it was verified on, its reparametrizations (``lifted``) restored (:func:`_analyse`, then
+    :func:`_plan`)."""
+    analysis = _analyse(work, lifted, dense, example_inputs, target, opts, clock, hardware)
+    return _plan(analysis, work, lifted, example_inputs, target, opts, patterns, clock)
+
+
+def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inputs: Any,
+             target: Target, opts: PruneOptions, clock: _Clock,
+             hardware: Optional["_Hardware"] = None) -> _Analysis:
+    """Capture and analyse ``work``, find where to verify, and probe every group once for
+    widths the model's code fixes (``pruners.repair``)."""
     say = print if opts.verbose else (lambda *a, **k: None)
     say(f"[prune] capturing {type(work).__name__} ...")
     cap = capture(work, example_inputs, example_kwargs=opts.example_kwargs, outputs=opts.outputs)
@@ -348,26 +374,41 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
     raised: dict[int, str] = {}
     # probes check their shapes against the dense run on their inputs; exact groups' outputs
     # are compared by the final check where the plan is all exact (most CNNs), else by
-    # one-unit probes once the plan is known (below): no masked forward per probe before
+    # one-unit probes once the plan is known (_plan): no masked forward per probe here
     probing = {**kw, "dense": probe}
     deferred = at is None
-
-    def compare_groups() -> dict[int, str]:
-        """Exact groups of the current graph whose one-unit probe's outputs differ."""
-        return find_unprunable_groups(work, graph, small, exact_only=True,
-                                      **{**probing, "screen": None})
-
     bad = find_unprunable_groups(work, graph, small, where=raised, compare=not deferred,
                                  **probing)
     graph, bad, linked = link_input_widths(work, graph, bad, raised, small, **probing)
-    notes += linked
     clock.lap("repair")
+    return _Analysis(graph, notes + linked, boundary, kw, probe, bad, deferred, hardware,
+                     round_to)
+
+
+def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_inputs: Any,
+          target: Target, opts: PruneOptions, patterns: list[str], clock: _Clock
+          ) -> tuple[PlannedPruning, nn.Module]:
+    """Allocate toward ``target``, prune a copy and check it. Groups whose pruning breaks the
+    model's code are frozen (in ``analysis``, for later plans too), and the plan is made
+    again (at most three rounds)."""
+    say = print if opts.verbose else (lambda *a, **k: None)
+    kw, hardware, round_to, boundary = (analysis.kw, analysis.hardware, analysis.round_to,
+                                        analysis.boundary)
+    small = analysis.probe.inputs
+
+    def compare_groups() -> dict[int, str]:
+        """Exact groups of the current graph whose one-unit probe's outputs differ."""
+        return find_unprunable_groups(work, analysis.graph, small, exact_only=True,
+                                      **{**kw, "dense": analysis.probe, "screen": None})
+
     meta = {"model": type(work).__name__, "target": f"{target.kind}={target.value:g}"}
-    for _ in range(4 if deferred else 3):
-        if bad:
-            notes += [f"froze group {g} ({', '.join(graph.groups[g].layers[:3])}): {why}"
-                      for g, why in sorted(bad.items())]
-            graph = freeze_unprunable(graph, bad)
+    for _ in range(4 if analysis.deferred else 3):
+        if analysis.bad:
+            graph = analysis.graph
+            analysis.notes += [f"froze group {g} ({', '.join(graph.groups[g].layers[:3])}): "
+                               f"{why}" for g, why in sorted(analysis.bad.items())]
+            analysis.graph, analysis.bad = freeze_unprunable(graph, analysis.bad), {}
+        graph, notes = analysis.graph, list(analysis.notes)
         say(f"[prune] scoring units by {getattr(opts.importance, '__name__', opts.importance)} ...")
         scores = score_units(work, graph, opts.importance, data=opts.data, loss_fn=opts.loss_fn)
         clock.lap("score")
@@ -390,7 +431,6 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
         clock.lap("allocate")
         if losses is not None:
             gone = set(removed)
-            notes = [n for n in notes if not n.startswith("sensitivity allocation")]
             loss = sum(f(sum(u in gone for u in graph.groups[g].units) / len(graph.groups[g].units))
                        for g, f in losses.items())
             notes.append(f"sensitivity allocation predicts metric {opts.sensitivity.baseline - loss:.4g}"
@@ -408,10 +448,10 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
         for u in removed:
             probes.setdefault(graph.units[u].group, []).append(u)
         exact = all(graph.units[u].exact for u in removed)
-        if deferred and not exact:  # the check below cannot compare: compare the groups now
-            deferred, bad = False, compare_groups()
+        if analysis.deferred and not exact:  # the check below cannot compare: compare now
+            analysis.deferred, analysis.bad = False, compare_groups()
             clock.lap("repair")
-            if bad:
+            if analysis.bad:
                 continue
         flops: dict = {}
         try:
@@ -423,14 +463,13 @@ def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inpu
             check, failed = None, True
         if not exact:
             check = None  # normalisation statistics change: no exact reference to compare
-        bad = {}
-        if failed and deferred and check is not None:  # outputs differ: the cheap probes first
-            deferred, bad = False, compare_groups()
-        if failed and not bad:  # bisect the plan itself, at the example's size
-            bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
-                                         train_mode=True, train_inputs=small, **kw)
+        if failed and analysis.deferred and check is not None:  # outputs differ: cheap first
+            analysis.deferred, analysis.bad = False, compare_groups()
+        if failed and not analysis.bad:  # bisect the plan itself, at the example's size
+            analysis.bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
+                                                  train_mode=True, train_inputs=small, **kw)
         clock.lap("verify")
-        if not bad:
+        if not analysis.bad:
             own_parameters(pruned, work)
             gone = dead & set(removed)
             if gone:
@@ -451,13 +490,14 @@ _LATENCY_SLACK = 0.03
 
 
 def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
-                    hardware: "_Hardware") -> tuple[PlannedPruning, nn.Module, Any]:
+                    analysis: _Analysis) -> tuple[PlannedPruning, nn.Module, Any]:
     """Time the pruned model against the dense one; when the measured share of latency is
     off the target by more than ``_LATENCY_SLACK``, re-aim (:func:`_next_aim`) and plan
     again (twice at most). When several plans were made, they are timed again together with
     the dense model and the one closest to the target is kept: each plan's first timing ran
     at its own moment, and on a machine whose load changes between them the comparison of
-    those timings picks the moment rather than the plan."""
+    those timings picks the moment rather than the plan. Every plan is made on ``analysis``
+    (one capture, analysis and repair)."""
     from .latency import measure_models
     from .report import LatencyReport
 
@@ -480,8 +520,8 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
     while len(plans) < 3 and miss(ratio) > _LATENCY_SLACK:  # a median is steady even if noisy
         aim = _next_aim(tried, target.value)
         try:
-            plans.append(_search(work, lifted, dense, example_inputs, Target("latency", aim),
-                                 opts, patterns, clock, hardware))
+            plans.append(_plan(analysis, work, lifted, example_inputs, Target("latency", aim),
+                               opts, patterns, clock))
         except InfeasibleTargetError:
             break
         measured, (ratio,) = timed([plans[-1][1]])
@@ -641,15 +681,16 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         True
     """
     target = make_target(target_flops, target_params, channel_ratio, target_latency)
-    work, _, _, example_inputs, target, opts, patterns, clock = prepared = _prepare(
+    work, lifted, dense, example_inputs, target, opts, patterns, clock = prepared = _prepare(
         model, example_inputs, target, options)
-    hardware = _Hardware.of(work, prepared[2], opts, target)  # measured once for all plans
+    hardware = _Hardware.of(work, dense, opts, target)  # measured once for all plans
     if hardware is not None:
         clock.lap("latency table")
-    planned, pruned = _search(*prepared, hardware=hardware)
+    analysis = _analyse(work, lifted, dense, example_inputs, target, opts, clock, hardware)
+    planned, pruned = _plan(analysis, work, lifted, example_inputs, target, opts, patterns, clock)
     latency_report = None
     if target.kind == "latency":
-        planned, pruned, latency_report = _toward_latency(prepared, planned, pruned, hardware)
+        planned, pruned, latency_report = _toward_latency(prepared, planned, pruned, analysis)
         clock.lap("latency")
     kwargs = opts.example_kwargs
     recovery = None

@@ -289,9 +289,15 @@ def _conv_width(m: nn.Module) -> int:
     return sum(c.weight.shape[0] for c in m.modules() if isinstance(c, nn.Conv2d))
 
 
-def test_target_latency_re_aims_when_the_prediction_is_off():
+def test_target_latency_re_aims_when_the_prediction_is_off(monkeypatch):
     """A model time the layer table cannot see (a cost growing with total width): the first
-    plan misses, the target is re-aimed from the measurement and the result lands."""
+    plan misses, the target is re-aimed from the measurement and the result lands. Every
+    plan is made on one capture and analysis."""
+    import sys
+
+    api = sys.modules["pruners.api"]
+    captures = []
+    monkeypatch.setattr(api, "capture", lambda *a, **k: captures.append(1) or capture(*a, **k))
     model, x = _net()
 
     def hidden(m):
@@ -301,6 +307,7 @@ def test_target_latency_re_aims_when_the_prediction_is_off():
     result = prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
     lat = result.report.latency
     assert lat.attempts > 1 and abs(lat.predicted - lat.ratio) > 0.03
+    assert len(captures) == 1
     assert lat.ratio == pytest.approx(0.5, rel=0.07)
     assert any("re-aimed" in n for n in result.report.notes)
 
