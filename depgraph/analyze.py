@@ -17,7 +17,7 @@ from . import rules  # noqa: F401 - registers the rule table
 from .atoms import AtomTable, UnionFind
 from .capture import Capture
 from .errors import AnalysisError
-from .graph import ChannelGraph, FrozenChannels, Group, Unit
+from .graph import ChannelGraph, FrozenChannels, Group, Unit, inside
 from .rules.layers import COSTED_WITHOUT_CHANNELS
 from .rules.registry import RuleContext, lookup, node_outputs
 
@@ -330,10 +330,6 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture
     # models (0.1-0.3 s) gained nothing
     fixed = {m for m, atoms in ctx.head_splits
              if m is not None and (frozen_by[roots[atoms]] > 0).any()
-             and any(_within(a, m) or _within(m, a) for a in ctx.attention)}
+             and any(inside(a, m) or inside(m, a) for a in ctx.attention)}
     return graph, fixed, split
 
-
-def _within(name: str, module: str) -> bool:
-    """Whether module ``name`` is ``module`` or sits inside it ("" is the model)."""
-    return module == "" or name == module or name.startswith(module + ".")

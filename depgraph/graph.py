@@ -23,7 +23,12 @@ import numpy as np
 
 from .rules.registry import LayerUse
 
-__all__ = ["Slice", "Unit", "Group", "FrozenChannels", "ChannelGraph"]
+__all__ = ["Slice", "Unit", "Group", "FrozenChannels", "ChannelGraph", "inside"]
+
+
+def inside(name: str, module: str) -> bool:
+    """Whether the module called ``name`` is ``module`` or sits in it ("" is the model)."""
+    return module == "" or name == module or name.startswith(module + ".")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from depgraph.errors import SurgeryError, VerificationError
-from depgraph.graph import ChannelGraph
+from depgraph.graph import ChannelGraph, inside
 
 from .screen import FakeUnsupported, ShapeScreen, serves
 from .verify import DenseRun, run_model, verify
@@ -156,7 +156,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         # A module no group reaches into (a layer only training runs, never traced) points at
         # its nearest enclosing module that some group does reach into.
         scope = _enclosing(raised, [n for g in groups for n in layers[g]]) if raised else None
-        share = {g: sum(_inside(n, scope) for n in layers[g]) / len(layers[g])
+        share = {g: sum(inside(n, scope) for n in layers[g]) / len(layers[g])
                  for g in groups} if scope else {}
         suspects = sorted((g for g in groups if share.get(g)), key=lambda g: -share[g])
         if 0 < len(suspects) < len(groups):
@@ -202,14 +202,9 @@ def _layout(names: list[str]) -> frozenset[str]:
     return frozenset(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "#", n) for n in names)
 
 
-def _inside(name: str, module: str) -> bool:
-    """Whether the module called ``name`` is ``module`` or sits in it ("" is the model)."""
-    return module == "" or name == module or name.startswith(module + ".")
-
-
 def _enclosing(module: str, names: list[str]) -> str:
     """``module`` or its nearest parent that holds one of ``names`` ("" when none does)."""
-    while module and not any(_inside(n, module) for n in names):
+    while module and not any(inside(n, module) for n in names):
         module = module.rpartition(".")[0]
     return module
 
@@ -311,7 +306,7 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
         # the module that raised when the rows shrank (or, for rows that probed fine, when
         # the input did, if that module views the rows' heads back into the input's width)
         module = where.get(b) if b in bad else where.get(a)
-        if module is None or not _inside(param.rpartition(".")[0], module):
+        if module is None or not inside(param.rpartition(".")[0], module):
             continue
         merged = _merged_widths(graph, group_of, b, module, len(cols))
         if b in bad or merged:
@@ -372,7 +367,7 @@ def _merged_widths(graph: ChannelGraph, group_of: np.ndarray, group: int, module
                    width: int) -> list[np.ndarray]:
     """Units per position of the widths that ``module``'s code views as ``width`` channels
     (``(attn @ v).view(B, C, H, W)``, ``reshape(B, N, C)``) made wholly of ``group``'s units."""
-    return [ids for name, arrays in graph.sizes if _inside(name, module) for ids in arrays
+    return [ids for name, arrays in graph.sizes if inside(name, module) for ids in arrays
             if len(ids) == width and (ids >= 0).all() and (group_of[ids] == group).all()]
 
 
