@@ -183,7 +183,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     if fake:
         try:
             bisect(sorted(probes))  # shapes: exact or not alike
-            exact, inexact = [g for g in exact if g not in found], []
+            # what is left to run for real: exact groups' outputs, where compared
+            exact, inexact = [g for g in exact if g not in found] if compare else [], []
         except FakeUnsupported:  # all over again, for real
             if where is not None:
                 for g in found:

@@ -358,3 +358,29 @@ def test_prune_freezes_a_silently_wrong_group_whether_or_not_its_check_compares(
     assert any("a.0" in n and "differ" in n for n in result.report.notes)
     assert (result.report.verify is None) == norm
     assert result.report.verify is None or result.report.verify.ok
+
+
+def test_probes_that_compare_nothing_run_no_real_forward_after_the_screen(monkeypatch):
+    """With the screen serving, every one-unit probe's shapes are known from fake runs: when
+    outputs are not compared (prune()'s first pass), nothing runs for real; when they are,
+    the exact groups' probes do (pruned and masked forwards)."""
+    import sys
+
+    from pruners.repair import probe_run
+    from pruners.screen import ShapeScreen
+    from pruners.verify import DenseRun
+
+    model, x = BakedSplit().eval(), torch.randn(1, 3, 8, 8)
+    g = analyze(capture(model, x))
+    dense = DenseRun.of(model, x)
+    screen = ShapeScreen.of(model, x)
+    verify_mod = sys.modules["pruners.verify"]
+    real = []
+    run = verify_mod.run_model
+    monkeypatch.setattr(verify_mod, "run_model", lambda *a, **k: real.append(1) or run(*a, **k))
+    bad = find_unprunable_groups(model, g, x, screen=screen, dense=probe_run(model, dense),
+                                 compare=False)
+    assert len(bad) == 1 and "split_with_sizes" in next(iter(bad.values()))
+    assert real == []
+    assert find_unprunable_groups(model, g, x, screen=screen, dense=dense) == bad
+    assert len(real) >= 2
