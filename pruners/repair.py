@@ -175,14 +175,17 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
         if len(found) == len(before):  # fails only in combination: freeze the whole set
             found.update({g: why for g in groups})
 
-    # exact and inexact groups are probed apart, also where no outputs are compared: a unit
-    # of every group at once can leave a block consistent (EfficientViM's input and its
-    # heads shrinking together) where the heads alone break it, and repair ties them then
+    # exact and inexact groups are probed apart, fake or real, also where no outputs are
+    # compared: a unit of every group at once can leave a block consistent (EfficientViM's
+    # input and its heads shrinking together) where the heads alone break it, and repair
+    # ties them then
     exact = [g for g in sorted(probes) if all(graph.units[u].exact for u in probes[g])]
     inexact = [g for g in sorted(probes) if g not in set(exact)]
     if fake:
         try:
-            bisect(sorted(probes))  # shapes: exact or not alike
+            for groups in (exact, inexact):  # shapes
+                if groups:
+                    bisect(groups)
             # what is left to run for real: exact groups' outputs, where compared
             exact, inexact = [g for g in exact if g not in found] if compare else [], []
         except FakeUnsupported:  # all over again, for real

@@ -384,3 +384,35 @@ def test_probes_that_compare_nothing_run_no_real_forward_after_the_screen(monkey
     assert real == []
     assert find_unprunable_groups(model, g, x, screen=screen, dense=dense) == bad
     assert len(real) >= 2
+
+
+class NormedReshape(nn.Module):
+    """A block that views its projection back by its input's width, behind a GroupNorm (the
+    input's channels are inexact): the input and the projection can shrink only together,
+    so a unit of every group at once runs while either alone fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(1, 8)
+        self.v, self.out = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        t = self.norm(self.embed(x))
+        b, c, h, w = t.shape
+        return self.out(self.v(t).reshape(b, c, h * w).reshape(b, c, h, w))
+
+
+def test_fake_and_real_probes_find_what_fails_only_alone():
+    """Exact and inexact groups are probed apart on fake tensors as for real: together, the
+    input's and the projection's one-unit probes agree and nothing would be found."""
+    from pruners.screen import ShapeScreen
+    from pruners.verify import DenseRun
+
+    model, x = NormedReshape().eval(), torch.randn(1, 3, 8, 8)
+    g = analyze(capture(model, x))
+    assert sorted(all(g.units[u].exact for u in grp.units) for grp in g.groups) == [False, True]
+    dense = DenseRun.of(model, x)
+    real = find_unprunable_groups(model, g, x, compare=False, dense=dense)
+    fake = find_unprunable_groups(model, g, x, compare=False, dense=dense,
+                                  screen=ShapeScreen.of(model, x))
+    assert len(real) == 2 and fake == real
