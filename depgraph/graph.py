@@ -287,9 +287,9 @@ class ChannelGraph:
                 gparent[max(ga, gb)] = min(ga, gb)
         group_ids = sorted({groot(g.id) for g in self.groups})
         new_group = {g: i for i, g in enumerate(group_ids)}
-        members: dict[int, list[int]] = {}
+        members: dict[int, set[int]] = {}  # every old unit of a tied class, its root too
         for u in parent:
-            members.setdefault(int(new_unit[u]), []).append(u)
+            members.setdefault(int(new_unit[u]), set()).update((u, int(roots[u])))
         units = []
         for u in self.units:
             i = int(new_unit[u.id])

@@ -416,3 +416,22 @@ def test_fake_and_real_probes_find_what_fails_only_alone():
     fake = find_unprunable_groups(model, g, x, compare=False, dense=dense,
                                   screen=ShapeScreen.of(model, x))
     assert len(real) == 2 and fake == real
+
+
+def test_a_tie_to_an_inexact_input_is_inexact_and_the_block_prunes():
+    """Tied units are exact only if every unit tied is: the projection's rows (exact) tied
+    to the GroupNorm'd input (inexact) may not be compared with the masked original, which
+    froze the block before."""
+    from pruners import prune
+    from pruners.verify import DenseRun
+
+    model, x = NormedReshape().eval(), torch.randn(1, 3, 8, 8)
+    g = analyze(capture(model, x))
+    dense, raised = DenseRun.of(model, x), {}
+    bad = find_unprunable_groups(model, g, x, where=raised, compare=False, dense=dense)
+    tied, rest, notes = link_input_widths(model, g, bad, raised, x, dense=dense)
+    assert rest == {} and len(tied.groups) == 1 and "tied the heads" in notes[0]
+    assert not any(u.exact for u in tied.units)
+    result = prune(model, x, target_flops=0.6)
+    assert result.model.v.out_channels == result.model.embed.out_channels < 8
+    assert result.model(x).shape == model(x).shape
