@@ -37,7 +37,7 @@ from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
 from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths, probe_run
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
                      python_width_rewrites)
-from .screen import ShapeScreen, input_share
+from .screen import ShapeScreen, dense_run, input_share
 from .verify import DenseRun, VerifyResult, one_line, run_model, shared_params, verify
 
 __all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
@@ -237,14 +237,15 @@ def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
                   ) -> tuple[nn.Module, list[Lifted], DenseRun]:
     """An eval-mode deep copy with plain weights where ``model`` has pruning masks or weight
     parametrizations (see ``pruners.reparam``), checked to run on the example inputs; that
-    run's output shapes and FLOPs are kept (``DenseRun``) for checks that need no reference."""
+    run's output shapes and FLOPs are kept (``DenseRun``) for checks that need no reference.
+    Where a real run would take seconds, it is made on fake tensors (``screen.dense_run``)."""
     check_importance(opts.importance, opts.data, opts.loss_fn)
     work = deepcopy_model(model)
     lifted = lift(work)
     work.eval()
-    try:  # also warms what a forward caches by input shape (Ultralytics' anchors; DDP's
-        # first-call buffer broadcast), which a trace of a cold model would record as code
-        dense = DenseRun.of(work, example_inputs, opts.outputs, opts.example_kwargs)
+    try:  # a real run also warms what a forward caches by input shape (Ultralytics' anchors;
+        # DDP's first-call buffer broadcast), which a trace of a cold model would record as code
+        dense = dense_run(work, example_inputs, opts.outputs, opts.example_kwargs)
     except Exception as exc:  # noqa: BLE001
         raise PruningError(f"the example inputs do not fit {type(model).__name__}: "
                            f"{one_line(exc)}. Pass what forward takes: a tensor, or a tuple of "
@@ -367,10 +368,15 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
     probe = hardware.probe if hardware is not None else probe_run(
         work, dense, outputs=opts.outputs, example_kwargs=opts.example_kwargs)
     small = probe.inputs
-    # where a forward takes seconds, probes that only have to run are made on fake tensors
-    kw["screen"] = ShapeScreen.of(work, small, outputs=opts.outputs, at=at,
-                                  example_kwargs=opts.example_kwargs,
-                                  real_s=dense.seconds * input_share(small, example_inputs))
+    # where a forward takes seconds, probes that only have to run are made on fake tensors:
+    # the dense run on them, when fake and to the same outputs, is the screen already
+    if probe.fake and not at:
+        kw["screen"] = ShapeScreen(small, probe.shapes, opts.outputs, opts.example_kwargs,
+                                   seconds=probe.seconds)
+    else:
+        kw["screen"] = ShapeScreen.of(
+            work, small, outputs=opts.outputs, at=at, example_kwargs=opts.example_kwargs,
+            real_s=None if dense.fake else dense.seconds * input_share(small, example_inputs))
     raised: dict[int, str] = {}
     # probes check their shapes against the dense run on their inputs; exact groups' outputs
     # are compared by the final check where the plan is all exact (most CNNs), else by

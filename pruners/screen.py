@@ -34,9 +34,10 @@ from depgraph.graph import ChannelGraph
 
 from .copying import copy_model
 from .surgery import remove_units
-from .verify import _run_at, check_shapes, fails_to_run, run_model, shared_params
+from .verify import (DenseRun, _run_at, _run_counted, check_shapes, fails_to_run, run_model,
+                     shared_params)
 
-__all__ = ["FakeUnsupported", "ShapeScreen", "serves"]
+__all__ = ["FakeUnsupported", "ShapeScreen", "dense_run", "estimated_flops", "serves"]
 
 #: what a fake run raises where it cannot go on without values (not a fault of the model)
 _VALUE_NEEDED = (_fake.DataDependentOutputException, _fake.DynamicOutputShapeException,
@@ -47,6 +48,10 @@ _VALUE_NEEDED = (_fake.DataDependentOutputException, _fake.DynamicOutputShapeExc
 _CHEAPER = 1 / 3
 #: ... and real runs take at least this long (below, a fake run saves too little to try)
 _MIN_REAL_S = 1.0
+#: the unpruned model's first run is made on fake tensors from this many estimated FLOPs (a
+#: real one takes seconds on a CPU: DeepSeek's ViT at 546 px, 1.6e12, 16 s on two cores; a
+#: fake one about 1 s at any size)
+_FAKE_DENSE_FLOPS = 5e11
 
 
 def serves(screen: Optional["ShapeScreen"], inputs: Any) -> bool:
@@ -169,6 +174,64 @@ class ShapeScreen:
         except Exception as exc:  # noqa: BLE001
             return exc
         return None
+
+
+def estimated_flops(model: nn.Module, inputs: Any) -> float:
+    """About what one forward of ``model`` on ``inputs`` costs, before running it: twice the
+    parameters times the positions of a stride-16 grid over the largest image input (a ViT's
+    tokens at patch 16; a CNN's weights, averaged over its stages, see about as many). Within
+    a factor of two on ResNets, ViTs and YOLOs; 0 where no input is an image."""
+    sides = [t.shape[-2] * t.shape[-1] for t in pytree.tree_leaves(inputs)
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 4]
+    if not sides:
+        return 0.0
+    return 2.0 * sum(p.numel() for p in model.parameters()) * max(sides) / 256
+
+
+def _state(model: nn.Module) -> dict[tuple[str, str], int]:
+    """What a forward could store in ``model``: every module attribute, parameter and buffer,
+    by identity."""
+    seen: dict[tuple[str, str], int] = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                seen[name, key] = id(value)
+        for kind in ("_parameters", "_buffers"):
+            for key, value in getattr(module, kind).items():
+                seen[name, f"{kind}.{key}"] = id(value)
+    return seen
+
+
+def dense_run(model: nn.Module, inputs: Any, outputs: Optional[Callable] = None,
+              example_kwargs: Optional[dict] = None) -> DenseRun:
+    """The unpruned model's first run (``DenseRun``): on fake tensors where a real one would
+    take seconds (:func:`estimated_flops`), else real (``DenseRun.of``).
+
+    Nothing later needs its values (checks compare with the masked original), only its
+    outputs' shapes and FLOPs, which fake tensors give alike. It runs real where the fake run
+    would not pay (small models, a GPU), where fake tensors cannot follow the model, where it
+    raises (the real run's error is the one to report), and where the forward stores
+    something in the model (a cache by input shape, as Ultralytics' anchors; a lazy layer):
+    the real run also warms that, which the capture after it needs.
+    """
+    if (any(type(m).__name__ in ("DistributedDataParallel", "DataParallel")
+            or isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules())
+            or any(p.device.type != "cpu" for p in model.parameters())
+            or estimated_flops(model, inputs) < _FAKE_DENSE_FLOPS):
+        return DenseRun.of(model, inputs, outputs, example_kwargs)
+    copy = _throwaway(model)
+    before = _state(copy)
+    counted: dict = {}
+    start = time.perf_counter()
+    try:
+        got = fake_shapes(lambda m: _run_counted(
+            lambda c: run_model(c, inputs, outputs, example_kwargs), m, counted, "dense"), copy)
+    except Exception:  # noqa: BLE001 - fake tensors cannot follow it, or it raises: real
+        return DenseRun.of(model, inputs, outputs, example_kwargs)
+    seconds = time.perf_counter() - start
+    if _state(copy) != before or counted["dense"].total < _FAKE_DENSE_FLOPS:
+        return DenseRun.of(model, inputs, outputs, example_kwargs)
+    return DenseRun(inputs, got, counted["dense"], seconds, fake=True)
 
 
 def input_share(small: Any, full: Any) -> float:

@@ -75,12 +75,15 @@ class DenseRun:
     Masking changes neither, so a check of inexact units, whose outputs are not compared,
     needs no masked forward of its own: on a large ViT that forward takes seconds.
     ``seconds``: how long the run took (it tells whether fake-tensor probes pay, ``screen``).
+    ``fake``: the run was on fake tensors (``pruners.screen.dense_run``): shapes and FLOPs are
+    the same, ``seconds`` is the fake run's, and probes on these inputs run fake.
     """
 
     inputs: Any
     shapes: list[tuple[int, ...]]
     flops: Any = None
     seconds: float = 0.0
+    fake: bool = False
 
     @classmethod
     def of(cls, model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,

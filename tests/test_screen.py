@@ -1,5 +1,7 @@
 """Fake-tensor probes: the same groups found as with real runs, fewer real forwards."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -177,3 +179,88 @@ def test_prune_with_a_screen_matches_prune_without(monkeypatch):
     assert screened.plan.sizes == plain.plan.sizes
     assert screened.report.notes == plain.report.notes
     torch.testing.assert_close(screened.model(x), plain.model(x))
+
+
+def _real_forwards(model):
+    """The list that gets one item per real (not fake-tensor) forward of ``model``."""
+    from torch._guards import detect_fake_mode
+
+    real = []
+    model.register_forward_pre_hook(
+        lambda m, args: None if detect_fake_mode() is not None else real.append(1))
+    return real
+
+
+def test_a_costly_models_first_run_is_fake_with_the_same_shapes_and_flops(monkeypatch):
+    from pruners import screen as screen_module
+
+    model, x = InputWidthAttention().eval(), torch.randn(1, 3, 16, 16)
+    real = DenseRun.of(model, x)
+    assert not screen_module.dense_run(model, x).fake  # cheap: real
+    monkeypatch.setattr(screen_module, "_FAKE_DENSE_FLOPS", 1.0)
+    runs = _real_forwards(model)
+    fake = screen_module.dense_run(model, x)
+    assert fake.fake and not runs
+    assert fake.shapes == real.shapes and fake.flops == real.flops and fake.flops.total > 0
+
+
+class Lazy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.LazyConv2d(8, 3), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum().item() > 0 else x
+
+
+@pytest.mark.parametrize("build", [Cached, Lazy, lambda: nn.Sequential(cbr(3, 8), Gate())])
+def test_a_first_run_stays_real_where_the_model_keeps_state_or_needs_values(build, monkeypatch):
+    """A forward that caches (Ultralytics' anchors), a lazy layer, a branch on values: the
+    real run warms the model for the capture after it, or is the only one that runs."""
+    from pruners import screen as screen_module
+
+    monkeypatch.setattr(screen_module, "_FAKE_DENSE_FLOPS", 1.0)
+    model, x = build().eval(), torch.randn(1, 3, 16, 16)
+    runs = _real_forwards(model)
+    dense = screen_module.dense_run(model, x)
+    assert not dense.fake and runs == [1] and dense.shapes == [tuple(model(x).shape)]
+    if isinstance(model, Cached):
+        assert model.grid is not None and not isinstance(model.grid, torch._subclasses.FakeTensor)
+
+
+def test_a_first_run_that_raises_is_refused_naming_the_mismatch(monkeypatch):
+    from depgraph import PruningError
+    from pruners import prune, screen as screen_module
+
+    monkeypatch.setattr(screen_module, "_FAKE_DENSE_FLOPS", 1.0)
+    model = nn.Sequential(cbr(3, 8), nn.Conv2d(8, 2, 1)).eval()
+    with pytest.raises(PruningError, match="expected input.* to have 3 channels"):
+        prune(model, torch.randn(1, 4, 16, 16), target_flops=0.5)
+
+
+def test_prune_with_a_fake_first_run_matches_prune_with_a_real_one(monkeypatch):
+    """Made to run a small model's first forward (and its half-size one) on fake tensors,
+    prune() returns the same model, with the same FLOPs counted."""
+    from pruners import prune, screen as screen_module
+
+    torch.manual_seed(0)
+    model, x = InputWidthAttention().eval(), torch.randn(1, 3, 128, 128)  # probes at 64
+    plain = prune(model, x, target_flops=0.5)
+    monkeypatch.setattr(screen_module, "_FAKE_DENSE_FLOPS", 1.0)
+    api, made = sys.modules["pruners.api"], []
+    for name in ("dense_run", "probe_run"):
+        real_run = getattr(api, name)
+        monkeypatch.setattr(api, name, lambda *a, _run=real_run, **k:
+                            made.append(_run(*a, **k)) or made[-1])
+    faked = prune(model, x, target_flops=0.5)
+    assert [(run.fake, run.inputs.shape[-1]) for run in made] == [(True, 128), (True, 64)]
+    assert faked.plan.sizes == plain.plan.sizes
+    assert faked.report.notes == plain.report.notes
+    assert faked.report.flops_before == plain.report.flops_before
+    assert faked.report.flops_after == plain.report.flops_after
+    torch.testing.assert_close(faked.model(x), plain.model(x))
