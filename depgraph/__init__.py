@@ -10,11 +10,12 @@
 """
 
 from .analyze import analyze
-from .capture import Capture, capture
+from .capture import Capture, ValueReads, capture
 from .errors import AnalysisError, CaptureError, PruningError, SurgeryError, VerificationError
 from .graph import ChannelGraph, FrozenChannels, Group, Slice, Unit
 
 __all__ = [
     "analyze", "capture", "Capture", "ChannelGraph", "FrozenChannels", "Group", "Slice", "Unit",
+    "ValueReads",
     "PruningError", "CaptureError", "AnalysisError", "SurgeryError", "VerificationError",
 ]

@@ -5,7 +5,9 @@ Two tracers, one result type:
 * ``torch.export.export(..., strict=False)`` (the default): symbolic, never runs the model.
 * a concrete trace, ``make_fx(functional_call(...), tracing_mode="real", pre_dispatch=True)``,
   for models ``torch.export`` rejects (data-dependent post-processing such as torchvision's
-  detectors). It runs the model once on the example inputs, on copies of the buffers.
+  detectors). It runs the model once on the example inputs, on copies of the buffers. Where
+  a forward is known to use values (:class:`ValueReads`, counted on a run the caller makes
+  anyway), it is tried first: ``torch.export`` fails on those only after seconds of tracing.
 
 Both produce the same "training IR" op set (``aten.conv2d``, ``aten.batch_norm``,
 ``aten.linear``, in-place ops kept), so one rule table serves both.
@@ -22,11 +24,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import CaptureError
 from .rules.modules import fixed_params
 
-__all__ = ["Capture", "capture", "OutputSelector", "as_args"]
+__all__ = ["Capture", "capture", "OutputSelector", "ValueReads", "as_args"]
 
 OutputSelector = Callable[[Any], Any]
 
@@ -256,10 +259,36 @@ def _set_module_stacks(graph: torch.fx.Graph, calls: list) -> None:
             node.meta["nn_module_stack"] = stack
 
 
+class ValueReads(TorchDispatchMode):
+    """Counts, by op, what a forward run inside it does with tensor values that
+    ``torch.export`` cannot follow: values read in Python (``item``, ``bool(t)``) and outputs
+    whose shape depends on values (``nonzero``, indexing by a mask, ``unique``), which a
+    detector's post-processing then sizes Python by. ``ops`` is empty for most models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if func is torch.ops.aten.index.Tensor:  # by a mask; a gather by indices is fine
+            name = "index by a mask" if any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                for i in args[1]) else None
+        elif _VALUE_TAGS.isdisjoint(func.tags):
+            name = None
+        if name is not None:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+_VALUE_TAGS = frozenset({torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape})
+
+
 def capture(model: torch.nn.Module, example_inputs: Any, *,
             example_kwargs: Optional[dict] = None,
             outputs: Optional[OutputSelector] = None,
-            method: str = "auto") -> Capture:
+            method: str = "auto", value_ops: Optional[dict[str, int]] = None) -> Capture:
     """Trace ``model`` on ``example_inputs`` into an aten graph.
 
     Args:
@@ -270,6 +299,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
             ``lambda out: out[0]`` for an Ultralytics detector, whose second output holds raw
             per-level maps. Default: everything ``forward`` returns.
         method: ``"export"``, ``"concrete"`` or ``"auto"`` (export, then concrete on failure).
+        value_ops: what :class:`ValueReads` counted on a run of ``forward`` on these inputs;
+            where it counted anything, ``"auto"`` tries the concrete trace first (export after
+            it, on failure): export fails on those ops, on SSD after 9 s of tracing.
 
     Returns:
         A :class:`Capture`.
@@ -288,7 +320,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
     args = as_args(example_inputs)
     kwargs = dict(example_kwargs or {})
     with attributes_restored(model):
-        cap = _capture(model, args, kwargs, outputs, method)
+        cap = _capture(model, args, kwargs, outputs, method, value_ops or {})
     normalize_arguments(cap.graph)
     cap.fixed = fixed_params(model)
     cap.aliases = _aliases(model)
@@ -344,10 +376,26 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
 
 
 def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
-             outputs: Optional[OutputSelector], method: str) -> Capture:
+             outputs: Optional[OutputSelector], method: str, value_ops: dict[str, int]
+             ) -> Capture:
     wrapped = _Selected(model, outputs)
     notes: list[str] = []
     errors: list[str] = []
+    if method == "auto" and value_ops:
+        try:
+            cap = _capture_concrete(wrapped, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - export may still do
+            errors.append(f"concrete trace: {type(exc).__name__}: {_first_line(exc)}")
+        else:
+            used = ", ".join(f"{op} x{n}" for op, n in sorted(value_ops.items()))
+            cap.notes.append(f"forward uses tensor values torch.export cannot follow ({used}): "
+                             "traced concretely, on the example's path")
+            return cap
+        try:
+            return _capture_export(wrapped, args, kwargs)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"torch.export: {type(exc).__name__}: {_first_line(exc)}")
+            raise CaptureError(_capture_message(model, errors)) from exc
     if method in ("auto", "export"):
         try:
             return _capture_export(wrapped, args, kwargs)

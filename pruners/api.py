@@ -334,7 +334,8 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
     widths the model's code fixes (``pruners.repair``)."""
     say = print if opts.verbose else (lambda *a, **k: None)
     say(f"[prune] capturing {type(work).__name__} ...")
-    cap = capture(work, example_inputs, example_kwargs=opts.example_kwargs, outputs=opts.outputs)
+    cap = capture(work, example_inputs, example_kwargs=opts.example_kwargs, outputs=opts.outputs,
+                  value_ops=dense.value_ops)
     clock.lap("capture")
     graph = analyze(cap, heads=opts.heads)
     for item in lifted:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from depgraph.capture import as_args
+from depgraph.capture import ValueReads, as_args
 from depgraph.errors import VerificationError
 from depgraph.graph import ChannelGraph
 
@@ -77,6 +77,8 @@ class DenseRun:
     ``seconds``: how long the run took (it tells whether fake-tensor probes pay, ``screen``).
     ``fake``: the run was on fake tensors (``pruners.screen.dense_run``): shapes and FLOPs are
     the same, ``seconds`` is the fake run's, and probes on these inputs run fake.
+    ``value_ops``: the ops by which forward used tensor values (``depgraph.ValueReads``;
+    a fake run has none): the capture then traces concretely first.
     """
 
     inputs: Any
@@ -84,6 +86,7 @@ class DenseRun:
     flops: Any = None
     seconds: float = 0.0
     fake: bool = False
+    value_ops: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,
@@ -95,12 +98,14 @@ class DenseRun:
         counted: dict = {}
         start = time.perf_counter()
         try:
-            got = _run_counted(run, model, counted, "dense")
+            with ValueReads() as reads:
+                got = _run_counted(run, model, counted, "dense")
         except Exception:  # noqa: BLE001 - the plain run says whether the model runs
             start = time.perf_counter()
-            got = run(model)
+            with ValueReads() as reads:
+                got = run(model)
         return cls(example_inputs, [tuple(t.shape) for t in got], counted.get("dense"),
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, value_ops=reads.ops)
 
 
 def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable] = None,

@@ -129,3 +129,74 @@ def test_model_is_not_modified_by_capture_in_train_mode():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training
+
+
+class Gathers(nn.Module):
+    """Indexing by positions (a relative-position table, as Swin's) uses no values."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.register_buffer("order", torch.arange(7, -1, -1))
+
+    def forward(self, x):
+        return self.a(x)[:, self.order]
+
+
+def test_value_reads_counts_what_export_cannot_follow_and_nothing_else():
+    from depgraph import ValueReads
+
+    x = torch.randn(1, 3, 8, 8)
+    for model, expected in [(Gathers().eval(), {}), (DataDependent().eval(), {"nonzero": 1}),
+                            (ValueScale().eval(), {"_local_scalar_dense": 1})]:
+        with torch.no_grad(), ValueReads() as reads:
+            model(x)
+        assert reads.ops == expected, type(model).__name__
+
+    class Masked(nn.Module):
+        def forward(self, x):
+            return x[x > 0].sum() + x.unique().sum()
+
+    with ValueReads() as reads:
+        Masked()(x)
+    assert reads.ops == {"index by a mask": 1, "_unique2": 1}
+
+
+def test_a_forward_known_to_use_values_is_traced_concretely_without_trying_export(monkeypatch):
+    """torch.export fails on such a forward only after tracing most of it (SSD: 9 s)."""
+    import sys
+
+    module = sys.modules["depgraph.capture"]
+    tried = []
+    real_export = module._capture_export
+    monkeypatch.setattr(module, "_capture_export",
+                        lambda *a: tried.append(1) or real_export(*a))
+    model, x = DataDependent().eval(), torch.randn(1, 3, 8, 8)
+    cap = capture(model, x, value_ops={"nonzero": 1})
+    assert cap.method == "concrete" and not tried
+    assert any("nonzero x1" in n and "concretely" in n for n in cap.notes)
+    assert len(analyze(cap).units) == 8
+    # where the concrete trace fails, export still gets its turn, and both causes are named
+    with pytest.raises(CaptureError, match=r"concrete trace: .*skips 2 .*; torch.export: "):
+        capture(ValueBranch(), x, value_ops={"_local_scalar_dense": 1})
+    assert tried
+
+
+def test_prune_traces_a_value_using_model_concretely_at_once(monkeypatch):
+    import sys
+
+    from pruners import prune
+
+    module = sys.modules["depgraph.capture"]
+    tried = []
+    real_export = module._capture_export
+    monkeypatch.setattr(module, "_capture_export",
+                        lambda *a: tried.append(1) or real_export(*a))
+    torch.manual_seed(0)
+    model, x = DataDependent().eval(), torch.randn(1, 3, 16, 16)
+    result = prune(model, x, target_flops=0.6)
+    assert not tried and any("nonzero x1" in n for n in result.report.notes)
+    torch.testing.assert_close(model(x).shape, result.model(x).shape)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    prune(plain, x, target_flops=0.6)
+    assert tried  # a model that uses no values is exported as before
