@@ -393,8 +393,8 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
             return cap
         try:
             return _capture_export(wrapped, args, kwargs)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(f"torch.export: {type(exc).__name__}: {_first_line(exc)}")
+        except Exception as exc:  # noqa: BLE001 - both causes, in the usual order
+            errors.insert(0, f"torch.export: {type(exc).__name__}: {_first_line(exc)}")
             raise CaptureError(_capture_message(model, errors)) from exc
     if method in ("auto", "export"):
         try:
