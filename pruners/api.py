@@ -108,6 +108,11 @@ class PruneOptions:
     threads: Optional[int] = None
     latency_table: Optional[Any] = None  # pruners.latency.LatencyTable
 
+    def say(self, text: str) -> None:
+        """Print a progress line where ``verbose`` asks for them."""
+        if self.verbose:
+            print(text)
+
     @classmethod
     def of(cls, options: dict[str, Any]) -> "PruneOptions":
         """Options from keywords; an unknown keyword raises a TypeError listing the known."""
@@ -314,7 +319,12 @@ class _Analysis:
     bad: dict[int, str]  # groups found failing, not yet frozen
     deferred: bool  # exact groups' outputs not yet compared (see _plan)
     hardware: Optional["_Hardware"]
-    round_to: Any
+    round_to: int  # the channel multiple ("auto" resolved by the hardware's table)
+
+    @property
+    def probing(self) -> dict[str, Any]:
+        """verify's keyword arguments for probes, on the probes' (half-size) inputs."""
+        return {**self.kw, "dense": self.probe}
 
 
 def _search(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inputs: Any,
@@ -332,8 +342,7 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
              hardware: Optional["_Hardware"] = None) -> _Analysis:
     """Capture and analyse ``work``, find where to verify, and probe every group once for
     widths the model's code fixes (``pruners.repair``)."""
-    say = print if opts.verbose else (lambda *a, **k: None)
-    say(f"[prune] capturing {type(work).__name__} ...")
+    opts.say(f"[prune] capturing {type(work).__name__} ...")
     cap = capture(work, example_inputs, example_kwargs=opts.example_kwargs, outputs=opts.outputs,
                   value_ops=dense.value_ops)
     clock.lap("capture")
@@ -343,7 +352,7 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
             graph = graph.with_inexact(graph.units_of(item.fqn), f"spectral norm of '{item.fqn}'"
                                        " is recomputed on the pruned weight")
     clock.lap("analyze")
-    say(f"[prune] {graph}; probing groups the model's code may fix ...")
+    opts.say(f"[prune] {graph}; probing groups the model's code may fix ...")
     notes = list(graph.notes)
     at = opts.verify_at
     boundary = verification_points(cap) if at is None else None
@@ -398,7 +407,6 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
     """Allocate toward ``target``, prune a copy and check it. Groups whose pruning breaks the
     model's code are frozen (in ``analysis``, for later plans too), and the plan is made
     again (at most three rounds)."""
-    say = print if opts.verbose else (lambda *a, **k: None)
     kw, hardware, round_to, boundary = (analysis.kw, analysis.hardware, analysis.round_to,
                                         analysis.boundary)
     small = analysis.probe.inputs
@@ -406,7 +414,7 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
     def compare_groups() -> dict[int, str]:
         """Exact groups of the current graph whose one-unit probe's outputs differ."""
         return find_unprunable_groups(work, analysis.graph, small, exact_only=True,
-                                      **{**kw, "dense": analysis.probe, "screen": None})
+                                      **{**analysis.probing, "screen": None})
 
     meta = {"model": type(work).__name__, "target": f"{target.kind}={target.value:g}"}
     for _ in range(4 if analysis.deferred else 3):
@@ -416,7 +424,7 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                                f"{why}" for g, why in sorted(analysis.bad.items())]
             analysis.graph, analysis.bad = freeze_unprunable(graph, analysis.bad), {}
         graph, notes = analysis.graph, list(analysis.notes)
-        say(f"[prune] scoring units by {getattr(opts.importance, '__name__', opts.importance)} ...")
+        opts.say(f"[prune] scoring units by {getattr(opts.importance, '__name__', opts.importance)} ...")
         scores = score_units(work, graph, opts.importance, data=opts.data, loss_fn=opts.loss_fn)
         clock.lap("score")
         dead = set(graph.dead_units())
@@ -444,7 +452,7 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                          f" (unpruned {opts.sensitivity.baseline:.4g}; losses assumed additive); "
                          f"{len(graph.groups) - len(losses)} groups not in the table kept whole")
         plan = Plan.from_units(graph, removed, meta)
-        say(f"[prune] removing {len(removed)} of {len(graph.units)} units ...")
+        opts.say(f"[prune] removing {len(removed)} of {len(graph.units)} units ...")
         # a copy sharing the parameters the plan leaves alone until the check has passed
         # (surgery swaps in new tensors for the rest): on a 600M-parameter model, copying
         # them all took seconds and a second full set of weights in memory
@@ -766,7 +774,6 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         if recovery is not None:  # the recovered weights (and any bias it added) move over
             adopt_state(model, pruned)
         pruned = model
-    if opts.verbose:
-        print(f"[prune] done: FLOPs {100 * report.flops_ratio:.2f}%, params "
-              f"{100 * report.params_ratio:.2f}%")
+    opts.say(f"[prune] done: FLOPs {100 * report.flops_ratio:.2f}%, params "
+             f"{100 * report.params_ratio:.2f}%")
     return PruneResult(pruned, planned.plan, report, graph)
