@@ -298,3 +298,14 @@ def test_the_report_says_when_the_result_costs_more_than_the_target(monkeypatch,
     assert result.report.flops_ratio > 0.51 if says else result.report.flops_ratio <= 0.5
     assert len(over) == (1 if says else 0)
     assert not over or f"{result.report.flops_ratio:.4f}" in over[0]
+
+
+def test_verbose_prints_each_stage_and_quiet_prints_nothing(capsys):
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(), \
+        torch.randn(1, 3, 16, 16)
+    prune(model, x, target_flops=0.6)
+    assert capsys.readouterr().out == ""
+    prune(model, x, target_flops=0.6, verbose=True)
+    lines = [line.split(" ")[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == "capturing" and lines[-1] == "done:" and "scoring" in lines \
+        and "removing" in lines
