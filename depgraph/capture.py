@@ -387,9 +387,10 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
         except Exception as exc:  # noqa: BLE001 - export may still do
             errors.append(f"concrete trace: {type(exc).__name__}: {_first_line(exc)}")
         else:
-            used = ", ".join(f"{op} x{n}" for op, n in sorted(value_ops.items()))
-            cap.notes.append(f"forward uses tensor values torch.export cannot follow ({used}): "
-                             "traced concretely, on the example's path")
+            if not any(n.startswith("forward reads") for n in cap.notes):  # said already
+                used = ", ".join(f"{op} x{n}" for op, n in sorted(value_ops.items()))
+                cap.notes.append(f"forward uses tensor values torch.export cannot follow "
+                                 f"({used}): traced concretely, on the example's path")
             return cap
         try:
             return _capture_export(wrapped, args, kwargs)

@@ -376,7 +376,7 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
         notes += hardware.notes
     round_to = hardware.round_to if hardware is not None else opts.round_to
     probe = hardware.probe if hardware is not None else probe_run(
-        work, dense, outputs=opts.outputs, example_kwargs=opts.example_kwargs)
+        work, dense, outputs=opts.outputs, example_kwargs=opts.example_kwargs, at=at)
     small = probe.inputs
     # where a forward takes seconds, probes that only have to run are made on fake tensors:
     # the dense run on them, when fake and to the same outputs, is the screen already

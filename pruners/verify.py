@@ -249,13 +249,16 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         at: compare the outputs of these submodules instead of the model's. For detectors,
             whose top-k and NMS turn float noise into different boxes, name the head.
         stop_early: with ``at``, end each forward once those submodules have run (faster;
-            what runs after them is then not checked to run).
+            what runs after them is then not checked to run). Without it, only the pruned
+            model runs whole (to check that it runs), where FLOPs are not counted or
+            ``dense`` counted them on these inputs.
         train_inputs: inputs for the train-mode run (it only checks that the pruned model
             runs, so smaller ones do: ``repair.probe_inputs``); default ``example_inputs``.
         pruned: an already-pruned model to check; by default a pruned copy is made.
         flops: a dict to fill with the FLOPs of the two forwards the check runs anyway
             (:class:`pruners.flops.FlopCount`, "before": the masked original, which runs
-            every op the original does, "after": the pruned model); not with ``stop_early``.
+            every op the original does, or ``dense``'s count where the masked original
+            stops at ``at``; "after": the pruned model); not with ``stop_early``.
         rtol: tolerance on ``max|a - b| / max|a|`` per output, for float32 and wider; float16
             and bfloat16 outputs get at least ``LOW_PRECISION_EPS`` of their epsilons
             (:func:`tolerance`; the result reports the one applied).
@@ -294,8 +297,17 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     compare = (dense is None or at or dense.inputs is not example_inputs
                or (compare and all(graph.units[u].exact for u in units)))
     if compare:
+        # compared only at ``at``, the reference stops there where the dense run counted the
+        # whole model's FLOPs: past those points a detector's masked original keeps its own
+        # detections, and its per-detection heads took 8 s of a Keypoint R-CNN's check
+        counted = dense is not None and dense.inputs is example_inputs and dense.flops is not None
+        early = bool(at) and not stop_early and (flops is None or counted)
+        reference = (lambda m: _run_at(m, list(at), example_inputs, example_kwargs, True)) \
+            if early else run
         with masked_in_place(model, graph, units) as masked:
-            expected = _run_counted(run, masked, flops, "before")
+            expected = _run_counted(reference, masked, None if early else flops, "before")
+        if early and flops is not None:
+            flops["before"] = dense.flops
         shapes = [tuple(t.shape) for t in expected]
     else:
         shapes = dense.shapes

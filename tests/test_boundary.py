@@ -76,3 +76,47 @@ def test_faster_rcnn_prunes_with_defaults():
     assert any("verified at backbone, rpn.head" in n for n in result.report.notes)
     out = result.model([torch.rand(3, 256, 256)])
     assert set(out[0]) == {"boxes", "labels", "scores"}
+
+
+def _tail_runs(model: ToyDetector) -> list[bool]:
+    """One item per run of a box head: True for ``model``'s own, False for a copy's."""
+    runs: list[bool] = []
+    model.box_head.register_forward_hook(lambda m, i, o: runs.append(m is model.box_head))
+    return runs
+
+
+def test_the_masked_reference_stops_at_the_boundary_where_the_dense_run_counted():
+    """Only the pruned model has to run whole (to show that it runs); the masked original is
+    compared at the boundary, so its per-detection tail is skipped and the dense run's FLOPs
+    stand for it."""
+    from depgraph import analyze
+    from pruners import verify
+    from pruners.verify import DenseRun
+
+    torch.manual_seed(0)
+    model, x = ToyDetector().eval(), torch.randn(1, 3, 16, 16)
+    graph = analyze(capture(model, x))
+    units = next(g for g in graph.groups if "backbone.0" in g.layers).units[:4]
+    dense = DenseRun.of(model, x)
+    runs = _tail_runs(model)
+    flops: dict = {}
+    at = ["backbone", "head"]
+    assert verify(model, graph, units, x, at=at, flops=flops, dense=dense).ok
+    assert runs == [False] and flops["before"] == dense.flops
+    assert flops["after"].total < dense.flops.total
+    runs.clear()
+    flops = {}
+    assert verify(model, graph, units, x, at=at, flops=flops).ok  # no dense count: whole
+    assert runs == [False, True] and flops["before"].total == dense.flops.total
+
+
+def test_probes_half_size_run_stops_at_the_boundary():
+    from pruners.repair import probe_run
+    from pruners.verify import DenseRun
+
+    model, x = ToyDetector().eval(), torch.randn(1, 3, 128, 128)
+    dense = DenseRun.of(model, x)
+    runs = _tail_runs(model)
+    probe = probe_run(model, dense, at=["backbone", "head"])
+    assert probe.inputs.shape[-1] == 64 and runs == []
+    assert probe_run(model, dense).inputs.shape[-1] == 64 and runs == [True]
