@@ -162,15 +162,21 @@ def test_value_reads_counts_what_export_cannot_follow_and_nothing_else():
     assert reads.ops == {"index by a mask": 1, "_unique2": 1}
 
 
-def test_a_forward_known_to_use_values_is_traced_concretely_without_trying_export(monkeypatch):
-    """torch.export fails on such a forward only after tracing most of it (SSD: 9 s)."""
+def _export_attempts(monkeypatch) -> list:
+    """The list that gets one item per torch.export attempt of capture."""
     import sys
 
     module = sys.modules["depgraph.capture"]
-    tried = []
+    tried: list = []
     real_export = module._capture_export
     monkeypatch.setattr(module, "_capture_export",
                         lambda *a: tried.append(1) or real_export(*a))
+    return tried
+
+
+def test_a_forward_known_to_use_values_is_traced_concretely_without_trying_export(monkeypatch):
+    """torch.export fails on such a forward only after tracing most of it (SSD: 9 s)."""
+    tried = _export_attempts(monkeypatch)
     model, x = DataDependent().eval(), torch.randn(1, 3, 8, 8)
     cap = capture(model, x, value_ops={"nonzero": 1})
     assert cap.method == "concrete" and not tried
@@ -183,15 +189,9 @@ def test_a_forward_known_to_use_values_is_traced_concretely_without_trying_expor
 
 
 def test_prune_traces_a_value_using_model_concretely_at_once(monkeypatch):
-    import sys
-
     from pruners import prune
 
-    module = sys.modules["depgraph.capture"]
-    tried = []
-    real_export = module._capture_export
-    monkeypatch.setattr(module, "_capture_export",
-                        lambda *a: tried.append(1) or real_export(*a))
+    tried = _export_attempts(monkeypatch)
     torch.manual_seed(0)
     model, x = DataDependent().eval(), torch.randn(1, 3, 16, 16)
     result = prune(model, x, target_flops=0.6)
