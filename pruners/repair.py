@@ -29,9 +29,8 @@ from torch.utils import _pytree as pytree
 from depgraph.errors import SurgeryError, VerificationError
 from depgraph.graph import ChannelGraph, inside
 
-from .copying import copy_model
-from .screen import FakeUnsupported, ShapeScreen, fake_shapes, serves
-from .verify import DenseRun, _run_at, run_model, shared_params, verify
+from .screen import FakeUnsupported, ShapeScreen, _throwaway, fake_shapes, serves
+from .verify import DenseRun, _run_at, run_model, verify
 
 __all__ = ["find_unprunable_groups", "freeze_unprunable", "link_input_widths", "probe_inputs",
            "probe_run", "repair_graph"]
@@ -281,7 +280,7 @@ def probe_run(model: nn.Module, dense: DenseRun, *, outputs: Optional[Callable] 
     start = time.perf_counter()
     if dense.fake:  # a real run would take seconds here too
         try:
-            shapes = fake_shapes(run, copy_model(model, shared_params(model)))
+            shapes = fake_shapes(run, _throwaway(model))
             return DenseRun(small, shapes, None, time.perf_counter() - start, fake=True)
         except FakeUnsupported:  # the real run below says
             start = time.perf_counter()
