@@ -142,6 +142,8 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
                     break
 
     def bisect(groups: list[int]) -> None:
+        if not groups:  # nothing to probe: a forward of the unpruned model would say so
+            return
         why, raised = failure(groups)
         if why is None:
             return
@@ -179,13 +181,14 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
     # compared: a unit of every group at once can leave a block consistent (EfficientViM's
     # input and its heads shrinking together) where the heads alone break it, and repair
     # ties them then
-    exact = [g for g in sorted(probes) if all(graph.units[u].exact for u in probes[g])]
-    inexact = [g for g in sorted(probes) if g not in set(exact)]
+    exact: list[int] = []
+    inexact: list[int] = []
+    for g in sorted(probes):
+        (exact if all(graph.units[u].exact for u in probes[g]) else inexact).append(g)
     if fake:
         try:
             for groups in (exact, inexact):  # shapes
-                if groups:
-                    bisect(groups)
+                bisect(groups)
             # what is left to run for real: exact groups' outputs, where compared
             exact, inexact = [g for g in exact if g not in found] if compare else [], []
         except FakeUnsupported:  # all over again, for real
@@ -195,8 +198,7 @@ def find_unprunable_groups(model: nn.Module, graph: ChannelGraph, example_inputs
             found.clear()
         fake = False
     for groups in (exact, inexact):
-        if groups:
-            bisect(groups)
+        bisect(groups)
     return found
 
 

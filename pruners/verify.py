@@ -301,7 +301,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         # whole model's FLOPs: past those points a detector's masked original keeps its own
         # detections, and its per-detection heads took 8 s of a Keypoint R-CNN's check
         counted = dense is not None and dense.inputs is example_inputs and dense.flops is not None
-        early = bool(at) and not stop_early and (flops is None or counted)
+        early = bool(at) and (flops is None or counted)  # (as ``run`` with ``stop_early``)
         reference = (lambda m: _run_at(m, list(at), example_inputs, example_kwargs, True)) \
             if early else run
         with masked_in_place(model, graph, units) as masked:
