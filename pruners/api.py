@@ -10,11 +10,13 @@ steps of :func:`pruners.prune_iteratively`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import inspect
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
@@ -256,6 +258,23 @@ def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
                            f"{one_line(exc)}. Pass what forward takes: a tensor, or a tuple of "
                            "arguments.") from exc
     return work, lifted, dense
+
+
+@contextlib.contextmanager
+def _compiled_eagerly(model: Any) -> Iterator[None]:
+    """Run ``torch.compile``'d modules (a whole model or its parts) eagerly while pruning:
+    every probe and check would otherwise compile another pruned copy (72 s instead of 1 s
+    for a compiled ResNet-18). The result keeps its wrappers and compiles on its first call."""
+    if not (isinstance(model, nn.Module)
+            and any(type(m).__name__ == "OptimizedModule" for m in model.modules())):
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+        # the FLOP counter's global module hooks fire once more on the wrapper: it holds no
+        # parameters of its own, so the counts are the same
+        warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there"
+                                " are global hooks")
+        yield
 
 
 def _check_model(model: Any) -> None:
@@ -648,8 +667,9 @@ def plan_pruning(model: nn.Module, example_inputs: Any, *, target_flops: Optiona
         >>> len(planned.plan.kept["0.weight"][0]), m[0].out_channels
         (4, 8)
     """
-    return _search(*_prepare(model, example_inputs, make_target(
-        target_flops, target_params, channel_ratio, target_latency), options))[0]
+    target = make_target(target_flops, target_params, channel_ratio, target_latency)
+    with _compiled_eagerly(model):
+        return _search(*_prepare(model, example_inputs, target, options))[0]
 
 
 def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float] = None,
@@ -696,6 +716,13 @@ def prune(model: nn.Module, example_inputs: Any, *, target_flops: Optional[float
         True
     """
     target = make_target(target_flops, target_params, channel_ratio, target_latency)
+    with _compiled_eagerly(model):
+        return _prune(model, example_inputs, target, inplace, options)
+
+
+def _prune(model: nn.Module, example_inputs: Any, target: Target, inplace: bool,
+           options: dict[str, Any]) -> PruneResult:
+    """:func:`prune` once its target is made."""
     work, lifted, dense, example_inputs, target, opts, patterns, clock = prepared = _prepare(
         model, example_inputs, target, options)
     hardware = _Hardware.of(work, dense, opts, target)  # measured once for all plans

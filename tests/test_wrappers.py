@@ -54,3 +54,29 @@ def test_a_whole_script_module_is_refused_with_what_to_pass():
 def test_a_non_module_is_a_type_error():
     with pytest.raises(TypeError, match="takes an nn.Module, got function"):
         prune(lambda t: t, torch.randn(1, 3, 8, 8), target_flops=0.5)
+
+
+@pytest.mark.parametrize("part", [None, "body"])
+def test_compiled_modules_run_eagerly_while_pruning_and_stay_compiled(part):
+    compiled = []
+
+    def backend(gm, example_inputs):  # a backend that records each compile and runs eagerly
+        compiled.append(gm)
+        return gm.forward
+
+    model, x = build("resnet_basic")
+    if part is None:
+        model = torch.compile(model, backend=backend)
+    else:
+        setattr(model, part, torch.compile(getattr(model, part), backend=backend))
+    result = prune(model, x, target_flops=0.5)
+    assert compiled == []  # every probe and check would compile another pruned copy
+    assert 0.49 <= result.report.flops_ratio <= 0.5 and result.report.verify.ok
+    wrapped = result.model if part is None else getattr(result.model, part)
+    assert type(wrapped).__name__ == "OptimizedModule"
+    with torch.no_grad():
+        eager = wrapped._orig_mod(x) if part is None else None
+        out = result.model(x)
+    assert compiled  # the result compiles on its first call, with the user's backend
+    if eager is not None:
+        torch.testing.assert_close(out, eager)
