@@ -54,7 +54,7 @@ def _copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         return found
     cls = type(module)
     if not _plain(cls):
-        return copy.deepcopy(module, memo)
+        return _same_modes(module, copy.deepcopy(module, memo))
     new = cls.__new__(cls)
     memo[id(module)] = new
     state: dict[str, Any] = {}
@@ -74,6 +74,24 @@ def _copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         else:
             state[key] = copy.deepcopy(value, memo)
     new.__dict__.update(state)
+    return new
+
+
+def _same_modes(module: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` (a copy of ``module`` by its own deepcopy) in ``module``'s train/eval modes.
+
+    A class's own copy may rebuild it in train mode: ``GraphModule.__deepcopy__`` calls the
+    class's ``__init__``, and torchvision's ``create_feature_extractor`` module (a
+    ``DualGraphModule``) sets train mode there, so the copy of an eval model ran its
+    BatchNorms on batch statistics. ``train()`` on the copy swaps such a module's graph too.
+    """
+    if new.training != module.training:
+        new.train(module.training)
+    copies = dict(new.named_modules(remove_duplicate=False))
+    for name, sub in module.named_modules(remove_duplicate=False):
+        twin = copies.get(name)
+        if twin is not None and twin.training != sub.training:
+            twin.training = sub.training
     return new
 
 

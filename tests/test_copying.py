@@ -58,6 +58,37 @@ def test_copy_model_copies_as_deepcopy_does():
     assert _same(model, ref)
 
 
+def test_a_copy_keeps_every_module_s_mode_where_the_class_copies_itself_in_train_mode():
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    # torchvision's feature extractor rebuilds itself in train mode when deep-copied
+    model = create_feature_extractor(tv.models.resnet18(), {"layer2": "c3"}).eval()
+    model.layer1.train()  # and a mixed-mode model keeps its mix
+    assert copy.deepcopy(model).training  # what the stock copy does (if this fails, drop the fix)
+    new = copy_model(model)
+    assert {n: m.training for n, m in new.named_modules()} == {
+        n: m.training for n, m in model.named_modules()}
+    model.eval()
+    new = copy_model(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x)["c3"], model(x)["c3"], rtol=0, atol=0)
+    assert torch.equal(new.bn1.running_mean, model.bn1.running_mean)  # no statistics updated
+
+
+def test_a_feature_extractor_prunes_with_its_features_as_outputs():
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from pruners import prune
+
+    model = create_feature_extractor(tv.models.resnet18(), {"layer2": "c3", "layer4": "c5"})
+    result = prune(model.eval(), torch.randn(1, 3, 64, 64), target_flops=0.5)
+    assert 0.49 <= result.report.flops_ratio <= 0.5 and result.report.verify.ok
+    assert result.model.get_submodule("layer4.1.bn2").num_features == 512  # an output: kept
+
+
 def test_probe_copies_share_parameters_but_not_buffers():
     model = Holder().eval()
     new = copy_model(model, shared_params(model))
