@@ -130,9 +130,15 @@ def verification_points(cap: Capture) -> Optional[Boundary]:
         text = f"{_packet(node).split('.')[-1]}" + (f" in {where[-1]}" if where else "")
         if text not in ops:
             ops.append(text)
+    # tensors made from parameters alone are weights too: a packed projection's chunks
+    # (pruned attention's ``in_proj_weight.chunk(3)``), a transposed or sliced weight
+    weights = set(params)
+    for node in nodes:
+        if node.all_input_nodes and all(a.name in weights for a in node.all_input_nodes):
+            weights.add(node.name)
     # layers with weights that run on selected values, by their innermost module
     layers = sorted({stacks[n][-1] for n in tainted
-                     if stacks[n] and any(a.name in params for a in n.all_input_nodes)})
+                     if stacks[n] and any(a.name in weights for a in n.all_input_nodes)})
     order: dict[str, int] = {}  # modules in the order the graph first computes in them
     for node in nodes:
         for m in stacks[node]:

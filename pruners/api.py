@@ -754,7 +754,11 @@ def _prune(model: nn.Module, example_inputs: Any, target: Target, inplace: bool,
     blocks = block_costs(work, pruned, per_module0, per_module1)
     if planned.uncounted:
         whole = flops1 / max(flops0, 1)
-        flops0, flops1 = (total - sum(per.get(m, 0) for m in planned.uncounted)
+        # a module's count holds its children's: subtract each outermost one once (pruned
+        # attention's in-projection runs in the module that holds out_proj)
+        outer = [m for m in planned.uncounted
+                 if not any(m.startswith(o + ".") for o in planned.uncounted)]
+        flops0, flops1 = (total - sum(per.get(m, 0) for m in outer)
                           for total, per in ((flops0, per_module0), (flops1, per_module1)))
         planned.notes.append(f"the whole model measured {whole:.4f} of its FLOPs on the example,"
                              f" with as many proposals/detections as each model kept")

@@ -22,11 +22,12 @@ class ToyDetector(nn.Module):
                                       nn.Conv2d(64, 32, 1))
         self.head = nn.Conv2d(32, 1, 1)
         self.box_head = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+        self.picks = 8
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.backbone(x)
         scores = self.head(f).flatten(1)
-        keep = scores[0].topk(8).indices
+        keep = scores[0].topk(self.picks).indices
         picked = f.flatten(2).transpose(1, 2).index_select(1, keep)
         return self.box_head(picked), scores
 
@@ -56,6 +57,43 @@ def test_prune_verifies_at_the_boundary_and_targets_the_flops_before_it():
     assert result.model.backbone[0].out_channels < 64
     # the verified tensors are compared whole: the backbone's output keeps its width
     assert result.model.backbone[4].out_channels == 32
+
+
+class PackedHead(nn.Module):
+    """A tail module that runs a packed weight's chunks itself (as pruned attention runs its
+    ``in_proj_weight``) and then a child layer of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packed = nn.Parameter(torch.randn(512, 32) * 0.1)
+        self.out = nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.packed.chunk(2)
+        return self.out(torch.nn.functional.linear(x, a) * torch.nn.functional.linear(x, b))
+
+
+class LateToy(ToyDetector):
+    """ToyDetector with that head, and a layer on the clean features after the selection (as
+    RT-DETR's decoder projects the encoder's memory), so every check runs the tail too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.box_head, self.picks, self.late = PackedHead(), 64, nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        boxes, scores = super().forward(x)
+        return boxes, scores, self.late(self.backbone(x))
+
+
+def test_a_tail_module_with_a_packed_weight_and_a_child_is_left_out_once():
+    model, x = LateToy().eval(), torch.randn(1, 3, 16, 16)
+    boundary = verification_points(capture(model, x))
+    assert set(boundary.tail_layers) == {"box_head", "box_head.out"}
+    assert "late" in boundary.modules
+    result = prune(model, x, target_flops=0.5)  # the head left out, its child subtracted once
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    assert any("whole model measured" in n for n in result.report.notes)
 
 
 def test_a_given_verify_at_wins():

@@ -62,6 +62,25 @@ def test_pruned_yolo_trains_at_its_pruned_widths(tmp_path, task):
     assert _widths(again.model) == widths
 
 
+def test_a_pruned_rtdetr_trains_with_its_own_trainer(tmp_path):
+    from ultralytics import RTDETR
+    from ultralytics.models.rtdetr.train import RTDETRTrainer
+    from ultralytics.nn.tasks import RTDETRDetectionModel
+
+    data = make_dataset(tmp_path / "data", n_train=16, n_val=8, imgsz=IMGSZ)
+    dense = RTDETR("rtdetr-l.yaml")
+    dense.model = RTDETRDetectionModel("rtdetr-l.yaml", nc=10, verbose=False)
+    small, result = prune_yolo(dense, target_flops=0.5, imgsz=IMGSZ)
+    assert type(small).__name__ == "PrunedRTDETR" and isinstance(small, RTDETR)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    widths = _widths(small.model)
+    _train(small, data, tmp_path / "runs", "rt")
+    assert isinstance(small.trainer, RTDETRTrainer)  # its loss matching and validator
+    assert _widths(small.model) == widths
+    again = load_pruned(small.trainer.best)
+    assert type(again).__name__ == "PrunedRTDETR" and _widths(again.model) == widths
+
+
 class _Stop(Exception):
     pass
 
@@ -109,7 +128,7 @@ def test_a_dataset_with_other_classes_is_refused_clearly(tmp_path):
 def test_prune_yolo_refuses_what_it_cannot_take(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         prune_yolo(str(tmp_path / "missing.pt"), target_flops=0.5)
-    with pytest.raises(TypeError, match="YOLO object or a checkpoint"):
+    with pytest.raises(TypeError, match="YOLO or RTDETR object or a checkpoint"):
         prune_yolo(torch.nn.Conv2d(3, 3, 1), target_flops=0.5)
 
 

@@ -39,18 +39,34 @@ def is_pruned(model: Any) -> bool:
     return isinstance(model, nn.Module) and isinstance(getattr(model, _MARK, None), dict)
 
 
-@functools.lru_cache(maxsize=None)
 def _yolo_class():
     from ultralytics import YOLO
 
-    class PrunedYOLO(YOLO):
-        """A ``YOLO`` whose ``train()`` keeps the pruned architecture (see module docstring)."""
+    return _pruned_class(YOLO)
 
-        def train(self, trainer=None, **kwargs):
-            base = trainer or self._smart_load("trainer")
-            return super().train(trainer=_keep_model(base, self.model), **kwargs)
 
-    return PrunedYOLO
+@functools.lru_cache(maxsize=None)
+def _pruned_class(base: type) -> type:
+    """``base`` (Ultralytics' ``YOLO``, ``RTDETR``, ...) whose ``train()`` keeps the pruned
+    architecture (see module docstring); its own task map picks the trainer and validator."""
+    base = getattr(base, "_unpruned", base)
+
+    def train(self, trainer=None, **kwargs):
+        chosen = trainer or self._smart_load("trainer")
+        return base.train(self, trainer=_keep_model(chosen, self.model), **kwargs)
+
+    name = f"Pruned{base.__name__}"
+    return type(name, (base,), {"train": train, "_unpruned": base, "__qualname__": name,
+                                "__module__": __name__, "__doc__": f"A ``{base.__name__}`` "
+                                "whose ``train()`` keeps the pruned widths."})
+
+
+def _model_class(net: nn.Module) -> type:
+    """The Ultralytics model class that trains and validates ``net``: ``RTDETR`` for an
+    RT-DETR network (its own trainer, loss matching and validator), else ``YOLO``."""
+    from ultralytics import RTDETR, YOLO
+
+    return RTDETR if type(net).__name__ == "RTDETRDetectionModel" else YOLO
 
 
 def _keep_model(base: type, model: nn.Module) -> type:
@@ -83,15 +99,20 @@ def __getattr__(name: str):
 
 
 def _as_yolo(source: Any):
-    from ultralytics import YOLO
+    from ultralytics import RTDETR, YOLO
+    from ultralytics.engine.model import Model
 
-    if isinstance(source, YOLO):
+    if isinstance(source, Model):
         return source
     if isinstance(source, (str, Path)):
         if not str(source).endswith((".yaml", ".yml")) and not Path(source).exists():
             raise FileNotFoundError(f"no such checkpoint: {source}")
-        return YOLO(str(source))
-    raise TypeError(f"prune_yolo takes a YOLO object or a checkpoint/YAML path, got "
+        if "rtdetr" in Path(source).name.lower():  # Ultralytics' YOLO() refuses these
+            return RTDETR(str(source))
+        yolo = YOLO(str(source))
+        cls = _model_class(yolo.model)  # a fine-tuned RT-DETR's best.pt
+        return yolo if cls is YOLO else cls(str(source))
+    raise TypeError(f"prune_yolo takes a YOLO or RTDETR object or a checkpoint/YAML path, got "
                     f"{type(source).__name__}; for a bare DetectionModel use pruners.prune("
                     f"model, x, outputs=lambda o: o[0])")
 
@@ -137,10 +158,12 @@ def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
                round_to: Union[int, str] = 8,
                importance: str = "l2", data: Optional[str] = None, imgsz: int = 640,
                batches: int = 8, batch: int = 16, **options: Any) -> tuple[Any, PruneResult]:
-    """Prune an Ultralytics model and return ``(PrunedYOLO, PruneResult)``.
+    """Prune an Ultralytics model and return ``(PrunedYOLO, PruneResult)`` (a ``PrunedRTDETR``
+    for an RT-DETR: each keeps its own trainer, loss and validator).
 
     Args:
-        model: a ``YOLO`` object, a checkpoint path (``best.pt``) or a YAML name.
+        model: a ``YOLO`` or ``RTDETR`` object, a checkpoint path (``best.pt``) or a YAML
+            name (an RT-DETR's is loaded with ``RTDETR``, which Ultralytics requires).
         target_flops / target_params / target_latency: the fraction to keep (one of them;
             latency is measured with ``backend=`` "eager" or "onnxruntime", see ``prune``).
         round_to: channel multiple (8 by default, for real speed), or "auto" (measured).
@@ -200,7 +223,7 @@ def with_model(yolo: Any, net: nn.Module):
     """
     if not is_pruned(net):
         setattr(net, _MARK, {})
-    pruned = object.__new__(_yolo_class())
+    pruned = object.__new__(_pruned_class(type(yolo)))
     pruned.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v
                             for k, v in yolo.__dict__.items()})
     pruned.model = net
@@ -233,4 +256,5 @@ def load_pruned(path: Union[str, Path]):
     yolo = _yolo_class()(str(path))
     if not is_pruned(yolo.model):
         raise PruningError(f"{path} holds an unpruned model; use prune_yolo on it first")
-    return yolo
+    cls = _model_class(yolo.model)
+    return yolo if cls.__name__ == "YOLO" else _pruned_class(cls)(str(path))
