@@ -21,6 +21,7 @@ from .surgery import apply_kept
 __all__ = ["Plan", "apply_plan"]
 
 _TYPE = "pruners.Plan"
+_COMPILED = "_orig_mod."  # torch.compile's wrapper names the module it wraps so
 _VERSION = 1
 
 
@@ -75,6 +76,17 @@ class Plan:
             first.update({o: n for o, n in changes.items() if o not in mids and o not in first})
         return Plan(kept, shapes, {**self.meta, **later.meta}, sizes)
 
+    def unwrapped(self) -> "Plan":
+        """This plan, made on a ``torch.compile``'d model (whose names start with
+        ``_orig_mod.``), named for the module it wraps."""
+        def bare(name: str) -> str:
+            return name[len(_COMPILED):] if name.startswith(_COMPILED) else \
+                ("" if name == _COMPILED[:-1] else name)
+
+        return Plan({bare(p): dims for p, dims in self.kept.items()},
+                    {bare(p): shape for p, shape in self.shapes.items()}, dict(self.meta),
+                    {bare(m): changes for m, changes in self.sizes.items()})
+
     def to_dict(self) -> dict:
         return {"type": _TYPE, "version": _VERSION, "meta": self.meta,
                 "shapes": {k: list(v) for k, v in self.shapes.items()},
@@ -126,6 +138,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         >>> fresh[0].out_channels
         4
     """
+    compiled = type(model).__name__ == "OptimizedModule"
+    if compiled and not any(p.startswith(_COMPILED) for p in plan.kept):
+        apply_plan(model._orig_mod, plan)  # a plan made on the model before torch.compile
+        return model
+    if not compiled and plan.kept and all(p.startswith(_COMPILED) for p in plan.kept):
+        plan = plan.unwrapped()  # made on a torch.compile'd model, applied to a plain one
     kept = {(p, d): idx for p, dims in plan.kept.items() for d, idx in dims.items()}
     lifted = lift(model)  # pruning masks, weight/spectral norm: slice the plain weights
     try:

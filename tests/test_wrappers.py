@@ -80,3 +80,17 @@ def test_compiled_modules_run_eagerly_while_pruning_and_stay_compiled(part):
     assert compiled  # the result compiles on its first call, with the user's backend
     if eager is not None:
         torch.testing.assert_close(out, eager)
+
+
+def test_a_plan_moves_between_a_compiled_model_and_the_plain_one():
+    from pruners import apply_plan
+
+    model, x = build("resnet_basic")
+    plain = prune(model, x, target_flops=0.5)
+    compiled = prune(torch.compile(model, backend="eager"), x, target_flops=0.5)
+    assert all(p.startswith("_orig_mod.") for p in compiled.plan.kept)  # as its state_dict
+    widths = {k: v.shape for k, v in plain.model.state_dict().items()}
+    fresh = apply_plan(build("resnet_basic")[0], compiled.plan)  # made compiled, applied plain
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == widths
+    wrapped = apply_plan(torch.compile(build("resnet_basic")[0], backend="eager"), plain.plan)
+    assert {k: v.shape for k, v in wrapped._orig_mod.state_dict().items()} == widths
