@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
 import torch
@@ -60,9 +61,36 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, simplify: b
     if quantize and calibration is None:
         raise ValueError("quantize='int8' needs calibration= batches (inputs like "
                          "example_inputs) to choose the activation ranges")
-    import numpy as np
+    with _without_compile(model) as plain:
+        return _export(plain, example_inputs, path, simplify=simplify, opset=opset,
+                       outputs=outputs, rtol=rtol, dynamic_batch=dynamic_batch,
+                       quantize=quantize, calibration=calibration, int8_rtol=int8_rtol)
+
+
+@contextlib.contextmanager
+def _without_compile(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with each ``torch.compile`` wrapper in it swapped for the module it wraps,
+    put back afterwards: TorchScript's tracer refuses dynamo-optimized code."""
+    swapped = []
+    for parent in model.modules():
+        for name, child in list(parent._modules.items()):
+            if type(child).__name__ == "OptimizedModule":
+                swapped.append((parent, name, child))
+                parent._modules[name] = child._orig_mod
+    try:
+        yield model._orig_mod if type(model).__name__ == "OptimizedModule" else model
+    finally:
+        for parent, name, child in reversed(swapped):
+            parent._modules[name] = child
+
+
+def _export(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool, opset: int,
+            outputs: Optional[Callable], rtol: float, dynamic_batch: bool,
+            quantize: Optional[str], calibration: Optional[Iterable[Any]],
+            int8_rtol: float) -> OnnxExport:
+    """:func:`export_onnx` on a model with no ``torch.compile`` wrapper inside."""
     import onnx
-    import onnxruntime as ort
+    import onnxruntime  # noqa: F401  (the check needs it: fail before exporting)
 
     class _Selected(nn.Module):
         def __init__(self) -> None:

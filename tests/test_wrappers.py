@@ -94,3 +94,16 @@ def test_a_plan_moves_between_a_compiled_model_and_the_plain_one():
     assert {k: v.shape for k, v in fresh.state_dict().items()} == widths
     wrapped = apply_plan(torch.compile(build("resnet_basic")[0], backend="eager"), plain.plan)
     assert {k: v.shape for k, v in wrapped._orig_mod.state_dict().items()} == widths
+
+
+def test_a_compiled_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pruners import export_onnx
+
+    model, x = build("resnet_basic")
+    model.body = torch.compile(model.body, backend="eager")
+    small = prune(torch.compile(model, backend="eager"), x, target_flops=0.5).model
+    out = export_onnx(small, x, str(tmp_path / "small.onnx"))  # TorchScript refuses dynamo code
+    assert out.max_rel_diff <= 1e-4
+    assert type(small).__name__ == "OptimizedModule"  # the wrappers are put back
+    assert type(small._orig_mod.body).__name__ == "OptimizedModule"
