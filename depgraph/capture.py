@@ -16,6 +16,7 @@ Both produce the same "training IR" op set (``aten.conv2d``, ``aten.batch_norm``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .errors import CaptureError
 from .rules.modules import fixed_params
 
-__all__ = ["Capture", "capture", "OutputSelector", "ValueReads", "as_args"]
+__all__ = ["Capture", "capture", "OutputSelector", "ValueReads", "as_args", "plain_outputs"]
 
 OutputSelector = Callable[[Any], Any]
 
@@ -65,6 +66,21 @@ class Capture:
                 f"outputs={len(self.output_nodes)})")
 
 
+def plain_outputs(out: Any) -> Any:
+    """``out`` with every dataclass instance in it opened into a dict of its fields.
+
+    pytree sees a dataclass it has no registration for as one opaque leaf: the tensors inside
+    would be no output at all, so nothing would hold their widths and no check would compare
+    them. Every reading of a model's outputs goes through here first."""
+    def open_leaf(leaf: Any) -> Any:
+        if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            return {f.name: plain_outputs(getattr(leaf, f.name))
+                    for f in dataclasses.fields(leaf)}
+        return leaf
+
+    return pytree.tree_map(open_leaf, out)
+
+
 class _Selected(torch.nn.Module):
     """Wraps a model so that only the contract outputs are returned (and so traced as outputs)."""
 
@@ -75,7 +91,7 @@ class _Selected(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.model(*args, **kwargs)
-        return self.select(out) if self.select is not None else out
+        return plain_outputs(self.select(out) if self.select is not None else out)
 
 
 _PREFIX = "model."
@@ -172,7 +188,7 @@ def _capture_concrete(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
 
     def run(p: dict, b: dict, a: tuple, k: dict) -> Any:
         out = functional_call(model, {**p, **b}, a, k)
-        return wrapped.select(out) if wrapped.select is not None else out
+        return plain_outputs(wrapped.select(out) if wrapped.select is not None else out)
 
     # Values read in Python (a detector's box count, a branch on a mean) are fixed at the
     # example's values, as its shapes are; checked below. make_fx gives each node a fake

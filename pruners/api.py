@@ -257,6 +257,10 @@ def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
         raise PruningError(f"the example inputs do not fit {type(model).__name__}: "
                            f"{one_line(exc)}. Pass what forward takes: a tensor, or a tuple of "
                            "arguments.") from exc
+    if not dense.shapes:  # nothing would hold any width, and every check would compare nothing
+        raise PruningError(f"{type(model).__name__} returned no tensor to keep and compare "
+                           "(outputs are read through tuples, lists, dicts and dataclasses): "
+                           "pass outputs=lambda out: <its tensors>")
     return work, lifted, dense
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from depgraph.capture import as_args
+from depgraph.capture import as_args, plain_outputs
 from depgraph.errors import PruningError
 
 __all__ = ["export_onnx", "OnnxExport"]
@@ -100,7 +100,8 @@ def _export(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool,
         def forward(self, *args):
             out = self.model(*args)
             out = outputs(out) if outputs is not None else out
-            return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return tuple(t for t in pytree.tree_leaves(plain_outputs(out))
+                         if isinstance(t, torch.Tensor))
 
     args = as_args(example_inputs)
     wrapped = _Selected().eval()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from depgraph.capture import ValueReads, as_args
+from depgraph.capture import ValueReads, as_args, plain_outputs
 from depgraph.errors import VerificationError
 from depgraph.graph import ChannelGraph
 
@@ -116,7 +116,7 @@ def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable]
         out = model(*args, **(example_kwargs or {}))
     if outputs is not None:
         out = outputs(out)
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return [t for t in pytree.tree_leaves(plain_outputs(out)) if isinstance(t, torch.Tensor)]
 
 
 def shared_params(model: nn.Module) -> dict[int, nn.Parameter]:
@@ -228,7 +228,8 @@ def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,
     missing = [n for n in names if n not in seen]
     if missing:
         raise VerificationError(f"submodules {missing} did not run on the example inputs")
-    return [t for n in names for t in pytree.tree_leaves(seen[n]) if isinstance(t, torch.Tensor)]
+    return [t for n in names for t in pytree.tree_leaves(plain_outputs(seen[n]))
+            if isinstance(t, torch.Tensor)]
 
 
 def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_inputs: Any, *,

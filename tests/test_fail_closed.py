@@ -10,8 +10,8 @@ from torch import nn
 
 from depgraph import analyze, capture
 from depgraph.capture import normalize_arguments
-from depgraph.errors import SurgeryError
-from pruners import find_unprunable_groups, prune, remove_units, sample_units, verify
+from depgraph.errors import PruningError, SurgeryError
+from pruners import find_unprunable_groups, prune, remove_units, run_model, sample_units, verify
 
 
 class _Normed(nn.Module):
@@ -290,3 +290,45 @@ def test_an_input_as_wide_as_the_heads_shrinks_without_touching_them():
     attn = remove_units(model, graph, units)[1]
     assert attn.qk.in_features == attn.v.in_features == 9
     assert (attn.num_heads, attn.head_dim, attn.hidden_dim) == (3, 4, 12)
+
+
+class _Features(nn.Module):
+    """Returns its logits and feature map in a container of the user's own."""
+
+    def __init__(self, wrap) -> None:
+        super().__init__()
+        self.wrap = wrap
+        self.a, self.b = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor):
+        f = F.relu(self.b(F.relu(self.a(x))))
+        return self.wrap(self.fc(f.mean((2, 3))), f)
+
+
+def test_outputs_held_in_a_dataclass_keep_their_widths():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        features: torch.Tensor
+
+    model, x = _Features(Out).eval(), torch.randn(1, 3, 16, 16)
+    result = prune(model, x, target_flops=0.6)
+    assert result.model(x).features.shape == model(x).features.shape  # an output, kept
+    assert result.model.a.out_channels < 16
+    # and it is compared: the check sees two tensors, each with its shape
+    assert [tuple(t.shape) for t in run_model(model, x)] == [(1, 10), (1, 16, 12, 12)]
+
+
+def test_outputs_no_check_can_read_are_refused_with_what_to_pass():
+    class Box:
+        def __init__(self, logits, features):
+            self.logits, self.features = logits, features
+
+    model, x = _Features(Box).eval(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(PruningError, match="returned no tensor.*outputs=lambda"):
+        prune(model, x, target_flops=0.5)
+    result = prune(model, x, target_flops=0.6, outputs=lambda o: (o.logits, o.features))
+    assert result.model(x).features.shape == model(x).features.shape
