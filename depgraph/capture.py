@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import io
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -27,7 +28,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import CaptureError
+from .errors import CaptureError, PruningError
 from .rules.modules import fixed_params
 
 __all__ = ["Capture", "capture", "OutputSelector", "ValueReads", "as_args", "plain_outputs"]
@@ -67,15 +68,29 @@ class Capture:
 
 
 def plain_outputs(out: Any) -> Any:
-    """``out`` with every dataclass instance in it opened into a dict of its fields.
+    """``out`` with the containers pytree does not know opened: a dataclass into a dict of its
+    fields, a dict or list subclass into a dict or list.
 
-    pytree sees a dataclass it has no registration for as one opaque leaf: the tensors inside
+    pytree sees a container it has no registration for as one opaque leaf: the tensors inside
     would be no output at all, so nothing would hold their widths and no check would compare
-    them. Every reading of a model's outputs goes through here first."""
+    them. Every reading of a model's outputs goes through here first; an object of another
+    kind that holds tensors is refused (``PruningError``), naming it."""
     def open_leaf(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor) or leaf is None:
+            return leaf
         if dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
             return {f.name: plain_outputs(getattr(leaf, f.name))
                     for f in dataclasses.fields(leaf)}
+        if isinstance(leaf, Mapping):
+            return {k: plain_outputs(v) for k, v in leaf.items()}
+        if isinstance(leaf, (list, tuple)):
+            return [plain_outputs(v) for v in leaf]
+        held = [k for k, v in getattr(leaf, "__dict__", {}).items()
+                if isinstance(v, torch.Tensor)]
+        if held:
+            raise PruningError(f"the model returned a {type(leaf).__name__} holding tensors "
+                               f"({', '.join(held[:4])}), which no check can read as outputs: "
+                               f"pass outputs=lambda out: <its tensors>")
         return leaf
 
     return pytree.tree_map(open_leaf, out)

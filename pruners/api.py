@@ -253,6 +253,8 @@ def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
     try:  # a real run also warms what a forward caches by input shape (Ultralytics' anchors;
         # DDP's first-call buffer broadcast), which a trace of a cold model would record as code
         dense = dense_run(work, example_inputs, opts.outputs, opts.example_kwargs)
+    except PruningError:  # it ran, and what it returned is refused (plain_outputs), named
+        raise
     except Exception as exc:  # noqa: BLE001
         raise PruningError(f"the example inputs do not fit {type(model).__name__}: "
                            f"{one_line(exc)}. Pass what forward takes: a tensor, or a tuple of "

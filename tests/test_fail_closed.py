@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -306,17 +308,22 @@ class _Features(nn.Module):
         return self.wrap(self.fc(f.mean((2, 3))), f)
 
 
-def test_outputs_held_in_a_dataclass_keep_their_widths():
-    import dataclasses
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+    features: torch.Tensor
 
-    @dataclasses.dataclass
-    class Out:
-        logits: torch.Tensor
-        features: torch.Tensor
 
-    model, x = _Features(Out).eval(), torch.randn(1, 3, 16, 16)
+class _Dict(dict):
+    """A dict subclass, which pytree leaves unopened."""
+
+
+@pytest.mark.parametrize("wrap", [_Out, lambda logits, features: _Dict(
+    logits=logits, features=features)], ids=["dataclass", "dict-subclass"])
+def test_outputs_held_in_a_dataclass_or_dict_subclass_keep_their_widths(wrap):
+    model, x = _Features(wrap).eval(), torch.randn(1, 3, 16, 16)
     result = prune(model, x, target_flops=0.6)
-    assert result.model(x).features.shape == model(x).features.shape  # an output, kept
+    assert result.model.b.out_channels == 16  # an output, kept
     assert result.model.a.out_channels < 16
     # and it is compared: the check sees two tensors, each with its shape
     assert [tuple(t.shape) for t in run_model(model, x)] == [(1, 10), (1, 16, 12, 12)]
@@ -328,7 +335,11 @@ def test_outputs_no_check_can_read_are_refused_with_what_to_pass():
             self.logits, self.features = logits, features
 
     model, x = _Features(Box).eval(), torch.randn(1, 3, 16, 16)
-    with pytest.raises(PruningError, match="returned no tensor.*outputs=lambda"):
+    with pytest.raises(PruningError, match="returned a Box holding tensors .logits, features"
+                       ".*outputs=lambda"):
         prune(model, x, target_flops=0.5)
+    nothing = nn.Sequential(_Features(lambda logits, features: None))
+    with pytest.raises(PruningError, match="returned no tensor.*outputs=lambda"):
+        prune(nothing.eval(), x, target_flops=0.5)
     result = prune(model, x, target_flops=0.6, outputs=lambda o: (o.logits, o.features))
     assert result.model(x).features.shape == model(x).features.shape
