@@ -100,9 +100,8 @@ def __getattr__(name: str):
 
 def _as_yolo(source: Any):
     from ultralytics import RTDETR, YOLO
-    from ultralytics.engine.model import Model
 
-    if isinstance(source, Model):
+    if isinstance(source, (YOLO, RTDETR)):
         return source
     if isinstance(source, (str, Path)):
         if not str(source).endswith((".yaml", ".yml")) and not Path(source).exists():
@@ -257,4 +256,4 @@ def load_pruned(path: Union[str, Path]):
     if not is_pruned(yolo.model):
         raise PruningError(f"{path} holds an unpruned model; use prune_yolo on it first")
     cls = _model_class(yolo.model)
-    return yolo if cls.__name__ == "YOLO" else _pruned_class(cls)(str(path))
+    return yolo if isinstance(yolo, cls) else _pruned_class(cls)(str(path))
