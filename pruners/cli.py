@@ -101,11 +101,9 @@ def _build(source: str) -> tuple[str, Any]:
         return "module", timm.create_model(name, pretrained=False).eval()
     path = Path(source)
     if path.suffix in (".pt", ".yaml", ".yml"):
-        if path.suffix == ".pt" and not path.exists():
-            raise FileNotFoundError(f"no such checkpoint: {source}")
-        from ultralytics import YOLO
+        from .integrations.ultralytics import as_ultralytics
 
-        return "yolo", YOLO(source)
+        return "yolo", as_ultralytics(source)  # YOLO, or RTDETR for an RT-DETR
     raise ValueError(f"unknown source {source!r}: give an Ultralytics .pt/.yaml, tv:NAME or "
                      "timm:NAME")
 

@@ -50,6 +50,18 @@ def test_prunes_an_ultralytics_yaml(tmp_path):
     assert reloaded.model.model[0].conv.out_channels % 8 == 0
 
 
+def test_prunes_an_rtdetr_yaml_into_a_checkpoint_that_trains_as_one(tmp_path):
+    pytest.importorskip("ultralytics")
+    from pruners.ultralytics import load_pruned
+
+    out = tmp_path / "rt.pt"  # Ultralytics' YOLO() refuses RT-DETR YAMLs: RTDETR builds it
+    assert main(["prune", "rtdetr-l.yaml", "--target-flops", "0.5", "--imgsz", "64",
+                 "--out", str(out), "--quiet"]) == 0
+    again = load_pruned(out)
+    assert type(again).__name__ == "PrunedRTDETR"  # not the plain class Ultralytics loads
+    assert again.model.pruning["flops_ratio"] <= 0.5
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.pt", "--target-flops", "0.5"], "no such checkpoint"),
     (["tv:no_such_net", "--target-flops", "0.5"], "cannot build tv:no_such_net"),

@@ -98,7 +98,9 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def _as_yolo(source: Any):
+def as_ultralytics(source: Any):
+    """The Ultralytics object for a ``YOLO``/``RTDETR`` object or a checkpoint/YAML path (an
+    RT-DETR's loaded with ``RTDETR``, as Ultralytics requires)."""
     from ultralytics import RTDETR, YOLO
 
     if isinstance(source, (YOLO, RTDETR)):
@@ -182,7 +184,7 @@ def prune_yolo(model: Any, *, target_flops: Optional[float] = None,
         >>> 0.49 <= result.report.flops_ratio <= 0.5
         True
     """
-    yolo = _as_yolo(model)
+    yolo = as_ultralytics(model)
     task = yolo.task
     size = 224 if task == "classify" and imgsz == 640 else imgsz
     wants_images = options.get("recover") and options.get("calibration") is None
@@ -255,5 +257,5 @@ def load_pruned(path: Union[str, Path]):
     yolo = _yolo_class()(str(path))
     if not is_pruned(yolo.model):
         raise PruningError(f"{path} holds an unpruned model; use prune_yolo on it first")
-    cls = _model_class(yolo.model)
-    return yolo if isinstance(yolo, cls) else _pruned_class(cls)(str(path))
+    cls = _pruned_class(_model_class(yolo.model))  # Ultralytics may have swapped the class
+    return yolo if type(yolo) is cls else cls(str(path))
