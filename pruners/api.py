@@ -31,7 +31,7 @@ from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
 
 from .allocate import InfeasibleTargetError, Target, allocate
-from .copying import copy_model, own_parameters
+from .copying import copy_model, is_compiled, own_parameters
 from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
 from .recovery import adopt_state, check_methods, recover
@@ -272,7 +272,7 @@ def _compiled_eagerly(model: Any) -> Iterator[None]:
     every probe and check would otherwise compile another pruned copy (72 s instead of 1 s
     for a compiled ResNet-18). The result keeps its wrappers and compiles on its first call."""
     if not (isinstance(model, nn.Module)
-            and any(type(m).__name__ == "OptimizedModule" for m in model.modules())):
+            and any(is_compiled(m) for m in model.modules())):
         yield
         return
     with torch.compiler.set_stance("force_eager"), warnings.catch_warnings():

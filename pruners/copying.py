@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["copy_model", "own_parameters"]
+__all__ = ["copy_model", "is_compiled", "own_parameters"]
 
 _IMMUTABLE = frozenset({int, float, bool, str, bytes, type(None), torch.dtype, torch.device,
                         torch.layout, torch.memory_format, torch.Size, type,
@@ -37,6 +37,12 @@ def copy_model(model: nn.Module, memo: Optional[dict[int, Any]] = None) -> nn.Mo
     ``verify.shared_params`` does); it is filled as with deepcopy.
     """
     return _copy(model, {} if memo is None else memo)
+
+
+def is_compiled(module: Any) -> bool:
+    """Whether ``module`` is a ``torch.compile`` wrapper (it holds the module as ``_orig_mod``,
+    which also prefixes its parameters' names)."""
+    return type(module).__name__ == "OptimizedModule"
 
 
 def _plain(cls: type) -> bool:

@@ -17,6 +17,8 @@ from torch.utils import _pytree as pytree
 from depgraph.capture import as_args, plain_outputs
 from depgraph.errors import PruningError
 
+from .copying import is_compiled
+
 __all__ = ["export_onnx", "OnnxExport"]
 
 
@@ -74,11 +76,11 @@ def _without_compile(model: nn.Module) -> Iterator[nn.Module]:
     swapped = []
     for parent in model.modules():
         for name, child in list(parent._modules.items()):
-            if type(child).__name__ == "OptimizedModule":
+            if is_compiled(child):
                 swapped.append((parent, name, child))
                 parent._modules[name] = child._orig_mod
     try:
-        yield model._orig_mod if type(model).__name__ == "OptimizedModule" else model
+        yield model._orig_mod if is_compiled(model) else model
     finally:
         for parent, name, child in reversed(swapped):
             parent._modules[name] = child

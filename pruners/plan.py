@@ -15,6 +15,7 @@ from torch import nn
 from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
 
+from .copying import is_compiled
 from .reparam import lift, restore
 from .surgery import apply_kept
 
@@ -138,7 +139,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         >>> fresh[0].out_channels
         4
     """
-    compiled = type(model).__name__ == "OptimizedModule"
+    compiled = is_compiled(model)
     if compiled and not any(p.startswith(_COMPILED) for p in plan.kept):
         apply_plan(model._orig_mod, plan)  # a plan made on the model before torch.compile
         return model
