@@ -182,6 +182,10 @@ class PruneReport:
             lines.append(str(self.latency))
         if self.verify is not None:
             lines.append(f"check  {self.verify}")
+        else:  # prune() checks every plan; None: its units change normalisation statistics
+            lines.append("check  not compared with the masked original: the plan removes "
+                         "inexact units (normalisation statistics change); its exact groups "
+                         "were compared by one-unit probes, and the pruned model ran")
         lines.extend(f"  {s}" for s in self.steps)
         if self.recovery is not None:
             lines.extend(str(self.recovery).splitlines())

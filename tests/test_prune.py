@@ -309,3 +309,14 @@ def test_verbose_prints_each_stage_and_quiet_prints_nothing(capsys):
     lines = [line.split(" ")[1] for line in capsys.readouterr().out.splitlines()]
     assert lines[0] == "capturing" and lines[-1] == "done:" and "scoring" in lines \
         and "removing" in lines
+
+
+def test_the_report_says_why_an_inexact_plan_has_no_output_comparison():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3)).eval()
+    result = prune(model, torch.randn(1, 3, 16, 16), target_flops=0.6)
+    assert result.report.verify is None  # group norm's statistics change: no exact reference
+    assert "check  not compared with the masked original" in str(result.report)
+    exact = prune(nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval(),
+                  torch.randn(1, 3, 16, 16), target_flops=0.6)
+    assert "check  VerifyResult(ok" in str(exact.report)
