@@ -117,10 +117,19 @@ def _strip(fqn: str) -> str:
 
 
 def as_args(example_inputs: Any) -> tuple:
-    """``forward``'s positional arguments: a tuple as given, anything else as one argument."""
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    return (example_inputs,)
+    """``forward``'s positional arguments: a tuple as given, anything else as one argument,
+    every tensor a fresh copy (:func:`fresh`)."""
+    return fresh(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+
+
+def fresh(inputs: Any) -> Any:
+    """``inputs`` with every tensor copied: a forward that normalises its input in place
+    (``x.sub_(mean)``) then sees the same values on every run, and the caller's tensors stay
+    as they were (runs that had shared one tensor compared different inputs)."""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone().requires_grad_(t.requires_grad)
+
+    return pytree.tree_map_only(torch.Tensor, copy, inputs)
 
 
 def _capture_export(wrapped: _Selected, args: tuple, kwargs: dict) -> Capture:
@@ -349,7 +358,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
     if method not in ("auto", "export", "concrete"):
         raise ValueError(f"method must be 'auto', 'export' or 'concrete', got {method!r}")
     args = as_args(example_inputs)
-    kwargs = dict(example_kwargs or {})
+    kwargs = fresh(dict(example_kwargs or {}))
     with attributes_restored(model):
         cap = _capture(model, args, kwargs, outputs, method, value_ops or {})
     normalize_arguments(cap.graph)

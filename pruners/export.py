@@ -105,11 +105,12 @@ def _export(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool,
             return tuple(t for t in pytree.tree_leaves(plain_outputs(out))
                          if isinstance(t, torch.Tensor))
 
-    args = as_args(example_inputs)
+    # each use takes fresh copies of the inputs (a forward may normalise them in place)
+    flat_inputs = [t for t in pytree.tree_leaves(as_args(example_inputs))
+                   if isinstance(t, torch.Tensor)]
     wrapped = _Selected().eval()
     with torch.no_grad():
-        expected = [t.numpy() for t in wrapped(*args)]
-    flat_inputs = [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)]
+        expected = [t.numpy() for t in wrapped(*as_args(example_inputs))]
     axes = None
     if dynamic_batch:
         names_in = [f"input_{i}" for i in range(len(flat_inputs))]
@@ -118,7 +119,8 @@ def _export(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool,
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(wrapped, args, buffer, dynamo=False, opset_version=opset,
+        torch.onnx.export(wrapped, as_args(example_inputs), buffer, dynamo=False,
+                          opset_version=opset,
                           input_names=names_in if axes else None,
                           output_names=names_out if axes else None, dynamic_axes=axes)
     proto = onnx.load_from_string(buffer.getvalue())

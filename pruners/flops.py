@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from depgraph.capture import as_args
+from depgraph.capture import as_args, fresh
 
 __all__ = ["FlopCount", "counting", "measure", "measure_modules"]
 
@@ -115,7 +115,7 @@ def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict]
 
     from depgraph.capture import attributes_restored
 
-    args, kwargs = as_args(example_inputs), example_kwargs or {}
+    args, kwargs = as_args(example_inputs), fresh(example_kwargs or {})
     with _quiet(model):
         try:
             mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -547,5 +547,6 @@ def adopt_state(target: nn.Module, source: nn.Module) -> None:
 
 
 def _batch_size(batch: Any) -> int:
-    first = as_args(batch)[0] if as_args(batch) else None
+    args = batch if isinstance(batch, tuple) else (batch,)  # as_args, without its copies
+    first = args[0] if args else None
     return int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1

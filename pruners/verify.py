@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from depgraph.capture import ValueReads, as_args, plain_outputs
+from depgraph.capture import ValueReads, as_args, fresh, plain_outputs
 from depgraph.errors import VerificationError
 from depgraph.graph import ChannelGraph
 
@@ -113,7 +113,7 @@ def run_model(model: nn.Module, example_inputs: Any, outputs: Optional[Callable]
     """Run ``model`` without gradients and return the contract outputs as a flat list."""
     args = as_args(example_inputs)
     with torch.no_grad():
-        out = model(*args, **(example_kwargs or {}))
+        out = model(*args, **fresh(example_kwargs or {}))
     if outputs is not None:
         out = outputs(out)
     return [t for t in pytree.tree_leaves(plain_outputs(out)) if isinstance(t, torch.Tensor)]

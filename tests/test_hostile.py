@@ -232,3 +232,39 @@ def test_infeasible_target_says_what_is_frozen_and_a_reachable_target_works():
     target = min(1.0, reachable + 0.005)
     result = prune(model, X, target_flops=target)
     assert target - 0.01 <= result.report.flops_ratio <= target
+
+
+class _NormalisesInPlace(nn.Module):
+    """Normalises its input in place, as some preprocessing code does (``x.sub_(mean)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(cbr(3, 32), cbr(32, 32), nn.Conv2d(32, 8, 1))
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+        x.sub_(0.5).div_(0.25)
+        scale.mul_(2)  # a keyword tensor too
+        return self.body(x) * scale
+
+
+def test_a_forward_that_changes_its_inputs_in_place(tmp_path):
+    x, scale = torch.randn(1, 3, 16, 16), torch.ones(1)
+    given = (x.clone(), scale.clone())
+    model = _NormalisesInPlace().eval()
+    result = prune(model, x, target_flops=0.5, example_kwargs={"scale": scale})
+    assert 0.49 <= result.report.flops_ratio <= 0.5  # every run saw the same values
+    assert result.report.verify is not None and result.report.verify.ok
+    assert torch.equal(x, given[0]) and torch.equal(scale, given[1])  # the caller's tensors
+    pytest.importorskip("onnxruntime")
+    from pruners import export_onnx
+
+    class Bound(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x, scale=torch.ones(1))
+
+    assert export_onnx(Bound(result.model), x, str(tmp_path / "m.onnx")).max_rel_diff <= 1e-4
+    assert torch.equal(x, given[0])
