@@ -373,7 +373,7 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
     clock.lap("capture")
     graph = analyze(cap, heads=opts.heads)
     for item in lifted:
-        if item.kind == "spectral_norm":  # sigma is recomputed on the smaller weight
+        if item.recomputed:  # spectral norm: sigma is recomputed on the smaller weight
             graph = graph.with_inexact(graph.units_of(item.fqn), f"spectral norm of '{item.fqn}'"
                                        " is recomputed on the pruned weight")
     clock.lap("analyze")

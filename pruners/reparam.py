@@ -2,7 +2,8 @@
 
 A weight computed in ``forward`` from other tensors (``torch.nn.utils.prune``'s
 ``weight_orig * weight_mask``, ``parametrize``'s weight_norm ``g * v / ||v||`` or spectral
-norm ``W / sigma``, old-style ``weight_g``/``weight_v``) is pruned in three steps:
+norm ``W / sigma``, old-style ``weight_g``/``weight_v`` and ``weight_orig``/``weight_u``/
+``weight_v``) is pruned in three steps:
 
 1. :func:`lift` replaces, in a working copy, each reparametrization by a plain ``weight``
    equal to the computed one (the forward is unchanged), recording what it was;
@@ -11,7 +12,8 @@ norm ``W / sigma``, old-style ``weight_g``/``weight_v``) is pruned in three step
    sliced with its original, so the kept channels keep exactly their unstructured sparsity
    and ``torch.nn.utils.prune.remove`` still works; weight norm is re-registered on the
    pruned weight (same values); spectral norm is re-registered on the sliced original, whose
-   sigma differs, so those units are marked inexact.
+   sigma differs, so those units are marked inexact. Old-style spectral norm, which uses its
+   stored singular vectors in eval mode, gets them re-converged from the sliced ``u``.
 
 An unknown parametrization is refused with a :class:`~depgraph.errors.PruningError` naming
 it, never sliced blindly.
@@ -24,6 +26,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
@@ -40,10 +43,17 @@ class Lifted:
 
     module: str
     name: str
-    kind: str  # "mask", "weight_norm", "spectral_norm", "old_weight_norm"
+    kind: str  # "mask", "weight_norm", "spectral_norm", "old_weight_norm", "old_spectral_norm"
     original: Optional[torch.Tensor] = None  # the mask's weight_orig, spectral norm's original
     mask: Optional[torch.Tensor] = None
     options: dict[str, Any] = field(default_factory=dict)
+    u: Optional[torch.Tensor] = None  # old-style spectral norm's left singular vector
+
+    @property
+    def recomputed(self) -> bool:
+        """Whether the pruned weight is another function of the kept values (spectral norm's
+        sigma), so that the units it touches are not exact."""
+        return self.kind in ("spectral_norm", "old_spectral_norm")
 
     @property
     def fqn(self) -> str:
@@ -76,6 +86,12 @@ def _old_weight_norm_hooks(module: nn.Module) -> list[tuple[int, Any]]:
     return [(k, h) for k, h in module._forward_pre_hooks.items() if isinstance(h, WeightNorm)]
 
 
+def _old_spectral_norm_hooks(module: nn.Module) -> list[tuple[int, Any]]:
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    return [(k, h) for k, h in module._forward_pre_hooks.items() if isinstance(h, SpectralNorm)]
+
+
 def lift(model: nn.Module) -> list[Lifted]:
     """Replace every reparametrization in ``model`` (in place) by the plain tensor it computes.
 
@@ -95,6 +111,13 @@ def lift(model: nn.Module) -> list[Lifted]:
         for _, hook in _old_weight_norm_hooks(module):
             lifted.append(Lifted(mname, hook.name, "old_weight_norm", options={"dim": hook.dim}))
             torch.nn.utils.remove_weight_norm(module, hook.name)
+        for _, hook in _old_spectral_norm_hooks(module):
+            lifted.append(Lifted(mname, hook.name, "old_spectral_norm",
+                                 original=getattr(module, hook.name + "_orig").detach().clone(),
+                                 u=getattr(module, hook.name + "_u").detach().clone(),
+                                 options={"n_power_iterations": hook.n_power_iterations,
+                                          "eps": hook.eps, "dim": hook.dim}))
+            torch.nn.utils.remove_spectral_norm(module, hook.name)
         if not parametrize.is_parametrized(module):
             continue
         # parametrize gives each module a class of its own, which deepcopy shares with the
@@ -155,7 +178,33 @@ def restore(model: nn.Module, lifted: list[Lifted],
             with torch.no_grad():
                 weight.copy_(_slice(item.original, cuts).to(weight.device, weight.dtype))
             spectral_norm(module, item.name, **item.options)
+        elif item.kind == "old_spectral_norm":
+            weight = getattr(module, item.name)
+            with torch.no_grad():
+                weight.copy_(_slice(item.original, cuts).to(weight.device, weight.dtype))
+            torch.nn.utils.spectral_norm(module, item.name, **item.options)
+            dim = item.options["dim"]
+            _converge(module, item.name, _slice(item.u, {0: cuts[dim]} if dim in cuts else {}),
+                      item.options["eps"])
     return model
+
+
+def _converge(module: nn.Module, name: str, u: torch.Tensor, eps: float,
+              iterations: int = 15) -> None:
+    """Old-style spectral norm uses its stored ``u``, ``v`` as they are in eval mode, and
+    registering it draws them at random: run power iterations on the pruned weight from the
+    original's ``u`` (sliced), so that sigma is the pruned weight's largest singular value."""
+    hook = next(h for _, h in _old_spectral_norm_hooks(module) if h.name == name)
+    stored_u, stored_v = getattr(module, name + "_u"), getattr(module, name + "_v")
+    with torch.no_grad():
+        matrix = hook.reshape_weight_to_matrix(getattr(module, name + "_orig"))
+        u = F.normalize(u.to(stored_u.device, stored_u.dtype), dim=0, eps=eps)
+        for _ in range(iterations):
+            v = F.normalize(torch.mv(matrix.t(), u), dim=0, eps=eps)
+            u = F.normalize(torch.mv(matrix, v), dim=0, eps=eps)
+        stored_u.copy_(u)
+        stored_v.copy_(v)
+        setattr(module, name, hook.compute_weight(module, do_power_iteration=False))
 
 
 def sparsity(model: nn.Module) -> dict[str, float]:

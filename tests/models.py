@@ -590,11 +590,14 @@ def weight_norms():
 
 
 def spectral_norm_cnn():
-    """spectral_norm: sigma is recomputed on the pruned weight, so its units are inexact."""
+    """spectral_norm through parametrize, and old-style (weight_orig/weight_u/weight_v, still
+    in many GAN codebases): sigma is recomputed on the pruned weight, so its units are
+    inexact."""
     from torch.nn.utils.parametrizations import spectral_norm
 
     model = _plain_cnn()
     spectral_norm(model[3])
+    torch.nn.utils.spectral_norm(model[1])
     return model, torch.randn(1, 3, 16, 16)
 
 
