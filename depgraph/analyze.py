@@ -323,7 +323,8 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture
     sizes = [(m, arrays) for m, arrays in sizes if m in changing]  # the rest never change
     graph = ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
                          list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
-                         layer_units=layer_units, sizes=sizes)
+                         layer_units=layer_units, sizes=sizes,
+                         precision=_precision(cap, ctx.layers))
     split = {m for m, _ in ctx.head_splits if m is not None}
     # whole heads are tried only where attention runs (in the module, or around or inside
     # it): YOLO's DFL and R-CNNs' per-anchor views froze too, and a second analysis of those
@@ -333,3 +334,11 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture
              and any(inside(a, m) or inside(m, a) for a in ctx.attention)}
     return graph, fixed, split
 
+
+def _precision(cap: Capture, layers: list) -> torch.dtype:
+    """The least precise float dtype among the layers' outputs (see ``ChannelGraph``)."""
+    named = {n.name: n for n in cap.graph.nodes}
+    dtypes = [val.dtype for layer in layers
+              if isinstance(val := named[layer.node].meta.get("val"), torch.Tensor)
+              and val.dtype.is_floating_point]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float32)

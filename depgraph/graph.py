@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import torch
 
 from .rules.registry import LayerUse
 
@@ -106,6 +107,8 @@ class ChannelGraph:
         param_shapes: shape of every parameter and buffer seen in the graph.
         consumers: ``(param, dim)`` pairs that read channels (conv/linear inputs).
         layers: every weighted op call, in graph order.
+        precision: the least precise float dtype a layer computes in (bfloat16 under
+            ``torch.autocast`` in a float32 model): outputs carry its rounding.
     """
 
     units: list[Unit]
@@ -123,6 +126,7 @@ class ChannelGraph:
     # (module, unit id per position of each width) for widths that module's code passes as
     # Python numbers (split sizes, a view's new dims); see ``size_changes``
     sizes: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
+    precision: torch.dtype = torch.float32
 
     def __str__(self) -> str:
         return (f"ChannelGraph(units={len(self.units)}, groups={len(self.groups)}, "
@@ -220,7 +224,7 @@ class ChannelGraph:
         return ChannelGraph(marked, self.groups, self.frozen, self.unit_index, self.param_shapes,
                             self.consumers, self.layers, notes=list(self.notes),
                             buffers=self.buffers, layer_units=self.layer_units,
-                            sizes=self.sizes)
+                            sizes=self.sizes, precision=self.precision)
 
     def without_groups(self, reasons: dict[int, str]) -> "ChannelGraph":
         """A new graph in which the units of the given groups are frozen with ``reasons``.
@@ -247,7 +251,7 @@ class ChannelGraph:
         unit_index = {key: new_unit[ids] for key, ids in self.unit_index.items()}
         return ChannelGraph(units, groups, frozen, unit_index, self.param_shapes, self.consumers,
                             self.layers, notes=list(self.notes), buffers=self.buffers,
-                            **self._renumbered(new_unit))
+                            precision=self.precision, **self._renumbered(new_unit))
 
     def with_merged(self, pairs: list[tuple[int, int]]) -> tuple["ChannelGraph", np.ndarray]:
         """A new graph in which each pair of units is one unit (their groups one group), and
@@ -316,7 +320,8 @@ class ChannelGraph:
         unit_index = {key: mapping[ids] for key, ids in self.unit_index.items()}
         return ChannelGraph(units, groups, list(self.frozen), unit_index, self.param_shapes,
                             self.consumers, self.layers, notes=list(self.notes),
-                            buffers=self.buffers, **self._renumbered(mapping)), mapping
+                            buffers=self.buffers, precision=self.precision,
+                            **self._renumbered(mapping)), mapping
 
     # ---- views ---------------------------------------------------------------------------
     def to_networkx(self):

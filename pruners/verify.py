@@ -41,12 +41,14 @@ __all__ = ["DenseRun", "VerifyResult", "verify", "mask_consumers", "masked_in_pl
 LOW_PRECISION_EPS = 4
 
 
-def tolerance(rtol: float, dtype: torch.dtype) -> float:
-    """The relative tolerance :func:`verify` applies to an output of ``dtype``: ``rtol``
-    (meant for float32), or ``LOW_PRECISION_EPS`` epsilons of a less precise float dtype."""
-    if not dtype.is_floating_point or torch.finfo(dtype).bits >= 32:
+def tolerance(rtol: float, *dtypes: torch.dtype) -> float:
+    """The relative tolerance :func:`verify` applies to an output of ``dtypes`` (the output's
+    own, and the one its layers compute in): ``rtol`` (meant for float32), or
+    ``LOW_PRECISION_EPS`` epsilons of the least precise float dtype."""
+    eps = max((torch.finfo(d).eps for d in dtypes if d.is_floating_point), default=0.0)
+    if eps <= torch.finfo(torch.float32).eps:
         return rtol
-    return max(rtol, LOW_PRECISION_EPS * torch.finfo(dtype).eps)
+    return max(rtol, LOW_PRECISION_EPS * eps)
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             every op the original does, or ``dense``'s count where the masked original
             stops at ``at``; "after": the pruned model); not with ``stop_early``.
         rtol: tolerance on ``max|a - b| / max|a|`` per output, for float32 and wider; float16
-            and bfloat16 outputs get at least ``LOW_PRECISION_EPS`` of their epsilons
+            and bfloat16 outputs, or layers that compute in them (``graph.precision``, as
+            under ``torch.autocast``), get at least ``LOW_PRECISION_EPS`` of their epsilons
             (:func:`tolerance`; the result reports the one applied).
         train_mode: also run both in train mode (copies; only to see that the pruned one runs
             where the original does: code that only training runs, such as an EMA buffer
@@ -324,7 +327,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     for a, b in zip(expected, got):
         if not a.is_floating_point() or a.numel() == 0:
             continue
-        rtol = tolerance(rtol, a.dtype)
+        rtol = tolerance(rtol, a.dtype, graph.precision)
         diff = (a.double() - b.double()).abs().max().item()
         scale = a.double().abs().max().item()
         max_abs = max(max_abs, diff)

@@ -108,6 +108,30 @@ def test_verify_tolerance_follows_the_output_dtype(dtype):
     assert not verify(model, graph, [], x, pruned=nudged(0.1)).ok
 
 
+class _Autocast(nn.Module):
+    """A float32 model whose forward runs under bfloat16 autocast (mixed-precision code that
+    keeps the context in ``forward``): float32 outputs with bfloat16 rounding."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x).float()
+
+
+def test_autocast_forward_is_verified_at_the_precision_it_computes_in():
+    from depgraph import analyze, capture
+
+    model = _Autocast(build("resnet_bottleneck")[0]).eval()
+    assert analyze(capture(model, X)).precision == torch.bfloat16
+    assert analyze(capture(model.inner, X)).precision == torch.float32
+    result = prune_checked(model, X)  # a ResNet-18 so had failed every probe at 1e-4
+    assert result.report.verify.rtol > 1e-3
+    assert result.model(X).dtype == torch.float32
+
+
 class Tied(nn.Module):
     """Two convs that share one weight tensor: pruning one must prune the other alike."""
 
