@@ -11,6 +11,8 @@ spares ``prune()`` two more passes of the whole model.
 from __future__ import annotations
 
 import contextlib
+import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -101,9 +103,17 @@ def _quiet(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def _deform_conv2d(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    # a conv's multiply-adds, as depgraph's rule counts them (the bilinear sampling aside)
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
+
+
 def _extra() -> dict:
-    return {op: f for op, f in _EXTRA_FORMULAS.items()
-            if op not in torch.utils.flop_counter.flop_registry}
+    extra = {op: f for op, f in _EXTRA_FORMULAS.items()
+             if op not in torch.utils.flop_counter.flop_registry}
+    if "torchvision" in sys.modules:  # its ops exist once it is imported (by the model)
+        extra[torch.ops.torchvision.deform_conv2d] = _deform_conv2d
+    return extra
 
 
 def _count(model: nn.Module, example_inputs: Any, example_kwargs: Optional[dict] = None

@@ -37,7 +37,7 @@ class _Swap:
 
 def _conv_attrs(m: nn.modules.conv._ConvNd, new: dict[str, torch.Tensor]) -> dict[str, Any]:
     w = new.get("weight", m.weight)
-    if m.transposed:
+    if getattr(m, "transposed", False):  # (torchvision's DeformConv2d has none)
         return {"in_channels": w.shape[0], "out_channels": w.shape[1] * m.groups}
     attrs: dict[str, Any] = {"out_channels": w.shape[0]}
     if m.groups > 1 and m.weight.shape[1] == 1:  # depthwise: whole groups went
@@ -109,9 +109,11 @@ def _mha_attrs(m: nn.MultiheadAttention, new: dict[str, torch.Tensor]) -> dict[s
             "head_dim": inner // m.num_heads}
 
 
-# Module type -> function(module, its new tensors by attribute name) -> attributes to set.
-MODULE_FIXERS: list[tuple[type, Callable[..., dict[str, Any]]]] = [
+# Module type -> function(module, its new tensors by attribute name) -> attributes to set. A
+# library's type that must not be imported here is named by its qualified name.
+MODULE_FIXERS: list[tuple[type | str, Callable[..., dict[str, Any]]]] = [
     (nn.modules.conv._ConvNd, _conv_attrs),
+    ("torchvision.ops.deform_conv.DeformConv2d", _conv_attrs),
     (nn.Linear, _linear_attrs),
     (nn.modules.batchnorm._NormBase, _bn_attrs),
     (nn.GroupNorm, _group_norm_attrs),
@@ -178,7 +180,9 @@ def _score_scale_swaps(attr_updates: list[tuple[nn.Module, str, Any]], swaps: li
 
 def fixer_for(module: nn.Module) -> Optional[Callable[..., dict[str, Any]]]:
     """The ``MODULE_FIXERS`` entry for ``module``'s type (the first that matches), or None."""
-    return next((f for cls, f in MODULE_FIXERS if isinstance(module, cls)), None)
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
+    return next((f for cls, f in MODULE_FIXERS
+                 if (cls in names if isinstance(cls, str) else isinstance(module, cls))), None)
 
 
 def _int_items(value: Any) -> Optional[list[int]]:

@@ -689,6 +689,78 @@ def dead_slice():
     return DeadSlice(), torch.randn(1, 3, 16, 16)
 
 
+class DeformableConv(nn.Module):
+    """DCNv2 (torchvision.ops.DeformConv2d) with 2 weight groups and 2 offset groups: offsets
+    and mask come from convs whose channels are sampling positions (fixed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import DeformConv2d
+
+        self.a = cbr(3, 16)
+        self.offset = nn.Conv2d(16, 2 * 2 * 9, 3, padding=1)
+        self.mask = nn.Conv2d(16, 2 * 9, 3, padding=1)
+        self.dcn = DeformConv2d(16, 24, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(24)
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.dcn(y, self.offset(y) * 0.5, torch.sigmoid(self.mask(y)))
+        return self.head(F.relu(self.bn(z)))
+
+
+def deformable_conv():
+    return DeformableConv(), torch.randn(1, 3, 12, 12)
+
+
+class DeformableSampling(nn.Module):
+    """Deformable attention's sampling (RT-DETR, Deformable DETR): values split into heads
+    folded into the batch, sampled by ``F.grid_sample`` at points a layer predicts."""
+
+    def __init__(self, c: int = 32, heads: int = 2, points: int = 3) -> None:
+        super().__init__()
+        self.heads, self.points = heads, points
+        self.a = cbr(3, c)
+        self.value = nn.Conv2d(c, c, 1)
+        self.offsets = nn.Conv2d(c, heads * points * 2, 1)
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        v = self.value(y)
+        b, c, h, w = v.shape
+        v = v.reshape(b * self.heads, c // self.heads, h, w)
+        grid = self.offsets(y).tanh().permute(0, 2, 3, 1).reshape(
+            b, h * w, self.heads, self.points, 2).transpose(1, 2).reshape(
+            b * self.heads, h * w, self.points, 2)
+        sampled = F.grid_sample(v, grid, align_corners=False)  # (b * heads, c / heads, hw, p)
+        return self.out(F.relu(sampled.mean(-1).reshape(b, c, h, w)))
+
+
+def deformable_sampling():
+    return DeformableSampling(), torch.randn(2, 3, 8, 8)
+
+
+class UnpoolDecoder(nn.Module):
+    """SegNet: the decoder unpools with the encoder's max-pool indices, whose channels are the
+    encoder's, while the values unpooled are another layer's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.mid, self.dec = cbr(3, 16), cbr(16, 16), cbr(16, 8)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        e = self.enc(x)
+        pooled, indices = F.max_pool2d(e, 2, return_indices=True)
+        return self.head(self.dec(F.max_unpool2d(self.mid(pooled), indices, 2)))
+
+
+def unpool_decoder():
+    return UnpoolDecoder(), torch.randn(1, 3, 12, 12)
+
+
 class WSConv2d(nn.Conv2d):
     """Scaled weight standardisation (NF-ResNet, NFNet): each filter normalised over its
     fan-in by batch_norm on the flattened weight, times a per-filter gain and a fan-in scale."""
@@ -827,6 +899,9 @@ ARRIVING: dict[str, Callable] = {
     "embedding_lm": embedding_lm,
     "recurrent": recurrent,
     "dead_slice": dead_slice,
+    "deformable_conv": deformable_conv,
+    "deformable_sampling": deformable_sampling,
+    "unpool_decoder": unpool_decoder,
 }
 
 # Reparametrized weights: prune() lifts them (pruners.reparam); the lower-level stages

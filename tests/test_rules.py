@@ -122,6 +122,14 @@ SAMPLES = {
     "aten.batch_norm": lambda m, y: F.batch_norm(y, None, None, m.s, None, training=True),
     "aten.instance_norm": lambda m, y: F.instance_norm(y, weight=m.s),
     "aten.new_zeros": lambda m, y: y + y.new_zeros(1),
+    "aten.glu": lambda m, y: F.glu(y, dim=1),
+    "aten.channel_shuffle": lambda m, y: F.channel_shuffle(y, 2),
+    "aten.im2col": lambda m, y: F.unfold(y, 3, padding=1).view(2, -1, 6, 6),
+    "aten.col2im": lambda m, y: F.fold(F.unfold(y, 2, stride=2), (6, 6), 2, stride=2),
+    "aten.grid_sampler": lambda m, y: F.grid_sample(
+        y, torch.stack(torch.meshgrid(torch.linspace(-0.7, 0.8, 5), torch.linspace(-0.9, 0.6, 4),
+                                      indexing="ij"), -1).expand(2, 5, 4, 2), align_corners=False),
+    "aten.max_unpool2d": lambda m, y: F.max_unpool2d(*F.max_pool2d(y, 2, return_indices=True), 2),
 }
 
 

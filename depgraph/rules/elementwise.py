@@ -2,6 +2,7 @@
 
 Channel identities:
     unary(x):            out atoms = x atoms
+    glu(x, dim):         out atoms[dim] = first half of x atoms[dim] == second half
     binary(a, b):        out atoms[d] = a atoms[d] == b atoms[d] (unified), right-aligned like
                          broadcasting; a channel dim met by a plain (constant) tensor of the same
                          size, or broadcast from size 1, is frozen.
@@ -107,6 +108,19 @@ def broadcast_maps(ctx: RuleContext, shapes: list, maps: list, out_shape: tuple)
             ctx.unify(carriers[0], other)
         result[d] = carriers[0]
     return tuple(result)
+
+
+# glu(x, dim): the halves a, b of dim give a * sigmoid(b): out atom i is a's i, unified with b's i.
+@register(aten.glu)
+def glu_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    d = ctx.arg("dim", default=-1) % len(x)
+    half = ctx.out_shape()[d]
+    if x[d] is not None:
+        ctx.unify(x[d][:half], x[d][half:])
+    return (tuple(x[:d]) + (None if x[d] is None else x[d][:half],) + tuple(x[d + 1:]),)
 
 
 # prelu(x, w): w has one slope per channel (dim 1 of x) or a single shared slope.

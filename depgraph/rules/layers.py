@@ -127,6 +127,37 @@ def _conv_transpose(ctx: RuleContext, xc, w_in, w_out, groups: int):
     return w_out
 
 
+# deform_conv2d(x, W[O, I/g, kh, kw], offset, mask, b, ..., groups, offset_groups): a conv that
+#   samples x at learned offsets (torchvision.ops.DeformConv2d). x, W and b as conv's; offset and
+#   mask hold 2 x or 1 x offset_groups x kh x kw positions, fixed: frozen. Each offset group
+#   reads an equal share of x's channels, so the shares unify by relative index (as groups do).
+@register("torchvision::deform_conv2d")
+def deform_conv_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x, w, offset, mask, b = inputs[:5]
+    x_shape, w_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node.args[1]), ctx.out_shape()
+    for positions in (offset, mask):
+        ctx.freeze(positions, f"{ctx.where()} reads this tensor as sampling positions")
+    xc = x[1] if x is not None else None
+    if x is not None:
+        ctx.freeze(list(x[2:]), f"{ctx.where()} convolves over this dim")
+    if xc is not None:
+        shares = xc.reshape(int(ctx.arg("offset_groups")), -1)
+        for k in range(1, len(shares)):
+            ctx.unify(shares[0], shares[k])
+    if w is None or all(m is None for m in w):
+        ctx.freeze(xc, f"{ctx.where()} uses a constant weight of fixed size")
+        out_atoms = None
+    else:
+        out_atoms = _conv_forward(ctx, xc, w[1], w[0], int(ctx.arg("groups")), w_shape)
+    if b is not None and b[0] is not None:
+        ctx.unify(b[0], out_atoms) if out_atoms is not None else ctx.freeze(b, _NO_SOURCE)
+    ctx.consumer(node.args[1], 1)
+    _record(ctx, "conv", node.args[1], 1, 0, math.prod(out_shape) * math.prod(w_shape[1:]))
+    out = [None] * len(out_shape)
+    out[1] = out_atoms
+    return (tuple(out),)
+
+
 # embedding(W[V, D], indices[...]) -> [..., D]: out atoms[-1] = W atoms[1]. The vocabulary rows
 #   (W atoms[0]) are picked by the input's values: never pruned. A head tied to W reads the
 #   same atoms on its input columns.

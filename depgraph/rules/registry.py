@@ -35,8 +35,15 @@ def _key(target: Any) -> Any:
     return target.overloadpacket if isinstance(target, OpOverload) else target
 
 
+def _library_op(op: Any) -> bool:
+    """``"torchvision::deform_conv2d"``: an op of a library that may not be loaded, which
+    the rule table must not import (its packet exists only once the library is)."""
+    return isinstance(op, str) and "::" in op
+
+
 def register(*ops: Any) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for each aten overload packet in ``ops`` (e.g. ``aten.add``).
+    """Register ``rule`` for each overload packet in ``ops`` (e.g. ``aten.add``), or for a
+    library's op by qualified name (``"torchvision::deform_conv2d"``).
 
     Raises:
         TypeError: a key is an overload (``aten.add.Tensor``) or a Python function.
@@ -45,7 +52,8 @@ def register(*ops: Any) -> Callable[[Rule], Rule]:
 
     def decorator(rule: Rule) -> Rule:
         for op in ops:
-            if not isinstance(op, OpOverloadPacket) and op not in _PYTHON_KEYS:
+            if not isinstance(op, OpOverloadPacket) and op not in _PYTHON_KEYS \
+                    and not _library_op(op):
                 raise TypeError(f"rules are keyed by overload packet, e.g. torch.ops.aten.add, "
                                 f"not {op!r}")
             if op in _RULES:
@@ -57,7 +65,11 @@ def register(*ops: Any) -> Callable[[Rule], Rule]:
 
 
 def lookup(target: Any) -> Optional[Rule]:
-    return _RULES.get(_key(target))
+    key = _key(target)
+    rule = _RULES.get(key)
+    if rule is None and isinstance(key, OpOverloadPacket):
+        rule = _RULES.get(key._qualified_op_name)
+    return rule
 
 
 def node_outputs(node: torch.fx.Node) -> list:
@@ -67,7 +79,7 @@ def node_outputs(node: torch.fx.Node) -> list:
 
 
 def registered_ops() -> list[str]:
-    return sorted(str(k) for k in _RULES)
+    return sorted(k.replace("::", ".") if _library_op(k) else str(k) for k in _RULES)
 
 
 @dataclass(frozen=True)

@@ -402,7 +402,7 @@ _SPATIAL = {
     aten.upsample_trilinear3d: 3, aten._upsample_nearest_exact2d: 2,
     aten._upsample_bilinear2d_aa: 2, aten.reflection_pad1d: 1, aten.reflection_pad2d: 2,
     aten.reflection_pad3d: 3, aten.replication_pad1d: 1, aten.replication_pad2d: 2,
-    aten.replication_pad3d: 3, aten.max_unpool2d: 2,
+    aten.replication_pad3d: 3,
 }
 
 
@@ -417,6 +417,89 @@ def spatial_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     ctx.freeze(list(x[keep:]), f"{ctx.where()} treats this dim as spatial")
     out = tuple(x[:keep]) + (None,) * n
     return tuple(out if isinstance(v, torch.Tensor) else None for v in node_outputs(node))
+
+
+# max_unpool(x, indices): indices say where in its own channel's plane each value goes: x's and
+#   the indices' leading dims pair up (as broadcasting's do) and pass; spatial dims carry none.
+@register(aten.max_unpool2d, aten.max_unpool3d)
+def max_unpool_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    n = 2 if node.target.overloadpacket == aten.max_unpool2d else 3
+    shapes = [ctx.shape(node.args[0]), ctx.shape(node.args[1])]
+    maps = list(inputs[:2])
+    for m in maps:
+        if m is not None:
+            ctx.freeze(list(m[-n:]), f"{ctx.where()} treats this dim as spatial")
+    lead = [s[:-n] for s in shapes]
+    if all(m is None for m in maps):
+        return (None,)
+    out = broadcast_maps(ctx, lead, [m[:-n] if m is not None else None for m in maps],
+                         ctx.out_shape()[:-n])
+    return (tuple(out) + (None,) * n,)
+
+
+# grid_sample(x[N, C, *S], grid[N, *P, k]) -> [N, C, *P]: each channel is sampled on its own at
+#   the grid's points. N pairs x's with the grid's (as broadcasting does; deformable attention
+#   folds its heads into it), C passes, the output's positions are the grid's. The grid's last
+#   dim holds coordinates and x's spatial dims are interpolated over: their atoms freeze.
+@register(aten.grid_sampler, aten.grid_sampler_2d, aten.grid_sampler_3d)
+def grid_sample_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x, grid = inputs[0], inputs[1]
+    x_shape, grid_shape = ctx.shape(node.args[0]), ctx.shape(node.args[1])
+    if x is not None:
+        ctx.freeze(list(x[2:]), f"{ctx.where()} samples this dim at the grid's points")
+    if grid is not None:
+        ctx.freeze(grid[-1], f"{ctx.where()} reads this dim as coordinates")
+    if x is None and grid is None:
+        return (None,)
+    batch = broadcast_maps(ctx, [x_shape[:1], grid_shape[:1]],
+                           [m[:1] if m is not None else None for m in (x, grid)],
+                           ctx.out_shape()[:1])
+    points = tuple(grid[1:-1]) if grid is not None else (None,) * (len(grid_shape) - 2)
+    return (batch + (x[1] if x is not None else None,) + points,)
+
+
+# unfold / im2col(x[N, C, H, W], k) -> [N, C*kh*kw, L]: out channels c*kh*kw .. c*kh*kw+kh*kw-1
+#   are channel c's patch: each in atom repeated kh*kw times (as flatten does); L carries none.
+@register(aten.im2col)
+def im2col_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    patch = int(np.prod(ctx.arg("kernel_size")))
+    ctx.freeze(list(x[-2:]), f"{ctx.where()} treats this dim as spatial")
+    channels = np.repeat(x[-3], patch) if x[-3] is not None else None
+    return (tuple(x[:-3]) + (channels, None),)
+
+
+# fold / col2im(x[N, C*kh*kw, L], size, k) -> [N, C, H, W]: the inverse of im2col: each block of
+#   kh*kw atoms is one out channel's patch, so they unify and are the out atom (as pixel_shuffle).
+@register(aten.col2im)
+def col2im_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    patch = int(np.prod(ctx.arg("kernel_size")))
+    ctx.freeze(x[-1], f"{ctx.where()} treats this dim as spatial")
+    if x[-2] is None:
+        return (tuple(x[:-2]) + (None, None, None),)
+    blocks = x[-2].reshape(-1, patch)
+    for k in range(1, patch):
+        ctx.unify(blocks[:, 0], blocks[:, k])
+    return (tuple(x[:-2]) + (blocks[:, 0].copy(), None, None),)
+
+
+# channel_shuffle(x[N, C, ...], g): out channel j*g + i is in channel i*(C/g) + j, i.e.
+#   view(N, g, C/g) -> transpose -> view(N, C): the g groups keep one width (the same relative
+#   index unifies across them) and the out atoms are the groups interleaved.
+@register(aten.channel_shuffle, aten.native_channel_shuffle)
+def channel_shuffle_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None or x[1] is None:
+        return (x,)
+    parts = x[1].reshape(int(ctx.arg("groups")), -1)
+    for k in range(1, len(parts)):
+        ctx.unify(parts[0], parts[k])
+    return (tuple(x[:1]) + (parts.T.reshape(-1).copy(),) + tuple(x[2:]),)
 
 
 # pixel_shuffle(x[N, C*r*r, H, W], r) -> [N, C, H*r, W*r]: out channel c is made of in channels
