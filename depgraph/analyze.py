@@ -7,7 +7,7 @@ inexact. Atoms that never reach an activation (kernel dims, say) are not channel
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,8 @@ def _inputs_of(node: torch.fx.Node):
 HEAD_MODES = ("auto", "width", "count")
 
 
-def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
+def analyze(cap: Capture, heads: str = "auto",
+            watch: Optional[dict[str, Sequence[str]]] = None) -> ChannelGraph:
     """Find the pruning units, groups and frozen channels of a captured model.
 
     Args:
@@ -60,6 +61,9 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
             width, except in modules where the head width cannot change (rotary tables, a
             per-head norm, a width fixed in Python), which prune whole heads when that frees
             more channels. The graph's notes name the modules that prune whole heads.
+        watch: module -> the nodes whose values it hands on (:func:`depgraph.boundary.
+            handed_on`): the graph records their channels (``ChannelGraph.points``), so that
+            a check comparing those modules' outputs compares the channels a plan keeps.
 
     Returns:
         A :class:`ChannelGraph`.
@@ -78,11 +82,12 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
         8
     """
     check_head_mode(heads)
-    graph, fixed, split = _analyze_once(cap, frozenset())
+    watch = dict(watch or {})
+    graph, fixed, split = _analyze_once(cap, frozenset(), watch)
     whole = split if heads == "count" else fixed if heads == "auto" else set()
     if not whole:
         return graph
-    by_count, froze, _ = _analyze_once(cap, frozenset(whole))
+    by_count, froze, _ = _analyze_once(cap, frozenset(whole), watch)
     # a split that is no head split (MHA's q/k/v of ``unflatten(-1, (3, E))``, then picked by
     # index) freezes as heads too: those modules keep widths
     back, whole = sorted(whole & froze), whole - froze
@@ -92,7 +97,7 @@ def analyze(cap: Capture, heads: str = "auto") -> ChannelGraph:
         graph.notes += notes
         return graph
     if back:
-        by_count = _analyze_once(cap, frozenset(whole))[0]
+        by_count = _analyze_once(cap, frozenset(whole), watch)[0]
     if heads == "auto" and _prunable(by_count) <= _prunable(graph):
         return graph
     why = "" if heads == "count" else " (their head width cannot change)"
@@ -117,8 +122,8 @@ def _prunable(graph: ChannelGraph) -> int:
     return sum(int((ids >= 0).sum()) for ids in graph.unit_index.values())
 
 
-def _analyze_once(cap: Capture, whole_heads: frozenset[str]
-                  ) -> tuple[ChannelGraph, set[str], set[str]]:
+def _analyze_once(cap: Capture, whole_heads: frozenset[str],
+                  watch: dict[str, Sequence[str]]) -> tuple[ChannelGraph, set[str], set[str]]:
     """One walk and resolve, whole heads pruned in ``whole_heads``: the graph, the modules
     with a head split whose channels froze where attention runs, and every module with a
     head split."""
@@ -177,7 +182,8 @@ def _analyze_once(cap: Capture, whole_heads: frozenset[str]
     for out in cap.output_nodes:
         ctx.node = out
         ctx.freeze(env.get(out.name), f"reaches the model output '{out.name}'")
-    return _resolve(ctx, param_atoms, live + ctx.internal, cap)
+    watched = {m: [env.get(name) for name in names] for m, names in watch.items()}
+    return _resolve(ctx, param_atoms, live + ctx.internal, cap, watched)
 
 
 def _apply(ctx: RuleContext, rule, node: torch.fx.Node, inputs: list) -> Any:
@@ -232,8 +238,8 @@ def _reasons(roots: np.ndarray, records: list, n: int) -> tuple[np.ndarray, list
     return first, texts
 
 
-def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture
-             ) -> tuple[ChannelGraph, set[str], set[str]]:
+def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture,
+             watched: dict[str, list]) -> tuple[ChannelGraph, set[str], set[str]]:
     n = ctx.atoms.count
     uf = UnionFind(n)
     for a, b in ctx.unions:
@@ -321,10 +327,13 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture
                             for n, a in parts)) for module, parts in ctx.sizes]
     changing = {m for m, arrays in sizes if any((ids >= 0).any() for ids in arrays)}
     sizes = [(m, arrays) for m, arrays in sizes if m in changing]  # the rest never change
+    points = {m: tuple(tuple(None if a is None else unit_ids(a) for a in amap)
+                       if isinstance(amap, tuple) else None for amap in maps)
+              for m, maps in watched.items()}
     graph = ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
                          list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
                          layer_units=layer_units, sizes=sizes,
-                         precision=_precision(cap, ctx.layers))
+                         precision=_precision(cap, ctx.layers), points=points)
     split = {m for m, _ in ctx.head_splits if m is not None}
     # whole heads are tried only where attention runs (in the module, or around or inside
     # it): YOLO's DFL and R-CNNs' per-anchor views froze too, and a second analysis of those

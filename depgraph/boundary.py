@@ -20,7 +20,7 @@ import torch.fx
 from .capture import Capture
 from .rules.registry import _clean
 
-__all__ = ["Boundary", "verification_points", "DATA_DEPENDENT"]
+__all__ = ["Boundary", "verification_points", "handed_on", "DATA_DEPENDENT"]
 
 #: Ops whose result (its size, or which elements it picks) depends on tensor values.
 DATA_DEPENDENT = {
@@ -77,6 +77,23 @@ def _stack(node: torch.fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
     names = [_clean(path) for path, _ in stack.values()]
     return [n for n in names if n]
+
+
+def handed_on(cap: Capture, modules: list[str]) -> dict[str, tuple[str, ...]]:
+    """Per module, the graph nodes computed in it that code outside it reads (or that are
+    outputs), in graph order: the tensors a hook on its output sees. ``analyze(watch=)``
+    records their channels, so a check that compares these modules' outputs compares the
+    channels a plan keeps (``ChannelGraph.kept_at``)."""
+    nodes = [n for n in cap.graph.nodes if n.op == "call_function"]
+    outputs = set(cap.output_nodes)
+    within = {n: set(_stack(n)) for n in nodes}
+    handed = {}
+    for module in modules:
+        inside = [n for n in nodes if module in within[n]]
+        handed[module] = tuple(
+            n.name for n in inside if isinstance(n.meta.get("val"), torch.Tensor)
+            and (n in outputs or any(module not in within.get(u, ()) for u in n.users)))
+    return handed
 
 
 def verification_points(cap: Capture) -> Optional[Boundary]:

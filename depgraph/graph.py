@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +109,8 @@ class ChannelGraph:
         layers: every weighted op call, in graph order.
         precision: the least precise float dtype a layer computes in (bfloat16 under
             ``torch.autocast`` in a float32 model): outputs carry its rounding.
+        points: for modules a check compares (``analyze(watch=)``), per tensor each hands
+            on, the unit id (-1: fixed) of every index of each dim (None: no channels).
     """
 
     units: list[Unit]
@@ -127,6 +129,7 @@ class ChannelGraph:
     # Python numbers (split sizes, a view's new dims); see ``size_changes``
     sizes: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
     precision: torch.dtype = torch.float32
+    points: dict[str, tuple] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return (f"ChannelGraph(units={len(self.units)}, groups={len(self.groups)}, "
@@ -182,7 +185,23 @@ class ChannelGraph:
         new id, its last slot -1 -> -1)."""
         return {"layer_units": {i: tuple(mapping[ids] for ids in arrays)
                                 for i, arrays in self.layer_units.items()},
-                "sizes": [(m, tuple(mapping[ids] for ids in arrays)) for m, arrays in self.sizes]}
+                "sizes": [(m, tuple(mapping[ids] for ids in arrays)) for m, arrays in self.sizes],
+                "points": {m: tuple(None if amap is None else
+                                    tuple(None if ids is None else mapping[ids] for ids in amap)
+                                    for amap in maps) for m, maps in self.points.items()}}
+
+    def kept_at(self, at: Sequence[str], removed: Iterable[int]) -> Optional[list]:
+        """Per tensor the modules ``at`` hand on (in order, as ``points`` records them), per
+        dim: None where it keeps its width, else (its full width, the indices that stay once
+        ``removed`` go). None when a module's tensors are not recorded, or none narrows."""
+        if any(m not in self.points for m in at):
+            return None
+        gone = np.fromiter(removed, dtype=np.int64)
+        kept = [None if amap is None else tuple(
+                    None if ids is None or not np.isin(ids, gone).any()
+                    else (len(ids), np.nonzero(~np.isin(ids, gone))[0]) for ids in amap)
+                for m in at for amap in self.points[m]]
+        return kept if any(k and any(d is not None for d in k) for k in kept) else None
 
     def exact_units(self) -> list[int]:
         return [u.id for u in self.units if u.exact]
@@ -224,7 +243,7 @@ class ChannelGraph:
         return ChannelGraph(marked, self.groups, self.frozen, self.unit_index, self.param_shapes,
                             self.consumers, self.layers, notes=list(self.notes),
                             buffers=self.buffers, layer_units=self.layer_units,
-                            sizes=self.sizes, precision=self.precision)
+                            sizes=self.sizes, precision=self.precision, points=self.points)
 
     def without_groups(self, reasons: dict[int, str]) -> "ChannelGraph":
         """A new graph in which the units of the given groups are frozen with ``reasons``.

@@ -25,7 +25,7 @@ from torch import nn
 
 from depgraph import analyze, capture
 from depgraph.analyze import check_head_mode
-from depgraph.boundary import Boundary, verification_points
+from depgraph.boundary import Boundary, handed_on, verification_points
 from depgraph.cost import cost_model
 from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
@@ -371,7 +371,12 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
     cap = capture(work, example_inputs, example_kwargs=opts.example_kwargs, outputs=opts.outputs,
                   value_ops=dense.value_ops)
     clock.lap("capture")
-    graph = analyze(cap, heads=opts.heads)
+    at = opts.verify_at
+    boundary = verification_points(cap) if at is None else None
+    if boundary is not None:
+        at = list(boundary.modules)
+    # the checks compare these modules' outputs: on the channels a plan keeps
+    graph = analyze(cap, heads=opts.heads, watch=handed_on(cap, list(at)) if at else None)
     for item in lifted:
         if item.recomputed:  # spectral norm: sigma is recomputed on the smaller weight
             graph = graph.with_inexact(graph.units_of(item.fqn), f"spectral norm of '{item.fqn}'"
@@ -379,10 +384,7 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
     clock.lap("analyze")
     opts.say(f"[prune] {graph}; probing groups the model's code may fix ...")
     notes = list(graph.notes)
-    at = opts.verify_at
-    boundary = verification_points(cap) if at is None else None
     if boundary is not None:
-        at = list(boundary.modules)
         notes.append(str(boundary))
         if boundary.tail:
             # the target counts what runs before the selection, where every value is present
@@ -498,13 +500,17 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
             check: Optional[VerifyResult] = verify(work, graph, removed, example_inputs,
                                                    pruned=pruned, train_mode=True,
                                                    train_inputs=small, flops=flops, **kw)
-            failed = exact and not check.ok
+            failed, raised = exact and not check.ok, False
         except PruningError:
-            check, failed = None, True
+            check, failed, raised = None, True, True
         if not exact:
             check = None  # normalisation statistics change: no exact reference to compare
         if failed and analysis.deferred and check is not None:  # outputs differ: cheap first
             analysis.deferred, analysis.bad = False, compare_groups()
+        if raised:  # the plan does not run (often in train mode only): on the probes' inputs
+            analysis.bad = find_unprunable_groups(work, graph, small, probes=probes,
+                                                  train_mode=True, train_inputs=small,
+                                                  **{**kw, "dense": analysis.probe})
         if failed and not analysis.bad:  # bisect the plan itself, at the example's size
             analysis.bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
                                                   train_mode=True, train_inputs=small, **kw)

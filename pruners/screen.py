@@ -34,8 +34,8 @@ from depgraph.graph import ChannelGraph
 
 from .copying import copy_model
 from .surgery import remove_units
-from .verify import (DenseRun, _run_at, _run_counted, check_shapes, fails_to_run, run_model,
-                     shared_params)
+from .verify import (DenseRun, _run_at, _run_counted, check_shapes, fails_to_run, narrowed_shapes,
+                     run_model, shared_params)
 
 __all__ = ["FakeUnsupported", "ShapeScreen", "dense_run", "estimated_flops", "serves"]
 
@@ -151,14 +151,16 @@ class ShapeScreen:
             VerificationError: it fails to run, or its outputs change number or shape.
             FakeUnsupported: the pruned copy needs values where the original did not.
         """
-        pruned = remove_units(_throwaway(model), graph, list(units))
+        units = list(units)
+        pruned = remove_units(_throwaway(model), graph, units)
         try:
             got = fake_shapes(self._run, pruned)
         except FakeUnsupported:
             raise
         except Exception as exc:  # noqa: BLE001
             raise fails_to_run(exc) from exc
-        check_shapes(self.shapes, got)
+        check_shapes(narrowed_shapes(self.shapes, graph.kept_at(self.at, units))
+                     if self.at else self.shapes, got)
 
     def runs_in_train_mode(self, pruned: nn.Module) -> Optional[BaseException]:
         """What a train-mode forward of ``pruned`` on fake tensors raises (None: it runs).

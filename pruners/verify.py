@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .screen import ShapeScreen
 
 __all__ = ["DenseRun", "VerifyResult", "verify", "mask_consumers", "masked_in_place", "run_model",
-           "sample_units", "tolerance"]
+           "sample_units", "tolerance", "narrowed", "narrowed_shapes"]
 
 #: Outputs less precise than float32 are compared at no less than this many of their dtype's
 #: machine epsilons. A pruned conv sums fewer terms than the masked one, in another order; in
@@ -309,7 +309,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         reference = (lambda m: _run_at(m, list(at), example_inputs, example_kwargs, True)) \
             if early else run
         with masked_in_place(model, graph, units) as masked:
-            expected = _run_counted(reference, masked, None if early else flops, "before")
+            expected = narrowed(_run_counted(reference, masked, None if early else flops,
+                                             "before"), graph.kept_at(at, units) if at else None)
         if early and flops is not None:
             flops["before"] = dense.flops
         shapes = [tuple(t.shape) for t in expected]
@@ -333,6 +334,38 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / max(scale, 1e-12))
     return VerifyResult(max_abs, max_rel, rtol)
+
+
+def narrowed(tensors: list, kept: Optional[list]) -> list:
+    """A check's reference outputs at verification points, cut to the channels a plan keeps
+    (``ChannelGraph.kept_at``): a prunable width there (RT-DETR's encoder memory, handed to
+    the decoder's top-k) is compared on its kept channels, not frozen for changing shape."""
+    if kept is None or len(kept) != len(tensors):
+        return tensors
+    out = []
+    for t, dims in zip(tensors, kept):
+        if _narrows(tuple(t.shape), dims):
+            for d, cut in enumerate(dims):
+                if cut is not None:
+                    t = t.index_select(d, torch.as_tensor(cut[1], device=t.device))
+        out.append(t)
+    return out
+
+
+def narrowed_shapes(shapes: list[tuple[int, ...]], kept: Optional[list]
+                    ) -> list[tuple[int, ...]]:
+    """The shapes :func:`narrowed` gives."""
+    if kept is None or len(kept) != len(shapes):
+        return shapes
+    return [tuple(s if cut is None else len(cut[1]) for s, cut in zip(shape, dims))
+            if _narrows(shape, dims) else shape for shape, dims in zip(shapes, kept)]
+
+
+def _narrows(shape: tuple[int, ...], dims: Optional[tuple]) -> bool:
+    # the recorded widths must match: probes run on smaller images, whose spatial or token
+    # dims differ, but never their channels
+    return dims is not None and len(shape) == len(dims) and any(c is not None for c in dims) \
+        and all(c is None or shape[d] == c[0] for d, c in enumerate(dims))
 
 
 def one_line(exc: BaseException) -> str:

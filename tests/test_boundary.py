@@ -55,8 +55,9 @@ def test_prune_verifies_at_the_boundary_and_targets_the_flops_before_it():
     assert result.report.verify is not None and result.report.verify.ok
     assert 0.49 <= result.report.flops_ratio <= 0.5
     assert result.model.backbone[0].out_channels < 64
-    # the verified tensors are compared whole: the backbone's output keeps its width
-    assert result.model.backbone[4].out_channels == 32
+    # the backbone's output is compared on the channels the plan keeps: its width prunes too
+    assert result.model.backbone[4].out_channels < 32
+    assert not any("changed shape" in f.reason for f in result.report.frozen)
 
 
 class PackedHead(nn.Module):
@@ -158,3 +159,21 @@ def test_probes_half_size_run_stops_at_the_boundary():
     probe = probe_run(model, dense, at=["backbone", "head"])
     assert probe.inputs.shape[-1] == 64 and runs == []
     assert probe_run(model, dense).inputs.shape[-1] == 64 and runs == [True]
+
+
+def test_a_check_at_a_module_compares_the_channels_the_plan_keeps():
+    from depgraph import VerificationError, analyze
+    from depgraph.boundary import handed_on
+    from pruners import verify
+
+    model, x = ToyDetector().eval(), torch.randn(1, 3, 16, 16)
+    cap = capture(model, x)
+    at = ["backbone", "head"]
+    graph = analyze(cap, watch=handed_on(cap, at))
+    assert handed_on(cap, at) == {"backbone": ("conv2d_2",), "head": ("conv2d_3",)}
+    out = graph.unit_index[("backbone.4.weight", 0)]
+    units = sorted(set(out[::3].tolist()))  # a third of the backbone's output channels
+    result = verify(model, graph, units, x, at=at)
+    assert result.ok and result.max_abs_diff == 0.0
+    with pytest.raises(VerificationError, match="changed shape"):  # unrecorded: whole
+        verify(model, analyze(cap), units, x, at=at)
