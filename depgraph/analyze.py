@@ -158,7 +158,8 @@ def _analyze_once(cap: Capture, whole_heads: frozenset[str],
         if is_activation:
             activation.add(node.name)
         if not any(True for _ in _arrays(inputs)) and not keyword and \
-                getattr(node.target, "overloadpacket", None) not in COSTED_WITHOUT_CHANNELS:
+                getattr(node.target, "overloadpacket", None) not in COSTED_WITHOUT_CHANNELS \
+                and not any(n.name in ctx.statistics for n in _inputs_of(node)):
             continue  # no channel flows in: nothing to do (constants, shapes, index math)
         rule = lookup(node.target)
         ctx.node = node

@@ -742,6 +742,32 @@ def deformable_sampling():
     return DeformableSampling(), torch.randn(2, 3, 8, 8)
 
 
+class GroupStd(nn.Module):
+    """EvoNorm-S0 as timm writes it (``group_std``): ``x * sigmoid(v * x) / std``, the std of
+    each channel group computed on a ``(B, G, C/G, H, W)`` view and expanded back as it."""
+
+    def __init__(self, channels: int, groups: int = 4) -> None:
+        super().__init__()
+        self.groups = groups
+        self.v = nn.Parameter(torch.rand(channels) + 0.5)
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels) * 0.1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        grouped = x.reshape(b, self.groups, c // self.groups, h, w)
+        std = grouped.float().var(dim=(2, 3, 4), unbiased=False, keepdim=True).add(1e-5).sqrt()
+        std = std.to(x.dtype).expand(grouped.shape).reshape(b, c, h, w)
+        x = x * (x * self.v.view(1, -1, 1, 1)).sigmoid() / std
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def evonorm_cnn():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), GroupStd(64),
+                          nn.Conv2d(64, 128, 3, padding=1), GroupStd(128), nn.Conv2d(128, 4, 1))
+    return model, torch.randn(1, 3, 8, 8)
+
+
 class UnpoolDecoder(nn.Module):
     """SegNet: the decoder unpools with the encoder's max-pool indices, whose channels are the
     encoder's, while the values unpooled are another layer's."""

@@ -159,3 +159,25 @@ def test_dead_channels_go_for_free_even_at_full_flops():
     assert result.report.flops_ratio < 1.0
     assert result.report.verify.ok and result.report.verify.max_abs_diff == 0
     assert any("removed 16 dead channels" in n for n in result.report.notes)
+
+
+def test_a_group_statistic_expanded_back_prunes_its_channels_inexactly():
+    """EvoNorm (timm's regnetz_*_evos, resnetv2_*_evos): the group std, expanded back over the
+    channels it was taken over, divides them; those channels had frozen as 'combined with a
+    tensor of fixed size'."""
+    from models import evonorm_cnn
+
+    torch.manual_seed(0)
+    model, x = evonorm_cnn()
+    model.eval()
+    graph = analyze(capture(model, x))
+    assert not graph.frozen or all("fixed size" not in f.reason for f in graph.frozen)
+    widths = {key: ids for key, ids in graph.unit_index.items() if key[1] == 0}
+    assert (widths[("0.weight", 0)] >= 0).all() and (widths[("2.weight", 0)] >= 0).all()
+    assert not any(u.exact for u in graph.units)  # a statistic over the pruned channels
+    result = prune(model, x, target_flops=0.5)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    small = result.model
+    assert small[0].out_channels % 4 == 0 and small[2].out_channels % 4 == 0  # groups equal
+    assert small[1].v.shape[0] == small[0].out_channels
+    assert small(x).shape == model(x).shape

@@ -58,6 +58,7 @@ def pointwise_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if x is not None and len(ctx.out_shape()) != len(x):
         ctx.freeze(x, f"{ctx.where()} changes the tensor rank")
         return (None,)
+    ctx.carry_statistic(node.args[0])
     return (x,)
 
 
@@ -69,6 +70,8 @@ def broadcasting_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         return tuple(None for _ in node_outputs(node))
     operands = [(arg, m) for arg, m in zip(node.args, inputs, strict=True)
                 if isinstance(arg, torch.fx.Node) and isinstance(arg.meta.get("val"), torch.Tensor)]
+    if len(operands) == 1:  # with a number: a statistic stays one (std = var.add(eps))
+        ctx.carry_statistic(operands[0][0])
     return (broadcast_maps(ctx, [ctx.shape(a) for a, _ in operands], [m for _, m in operands],
                            ctx.out_shape()),)
 

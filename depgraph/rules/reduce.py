@@ -2,7 +2,9 @@
 
 Channel identities:
     mean/var/std(x, dims):  reduced channel dims are normalisation statistics: inexact;
-                            kept dims pass through, reduced dims vanish (or become size 1).
+                            kept dims pass through, reduced dims vanish (or become size 1,
+                            remembered as a statistic of those atoms: ``expand`` back to as
+                            many elements carries them again, see shape.expand_rule).
     sum/norm(x, dims):      a channel that is zero adds nothing to a sum or a p-norm (p > 0):
                             the pruned model's sum is the masked original's when verification
                             zeroes those channels where they are made, as for attention's q.k
@@ -70,6 +72,10 @@ def reduction_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             ctx.freeze(channel, f"{ctx.where()} reduces over channels")
     keepdim = isinstance(outs[0], torch.Tensor) and len(outs[0].shape) == rank
     out = tuple(None if d in reduced else m for d, m in enumerate(x) if keepdim or d not in reduced)
+    if keepdim and len(outs) == 1 and node.target.overloadpacket in _STATISTICS:
+        held = {d: x[d] for d in reduced if x[d] is not None}
+        if held:
+            ctx.statistics[node.name] = held
     return (out,) * len(outs)
 
 

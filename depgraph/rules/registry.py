@@ -134,7 +134,16 @@ class RuleContext:
     # modules that multiply two activations (attention's scores and weighted values): a head
     # split elsewhere (a detector's per-anchor view) has no heads that could go whole
     attention: set[str] = field(default_factory=set)
+    # node -> its dims of size 1 that hold a statistic over these atoms (a keepdim mean or
+    # var), through elementwise ops with constants: expanding such a dim back to as many
+    # elements gives them back (EvoNorm's group std, expanded as its input, divides it)
+    statistics: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
     node: Optional[torch.fx.Node] = None
+
+    def carry_statistic(self, source: Any) -> None:
+        """The current node holds the statistic ``source`` (a node) holds, if any."""
+        if isinstance(source, torch.fx.Node) and source.name in self.statistics:
+            self.statistics[self.node.name] = self.statistics[source.name]
 
     # ---- reading -------------------------------------------------------------------------
     def shape(self, value: Any) -> tuple[int, ...]:

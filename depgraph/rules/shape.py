@@ -358,9 +358,10 @@ def _explaining_dim(atoms: np.ndarray, flat: np.ndarray, shape: tuple, block: li
     return None, None
 
 
-# expand(x, sizes): a dim broadcast from 1 cannot carry channels. expand_as(x, other) takes
-# its sizes from other, whose channels it then carries (F.normalize expands the norm as x):
-# the two broadcast as an elementwise op's operands do.
+# expand(x, sizes): a dim broadcast from 1 cannot carry channels, unless it holds a statistic
+# over channels (``x.var(dims, keepdim=True)``) expanded back to as many: it carries those.
+# expand_as(x, other) takes its sizes from other, whose channels it then carries
+# (F.normalize expands the norm as x): the two broadcast as an elementwise op's operands do.
 @register(aten.expand, aten.expand_as, aten.broadcast_to)
 def expand_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
@@ -369,7 +370,13 @@ def expand_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         return (broadcast_maps(ctx, shapes, [x, inputs[1]], ctx.out_shape()),)
     if x is None:
         return (None,)
-    return (broadcast_maps(ctx, [ctx.shape(node.args[0])], [x], ctx.out_shape()),)
+    in_shape, out_shape = ctx.shape(node.args[0]), ctx.out_shape()
+    out = list(broadcast_maps(ctx, [in_shape], [x], out_shape))
+    lead = len(out_shape) - len(in_shape)
+    for d, atoms in ctx.statistics.get(node.args[0].name, {}).items():
+        if in_shape[d] == 1 and out_shape[d + lead] == len(atoms):  # a statistic, expanded
+            out[d + lead] = atoms                                   # back over its atoms
+    return (tuple(out),)
 
 
 # repeat(x, reps): a channel dim tiled more than once cannot shrink independently: freeze.
