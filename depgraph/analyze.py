@@ -123,7 +123,8 @@ def _prunable(graph: ChannelGraph) -> int:
 
 
 def _analyze_once(cap: Capture, whole_heads: frozenset[str],
-                  watch: dict[str, Sequence[str]]) -> tuple[ChannelGraph, set[str], set[str]]:
+                  watch: Optional[dict[str, Sequence[str]]] = None
+                  ) -> tuple[ChannelGraph, set[str], set[str]]:
     """One walk and resolve, whole heads pruned in ``whole_heads``: the graph, the modules
     with a head split whose channels froze where attention runs, and every module with a
     head split."""
@@ -183,7 +184,7 @@ def _analyze_once(cap: Capture, whole_heads: frozenset[str],
     for out in cap.output_nodes:
         ctx.node = out
         ctx.freeze(env.get(out.name), f"reaches the model output '{out.name}'")
-    watched = {m: [env.get(name) for name in names] for m, names in watch.items()}
+    watched = {m: [env.get(name) for name in names] for m, names in (watch or {}).items()}
     return _resolve(ctx, param_atoms, live + ctx.internal, cap, watched)
 
 

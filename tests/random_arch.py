@@ -60,6 +60,10 @@ class RandomNet(nn.Module):
             return torch.cat(xs, 1)
         if op.kind == "chunk":
             return xs[0].chunk(2, 1)[op.args["part"]]
+        if op.kind == "shuffle":
+            return nn.functional.channel_shuffle(xs[0], 2)
+        if op.kind == "glu":
+            return nn.functional.glu(xs[0], 1)
         if op.kind == "se":
             return xs[0] * self.layers[name](xs[0].mean((2, 3), keepdim=True))
         if op.kind == "pool":
@@ -94,7 +98,7 @@ def add_op(draw, values: list[Value], ops: list[Op], modules: dict, shareable: l
     name = f"op{len(ops)}"
     kinds = ["conv", "conv", "residual", "se", "cat", "pool", "upsample"]
     if any(v.channels % 2 == 0 and v.channels >= 4 for v in values[1:]):
-        kinds.append("chunk")
+        kinds += ["chunk", "shuffle", "glu"]
     if len(values) > 2:
         kinds += ["add", "mul"]
     if shareable:
@@ -156,6 +160,10 @@ def add_op(draw, values: list[Value], ops: list[Op], modules: dict, shareable: l
         i = pick(lambda v: v.channels % 2 == 0 and v.channels >= 4 and v is not values[0])
         ops.append(Op("chunk", (i,), {"part": draw(st.integers(0, 1))}))
         values.append(Value(values[i].channels // 2, values[i].size))
+    elif kind in ("shuffle", "glu"):  # channel_shuffle(x, 2) keeps the width, glu halves it
+        i = pick(lambda v: v.channels % 2 == 0 and v.channels >= 4 and v is not values[0])
+        ops.append(Op(kind, (i,)))
+        values.append(Value(values[i].channels // (2 if kind == "glu" else 1), values[i].size))
     elif kind == "pool":
         i = pick(lambda v: v.size >= 4 and v is not values[0])
         ops.append(Op("pool", (i,), {"max": draw(st.booleans())}))
