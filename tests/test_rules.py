@@ -124,6 +124,7 @@ SAMPLES = {
     "aten.new_zeros": lambda m, y: y + y.new_zeros(1),
     "aten.glu": lambda m, y: F.glu(y, dim=1),
     "aten.channel_shuffle": lambda m, y: F.channel_shuffle(y, 2),
+    "aten.unfold": lambda m, y: y.unfold(2, 3, 1).mean(-1),
     "aten.im2col": lambda m, y: F.unfold(y, 3, padding=1).view(2, -1, 6, 6),
     "aten.col2im": lambda m, y: F.fold(F.unfold(y, 2, stride=2), (6, 6), 2, stride=2),
     "aten.grid_sampler": lambda m, y: F.grid_sample(

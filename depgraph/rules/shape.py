@@ -465,6 +465,20 @@ def grid_sample_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     return (batch + (x[1] if x is not None else None,) + points,)
 
 
+# x.unfold(dim, size, step): sliding windows along dim (HaloNet's key/value blocks): dim holds
+#   the windows' starts and a new last dim their elements; other dims pass. Windows over a
+#   channel dim overlap channels: those freeze.
+@register(aten.unfold)
+def sliding_windows_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x = inputs[0]
+    if x is None:
+        return (None,)
+    d = _dim(ctx.arg("dimension"), len(x))
+    if x[d] is not None:
+        ctx.freeze(x[d], f"{ctx.where()} takes sliding windows along this dim")
+    return (tuple(None if i == d else m for i, m in enumerate(x)) + (None,),)
+
+
 # unfold / im2col(x[N, C, H, W], k) -> [N, C*kh*kw, L]: out channels c*kh*kw .. c*kh*kw+kh*kw-1
 #   are channel c's patch: each in atom repeated kh*kw times (as flatten does); L carries none.
 @register(aten.im2col)
