@@ -124,6 +124,7 @@ SAMPLES = {
     "aten.new_zeros": lambda m, y: y + y.new_zeros(1),
     "aten.glu": lambda m, y: F.glu(y, dim=1),
     "aten.channel_shuffle": lambda m, y: F.channel_shuffle(y, 2),
+    "aten.feature_dropout_": lambda m, y: F.dropout2d(y.clone(), 0.2, training=False, inplace=True),
     "aten.unfold": lambda m, y: y.unfold(2, 3, 1).mean(-1),
     "aten.im2col": lambda m, y: F.unfold(y, 3, padding=1).view(2, -1, 6, 6),
     "aten.col2im": lambda m, y: F.fold(F.unfold(y, 2, stride=2), (6, 6), 2, stride=2),
@@ -173,6 +174,17 @@ def test_every_registered_op_is_covered_or_listed(covered_ops):
         "registered ops without a sample changed; newly uncovered: "
         f"{sorted(set(uncovered) - set(listed))}, newly covered (remove from the list): "
         f"{sorted(set(listed) - set(uncovered))}")
+
+
+def test_an_empty_part_of_a_cat_constrains_nothing():
+    """segmentation_models_pytorch's MiT encoder hands a 0-channel placeholder feature to a
+    decoder that concatenates it: the real part's channels had frozen."""
+    model = Probe(lambda m, y: torch.cat([y, y.new_empty(y.shape[0], 0, *y.shape[2:])], 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = analyze(capture(model, x))
+    assert len(graph.units) == 8 and not [f for f in graph.frozen if "concatenates" in f.reason]
+    units = sample_units(graph, 0.5, np.random.default_rng(0))
+    assert verify(model, graph, units, x).ok
 
 
 def test_register_rejects_overloads_and_duplicates():
