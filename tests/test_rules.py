@@ -125,6 +125,11 @@ SAMPLES = {
     "aten.glu": lambda m, y: F.glu(y, dim=1),
     "aten.channel_shuffle": lambda m, y: F.channel_shuffle(y, 2),
     "aten.feature_dropout_": lambda m, y: F.dropout2d(y.clone(), 0.2, training=False, inplace=True),
+    "aten.index_put": lambda m, y: torch.zeros(2, y.shape[1], 6, 6).index_put(
+        (torch.tensor([1, 0]),), y),
+    "torchvision.roi_align": lambda m, y: __import__("torchvision").ops.roi_align(
+        y, [torch.tensor([[0.0, 0.0, 4.0, 5.0], [1.0, 1.0, 5.0, 5.0]]),
+            torch.tensor([[0.5, 0.0, 3.0, 3.0]])], 3),
     "aten.unfold": lambda m, y: y.unfold(2, 3, 1).mean(-1),
     "aten.im2col": lambda m, y: F.unfold(y, 3, padding=1).view(2, -1, 6, 6),
     "aten.col2im": lambda m, y: F.fold(F.unfold(y, 2, stride=2), (6, 6), 2, stride=2),

@@ -5,7 +5,7 @@ spatial ops (pooling, upsampling, padding), indexing.
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -210,6 +210,82 @@ def index_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if new < 0 or tuple(sizes) != out_shape:  # a layout this rule does not know: fail closed
         ctx.freeze(x, f"{ctx.where()} indexes in a layout the index rule does not follow")
         return (None,)
+    return (tuple(out),)
+
+
+#: ops that make a tensor from sizes alone: one made to be filled takes what is written into it
+_FACTORIES = (aten.zeros, aten.empty, aten.full, aten.ones, aten.new_zeros, aten.new_empty,
+              aten.new_full, aten.new_ones)
+_INDEX_PUTS = (aten.index_put, aten.index_put_, aten._unsafe_index_put)
+
+
+def _made_to_fill(arg: Any) -> bool:
+    """Whether ``arg`` is a tensor made from sizes alone (through earlier index_puts)."""
+    while isinstance(arg, torch.fx.Node) and getattr(arg.target, "overloadpacket", None) \
+            in _INDEX_PUTS:
+        arg = arg.args[0]
+    return isinstance(arg, torch.fx.Node) and \
+        getattr(arg.target, "overloadpacket", None) in _FACTORIES
+
+
+# index_put(x, [i0, None, ...], v): x[indices] = v. v broadcasts against x[indices], laid out as
+# ``index`` lays it out; where both carry channels they unify. A tensor made from sizes to be
+# filled (MultiScaleRoIAlign's zeros of its input's width, filled level by level) takes the
+# channels written into it; any other fixed-size x freezes them (a width fixed in Python
+# would break the pruned model, so it must not be pruned). The dims written by index, and
+# indices or masks that carry channels, are pinned.
+@register(*_INDEX_PUTS)
+def index_put_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x, values = inputs[0], inputs[2]
+    indices = list(node.args[1])
+    ctx.pin(inputs[1], f"{ctx.where()} uses channels as indices")
+    in_shape = ctx.shape(node.args[0])
+    rank = len(in_shape)
+    out = list(x) if x is not None else [None] * rank
+    vals = [i.meta.get("val") for i in indices if i is not None]
+    used = [i for i, idx in enumerate(indices) if idx is not None]
+    if any(not isinstance(v, torch.Tensor) or v.dtype == torch.bool for v in vals) \
+            or not isinstance(node.args[2], torch.fx.Node):
+        ctx.freeze([x, values], f"{ctx.where()} writes by a mask or in a layout the index_put "
+                                "rule does not follow")
+        return (None,)
+    for d in used:
+        if out[d] is not None:
+            ctx.pin(out[d], f"{ctx.where()} writes into channels by index")
+            out[d] = None
+    adjacent = used == list(range(used[0], used[-1] + 1)) if used else True
+    at = used[0] if used and adjacent else 0
+    kept = [d for d in range(rank) if d not in used]
+    before = [d for d in kept if d < at] if adjacent else []
+    view = [(d, in_shape[d]) for d in before] + \
+        [(None, int(s)) for s in torch.broadcast_shapes(*[v.shape for v in vals])] + \
+        [(d, in_shape[d]) for d in kept if d not in before]
+    v_shape = ctx.shape(node.args[2])
+    v_map = values if values is not None else (None,) * len(v_shape)
+    lead = len(view) - len(v_shape)
+    if lead < 0:
+        ctx.freeze([x, values], f"{ctx.where()} writes in a layout the index_put rule does not "
+                                "follow")
+        return (None,)
+    fill = _made_to_fill(node.args[0])
+    for k, (d, size) in enumerate(view[lead:]):
+        v_atoms = v_map[k]
+        if d is None or v_shape[k] != size:  # index positions, or broadcast from 1
+            if v_atoms is not None:
+                ctx.freeze(v_atoms, f"{ctx.where()} writes channels where an index or a "
+                                    "broadcast puts them")
+            continue
+        if v_atoms is not None and out[d] is not None:
+            ctx.unify(out[d], v_atoms)
+        elif v_atoms is not None:
+            if fill:
+                out[d] = v_atoms
+            else:
+                ctx.freeze(v_atoms, f"{ctx.where()} writes channels into a tensor of fixed "
+                                    f"size {size}")
+        elif out[d] is not None and size > 1:
+            ctx.pin(out[d], f"{ctx.where()} writes a tensor of fixed size {size} into channels")
+            out[d] = None
     return (tuple(out),)
 
 
@@ -480,6 +556,21 @@ def sliding_windows_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if x[d] is not None:
         ctx.freeze(x[d], f"{ctx.where()} takes sliding windows along this dim")
     return (tuple(None if i == d else m for i, m in enumerate(x)) + (None,),)
+
+
+# roi_align/roi_pool(x[N, C, H, W], rois[K, 5], ...) -> [K, C, ph, pw] (torchvision; an
+#   R-CNN's box head input): each channel is pooled on its own over each box; the boxes' dim
+#   holds coordinates and x's spatial dims are interpolated over: their atoms freeze.
+@register("torchvision::roi_align", "torchvision::roi_pool")
+def roi_pool_rule(ctx: RuleContext, node, inputs: list) -> tuple:
+    x, rois = inputs[0], inputs[1]
+    ctx.freeze(rois, f"{ctx.where()} reads this tensor as boxes")
+    if x is None:
+        return tuple(None for _ in node_outputs(node))
+    ctx.freeze(list(x[2:]), f"{ctx.where()} pools this dim over each box")
+    out = (None, x[1]) + (None,) * (len(x) - 2)
+    # roi_pool also returns the argmax positions, shaped as the pooled values
+    return tuple(out if isinstance(v, torch.Tensor) else None for v in node_outputs(node))
 
 
 # unfold / im2col(x[N, C, H, W], k) -> [N, C*kh*kw, L]: out channels c*kh*kw .. c*kh*kw+kh*kw-1
