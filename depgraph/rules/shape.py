@@ -41,8 +41,8 @@ def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     rank = len(ctx.out_shape())
     dim = _dim(ctx.arg("dim", default=0), rank)
     # empty parts add nothing (the legacy (0,) tensor, an encoder's 0-channel placeholder)
-    tensors = [(n, m) for n, m in zip(node.args[0], inputs[0])
-               if ctx.shape(n) != (0,) and not (len(ctx.shape(n)) == rank and ctx.shape(n)[dim] == 0)]
+    tensors = [(n, m) for n, m in zip(node.args[0], inputs[0]) if ctx.shape(n) != (0,)
+               and not (len(ctx.shape(n)) == rank and ctx.shape(n)[dim] == 0)]
     parts = [m[dim] if m is not None else None for _, m in tensors]
     if all(p is None for p in parts):
         cat_atoms = None
