@@ -141,6 +141,26 @@ def test_transformer_encoder_prunes_past_its_fused_path():
     assert result.report.flops_ratio <= 0.51
 
 
+def test_cross_attention_costs_what_its_pruned_heads_cost():
+    """nn.Transformer's decoder attends from 7 target tokens to 10 memory tokens: torch splits
+    the packed in_proj_weight into q and k/v rows, so those linears name no parameter. Their
+    cost had stayed at full width in the cost model, and 0.5 landed at 0.39."""
+    from depgraph.cost import cost_model
+    from pruners import plan_pruning
+
+    torch.manual_seed(0)
+    model = nn.Transformer(64, 4, 2, 2, 128, batch_first=True).eval()
+    x = (torch.randn(2, 10, 64), torch.randn(2, 7, 64))
+    result = prune(model, x, target_flops=0.5)
+    assert 0.49 <= result.report.flops_ratio <= 0.5
+    cross = result.model.decoder.layers[0].multihead_attn
+    assert cross.in_proj_weight.shape[0] < 3 * 64
+    planned = plan_pruning(model, x, target_flops=0.5)
+    costs = cost_model(planned.graph)
+    predicted = costs.evaluate(costs.kept_after(planned.graph, set(planned.removed)))[0]
+    assert predicted / costs.full()[0] == pytest.approx(result.report.flops_ratio, abs=0.005)
+
+
 def test_zero_attention_heads_freeze_with_a_reason_and_the_rest_prunes():
     torch.manual_seed(0)
     model, x = Block("zero_attn").eval(), torch.randn(2, 6, 8)

@@ -190,9 +190,12 @@ def linear_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     out_shape = ctx.out_shape()
     lead = tuple(x[:-1]) if x is not None else (None,) * (len(out_shape) - 1)
     # a linear over another dim than the channels (token mixing: x[B, C, N] @ W[N, N]) costs
-    # in proportion to the channels it is applied to as well as to its weight's widths
+    # in proportion to the channels it is applied to as well as to its weight's widths; so
+    # does one whose weight is computed (cross-attention's k/v rows split from in_proj_weight),
+    # which names no parameter whose dims would say it
     batch = [m for m in lead if m is not None]
-    atoms = tuple(m for m in (*batch, w[0], w[1]) if m is not None) if batch else None
+    atoms = tuple(m for m in (*batch, w[0], w[1]) if m is not None) \
+        if batch or ctx.param(node.args[1]) is None else None
     _record(ctx, "linear", node.args[1], 1, 0, math.prod(out_shape) * w_shape[1], atoms=atoms)
     return (lead + (w[0],),)
 
