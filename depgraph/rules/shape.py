@@ -597,10 +597,7 @@ def col2im_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     ctx.freeze(x[-1], f"{ctx.where()} treats this dim as spatial")
     if x[-2] is None:
         return (tuple(x[:-2]) + (None, None, None),)
-    blocks = x[-2].reshape(-1, patch)
-    for k in range(1, patch):
-        ctx.unify(blocks[:, 0], blocks[:, k])
-    return (tuple(x[:-2]) + (blocks[:, 0].copy(), None, None),)
+    return (tuple(x[:-2]) + (_merged_blocks(ctx, x[-2], patch), None, None),)
 
 
 # channel_shuffle(x[N, C, ...], g): out channel j*g + i is in channel i*(C/g) + j, i.e.
@@ -626,11 +623,17 @@ def pixel_shuffle_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if x is None or x[-3] is None:
         return (None,) if x is None else (tuple(x[:-3]) + (None, None, None),)
     r2 = int(ctx.arg("upscale_factor")) ** 2
-    blocks = x[-3].reshape(-1, r2)
-    for k in range(1, r2):
-        ctx.unify(blocks[:, 0], blocks[:, k])
     ctx.freeze(list(x[-2:]), f"{ctx.where()} treats this dim as spatial")
-    return (tuple(x[:-3]) + (blocks[:, 0].copy(), None, None),)
+    return (tuple(x[:-3]) + (_merged_blocks(ctx, x[-3], r2), None, None),)
+
+
+def _merged_blocks(ctx: RuleContext, atoms: np.ndarray, size: int) -> np.ndarray:
+    """Channels that become one out channel in consecutive blocks of ``size`` (pixel shuffle,
+    fold): each block's atoms unify; one atom per block."""
+    blocks = atoms.reshape(-1, size)
+    for k in range(1, size):
+        ctx.unify(blocks[:, 0], blocks[:, k])
+    return blocks[:, 0].copy()
 
 
 # pixel_unshuffle(x[N, C, H, W], r) -> [N, C*r*r, H/r, W/r]: out channels c*r*r .. c*r*r + r*r - 1
