@@ -101,11 +101,7 @@ def _conv_forward(ctx: RuleContext, xc, w_in, w_out, groups: int, w_shape: tuple
         else:
             ctx.unify(np.repeat(xc, m), w_out)
         return w_out
-    if w_out is not None:
-        per_group_out = out_channels // groups
-        rows = w_out.reshape(groups, per_group_out)
-        for k in range(1, groups):
-            ctx.unify(rows[0], rows[k])
+    ctx.unify_parts(w_out, groups)
     if xc is None:
         ctx.freeze(w_in, f"{ctx.where()} {_NO_SOURCE}")
     else:
@@ -120,9 +116,7 @@ def _conv_transpose(ctx: RuleContext, xc, w_in, w_out, groups: int):
     else:
         ctx.unify(xc, w_in)
     if groups > 1:
-        rows = w_in.reshape(groups, -1)
-        for k in range(1, groups):
-            ctx.unify(rows[0], rows[k])
+        ctx.unify_parts(w_in, groups)
         return np.tile(w_out, groups) if w_out is not None else None
     return w_out
 
@@ -140,10 +134,7 @@ def deform_conv_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     xc = x[1] if x is not None else None
     if x is not None:
         ctx.freeze(list(x[2:]), f"{ctx.where()} convolves over this dim")
-    if xc is not None:
-        shares = xc.reshape(int(ctx.arg("offset_groups")), -1)
-        for k in range(1, len(shares)):
-            ctx.unify(shares[0], shares[k])
+    ctx.unify_parts(xc, int(ctx.arg("offset_groups")))
     if w is None or all(m is None for m in w):
         ctx.freeze(xc, f"{ctx.where()} uses a constant weight of fixed size")
         out_atoms = None
@@ -403,9 +394,7 @@ def group_norm_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         else:
             ctx.unify(xc, p[0])
     if xc is not None and len(xc) != groups:
-        rows = xc.reshape(groups, -1)
-        for k in range(1, groups):
-            ctx.unify(rows[0], rows[k])
+        ctx.unify_parts(xc, groups)
         ctx.mark_inexact(xc, f"{ctx.where()} normalises over groups of channels")
     _record(ctx, "group_norm", node.args[2 if not native else 1], None, 0, math.prod(x_shape))
     if native:

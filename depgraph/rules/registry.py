@@ -203,6 +203,14 @@ class RuleContext:
             raise ValueError(f"{self.where()}: cannot unify {len(a)} with {len(b)} channels")
         self.unions.append((a, b))
 
+    def unify_parts(self, atoms: Optional[np.ndarray], parts: int) -> None:
+        """The ``parts`` equal consecutive parts of ``atoms`` keep one width: index ``j`` of
+        every part is pruned together (groups of a conv or a norm, equal chunks)."""
+        if atoms is None or parts <= 1:
+            return
+        rows = atoms.reshape(parts, -1)
+        self.unify(rows[:-1].reshape(-1), rows[1:].reshape(-1))
+
     def freeze(self, atoms: Any, why: str) -> None:
         """Never prune these atoms (an array, an atom map, or a list of either)."""
         for arr in _arrays(atoms):

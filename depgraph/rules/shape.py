@@ -111,9 +111,7 @@ def split_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         if packet == aten.unbind:
             ctx.freeze(atoms, f"{ctx.where()} unbinds a channel dim into separate tensors")
         elif len(set(sizes)) == 1 and len(sizes) > 1:
-            first = atoms[:sizes[0]]
-            for i in range(1, len(sizes)):
-                ctx.unify(first, atoms[i * sizes[0]:(i + 1) * sizes[0]])
+            ctx.unify_parts(atoms[:sizes[0] * len(sizes)], len(sizes))
     if packet in _SIZED_SPLITS and atoms is not None:
         ctx.python_sizes([(size, r[dim]) for size, r in zip(sizes, results)])
     return tuple(results)
@@ -174,6 +172,27 @@ def index_select_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     return (tuple(None if i == dim else m for i, m in enumerate(x)),)
 
 
+def _index_layout(indices: list, rank: int) -> tuple[list[int], list[int], list[int]]:
+    """Advanced indexing's layout (NumPy's rule) for ``x[indices]`` with ``x`` of ``rank``:
+    the dims the indices cover (a boolean mask covers as many as it has), and the other dims
+    that come before and after the indices' broadcast dims, which stand where the first
+    indexed dim was when the indexed dims are adjacent, else in front."""
+    covered: list[list[int]] = []  # the dims of x each index entry covers
+    d = 0
+    for idx in indices:
+        val = idx.meta.get("val") if isinstance(idx, torch.fx.Node) else None
+        span = val.dim() if val is not None and val.dtype == torch.bool else 1
+        covered.append(list(range(d, d + span)) if idx is not None else [])
+        d += span
+    indexed = [dim for dims in covered for dim in dims]
+    kept = [dim for dim in range(rank) if dim not in indexed]
+    used = [i for i, idx in enumerate(indices) if idx is not None]
+    adjacent = used == list(range(used[0], used[-1] + 1)) if used else True
+    at = covered[used[0]][0] if used and adjacent else 0
+    before = [dim for dim in kept if dim < at] if adjacent else []
+    return indexed, before, [dim for dim in kept if dim not in before]
+
+
 # index(x, [i0, None, i2, ...]): advanced indexing (``table[position_index]``, ``x[mask]``).
 # Dims with an index are replaced by the indices' broadcast dims, placed where the first one
 # was when the indexed dims are adjacent, else in front (NumPy's rule); the other dims pass
@@ -184,25 +203,12 @@ def index_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     ctx.pin(inputs[1], f"{ctx.where()} uses channels as indices")  # skips the None entries
     if x is None:
         return (None,)
-    covered: list[list[int]] = []  # the dims of x each index entry covers
-    d = 0
-    for idx in indices:
-        val = idx.meta.get("val") if isinstance(idx, torch.fx.Node) else None
-        span = val.dim() if val is not None and val.dtype == torch.bool else 1
-        covered.append(list(range(d, d + span)) if idx is not None else [])
-        d += span
-    indexed = [dim for dims in covered for dim in dims]
-    kept = [dim for dim in range(len(x)) if dim not in indexed]
+    indexed, before, after = _index_layout(indices, len(x))
     rank = len(ctx.out_shape())
-    new = rank - len(kept)  # dims the broadcast indices add
+    new = rank - len(before) - len(after)  # dims the broadcast indices add
     for dim in indexed:
         if x[dim] is not None:  # pinned: a table's rows are no channels unless they flow on
             ctx.pin(x[dim], f"{ctx.where()} picks channels by index")
-    used = [i for i, idx in enumerate(indices) if idx is not None]
-    adjacent = used == list(range(used[0], used[-1] + 1)) if used else True
-    at = covered[used[0]][0] if used and adjacent else 0
-    before = [dim for dim in kept if dim < at] if adjacent else []
-    after = [dim for dim in kept if dim not in before]
     out = [x[dim] for dim in before] + [None] * new + [x[dim] for dim in after]
     in_shape, out_shape = ctx.shape(node.args[0]), ctx.out_shape()
     sizes = [in_shape[dim] for dim in before] + list(out_shape[len(before):len(before) + new]) \
@@ -243,23 +249,19 @@ def index_put_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     rank = len(in_shape)
     out = list(x) if x is not None else [None] * rank
     vals = [i.meta.get("val") for i in indices if i is not None]
-    used = [i for i, idx in enumerate(indices) if idx is not None]
     if any(not isinstance(v, torch.Tensor) or v.dtype == torch.bool for v in vals) \
             or not isinstance(node.args[2], torch.fx.Node):
         ctx.freeze([x, values], f"{ctx.where()} writes by a mask or in a layout the index_put "
                                 "rule does not follow")
         return (None,)
-    for d in used:
+    indexed, before, after = _index_layout(indices, rank)
+    for d in indexed:
         if out[d] is not None:
             ctx.pin(out[d], f"{ctx.where()} writes into channels by index")
             out[d] = None
-    adjacent = used == list(range(used[0], used[-1] + 1)) if used else True
-    at = used[0] if used and adjacent else 0
-    kept = [d for d in range(rank) if d not in used]
-    before = [d for d in kept if d < at] if adjacent else []
     view = [(d, in_shape[d]) for d in before] + \
         [(None, int(s)) for s in torch.broadcast_shapes(*[v.shape for v in vals])] + \
-        [(d, in_shape[d]) for d in kept if d not in before]
+        [(d, in_shape[d]) for d in after]
     v_shape = ctx.shape(node.args[2])
     v_map = values if values is not None else (None,) * len(v_shape)
     lead = len(view) - len(v_shape)
@@ -608,10 +610,9 @@ def channel_shuffle_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
     if x is None or x[1] is None:
         return (x,)
-    parts = x[1].reshape(int(ctx.arg("groups")), -1)
-    for k in range(1, len(parts)):
-        ctx.unify(parts[0], parts[k])
-    return (tuple(x[:1]) + (parts.T.reshape(-1).copy(),) + tuple(x[2:]),)
+    groups = int(ctx.arg("groups"))
+    ctx.unify_parts(x[1], groups)
+    return (tuple(x[:1]) + (x[1].reshape(groups, -1).T.reshape(-1).copy(),) + tuple(x[2:]),)
 
 
 # pixel_shuffle(x[N, C*r*r, H, W], r) -> [N, C, H*r, W*r]: out channel c is made of in channels
