@@ -128,6 +128,8 @@ class ChannelGraph:
     # (module, unit id per position of each width) for widths that module's code passes as
     # Python numbers (split sizes, a view's new dims); see ``size_changes``
     sizes: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
+    # (module, unit id per position) of what that code splits by such numbers: the whole
+    totals: list[tuple[str, np.ndarray]] = field(default_factory=list)
     precision: torch.dtype = torch.float32
     points: dict[str, tuple] = field(default_factory=dict)
 
@@ -168,13 +170,21 @@ class ChannelGraph:
         for one that stays everywhere (so that an attribute equal to it is not taken for
         another width of that value that shrinks). A width that would become two different
         sizes, or stay in one place and change in another, is left out: no single attribute
-        value could serve both."""
+        value could serve both. The whole a module's code splits by such numbers counts as one
+        more width (``totals``) where none of its parts has that width."""
         removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
         seen: dict[str, dict[int, set[int]]] = {}
         for module, arrays in self.sizes:
             for ids in arrays:
                 new = len(ids) - int(np.isin(ids, removed_arr).sum())
                 seen.setdefault(module, {}).setdefault(len(ids), set()).add(new)
+        wholes: dict[str, dict[int, set[int]]] = {}
+        for module, ids in self.totals:  # a part of the same width speaks for itself
+            if len(ids) not in seen.get(module, {}):
+                new = len(ids) - int(np.isin(ids, removed_arr).sum())
+                wholes.setdefault(module, {}).setdefault(len(ids), set()).add(new)
+        for module, olds in wholes.items():
+            seen.setdefault(module, {}).update(olds)
         out: dict[str, dict[int, int]] = {}
         for module, olds in seen.items():
             out[module] = {old: next(iter(news)) for old, news in olds.items() if len(news) == 1}
@@ -186,6 +196,7 @@ class ChannelGraph:
         return {"layer_units": {i: tuple(mapping[ids] for ids in arrays)
                                 for i, arrays in self.layer_units.items()},
                 "sizes": [(m, tuple(mapping[ids] for ids in arrays)) for m, arrays in self.sizes],
+                "totals": [(m, mapping[ids]) for m, ids in self.totals],
                 "points": {m: tuple(None if amap is None else
                                     tuple(None if ids is None else mapping[ids] for ids in amap)
                                     for amap in maps) for m, maps in self.points.items()}}
@@ -243,7 +254,8 @@ class ChannelGraph:
         return ChannelGraph(marked, self.groups, self.frozen, self.unit_index, self.param_shapes,
                             self.consumers, self.layers, notes=list(self.notes),
                             buffers=self.buffers, layer_units=self.layer_units,
-                            sizes=self.sizes, precision=self.precision, points=self.points)
+                            sizes=self.sizes, totals=self.totals, precision=self.precision,
+                            points=self.points)
 
     def without_groups(self, reasons: dict[int, str]) -> "ChannelGraph":
         """A new graph in which the units of the given groups are frozen with ``reasons``.

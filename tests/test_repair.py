@@ -9,7 +9,8 @@ from torch import nn
 
 from depgraph import analyze, capture
 from models import cbr
-from pruners import Plan, find_unprunable_groups, repair_graph, sample_units, verify
+from pruners import (Plan, apply_plan, find_unprunable_groups, repair_graph, sample_units,
+                     verify)
 from pruners.repair import link_input_widths
 from pruners.repair import probe_inputs
 
@@ -52,7 +53,7 @@ def test_a_split_by_an_attribute_rewrites_it_and_the_plan_carries_it(tmp_path):
     units = list(g.groups[gid].units[:3])  # 3 channels of each half
     assert verify(model, g, units, x).ok
     plan = Plan.from_units(g, units)
-    assert plan.sizes == {"": {8: 5}}
+    assert plan.sizes == {"": {8: 5, 16: 10}}  # each half, and the whole that is split
     plan.save(tmp_path / "plan.json")
     pruned = apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
     assert pruned.c == 5 and pruned.cv1[0].out_channels == 10
@@ -72,11 +73,57 @@ def test_plans_that_rewrite_an_attribute_compose():
     g2 = analyze(capture(once, x))
     (_, (half, _)), = g2.sizes  # the units of each half of the split
     second = Plan.from_units(g2, half[-2:].tolist())
-    assert first.then(second).sizes == {"": {8: 3}}
+    assert first.then(second).sizes == {"": {8: 3, 16: 6}}
     both = apply_plan(copy.deepcopy(model), first.then(second))
     twice = apply_plan(once, second)
     assert both.c == twice.c == 3
     torch.testing.assert_close(both(x), twice(x))
+
+
+class HalfSplit(BakedSplit):
+    """timm's CrossStage: ``x.split(self.expand_chs // 2)`` holds the whole, not the half."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand_chs = 16
+
+    def forward(self, x):
+        a, b = self.cv1(self.stem(x)).split(self.expand_chs // 2, dim=1)
+        return self.head(self.cv2(torch.cat((a, self.m(b)), 1)))
+
+
+class RemainderSplit(nn.Module):
+    """SHViT: ``split([self.pdim, self.dim - self.pdim])`` keeps a part and the whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.m, self.head = cbr(3, 16), cbr(6, 6), cbr(16, 4, 1)
+        self.dim, self.pdim = 16, 6
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.split([self.pdim, self.dim - self.pdim], dim=1)
+        return self.head(torch.cat((self.m(a), b), 1) + x)
+
+
+@pytest.mark.parametrize("make", [HalfSplit, RemainderSplit])
+def test_a_split_by_a_width_derived_from_the_whole_rewrites_the_whole(make):
+    """The attribute equal to what is split (not to a part) follows it; before, the group
+    froze as "a width fixed in Python"."""
+    x = torch.randn(1, 3, 8, 8)
+    model = make().eval()
+    g = analyze(capture(model, x))
+    assert find_unprunable_groups(model, g, x) == {}
+    split = "cv1.0.weight" if make is HalfSplit else "stem.0.weight"
+    (gid,) = [grp.id for grp in g.groups if (split, 0, 16) in grp.dims]
+    split_units = [u for u in g.groups[gid].units
+                   if any(sl.param == split and sl.dim == 0 for sl in g.slices(u))]
+    units = split_units[-3:]  # (RemainderSplit: from the part pdim leaves)
+    assert verify(model, g, units, x).ok
+    pruned = apply_plan(copy.deepcopy(model), Plan.from_units(g, units))
+    whole = pruned.expand_chs if make is HalfSplit else pruned.dim
+    assert whole == 16 - (6 if make is HalfSplit else 3)  # HalfSplit's units hold a pair
+    pruned(x)
 
 
 def test_repair_freezes_exactly_the_group_with_a_baked_width():

@@ -114,6 +114,8 @@ def split_rule(ctx: RuleContext, node, inputs: list) -> tuple:
             ctx.unify_parts(atoms[:sizes[0] * len(sizes)], len(sizes))
     if packet in _SIZED_SPLITS and atoms is not None:
         ctx.python_sizes([(size, r[dim]) for size, r in zip(sizes, results)])
+        if len(sizes) > 1:
+            ctx.python_split(atoms[:sum(sizes)])
     return tuple(results)
 
 
