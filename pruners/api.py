@@ -36,7 +36,8 @@ from .importance import Importance, check_importance, score_units
 from .plan import Plan, apply_plan
 from .recovery import adopt_state, check_methods, recover
 from .reparam import Lifted, deepcopy_model, lift, restore, sparsity
-from .repair import find_unprunable_groups, freeze_unprunable, link_input_widths, probe_run
+from .repair import (find_unprunable_groups, freeze_unprunable, link_equal_sizes,
+                     link_input_widths, probe_run)
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
                      python_width_rewrites)
 from .screen import ShapeScreen, dense_run, input_share
@@ -423,6 +424,8 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
     bad = find_unprunable_groups(work, graph, small, where=raised, compare=not deferred,
                                  **probing)
     graph, bad, linked = link_input_widths(work, graph, bad, raised, small, **probing)
+    graph, bad, equal = link_equal_sizes(work, graph, bad, raised, small, **probing)
+    linked += equal
     clock.lap("repair")
     return _Analysis(graph, notes + linked, boundary, kw, probe, bad, deferred, hardware,
                      round_to)
@@ -444,7 +447,12 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                                       **{**analysis.probing, "screen": None})
 
     meta = {"model": type(work).__name__, "target": f"{target.kind}={target.value:g}"}
+    raising: Optional[dict[int, str]] = None  # where the groups a plan found raised
     for _ in range(4 if analysis.deferred else 3):
+        if analysis.bad and raising is not None:  # a plan failed: ties may mend what it found
+            analysis.graph, analysis.bad, tied = link_equal_sizes(
+                work, analysis.graph, analysis.bad, raising, small, **analysis.probing)
+            analysis.notes += tied
         if analysis.bad:
             graph = analysis.graph
             analysis.notes += [f"froze group {g} ({', '.join(graph.groups[g].layers[:3])}): "
@@ -507,13 +515,16 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
             check = None  # normalisation statistics change: no exact reference to compare
         if failed and analysis.deferred and check is not None:  # outputs differ: cheap first
             analysis.deferred, analysis.bad = False, compare_groups()
+        raising = {}
         if raised:  # the plan does not run (often in train mode only): on the probes' inputs
             analysis.bad = find_unprunable_groups(work, graph, small, probes=probes,
                                                   train_mode=True, train_inputs=small,
+                                                  where=raising,
                                                   **{**kw, "dense": analysis.probe})
         if failed and not analysis.bad:  # bisect the plan itself, at the example's size
             analysis.bad = find_unprunable_groups(work, graph, example_inputs, probes=probes,
-                                                  train_mode=True, train_inputs=small, **kw)
+                                                  train_mode=True, train_inputs=small,
+                                                  where=raising, **kw)
         clock.lap("verify")
         if not analysis.bad:
             own_parameters(pruned, work)

@@ -32,8 +32,8 @@ from depgraph.graph import ChannelGraph, inside
 from .screen import FakeUnsupported, ShapeScreen, _throwaway, fake_shapes, serves
 from .verify import DenseRun, _run_at, run_model, verify
 
-__all__ = ["find_unprunable_groups", "freeze_unprunable", "link_input_widths", "probe_inputs",
-           "probe_run", "repair_graph"]
+__all__ = ["find_unprunable_groups", "freeze_unprunable", "link_equal_sizes",
+           "link_input_widths", "probe_inputs", "probe_run", "repair_graph"]
 
 
 def _probe(graph: ChannelGraph, group: int, sole: set[int]) -> Optional[int]:
@@ -354,16 +354,86 @@ def link_input_widths(model: nn.Module, graph: ChannelGraph, bad: dict[int, str]
                          example_kwargs=example_kwargs, at=at, dense=dense):
                 linked.append((a, sorted({b for b, _, _ in entries}), list(pairs)))
                 break
+    notes = [f"tied the heads of {', '.join(graph.groups[b].layers[0] for b in bs)} to the "
+             f"width of their input ({graph.groups[a].layers[0]}, ...): their code reshapes by "
+             f"the input's width, so the two keep equal counts" for a, bs, _ in linked]
+    return _merge_links(graph, bad, where, linked, notes)
+
+
+def link_equal_sizes(model: nn.Module, graph: ChannelGraph, bad: dict[int, str],
+                     where: dict[int, str], example_inputs: Any, *,
+                     outputs: Optional[Callable] = None,
+                     example_kwargs: Optional[dict] = None,
+                     at: Optional[Sequence[str]] = None,
+                     dense: Optional[DenseRun] = None,
+                     screen: Optional[ShapeScreen] = None
+                     ) -> tuple[ChannelGraph, dict[int, str], list[str]]:
+    """Tie groups whose widths one Python number serves.
+
+    EfficientViT's cascaded attention splits every head's q/k/v by ``[self.key_dim,
+    self.key_dim, self.val_dim]``, and all but the last head's values are added to the next
+    head's input; SHViT's ``self.pdim`` is both the width of the input part its attention
+    takes and of its values. One shrinking alone makes the number wrong for the other, so
+    repair found it failing. For a failing group, each width its units fill wholly that the
+    same module's code passes as a number (``ChannelGraph.sizes``) is tied, position by
+    position, to every other width of that value in that module made wholly of one group (its
+    own too: EfficientViT's last head's values and the others' are all in one group, but not
+    the same units): in every module first, then in the one that raised. The first layout
+    whose one-unit probe runs is kept. Returns as ``link_input_widths`` does.
+    """
+    group_of = np.array([u.group for u in graph.units] + [-1], dtype=np.int64)
+    by_width: dict[tuple[str, int], list[np.ndarray]] = {}  # widths made wholly of one group
+    for name, arrays in graph.sizes:
+        for ids in arrays:
+            if len(ids) and (ids >= 0).all() and (group_of[ids] == group_of[ids[0]]).all():
+                by_width.setdefault((name, len(ids)), []).append(ids)
+    linked: list[tuple[int, list[int], list[tuple[int, int]]]] = []
+    done: set[int] = set()
+    for a in sorted(bad):
+        if a in done:
+            continue
+        layouts: list[tuple[tuple[int, int], ...]] = []
+        for scope in ("", where.get(a)):
+            pairs: list[tuple[int, int]] = []
+            for (name, _), arrays in by_width.items():
+                ref = next((ids for ids in arrays if group_of[ids[0]] == a), None)
+                if scope is None or ref is None or not inside(name, scope):
+                    continue
+                pairs += [(int(u), int(v)) for ids in arrays for u, v in zip(ref, ids)
+                          if u != v]
+            if pairs:
+                layouts.append(tuple(dict.fromkeys(pairs)))
+        for pairs in dict.fromkeys(layouts):
+            if _tie_runs(model, graph, a, list(pairs), example_inputs, screen, outputs=outputs,
+                         example_kwargs=example_kwargs, at=at, dense=dense):
+                others = sorted({int(group_of[v]) for _, v in pairs} - {a})
+                linked.append((a, others, list(pairs)))
+                done |= {a, *others}
+                break
+    notes = [f"tied channels of {', '.join(graph.groups[g].layers[0] for g in [a, *bs])}, "
+             f"... position by position: one number in the model's code gives the width of "
+             f"each, so they keep equal counts" for a, bs, _ in linked]
+    return _merge_links(graph, bad, where, linked, notes)
+
+
+def _merge_links(graph: ChannelGraph, bad: dict[int, str], where: dict[int, str],
+                 linked: list[tuple[int, list[int], list[tuple[int, int]]]], notes: list[str]
+                 ) -> tuple[ChannelGraph, dict[int, str], list[str]]:
+    """``graph`` with the units ``linked``'s pairs tie merged, what of ``bad`` stays
+    unprunable, and ``notes``; ``where`` is renumbered in place, as ``bad`` is."""
     if not linked:
         return graph, bad, []
     graph_out, mapping = graph.with_merged([p for _, _, pairs in linked for p in pairs])
     tied = {a for a, _, _ in linked} | {b for _, bs, _ in linked for b in bs}
-    remaining = {int(group_of_new): why for g, why in bad.items() if g not in tied
-                 for group_of_new in [graph_out.units[int(mapping[graph.groups[g].units[0]])]
-                                      .group]}
-    notes = [f"tied the heads of {', '.join(graph.groups[b].layers[0] for b in bs)} to the "
-             f"width of their input ({graph.groups[a].layers[0]}, ...): their code reshapes by "
-             f"the input's width, so the two keep equal counts" for a, bs, _ in linked]
+
+    def new_id(g: int) -> int:
+        return int(graph_out.units[int(mapping[graph.groups[g].units[0]])].group)
+
+    remaining = {new_id(g): why for g, why in bad.items() if g not in tied}
+    moved = {new_id(g): module for g, module in where.items()
+             if g not in tied and graph.groups[g].units}
+    where.clear()
+    where.update(moved)
     return graph_out, remaining, notes
 
 
@@ -425,10 +495,12 @@ def repair_graph(model: nn.Module, graph: ChannelGraph, example_inputs: Any, *,
                  example_kwargs: Optional[dict] = None,
                  at: Optional[Sequence[str]] = None) -> ChannelGraph:
     """``graph`` with every group the model's code cannot prune frozen (see module docstring),
-    once attention that reads its width from its input is tied to it (``link_input_widths``)."""
+    once attention that reads its width from its input is tied to it (``link_input_widths``)
+    and groups whose widths one number serves are tied together (``link_equal_sizes``)."""
     kw = dict(outputs=outputs, example_kwargs=example_kwargs, at=at)
     raised: dict[int, str] = {}
     bad = find_unprunable_groups(model, graph, example_inputs, where=raised, **kw)
     graph, bad, _ = link_input_widths(model, graph, bad, raised, example_inputs, **kw)
+    graph, bad, _ = link_equal_sizes(model, graph, bad, raised, example_inputs, **kw)
     return freeze_unprunable(graph, bad)
 

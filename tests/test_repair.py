@@ -126,6 +126,74 @@ def test_a_split_by_a_width_derived_from_the_whole_rewrites_the_whole(make):
     pruned(x)
 
 
+class CascadedHeads(nn.Module):
+    """EfficientViT's cascaded attention: every head splits by ``[self.key_dim, self.key_dim,
+    self.val_dim]``, and all but the last head's values join the next head's input chunk."""
+
+    def __init__(self, dim: int = 24, heads: int = 3, key_dim: int = 4):
+        super().__init__()
+        self.key_dim, self.val_dim = key_dim, dim // heads
+        self.stem = cbr(3, dim)
+        self.qkvs = nn.ModuleList(nn.Conv2d(self.val_dim, 2 * key_dim + self.val_dim, 1)
+                                  for _ in range(heads))
+        self.proj, self.head = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        chunks, outs = x.chunk(len(self.qkvs), 1), []
+        feat = chunks[0]
+        for i, qkv in enumerate(self.qkvs):
+            if i:
+                feat = feat + chunks[i]
+            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], 1)
+            attn = (q.flatten(2).transpose(1, 2) @ k.flatten(2)).softmax(-1)
+            feat = (v.flatten(2) @ attn.transpose(1, 2)).view(b, self.val_dim, h, w)
+            outs.append(feat)
+        return self.head(x + self.proj(torch.cat(outs, 1)))
+
+
+class PartialAttention(nn.Module):
+    """SHViT: ``self.pdim`` is the width of the input part the attention takes and of its
+    values, which are different channels."""
+
+    def __init__(self, dim: int = 16, pdim: int = 6, qk: int = 4):
+        super().__init__()
+        self.dim, self.pdim, self.qk = dim, pdim, qk
+        self.stem, self.qkv = cbr(3, dim), nn.Conv2d(pdim, 2 * qk + pdim, 1)
+        self.proj, self.head = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], 1)
+        q, k, v = torch.split(self.qkv(x1), [self.qk, self.qk, self.pdim], 1)
+        attn = (q.flatten(2).transpose(1, 2) @ k.flatten(2)).softmax(-1)
+        x1 = (v.flatten(2) @ attn.transpose(1, 2)).reshape(b, self.pdim, h, w)
+        return self.head(x + self.proj(torch.cat([x1, x2], 1)))
+
+
+@pytest.mark.parametrize("make", [CascadedHeads, PartialAttention])
+def test_widths_one_number_gives_are_tied_and_prune_together(make):
+    """Before, CascadedHeads froze its stream (the last head's values kept ``val_dim``) and
+    PartialAttention's plan failed (its values and input part shrank apart): the target was
+    infeasible. Ties keep the widths one number gives equal, and the check passes."""
+    from pruners import prune
+    torch.manual_seed(0)
+    model, x = make().eval(), torch.randn(1, 3, 8, 8)
+    result = prune(model, x, target_flops=0.5)
+    assert 0.47 <= result.report.flops_ratio <= 0.5
+    assert result.report.verify is not None and result.report.verify.ok
+    assert not any("fixed in Python" in f.reason for f in result.graph.frozen)
+    assert any(n.startswith("tied channels of stem.0") for n in result.report.notes)
+    assert result.model.stem[0].out_channels < 16
+    assert result.model(x).shape == model(x).shape
+    g = repair_graph(model, analyze(capture(model, x)), x)
+    for seed in range(3):
+        units = sample_units(g, 0.5, np.random.default_rng(seed))
+        assert verify(model, g, units, x).ok
+
+
 def test_repair_freezes_exactly_the_group_with_a_baked_width():
     model = BakedSplit().eval()
     x = torch.randn(1, 3, 8, 8)
