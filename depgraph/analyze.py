@@ -329,13 +329,15 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture,
                             for n, a in parts)) for module, parts in ctx.sizes]
     changing = {m for m, arrays in sizes if any((ids >= 0).any() for ids in arrays)}
     sizes = [(m, arrays) for m, arrays in sizes if m in changing]  # the rest never change
-    totals = [(m, ids) for m, atoms in ctx.totals if ((ids := unit_ids(atoms)) >= 0).any()]
+    splits = [(m, parts) for m, parts in ((m, tuple(unit_ids(a) for a in atoms))
+                                          for m, atoms in ctx.splits)
+              if any((ids >= 0).any() for ids in parts)]
     points = {m: tuple(tuple(None if a is None else unit_ids(a) for a in amap)
                        if isinstance(amap, tuple) else None for amap in maps)
               for m, maps in watched.items()}
     graph = ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
                          list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
-                         layer_units=layer_units, sizes=sizes, totals=totals,
+                         layer_units=layer_units, sizes=sizes, splits=splits,
                          precision=_precision(cap, ctx.layers), points=points)
     split = {m for m, _ in ctx.head_splits if m is not None}
     # whole heads are tried only where attention runs (in the module, or around or inside

@@ -128,8 +128,8 @@ class ChannelGraph:
     # (module, unit id per position of each width) for widths that module's code passes as
     # Python numbers (split sizes, a view's new dims); see ``size_changes``
     sizes: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
-    # (module, unit id per position) of what that code splits by such numbers: the whole
-    totals: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    # (module, unit id per position of each part) of every split by such numbers
+    splits: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
     precision: torch.dtype = torch.float32
     points: dict[str, tuple] = field(default_factory=dict)
 
@@ -171,7 +171,7 @@ class ChannelGraph:
         another width of that value that shrinks). A width that would become two different
         sizes, or stay in one place and change in another, is left out: no single attribute
         value could serve both. The whole a module's code splits by such numbers counts as one
-        more width (``totals``) where none of its parts has that width."""
+        more width (``splits``) where none of its parts has that width."""
         removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
         seen: dict[str, dict[int, set[int]]] = {}
         for module, arrays in self.sizes:
@@ -179,7 +179,8 @@ class ChannelGraph:
                 new = len(ids) - int(np.isin(ids, removed_arr).sum())
                 seen.setdefault(module, {}).setdefault(len(ids), set()).add(new)
         wholes: dict[str, dict[int, set[int]]] = {}
-        for module, ids in self.totals:  # a part of the same width speaks for itself
+        for module, parts in self.splits:  # a part of the same width speaks for itself
+            ids = np.concatenate(parts)
             if len(ids) not in seen.get(module, {}):
                 new = len(ids) - int(np.isin(ids, removed_arr).sum())
                 wholes.setdefault(module, {}).setdefault(len(ids), set()).add(new)
@@ -190,13 +191,28 @@ class ChannelGraph:
             out[module] = {old: next(iter(news)) for old, news in olds.items() if len(news) == 1}
         return {module: widths for module, widths in out.items() if widths}
 
+    def split_changes(self, removed: "set[int] | frozenset[int]"
+                      ) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+        """Per module, ``(old sizes, new sizes)`` of each split by numbers whose parts removing
+        ``removed`` changes, in order: a list attribute equal to the old sizes takes the new
+        ones (FocalNet's ``split(x, self.input_split)`` with q narrower than the context, where
+        the width they share, changing in one place only, cannot be rewritten by value)."""
+        removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
+        out: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        for module, parts in self.splits:
+            old = tuple(len(ids) for ids in parts)
+            new = tuple(len(ids) - int(np.isin(ids, removed_arr).sum()) for ids in parts)
+            if new != old and (old, new) not in out.get(module, []):
+                out.setdefault(module, []).append((old, new))
+        return out
+
     def _renumbered(self, mapping: np.ndarray) -> dict:
         """The unit-id-bearing fields other than ``unit_index``, through ``mapping`` (old id ->
         new id, its last slot -1 -> -1)."""
         return {"layer_units": {i: tuple(mapping[ids] for ids in arrays)
                                 for i, arrays in self.layer_units.items()},
                 "sizes": [(m, tuple(mapping[ids] for ids in arrays)) for m, arrays in self.sizes],
-                "totals": [(m, mapping[ids]) for m, ids in self.totals],
+                "splits": [(m, tuple(mapping[ids] for ids in parts)) for m, parts in self.splits],
                 "points": {m: tuple(None if amap is None else
                                     tuple(None if ids is None else mapping[ids] for ids in amap)
                                     for amap in maps) for m, maps in self.points.items()}}
@@ -254,7 +270,7 @@ class ChannelGraph:
         return ChannelGraph(marked, self.groups, self.frozen, self.unit_index, self.param_shapes,
                             self.consumers, self.layers, notes=list(self.notes),
                             buffers=self.buffers, layer_units=self.layer_units,
-                            sizes=self.sizes, totals=self.totals, precision=self.precision,
+                            sizes=self.sizes, splits=self.splits, precision=self.precision,
                             points=self.points)
 
     def without_groups(self, reasons: dict[int, str]) -> "ChannelGraph":

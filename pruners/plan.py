@@ -31,12 +31,16 @@ class Plan:
     """``kept[param][dim]`` lists the indices that stay; ``shapes`` the original shapes;
     ``sizes[module]`` maps old to new widths that module's code passes as numbers (its int
     attributes holding them are rewritten; ``old -> old``: a width that stays, which an
-    attribute rewrite by value must not take for another; see ``ChannelGraph.size_changes``)."""
+    attribute rewrite by value must not take for another; see ``ChannelGraph.size_changes``);
+    ``splits[module]`` lists ``(old sizes, new sizes)`` of its splits by numbers, in order (a
+    list attribute equal to the old sizes takes the new; ``ChannelGraph.split_changes``)."""
 
     kept: dict[str, dict[int, list[int]]]
     shapes: dict[str, tuple[int, ...]]
     meta: dict[str, Any] = field(default_factory=dict)
     sizes: dict[str, dict[int, int]] = field(default_factory=dict)
+    splits: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = \
+        field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"Plan({len(self.kept)} tensors pruned, {self.meta.get('model', '?')})"
@@ -50,7 +54,7 @@ class Plan:
             if len(idx) != graph.param_shapes[p][d]:
                 kept.setdefault(p, {})[d] = idx.tolist()
         return cls(kept, {p: tuple(graph.param_shapes[p]) for p in kept}, dict(meta or {}),
-                   graph.size_changes(set(removed)))
+                   graph.size_changes(set(removed)), graph.split_changes(set(removed)))
 
     def then(self, later: "Plan") -> "Plan":
         """The composition: apply ``self``, then ``later`` (whose indices count in the model
@@ -75,7 +79,13 @@ class Plan:
             for old, mid in list(first.items()):  # a width changed twice
                 first[old] = changes.get(mid, mid)
             first.update({o: n for o, n in changes.items() if o not in mids and o not in first})
-        return Plan(kept, shapes, {**self.meta, **later.meta}, sizes)
+        splits = {m: list(pairs) for m, pairs in self.splits.items()}
+        for m, pairs in later.splits.items():
+            first_pairs = splits.setdefault(m, [])
+            then = dict(pairs)  # sizes after self -> after later
+            first_pairs[:] = [(old, then.pop(mid, mid)) for old, mid in first_pairs]
+            first_pairs += list(then.items())  # splits self left alone
+        return Plan(kept, shapes, {**self.meta, **later.meta}, sizes, splits)
 
     def unwrapped(self) -> "Plan":
         """This plan, made on a ``torch.compile``'d model (whose names start with
@@ -86,7 +96,8 @@ class Plan:
 
         return Plan({bare(p): dims for p, dims in self.kept.items()},
                     {bare(p): shape for p, shape in self.shapes.items()}, dict(self.meta),
-                    {bare(m): changes for m, changes in self.sizes.items()})
+                    {bare(m): changes for m, changes in self.sizes.items()},
+                    {bare(m): pairs for m, pairs in self.splits.items()})
 
     def to_dict(self) -> dict:
         return {"type": _TYPE, "version": _VERSION, "meta": self.meta,
@@ -94,7 +105,9 @@ class Plan:
                 "kept": {p: {str(d): list(map(int, idx)) for d, idx in dims.items()}
                          for p, dims in self.kept.items()},
                 "sizes": {m: {str(o): int(n) for o, n in changes.items()}
-                          for m, changes in self.sizes.items()}}
+                          for m, changes in self.sizes.items()},
+                "splits": {m: [[list(old), list(new)] for old, new in pairs]
+                           for m, pairs in self.splits.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -110,7 +123,9 @@ class Plan:
         shapes = {k: tuple(int(s) for s in v) for k, v in data["shapes"].items()}
         sizes = {m: {int(o): int(n) for o, n in changes.items()}
                  for m, changes in data.get("sizes", {}).items()}
-        return cls(kept, shapes, dict(data.get("meta", {})), sizes)
+        splits = {m: [(tuple(int(s) for s in old), tuple(int(s) for s in new))
+                      for old, new in pairs] for m, pairs in data.get("splits", {}).items()}
+        return cls(kept, shapes, dict(data.get("meta", {})), sizes, splits)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -148,7 +163,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     kept = {(p, d): idx for p, dims in plan.kept.items() for d, idx in dims.items()}
     lifted = lift(model)  # pruning masks, weight/spectral norm: slice the plain weights
     try:
-        apply_kept(model, kept, plan.shapes, plan.sizes)
+        apply_kept(model, kept, plan.shapes, plan.sizes, plan.splits)
     except BaseException:
         restore(model, lifted, {})  # unchanged widths: put every reparametrization back
         raise

@@ -14,12 +14,13 @@ reproduces the final architecture and the fine-tuned ``state_dict`` loads.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 from torch import nn
 
 from .api import PruneResult, make_target, plan_pruning, prune
-from .plan import Plan, apply_plan
+from .plan import apply_plan
 from .reparam import deepcopy_model
 from .report import PruneReport, StepRecord, layer_changes, measure
 
@@ -88,7 +89,7 @@ def prune_iteratively(model: nn.Module, example_inputs: Any, *,
                          last.flops_after, params0, last.params_after,
                          last.groups, layer_changes(model, current), last.frozen, last.verify,
                          notes, seconds, records)
-    plan = Plan(plan.kept, plan.shapes, {**plan.meta, "target": report.target})
+    plan = dataclasses.replace(plan, meta={**plan.meta, "target": report.target})
     if inplace:
         apply_plan(model, plan)
         model.load_state_dict(current.state_dict())

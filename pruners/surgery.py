@@ -377,6 +377,36 @@ def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
     return updates
 
 
+def _split_rewrites(model: nn.Module,
+                    splits: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]],
+                    pending: list[tuple[nn.Module, str, Any]]) -> list[tuple[nn.Module, str, Any]]:
+    """A module whose code splits by a list it keeps (FocalNet's ``torch.split(x,
+    self.input_split, 1)``): the list (or tuple) equal to a split's old sizes takes the new
+    ones, position by position. Two splits with those old sizes that change differently: no
+    rewrite (the check then fails with its reason). Modules with a fixer are left alone."""
+    done = {(id(m), a) for m, a, _ in pending}
+    updates = []
+    for name, pairs in splits.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if fixer_for(module) is not None:
+            continue
+        news: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+        for old, new in pairs:
+            news.setdefault(tuple(old), set()).add(tuple(new))
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or (id(module), attr) in done or \
+                    not isinstance(value, (list, tuple)) or len(value) < 2:
+                continue
+            items = _int_items(value)
+            found = news.get(tuple(items)) if items is not None else None
+            if found is not None and len(found) == 1:
+                updates.append((module, attr, type(value)(next(iter(found)))))
+    return updates
+
+
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     """id(tensor) -> every (module, attribute, is_param) that holds it (tied weights too)."""
     owners: dict[int, list] = {}
@@ -430,7 +460,8 @@ def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) ->
                            f"{len(graph.units)} units")
     kept = {key: idx for key, idx in graph.kept_indices(removed).items()
             if len(idx) != graph.param_shapes[key[0]][key[1]]}
-    return apply_kept(model, kept, graph.param_shapes, graph.size_changes(removed))
+    return apply_kept(model, kept, graph.param_shapes, graph.size_changes(removed),
+                      graph.split_changes(removed))
 
 
 #: Above this many blocks (the product of each cut's runs of kept indices), ``take`` gathers.
@@ -472,12 +503,15 @@ def take(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Te
 
 def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
                shapes: dict[str, tuple[int, ...]],
-               sizes: Optional[dict[str, dict[int, int]]] = None) -> nn.Module:
+               sizes: Optional[dict[str, dict[int, int]]] = None,
+               splits: Optional[dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]] = None
+               ) -> nn.Module:
     """Keep only ``kept[(param, dim)]`` indices of each listed dim; fix module attributes.
 
     ``shapes`` are the original shapes, checked against the model before anything changes.
     ``sizes[module]`` (old -> new) rewrites that module's int attributes holding a width its
-    code passes as a number (``ChannelGraph.size_changes``).
+    code passes as a number (``ChannelGraph.size_changes``); ``splits[module]`` (old sizes,
+    new sizes) rewrites its list attributes equal to a split's old sizes, in order, first.
     """
     by_param: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for (fqn, dim), idx in sorted(kept.items()):
@@ -529,6 +563,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
         attr_updates.extend((module, k, v) for k, v in attrs.items())
     # what the graph saw the code pass as a number first: it says which width an attribute
     # is, where a container's children may have equal input and output widths
+    attr_updates += _split_rewrites(model, splits or {}, attr_updates)
     attr_updates += _size_rewrites(model, sizes or {}, attr_updates)
     attr_updates += _container_rewrites(model, attr_updates, {id(m) for m, _ in
                                                               new_by_module.values()}, stays)

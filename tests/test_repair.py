@@ -194,6 +194,46 @@ def test_widths_one_number_gives_are_tied_and_prune_together(make):
         assert verify(model, g, units, x).ok
 
 
+class ListSplit(nn.Module):
+    """FocalNet's modulation: ``torch.split(x, self.input_split, 1)`` with ``input_split =
+    [dim, dim, level + 1]``; q and the context are different groups of one width."""
+
+    def __init__(self, dim: int = 8, level: int = 2):
+        super().__init__()
+        self.input_split = [dim, dim, level + 1]
+        self.stem, self.f = cbr(3, 8), nn.Conv2d(8, 2 * dim + level + 1, 1)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.h, self.head = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, 4, 1)
+
+    def forward(self, x):
+        q, ctx, gates = torch.split(self.f(self.stem(x)), self.input_split, 1)
+        return self.head(q * self.h(self.dw(ctx) * gates[:, :1]))
+
+
+def test_a_list_a_split_takes_is_rewritten_in_order_and_plans_carry_it(tmp_path):
+    """Only q narrows: 8 stays a width elsewhere, so no rewrite by value can serve; the list
+    equal to the split's sizes takes the new sizes in order (before, both groups froze)."""
+    x = torch.randn(1, 3, 8, 8)
+    model = ListSplit().eval()
+    g = analyze(capture(model, x))
+    assert find_unprunable_groups(model, g, x) == {}
+    ids = g.unit_index[("f.weight", 0)]
+    q, ctx = ids[:3].tolist(), ids[8:10].tolist()
+    first, second = Plan.from_units(g, q), None
+    assert first.splits == {"": [((8, 8, 3), (5, 8, 3))]}
+    assert verify(model, g, q, x).ok and verify(model, g, q + ctx, x).ok
+    first.save(tmp_path / "plan.json")
+    once = apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
+    assert once.input_split == [5, 8, 3]
+    g2 = analyze(capture(once, x))
+    second = Plan.from_units(g2, g2.unit_index[("f.weight", 0)][5:7].tolist())  # 2 of ctx
+    both = first.then(second)
+    assert both.splits == {"": [((8, 8, 3), (5, 6, 3))]}
+    fresh = apply_plan(copy.deepcopy(model), both)
+    assert fresh.input_split == apply_plan(once, second).input_split == [5, 6, 3]
+    torch.testing.assert_close(fresh(x), once(x))
+
+
 def test_repair_freezes_exactly_the_group_with_a_baked_width():
     model = BakedSplit().eval()
     x = torch.randn(1, 3, 8, 8)
@@ -550,3 +590,21 @@ def test_a_tie_to_an_inexact_input_is_inexact_and_the_block_prunes():
     result = prune(model, x, target_flops=0.6)
     assert result.model.v.out_channels == result.model.embed.out_channels < 8
     assert result.model(x).shape == model(x).shape
+
+
+def test_iterative_pruning_in_place_carries_the_rewrites():
+    """``prune_iteratively(inplace=True)`` re-applies the composed plan to the user's model:
+    it had dropped the plan's widths held in Python, so ``c`` stayed 8 and the model broke."""
+    from pruners import prune_iteratively
+    x = torch.randn(1, 3, 8, 8)
+    model = AttributeSplit().eval()
+    def split_first(m, graph):  # the split's channels rank lowest
+        return np.array([0.0 if any(sl.param == "cv1.0.weight" and sl.dim == 0
+                                    for sl in graph.slices(u.id)) else 1.0
+                         for u in graph.units])
+
+    result = prune_iteratively(model, x, channel_ratio=0.3, steps=2, inplace=True,
+                               importance=split_first)
+    assert result.model is model and model.c == model.cv1[0].out_channels // 2 < 8
+    assert result.plan.sizes[""][8] == model.c
+    assert model(x).shape == (1, 4, 8, 8)

@@ -125,9 +125,8 @@ class RuleContext:
     # numbers (split sizes, a view's dims): surgery rewrites the int attributes that hold them
     sizes: list[tuple[str, tuple[tuple[int, Optional[np.ndarray]], ...]]] = \
         field(default_factory=list)
-    # (module, atoms) of what its code splits by those sizes: the whole's width (see
-    # ``python_split``)
-    totals: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    # (module, atoms of each part) of every split by such sizes (see ``python_split``)
+    splits: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
     # modules whose head splits (a channel dim viewed as heads x head width) prune whole heads
     # rather than every head's width (see ``reshape_map``); the analysis chooses them
     whole_heads: frozenset[str] = frozenset()
@@ -250,14 +249,15 @@ class RuleContext:
         if module is not None and any(a is not None for _, a in parts):
             self.sizes.append((module, tuple(parts)))
 
-    def python_split(self, atoms: np.ndarray) -> None:
-        """The module's code splits ``atoms`` (one dim's channels) by sizes it passes as
-        numbers: a width it keeps for the whole (CSP's ``x.split(self.expand_chs // 2)``,
-        SHViT's ``split([self.pdim, self.dim - self.pdim])``) follows the plan, as its parts do
-        (``python_sizes``), where no part is of the same width."""
+    def python_split(self, parts: Sequence[np.ndarray]) -> None:
+        """The module's code splits one dim's channels into ``parts`` (their atoms) by sizes
+        it passes as numbers. Besides each part's width (``python_sizes``), a width it keeps
+        for the whole (CSP's ``x.split(self.expand_chs // 2)``, SHViT's ``split([self.pdim,
+        self.dim - self.pdim])``) follows the plan where no part has that width, and a list
+        equal to the sizes in order (FocalNet's ``self.input_split``) takes the new ones."""
         module = self.module()
         if module is not None:
-            self.totals.append((module, atoms))
+            self.splits.append((module, tuple(parts)))
 
     def consumer(self, weight: Any, dim: int) -> None:
         """``weight`` reads channels along ``dim``: verification zeroes those slices."""

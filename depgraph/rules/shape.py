@@ -115,7 +115,7 @@ def split_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if packet in _SIZED_SPLITS and atoms is not None:
         ctx.python_sizes([(size, r[dim]) for size, r in zip(sizes, results)])
         if len(sizes) > 1:
-            ctx.python_split(atoms[:sum(sizes)])
+            ctx.python_split([r[dim] for r in results])
     return tuple(results)
 
 
