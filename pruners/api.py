@@ -451,7 +451,8 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
     for _ in range(4 if analysis.deferred else 3):
         if analysis.bad and raising is not None:  # a plan failed: ties may mend what it found
             analysis.graph, analysis.bad, tied = link_equal_sizes(
-                work, analysis.graph, analysis.bad, raising, small, **analysis.probing)
+                work, analysis.graph, analysis.bad, raising, small, train_mode=True,
+                train_inputs=small, **{**analysis.probing, "screen": None})
             analysis.notes += tied
         if analysis.bad:
             graph = analysis.graph

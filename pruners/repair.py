@@ -366,7 +366,8 @@ def link_equal_sizes(model: nn.Module, graph: ChannelGraph, bad: dict[int, str],
                      example_kwargs: Optional[dict] = None,
                      at: Optional[Sequence[str]] = None,
                      dense: Optional[DenseRun] = None,
-                     screen: Optional[ShapeScreen] = None
+                     screen: Optional[ShapeScreen] = None,
+                     train_mode: bool = False, train_inputs: Any = None
                      ) -> tuple[ChannelGraph, dict[int, str], list[str]]:
     """Tie groups whose widths one Python number serves.
 
@@ -379,7 +380,9 @@ def link_equal_sizes(model: nn.Module, graph: ChannelGraph, bad: dict[int, str],
     position, to every other width of that value in that module made wholly of one group (its
     own too: EfficientViT's last head's values and the others' are all in one group, but not
     the same units): in every module first, then in the one that raised. The first layout
-    whose one-unit probe runs is kept. Returns as ``link_input_widths`` does.
+    whose one-unit probe runs is kept (in train mode too with ``train_mode``, for groups a
+    plan's train-mode run found: a tie that runs in eval mode only would merge a group into
+    a larger one that then freezes whole). Returns as ``link_input_widths`` does.
     """
     group_of = np.array([u.group for u in graph.units] + [-1], dtype=np.int64)
     by_width: dict[tuple[str, int], list[np.ndarray]] = {}  # widths made wholly of one group
@@ -405,7 +408,8 @@ def link_equal_sizes(model: nn.Module, graph: ChannelGraph, bad: dict[int, str],
                 layouts.append(tuple(dict.fromkeys(pairs)))
         for pairs in dict.fromkeys(layouts):
             if _tie_runs(model, graph, a, list(pairs), example_inputs, screen, outputs=outputs,
-                         example_kwargs=example_kwargs, at=at, dense=dense):
+                         example_kwargs=example_kwargs, at=at, dense=dense,
+                         train_mode=train_mode, train_inputs=train_inputs):
                 others = sorted({int(group_of[v]) for _, v in pairs} - {a})
                 linked.append((a, others, list(pairs)))
                 done |= {a, *others}

@@ -15,7 +15,8 @@ def test_the_generator_draws_every_block_kind_and_head():
     specs = [random_net(seed)[2] for seed in range(60)]
     kinds = Counter(k for s in specs for k in s["ops"])
     assert set(kinds) >= {"conv", "residual", "se", "attention", "rotary", "held_split", "gated",
-                          "cat", "add", "chunk", "pool", "upsample"}
+                          "cat", "add", "chunk", "pool", "upsample", "whole_split", "list_split",
+                          "cascade"}
     assert {s["head"] for s in specs} == {"linear", "conv", "detect"}
 
 

@@ -608,3 +608,34 @@ def test_iterative_pruning_in_place_carries_the_rewrites():
     assert result.model is model and model.c == model.cv1[0].out_channels // 2 < 8
     assert result.plan.sizes[""][8] == model.c
     assert model(x).shape == (1, 4, 8, 8)
+
+
+class TrainOnlyReader(nn.Module):
+    """``a``'s width is read by a layer only training runs (RT-DETR's score heads of the
+    decoder layers but the last); ``b`` is an unrelated group of the same width."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = cbr(3, 8), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.aux, self.ha, self.hb = nn.Linear(8, 2), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = self.a(x).flatten(2), self.b(x).flatten(2)  # widths of 8 in one module
+        out = self.ha(a.unflatten(2, x.shape[2:])) + self.hb(b.unflatten(2, x.shape[2:]))
+        if self.training:
+            out = out + self.aux(a.mean(-1)).sum()
+        return out
+
+
+def test_a_group_a_plan_breaks_in_train_mode_is_not_tied_by_an_eval_probe():
+    """The plan fails in train mode at ``aux``; a tie of ``a`` to ``b`` (equal widths in one
+    module) runs in eval mode, so it was kept, and the next plan froze both. The tie's probe
+    now runs in train mode as the plan's did: only ``a`` freezes, ``b`` prunes."""
+    from pruners import prune
+    torch.manual_seed(0)
+    model, x = TrainOnlyReader().eval(), torch.randn(1, 3, 8, 8)
+    result = prune(model, x, target_flops=0.6)
+    assert result.model.a.out_channels == 8 and result.model.b.out_channels < 8
+    assert not any(n.startswith("tied channels") for n in result.report.notes)
+    assert any("fails in train mode" in f.reason for f in result.graph.frozen)
