@@ -2,12 +2,14 @@
 
 Each network is drawn from a seeded generator whose blocks are what users' models hold and
 what breaks pruning engines: convs (dense, depthwise, grouped), residuals, concat, chunk, SE
-gates, pooling, upsampling, and five kinds that hide widths or values from a tracer:
+gates, pooling, upsampling, and kinds that hide widths or values from a tracer:
 attention whose ``forward`` reshapes by a stored head count, attention with rotary tables as
 wide as a head (only whole heads can go, and only where the heads are viewed back by ``-1``;
-see ``depgraph.analyze``'s ``heads``), a split by stored sizes
-(``split((self.c, self.c))``, C2f-style), a tensor passed to a submodule by keyword, and a
-detection-style tail (top-k positions whose features a box head reads).
+see ``depgraph.analyze``'s ``heads``), splits by stored sizes (``split((self.c, self.c))``,
+C2f-style; by widths derived from a stored whole, CSP- and SHViT-style; by a stored list,
+FocalNet-style), cascaded heads that share one stored value width (EfficientViT-style), a
+tensor passed to a submodule by keyword, and a detection-style tail (top-k positions whose
+features a box head reads).
 
 Every network is pruned with defaults to a random FLOPs target, then checked independently of
 ``prune()``'s own check: the plan is applied to a fresh copy and compared with the original
@@ -109,6 +111,63 @@ class HeldSplit(nn.Module):
         return self.cv2(torch.cat([a, b, self.m(b)], 1))
 
 
+class WholeSplit(nn.Module):
+    """Splits by widths derived from a stored whole: CSP's ``x.split(self.expand // 2)``, or
+    SHViT's ``split([self.p, self.expand - self.p])`` (``rest``)."""
+
+    def __init__(self, c: int, rest: bool) -> None:
+        super().__init__()
+        self.expand, self.p, self.rest = c, c // 4, rest
+        part = c - self.p if rest else c // 2
+        self.cv1, self.m, self.cv2 = _conv(c, c), _conv(part, part, 3), _conv(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv1(x)
+        a, b = y.split([self.p, self.expand - self.p] if self.rest else self.expand // 2, 1)
+        return self.cv2(torch.cat([a, self.m(b)], 1))
+
+
+class ListSplit(nn.Module):
+    """FocalNet's modulation: ``torch.split(x, self.input_split, 1)`` into q, a context and
+    gates, with ``input_split = [c, c, 2]`` (q and the context are different channels)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.input_split = [c, c, 2]
+        self.f, self.h, self.proj = nn.Conv2d(c, 2 * c + 2, 1), nn.Conv2d(c, c, 1), \
+            nn.Conv2d(c, c, 1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, ctx, gates = torch.split(self.f(x), self.input_split, 1)
+        ctx = self.dw(ctx) * gates[:, :1] + ctx.mean((2, 3), keepdim=True) * gates[:, 1:]
+        return self.proj(q * self.h(ctx))
+
+
+class Cascade(nn.Module):
+    """EfficientViT's cascaded heads: each splits by ``[self.key_dim, self.key_dim,
+    self.val_dim]``; every head but the last hands its values to the next head's input."""
+
+    def __init__(self, c: int, heads: int, key_dim: int) -> None:
+        super().__init__()
+        self.key_dim, self.val_dim = key_dim, c // heads
+        self.qkvs = nn.ModuleList(nn.Conv2d(self.val_dim, 2 * key_dim + self.val_dim, 1)
+                                  for _ in range(heads))
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        chunks, outs = x.chunk(len(self.qkvs), 1), []
+        feat = chunks[0]
+        for i, qkv in enumerate(self.qkvs):
+            feat = feat + chunks[i] if i else feat
+            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], 1)
+            attn = (q.flatten(2).transpose(1, 2) @ k.flatten(2)).softmax(-1)
+            feat = (v.flatten(2) @ attn.transpose(1, 2)).view(b, self.val_dim, h, w)
+            outs.append(feat)
+        return x + self.proj(torch.cat(outs, 1))
+
+
 class Gated(nn.Module):
     """Takes its gate as a keyword argument: ``self.gated(x, gate=g)``."""
 
@@ -140,7 +199,8 @@ class FuzzNet(nn.Module):
         values = [x]
         for name, kind, inputs in self.ops:
             xs = [values[i] for i in inputs]
-            if kind in ("conv", "attention", "rotary", "held_split"):
+            if kind in ("conv", "attention", "rotary", "held_split", "whole_split", "list_split",
+                        "cascade"):
                 y = self.blocks[name](xs[0])
             elif kind == "residual":
                 y = xs[0] + self.blocks[name](xs[0])
@@ -195,14 +255,16 @@ def random_net(seed: int) -> tuple[FuzzNet, torch.Tensor, dict]:
         i = rng.randint(max(0, len(values) - 3), len(values) - 1)
         c, s = values[i]
         kinds = ["conv", "conv", "residual", "se", "attention", "rotary", "held_split", "gated",
-                 "cat", "add", "chunk", "pool", "upsample"]
+                 "cat", "add", "chunk", "pool", "upsample", "whole_split", "list_split",
+                 "cascade"]
         kind = rng.choice(kinds) if i > 0 else "conv"
         same = [j for j, v in enumerate(values) if j > 0 and v == values[i] and j != i]
         if kind in ("add", "gated") and not same:
             kind = "conv"
         if kind == "cat" and not [j for j, v in enumerate(values) if j > 0 and v[1] == s]:
             kind = "conv"
-        if kind in ("attention", "rotary", "held_split", "se") and (c < 4 or c % 2):
+        if kind in ("attention", "rotary", "held_split", "se", "whole_split", "cascade") and \
+                (c < 4 or c % 2):
             kind = "conv"
         if kind == "chunk" and (c % 2 or c < 4):
             kind = "conv"
@@ -243,6 +305,19 @@ def random_net(seed: int) -> tuple[FuzzNet, torch.Tensor, dict]:
             values.append((c, s))
         elif kind == "held_split":
             blocks[name] = HeldSplit(c)
+            ops.append((name, kind, (i,)))
+            values.append((c, s))
+        elif kind == "whole_split":
+            blocks[name] = WholeSplit(c, rest=rng.random() < 0.5)
+            ops.append((name, kind, (i,)))
+            values.append((c, s))
+        elif kind == "list_split":
+            blocks[name] = ListSplit(c)
+            ops.append((name, kind, (i,)))
+            values.append((c, s))
+        elif kind == "cascade":
+            blocks[name] = Cascade(c, rng.choice([h for h in (2, 4) if c % h == 0]),
+                                   rng.choice([2, 4]))
             ops.append((name, kind, (i,)))
             values.append((c, s))
         elif kind == "gated":
