@@ -397,10 +397,12 @@ def link_equal_sizes(model: nn.Module, graph: ChannelGraph, bad: dict[int, str],
             continue
         layouts: list[tuple[tuple[int, int], ...]] = []
         for scope in ("", where.get(a)):
+            if scope is None:
+                continue
             pairs: list[tuple[int, int]] = []
             for (name, _), arrays in by_width.items():
                 ref = next((ids for ids in arrays if group_of[ids[0]] == a), None)
-                if scope is None or ref is None or not inside(name, scope):
+                if ref is None or not inside(name, scope):
                     continue
                 pairs += [(int(u), int(v)) for ids in arrays for u, v in zip(ref, ids)
                           if u != v]

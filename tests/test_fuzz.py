@@ -25,7 +25,7 @@ def test_rotary_blocks_prune_whole_heads_where_their_heads_are_viewed_back_by_mi
     from depgraph import analyze, capture
 
     seen = 0
-    for seed in range(40):
+    for seed in range(100):  # (seeds 21 and 89 qualify)
         net, x, _ = random_net(seed)
         # (a head count equal to the head width keeps the width rule: see test_heads.py)
         rotary = [name for name, b in net.blocks.items() if isinstance(b, RotaryAttention)
