@@ -27,6 +27,11 @@ from .rules.registry import LayerUse
 __all__ = ["Slice", "Unit", "Group", "FrozenChannels", "ChannelGraph", "inside"]
 
 
+def _left(ids: np.ndarray, removed: np.ndarray) -> int:
+    """How many of the positions ``ids`` (unit ids) stay once ``removed`` go."""
+    return len(ids) - int(np.isin(ids, removed).sum())
+
+
 def inside(name: str, module: str) -> bool:
     """Whether the module called ``name`` is ``module`` or sits in it ("" is the model)."""
     return module == "" or name == module or name.startswith(module + ".")
@@ -176,13 +181,13 @@ class ChannelGraph:
         seen: dict[str, dict[int, set[int]]] = {}
         for module, arrays in self.sizes:
             for ids in arrays:
-                new = len(ids) - int(np.isin(ids, removed_arr).sum())
+                new = _left(ids, removed_arr)
                 seen.setdefault(module, {}).setdefault(len(ids), set()).add(new)
         wholes: dict[str, dict[int, set[int]]] = {}
         for module, parts in self.splits:  # a part of the same width speaks for itself
             ids = np.concatenate(parts)
             if len(ids) not in seen.get(module, {}):
-                new = len(ids) - int(np.isin(ids, removed_arr).sum())
+                new = _left(ids, removed_arr)
                 wholes.setdefault(module, {}).setdefault(len(ids), set()).add(new)
         for module, olds in wholes.items():
             seen.setdefault(module, {}).update(olds)
@@ -201,7 +206,7 @@ class ChannelGraph:
         out: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         for module, parts in self.splits:
             old = tuple(len(ids) for ids in parts)
-            new = tuple(len(ids) - int(np.isin(ids, removed_arr).sum()) for ids in parts)
+            new = tuple(_left(ids, removed_arr) for ids in parts)
             if new != old and (old, new) not in out.get(module, []):
                 out.setdefault(module, []).append((old, new))
         return out

@@ -363,13 +363,7 @@ def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
     one. Attributes another rewrite already set, and modules with a fixer, are left alone."""
     done = {(id(m), a) for m, a, _ in pending}
     updates = []
-    for name, changes in sizes.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:  # a name the tracer made up: nothing to rewrite there (a width
-            continue            # the code still needs then fails the check, with its reason)
-        if fixer_for(module) is not None:
-            continue
+    for module, changes in _without_fixers(model, sizes):
         for attr, items in _public_widths(module).items():
             new = [changes.get(v, v) for v in items]
             if (id(module), attr) not in done and new != items:
@@ -386,25 +380,30 @@ def _split_rewrites(model: nn.Module,
     rewrite (the check then fails with its reason). Modules with a fixer are left alone."""
     done = {(id(m), a) for m, a, _ in pending}
     updates = []
-    for name, pairs in splits.items():
+    for module, pairs in _without_fixers(model, splits):
+        news: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+        for old, new in pairs:
+            news.setdefault(tuple(old), set()).add(tuple(new))
+        for attr, items in _public_widths(module).items():
+            value = getattr(module, attr)
+            found = news.get(tuple(items), set())
+            if isinstance(value, (list, tuple)) and (id(module), attr) not in done and \
+                    len(found) == 1:
+                updates.append((module, attr, type(value)(next(iter(found)))))
+    return updates
+
+
+def _without_fixers(model: nn.Module, by_name: dict[str, Any]) -> Iterable[tuple[nn.Module, Any]]:
+    """``(module, value)`` for each name of ``by_name`` that names a module without a fixer.
+    A name the tracer made up has nothing to rewrite (a width the code still needs then
+    fails the check, with its reason)."""
+    for name, value in by_name.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             continue
-        if fixer_for(module) is not None:
-            continue
-        news: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
-        for old, new in pairs:
-            news.setdefault(tuple(old), set()).add(tuple(new))
-        for attr, value in vars(module).items():
-            if attr.startswith("_") or (id(module), attr) in done or \
-                    not isinstance(value, (list, tuple)) or len(value) < 2:
-                continue
-            items = _int_items(value)
-            found = news.get(tuple(items)) if items is not None else None
-            if found is not None and len(found) == 1:
-                updates.append((module, attr, type(value)(next(iter(found)))))
-    return updates
+        if fixer_for(module) is None:
+            yield module, value
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
