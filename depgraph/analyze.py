@@ -325,10 +325,12 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture,
 
     layer_units = {i: tuple(unit_ids(a) for a in arrays)
                    for i, arrays in ctx.layer_atoms.items()}
-    sizes = [(module, tuple(np.full(n, -1, dtype=np.int64) if a is None else unit_ids(a)
-                            for n, a in parts)) for module, parts in ctx.sizes]
+    sizes = [(module, tuple(unit_ids(a) for _, a in parts if a is not None))
+             for module, parts in ctx.sizes]
     changing = {m for m, arrays in sizes if any((ids >= 0).any() for ids in arrays)}
     sizes = [(m, arrays) for m, arrays in sizes if m in changing]  # the rest never change
+    counts = sorted({(m, n) for m, parts in ctx.sizes if m in changing
+                     for n, a in parts if a is None})
     splits = [(m, parts) for m, parts in ((m, tuple(unit_ids(a) for a in atoms))
                                           for m, atoms in ctx.splits)
               if any((ids >= 0).any() for ids in parts)]
@@ -337,7 +339,7 @@ def _resolve(ctx: RuleContext, param_atoms: dict, live: list, cap: Capture,
               for m, maps in watched.items()}
     graph = ChannelGraph(units, groups, frozen, unit_index, shapes, set(ctx.consumers),
                          list(ctx.layers), notes=list(cap.notes), buffers=set(cap.buffers),
-                         layer_units=layer_units, sizes=sizes, splits=splits,
+                         layer_units=layer_units, sizes=sizes, splits=splits, counts=counts,
                          precision=_precision(cap, ctx.layers), points=points)
     split = {m for m, _ in ctx.head_splits if m is not None}
     # whole heads are tried only where attention runs (in the module, or around or inside

@@ -135,6 +135,9 @@ class ChannelGraph:
     sizes: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
     # (module, unit id per position of each part) of every split by such numbers
     splits: list[tuple[str, tuple[np.ndarray, ...]]] = field(default_factory=list)
+    # (module, number) of counts that module's code passes beside those widths, which never
+    # change (a view's head count): see ``size_changes``
+    counts: list[tuple[str, int]] = field(default_factory=list)
     precision: torch.dtype = torch.float32
     points: dict[str, tuple] = field(default_factory=dict)
 
@@ -176,7 +179,10 @@ class ChannelGraph:
         another width of that value that shrinks). A width that would become two different
         sizes, or stay in one place and change in another, is left out: no single attribute
         value could serve both. The whole a module's code splits by such numbers counts as one
-        more width (``splits``) where none of its parts has that width."""
+        more width (``splits``) where none of its parts has that width. A count the code
+        passes beside them (``counts``: 16 heads) stays, unless a width of the same value
+        changes (a key width of 16): surgery then keeps it in the head-count attributes only
+        (``Plan.counts``)."""
         removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
         seen: dict[str, dict[int, set[int]]] = {}
         for module, arrays in self.sizes:
@@ -191,10 +197,21 @@ class ChannelGraph:
                 wholes.setdefault(module, {}).setdefault(len(ids), set()).add(new)
         for module, olds in wholes.items():
             seen.setdefault(module, {}).update(olds)
+        for module, n in self.counts:  # a count stays, unless a width of its value changes:
+            seen.setdefault(module, {}).setdefault(n, {n})  # then only HEAD_COUNTS keep it
         out: dict[str, dict[int, int]] = {}
         for module, olds in seen.items():
             out[module] = {old: next(iter(news)) for old, news in olds.items() if len(news) == 1}
         return {module: widths for module, widths in out.items() if widths}
+
+    def count_clashes(self, changes: dict[str, dict[int, int]]) -> dict[str, list[int]]:
+        """Per module, the counts (``counts``) equal to a width ``changes`` (``size_changes``)
+        shrinks: the head-count attributes holding them stay."""
+        out: dict[str, list[int]] = {}
+        for module, n in self.counts:
+            if changes.get(module, {}).get(n, n) != n:
+                out.setdefault(module, []).append(n)
+        return out
 
     def split_changes(self, removed: "set[int] | frozenset[int]"
                       ) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
@@ -218,6 +235,7 @@ class ChannelGraph:
                                 for i, arrays in self.layer_units.items()},
                 "sizes": [(m, tuple(mapping[ids] for ids in arrays)) for m, arrays in self.sizes],
                 "splits": [(m, tuple(mapping[ids] for ids in parts)) for m, parts in self.splits],
+                "counts": self.counts,
                 "points": {m: tuple(None if amap is None else
                                     tuple(None if ids is None else mapping[ids] for ids in amap)
                                     for amap in maps) for m, maps in self.points.items()}}
@@ -275,7 +293,8 @@ class ChannelGraph:
         return ChannelGraph(marked, self.groups, self.frozen, self.unit_index, self.param_shapes,
                             self.consumers, self.layers, notes=list(self.notes),
                             buffers=self.buffers, layer_units=self.layer_units,
-                            sizes=self.sizes, splits=self.splits, precision=self.precision,
+                            sizes=self.sizes, splits=self.splits, counts=self.counts,
+                            precision=self.precision,
                             points=self.points)
 
     def without_groups(self, reasons: dict[int, str]) -> "ChannelGraph":

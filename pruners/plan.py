@@ -33,7 +33,9 @@ class Plan:
     attributes holding them are rewritten; ``old -> old``: a width that stays, which an
     attribute rewrite by value must not take for another; see ``ChannelGraph.size_changes``);
     ``splits[module]`` lists ``(old sizes, new sizes)`` of its splits by numbers, in order (a
-    list attribute equal to the old sizes takes the new; ``ChannelGraph.split_changes``)."""
+    list attribute equal to the old sizes takes the new; ``ChannelGraph.split_changes``);
+    ``counts[module]``: head counts equal to a width that shrinks, which the head-count
+    attributes keep (``ChannelGraph.count_clashes``)."""
 
     kept: dict[str, dict[int, list[int]]]
     shapes: dict[str, tuple[int, ...]]
@@ -41,6 +43,7 @@ class Plan:
     sizes: dict[str, dict[int, int]] = field(default_factory=dict)
     splits: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = \
         field(default_factory=dict)
+    counts: dict[str, list[int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"Plan({len(self.kept)} tensors pruned, {self.meta.get('model', '?')})"
@@ -53,8 +56,9 @@ class Plan:
         for (p, d), idx in sorted(graph.kept_indices(set(removed)).items()):
             if len(idx) != graph.param_shapes[p][d]:
                 kept.setdefault(p, {})[d] = idx.tolist()
+        sizes = graph.size_changes(set(removed))
         return cls(kept, {p: tuple(graph.param_shapes[p]) for p in kept}, dict(meta or {}),
-                   graph.size_changes(set(removed)), graph.split_changes(set(removed)))
+                   sizes, graph.split_changes(set(removed)), graph.count_clashes(sizes))
 
     def then(self, later: "Plan") -> "Plan":
         """The composition: apply ``self``, then ``later`` (whose indices count in the model
@@ -85,7 +89,9 @@ class Plan:
             then = dict(pairs)  # sizes after self -> after later
             first_pairs[:] = [(old, then.pop(mid, mid)) for old, mid in first_pairs]
             first_pairs += list(then.items())  # splits self left alone
-        return Plan(kept, shapes, {**self.meta, **later.meta}, sizes, splits)
+        counts = {m: sorted(set(self.counts.get(m, [])) | set(later.counts.get(m, [])))
+                  for m in {*self.counts, *later.counts}}
+        return Plan(kept, shapes, {**self.meta, **later.meta}, sizes, splits, counts)
 
     def unwrapped(self) -> "Plan":
         """This plan, made on a ``torch.compile``'d model (whose names start with
@@ -97,7 +103,8 @@ class Plan:
         return Plan({bare(p): dims for p, dims in self.kept.items()},
                     {bare(p): shape for p, shape in self.shapes.items()}, dict(self.meta),
                     {bare(m): changes for m, changes in self.sizes.items()},
-                    {bare(m): pairs for m, pairs in self.splits.items()})
+                    {bare(m): pairs for m, pairs in self.splits.items()},
+                    {bare(m): ns for m, ns in self.counts.items()})
 
     def to_dict(self) -> dict:
         return {"type": _TYPE, "version": _VERSION, "meta": self.meta,
@@ -107,7 +114,8 @@ class Plan:
                 "sizes": {m: {str(o): int(n) for o, n in changes.items()}
                           for m, changes in self.sizes.items()},
                 "splits": {m: [[list(old), list(new)] for old, new in pairs]
-                           for m, pairs in self.splits.items()}}
+                           for m, pairs in self.splits.items()},
+                "counts": {m: [int(n) for n in ns] for m, ns in self.counts.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
@@ -125,7 +133,8 @@ class Plan:
                  for m, changes in data.get("sizes", {}).items()}
         splits = {m: [(tuple(int(s) for s in old), tuple(int(s) for s in new))
                       for old, new in pairs] for m, pairs in data.get("splits", {}).items()}
-        return cls(kept, shapes, dict(data.get("meta", {})), sizes, splits)
+        counts = {m: [int(n) for n in ns] for m, ns in data.get("counts", {}).items()}
+        return cls(kept, shapes, dict(data.get("meta", {})), sizes, splits, counts)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
@@ -163,7 +172,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     kept = {(p, d): idx for p, dims in plan.kept.items() for d, idx in dims.items()}
     lifted = lift(model)  # pruning masks, weight/spectral norm: slice the plain weights
     try:
-        apply_kept(model, kept, plan.shapes, plan.sizes, plan.splits)
+        apply_kept(model, kept, plan.shapes, plan.sizes, plan.splits, plan.counts)
     except BaseException:
         restore(model, lifted, {})  # unchanged widths: put every reparametrization back
         raise

@@ -356,14 +356,21 @@ def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, An
 
 
 def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
-                   pending: list[tuple[nn.Module, str, Any]]) -> list[tuple[nn.Module, str, Any]]:
+                   pending: list[tuple[nn.Module, str, Any]],
+                   counts: Optional[dict[str, list[int]]] = None
+                   ) -> list[tuple[nn.Module, str, Any]]:
     """A module's code splits or views by widths it keeps in attributes (C2PSA's
     ``split((self.c, self.c))``, an attention's ``split([self.key_dim, self.key_dim,
     self.head_dim])``): each public int (or list of ints) equal to such a width takes the new
-    one. Attributes another rewrite already set, and modules with a fixer, are left alone."""
+    one. Attributes another rewrite already set, and modules with a fixer, are left alone, as
+    are head-count attributes equal to one of the module's ``counts`` (LeViT's 16 heads of
+    key width 16: the key width shrinks, the head count stays)."""
     done = {(id(m), a) for m, a, _ in pending}
     updates = []
+    names = {id(m): n for n, m in model.named_modules()} if counts else {}
     for module, changes in _without_fixers(model, sizes):
+        stay = (counts or {}).get(names.get(id(module), ""), ())
+        done |= {(id(module), a) for a in HEAD_COUNTS if getattr(module, a, None) in stay}
         for attr, items in _public_widths(module).items():
             new = [changes.get(v, v) for v in items]
             if (id(module), attr) not in done and new != items:
@@ -459,8 +466,9 @@ def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) ->
                            f"{len(graph.units)} units")
     kept = {key: idx for key, idx in graph.kept_indices(removed).items()
             if len(idx) != graph.param_shapes[key[0]][key[1]]}
-    return apply_kept(model, kept, graph.param_shapes, graph.size_changes(removed),
-                      graph.split_changes(removed))
+    sizes = graph.size_changes(removed)
+    return apply_kept(model, kept, graph.param_shapes, sizes, graph.split_changes(removed),
+                      graph.count_clashes(sizes))
 
 
 #: Above this many blocks (the product of each cut's runs of kept indices), ``take`` gathers.
@@ -503,14 +511,16 @@ def take(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Te
 def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
                shapes: dict[str, tuple[int, ...]],
                sizes: Optional[dict[str, dict[int, int]]] = None,
-               splits: Optional[dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]] = None
-               ) -> nn.Module:
+               splits: Optional[dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]] = None,
+               counts: Optional[dict[str, list[int]]] = None) -> nn.Module:
     """Keep only ``kept[(param, dim)]`` indices of each listed dim; fix module attributes.
 
     ``shapes`` are the original shapes, checked against the model before anything changes.
     ``sizes[module]`` (old -> new) rewrites that module's int attributes holding a width its
     code passes as a number (``ChannelGraph.size_changes``); ``splits[module]`` (old sizes,
-    new sizes) rewrites its list attributes equal to a split's old sizes, in order, first.
+    new sizes) rewrites its list attributes equal to a split's old sizes, in order, first;
+    ``counts[module]``: head counts its head-count attributes keep though a width of that
+    value shrinks.
     """
     by_param: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for (fqn, dim), idx in sorted(kept.items()):
@@ -563,7 +573,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
     # what the graph saw the code pass as a number first: it says which width an attribute
     # is, where a container's children may have equal input and output widths
     attr_updates += _split_rewrites(model, splits or {}, attr_updates)
-    attr_updates += _size_rewrites(model, sizes or {}, attr_updates)
+    attr_updates += _size_rewrites(model, sizes or {}, attr_updates, counts or {})
     attr_updates += _container_rewrites(model, attr_updates, {id(m) for m, _ in
                                                               new_by_module.values()}, stays)
 

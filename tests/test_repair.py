@@ -639,3 +639,41 @@ def test_a_group_a_plan_breaks_in_train_mode_is_not_tied_by_an_eval_probe():
     assert result.model.a.out_channels == 8 and result.model.b.out_channels < 8
     assert not any(n.startswith("tied channels") for n in result.report.notes)
     assert any("fails in train mode" in f.reason for f in result.graph.frozen)
+
+
+class EqualCountAttention(nn.Module):
+    """LeViT's downsampling attention, with as many heads as the key width: ``view(B, N,
+    self.num_heads, -1).split([self.key_dim, self.val_dim], 3)``."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, key_dim: int = 4, val_dim: int = 8):
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = heads, key_dim, val_dim
+        self.kv = nn.Linear(dim, heads * (key_dim + val_dim))
+        self.q = nn.Linear(dim, heads * key_dim)
+        self.proj = nn.Linear(heads * val_dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        k, v = self.kv(x).view(b, n, self.num_heads, -1).split([self.key_dim, self.val_dim], 3)
+        q = self.q(x).view(b, n, self.num_heads, self.key_dim)
+        attn = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)).softmax(-1)
+        return x + self.proj((attn @ v.transpose(1, 2)).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_key_width_equal_to_the_head_count_shrinks_and_the_count_stays(tmp_path):
+    """4 heads of key width 4: the view passes 4 as the head count (which stays) and the split
+    4 as the key width (which shrinks). Before, no attribute could be rewritten (the key
+    width's group froze); now ``key_dim`` follows and ``num_heads`` stays, in plans too."""
+    torch.manual_seed(0)
+    model, x = EqualCountAttention().eval(), torch.randn(1, 6, 16)
+    g = analyze(capture(model, x))
+    ids = g.unit_index[("q.weight", 0)]
+    units = sorted(set(ids[ids >= 0].tolist()))[:1]  # one position of every head's keys
+    assert find_unprunable_groups(model, g, x) == {}
+    assert verify(model, g, units, x).ok
+    plan = Plan.from_units(g, units)
+    assert plan.counts == {"": [4]}
+    plan.save(tmp_path / "plan.json")
+    pruned = apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
+    assert (pruned.num_heads, pruned.key_dim, pruned.val_dim) == (4, 3, 8)
+    assert pruned(x).shape == model(x).shape
