@@ -367,9 +367,8 @@ def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
     key width 16: the key width shrinks, the head count stays)."""
     done = {(id(m), a) for m, a, _ in pending}
     updates = []
-    names = {id(m): n for n, m in model.named_modules()} if counts else {}
-    for module, changes in _without_fixers(model, sizes):
-        stay = (counts or {}).get(names.get(id(module), ""), ())
+    for name, module, changes in _without_fixers(model, sizes):
+        stay = (counts or {}).get(name, ())
         done |= {(id(module), a) for a in HEAD_COUNTS if getattr(module, a, None) in stay}
         for attr, items in _public_widths(module).items():
             new = [changes.get(v, v) for v in items]
@@ -387,7 +386,7 @@ def _split_rewrites(model: nn.Module,
     rewrite (the check then fails with its reason). Modules with a fixer are left alone."""
     done = {(id(m), a) for m, a, _ in pending}
     updates = []
-    for module, pairs in _without_fixers(model, splits):
+    for _, module, pairs in _without_fixers(model, splits):
         news: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
         for old, new in pairs:
             news.setdefault(tuple(old), set()).add(tuple(new))
@@ -400,8 +399,10 @@ def _split_rewrites(model: nn.Module,
     return updates
 
 
-def _without_fixers(model: nn.Module, by_name: dict[str, Any]) -> Iterable[tuple[nn.Module, Any]]:
-    """``(module, value)`` for each name of ``by_name`` that names a module without a fixer.
+def _without_fixers(model: nn.Module, by_name: dict[str, Any]
+                    ) -> Iterable[tuple[str, nn.Module, Any]]:
+    """``(name, module, value)`` for each name of ``by_name`` that names a module without a
+    fixer.
     A name the tracer made up has nothing to rewrite (a width the code still needs then
     fails the check, with its reason)."""
     for name, value in by_name.items():
@@ -410,7 +411,7 @@ def _without_fixers(model: nn.Module, by_name: dict[str, Any]) -> Iterable[tuple
         except AttributeError:
             continue
         if fixer_for(module) is None:
-            yield module, value
+            yield name, module, value
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
