@@ -29,6 +29,7 @@ from depgraph.boundary import Boundary, handed_on, verification_points
 from depgraph.cost import cost_model
 from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
+from depgraph.train_path import with_train_path
 
 from .allocate import InfeasibleTargetError, Target, allocate
 from .copying import copy_model, is_compiled, own_parameters
@@ -41,7 +42,8 @@ from .repair import (find_unprunable_groups, freeze_unprunable, link_equal_sizes
 from .report import (GroupChange, PruneReport, block_costs, layer_changes, measure_modules,
                      python_width_rewrites)
 from .screen import ShapeScreen, dense_run, input_share
-from .verify import DenseRun, VerifyResult, one_line, run_model, shared_params, verify
+from .verify import (TRAIN_MODE_FAILS, DenseRun, VerifyResult, one_line, run_model,
+                     shared_params, training, verify)
 
 __all__ = ["prune", "plan_pruning", "PruneResult", "PlannedPruning", "PruneOptions"]
 
@@ -346,6 +348,7 @@ class _Analysis:
     deferred: bool  # exact groups' outputs not yet compared (see _plan)
     hardware: Optional["_Hardware"]
     round_to: int  # the channel multiple ("auto" resolved by the hardware's table)
+    train_path: bool = False  # the train-mode capture's couplings were tried (see _plan)
 
     @property
     def probing(self) -> dict[str, Any]:
@@ -448,17 +451,16 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
 
     meta = {"model": type(work).__name__, "target": f"{target.kind}={target.value:g}"}
     raising: Optional[dict[int, str]] = None  # where the groups a plan found raised
-    for _ in range(4 if analysis.deferred else 3):
+    rounds, made = (4 if analysis.deferred else 3), 0
+    while made < rounds:
+        made += 1
         if analysis.bad and raising is not None:  # a plan failed: ties may mend what it found
             analysis.graph, analysis.bad, tied = link_equal_sizes(
                 work, analysis.graph, analysis.bad, raising, small, train_mode=True,
                 train_inputs=small, **{**analysis.probing, "screen": None})
             analysis.notes += tied
         if analysis.bad:
-            graph = analysis.graph
-            analysis.notes += [f"froze group {g} ({', '.join(graph.groups[g].layers[:3])}): "
-                               f"{why}" for g, why in sorted(analysis.bad.items())]
-            analysis.graph, analysis.bad = freeze_unprunable(graph, analysis.bad), {}
+            _freeze(analysis, analysis.bad)
         graph, notes = analysis.graph, list(analysis.notes)
         opts.say(f"[prune] scoring units by {getattr(opts.importance, '__name__', opts.importance)} ...")
         scores = score_units(work, graph, opts.importance, data=opts.data, loss_fn=opts.loss_fn)
@@ -527,6 +529,10 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                                                   train_mode=True, train_inputs=small,
                                                   where=raising, **kw)
         clock.lap("verify")
+        if _add_train_path(analysis, work, opts):  # a round that only added training's ties
+            clock.lap("train path")
+            made -= 1
+            continue
         if not analysis.bad:
             own_parameters(pruned, work)
             gone = dead & set(removed)
@@ -541,6 +547,54 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                                   predicted, round_to), pruned
     raise PruningError("the pruned model still fails after freezing the groups found "
                        "three times; please report this model")
+
+
+def _add_train_path(analysis: _Analysis, work: nn.Module, opts: PruneOptions) -> bool:
+    """Where groups a plan broke fail in train mode, capture the model in train mode too
+    and add that graph's couplings (``depgraph.train_path``): layers that only training runs
+    (auxiliary classifiers, per-layer decoder heads) then shrink with the widths they read,
+    where freezing would have kept those widths whole; the groups failing otherwise freeze.
+    Kept only when it leaves more channels prunable than freezing them all; tried once per
+    ``prune()``."""
+    in_train = {g: why for g, why in analysis.bad.items() if TRAIN_MODE_FAILS in why}
+    if analysis.train_path or not in_train:
+        return False
+    analysis.train_path = True
+    opts.say("[prune] the plan fails in train mode: capturing the model in train mode too ...")
+    try:
+        with training(work):
+            cap = capture(work, analysis.probe.inputs, example_kwargs=opts.example_kwargs)
+        train = analyze(cap, heads=opts.heads)
+    except Exception as exc:  # noqa: BLE001 - the groups freeze as before; the note says why
+        analysis.notes.append(f"a train-mode capture could not tie layers only training runs "
+                              f"({one_line(exc)}); the widths they read stay")
+        return False
+    others = {g: why for g, why in analysis.bad.items() if g not in in_train}
+    path = with_train_path(freeze_unprunable(analysis.graph, others), train)
+    if _prunable(path.graph) <= _prunable(freeze_unprunable(analysis.graph, analysis.bad)):
+        return False
+    _freeze(analysis, others)  # what fails in eval mode freezes as it would have
+    analysis.graph = path.graph
+    if path.layers:
+        analysis.notes.append(
+            f"{len(path.layers)} modules run only in train mode ({', '.join(path.layers[:4])}"
+            f"{', ...' if len(path.layers) > 4 else ''}): captured in train mode too, they "
+            f"shrink with the widths they read")
+    analysis.notes += [f"froze {n} channels: {why}" for why, n in path.frozen.items()]
+    return True
+
+
+def _freeze(analysis: _Analysis, bad: dict[int, str]) -> None:
+    """Freeze the groups ``bad`` names in ``analysis``, each noted with why."""
+    graph = analysis.graph
+    analysis.notes += [f"froze group {g} ({', '.join(graph.groups[g].layers[:3])}): {why}"
+                       for g, why in sorted(bad.items())]
+    analysis.graph, analysis.bad = freeze_unprunable(graph, bad), {}
+
+
+def _prunable(graph: ChannelGraph) -> int:
+    """Output channels of conv and linear layers that a plan may remove."""
+    return sum(graph.prunable_share(kind)[0] for kind in ("conv", "linear"))
 
 
 #: A latency target is re-aimed while the measured share is off by more than this (relative).

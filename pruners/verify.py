@@ -183,7 +183,7 @@ def masked_in_place(model: nn.Module, graph: ChannelGraph, units: Iterable[int]
 
 
 @contextlib.contextmanager
-def _training(model: nn.Module) -> Iterator[nn.Module]:
+def training(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in train mode inside the block; its buffers (batch-norm statistics, an EMA)
     and every module's mode are restored after."""
     modes = {m: m.training for m in model.modules()}
@@ -402,6 +402,10 @@ def _run_counted(run: Callable[[nn.Module], list], model: nn.Module, into: Optio
     return out
 
 
+#: How a check says the pruned model runs in eval mode but not in train mode.
+TRAIN_MODE_FAILS = "the pruned model fails in train mode"
+
+
 def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: Any,
                       example_kwargs: Optional[dict], screen: Optional["ShapeScreen"] = None
                       ) -> None:
@@ -426,12 +430,11 @@ def _check_train_mode(original: nn.Module, pruned: nn.Module, example_inputs: An
     if failure is None:
         return
     try:
-        with _training(original):
+        with training(original):
             run_model(original, example_inputs, None, example_kwargs)
     except Exception:  # noqa: BLE001 - e.g. batch norm on one value: nothing to compare
         return
-    raise VerificationError(f"the pruned model fails in train mode: {one_line(failure)}"
-                            ) from failure
+    raise VerificationError(f"{TRAIN_MODE_FAILS}: {one_line(failure)}") from failure
 
 
 def sample_units(graph: ChannelGraph, fraction: float, rng: np.random.Generator, *,

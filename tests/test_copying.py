@@ -162,8 +162,8 @@ def test_the_original_runs_in_train_mode_only_to_excuse_a_failure(monkeypatch):
     (s_group,) = [grp for grp in g.groups if ("s.0.weight", 0, 6) in grp.dims]
     (a_group,) = [grp for grp in g.groups if ("a.0.weight", 0, 8) in grp.dims]
     calls = []
-    real = module._training
-    monkeypatch.setattr(module, "_training", lambda m: calls.append(1) or real(m))
+    real = module.training
+    monkeypatch.setattr(module, "training", lambda m: calls.append(1) or real(m))
     assert verify(model, g, s_group.units[:1], x, train_mode=True).ok and calls == []
     with pytest.raises(VerificationError, match="train mode"):
         verify(model, g, a_group.units[:1], x, train_mode=True)

@@ -628,17 +628,37 @@ class TrainOnlyReader(nn.Module):
         return out
 
 
-def test_a_group_a_plan_breaks_in_train_mode_is_not_tied_by_an_eval_probe():
+def test_a_group_a_plan_breaks_in_train_mode_is_not_tied_by_an_eval_probe(monkeypatch):
     """The plan fails in train mode at ``aux``; a tie of ``a`` to ``b`` (equal widths in one
     module) runs in eval mode, so it was kept, and the next plan froze both. The tie's probe
-    now runs in train mode as the plan's did: only ``a`` freezes, ``b`` prunes."""
+    now runs in train mode as the plan's did: only ``a`` freezes, ``b`` prunes (with the
+    train-mode capture that would let ``aux`` follow ``a`` failing)."""
+    import pruners.api as api
     from pruners import prune
+
+    def no_train_capture(model):
+        raise RuntimeError("no train-mode capture")
+
+    monkeypatch.setattr(api, "training", no_train_capture)
     torch.manual_seed(0)
     model, x = TrainOnlyReader().eval(), torch.randn(1, 3, 8, 8)
     result = prune(model, x, target_flops=0.6)
     assert result.model.a.out_channels == 8 and result.model.b.out_channels < 8
     assert not any(n.startswith("tied channels") for n in result.report.notes)
     assert any("fails in train mode" in f.reason for f in result.graph.frozen)
+
+
+def test_a_layer_only_training_runs_shrinks_with_the_width_it_reads():
+    """The same model with the train-mode capture: ``aux`` takes ``a``'s units, so ``a``
+    prunes too, untied from ``b``, and the pruned model trains."""
+    from pruners import prune
+    torch.manual_seed(0)
+    model, x = TrainOnlyReader().eval(), torch.randn(1, 3, 8, 8)
+    result = prune(model, x, target_flops=0.6)
+    small = result.model
+    assert small.a.out_channels < 8 and small.aux.in_features == small.a.out_channels
+    assert not any(n.startswith("tied channels") for n in result.report.notes)
+    assert small.train()(x).shape == (1, 4, 8, 8)
 
 
 class EqualCountAttention(nn.Module):
