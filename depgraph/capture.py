@@ -325,6 +325,22 @@ class ValueReads(TorchDispatchMode):
 _VALUE_TAGS = frozenset({torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape})
 
 
+def sizes_by_values(value_ops: dict[str, int]) -> bool:
+    """Whether ops :class:`ValueReads` counted make a shape from values (``nonzero``, indexing
+    by a mask, ``unique``): a detector's post-processing, on which ``torch.export`` fails only
+    after tracing the model. Values read in Python alone do not count: a model's first run at
+    a shape often reads some while it fills a cache (Ultralytics' anchors read each level's
+    stride), and a concrete trace of a large model takes far more memory than an export
+    (YOLOv8x at 640 px: 1 GB more)."""
+    for name in value_ops:
+        packet = getattr(torch.ops.aten, name, None)
+        if name == "index by a mask" or (packet is not None and any(
+                torch.Tag.dynamic_output_shape in getattr(packet, o).tags
+                for o in packet.overloads())):
+            return True
+    return False
+
+
 def capture(model: torch.nn.Module, example_inputs: Any, *,
             example_kwargs: Optional[dict] = None,
             outputs: Optional[OutputSelector] = None,
@@ -340,7 +356,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, *,
             per-level maps. Default: everything ``forward`` returns.
         method: ``"export"``, ``"concrete"`` or ``"auto"`` (export, then concrete on failure).
         value_ops: what :class:`ValueReads` counted on a run of ``forward`` on these inputs;
-            where it counted anything, ``"auto"`` tries the concrete trace first (export after
+            where it counted ops whose output shape depends on values
+            (:func:`sizes_by_values`), ``"auto"`` tries the concrete trace first (export after
             it, on failure): export fails on those ops, on SSD after 9 s of tracing.
 
     Returns:
@@ -421,7 +438,7 @@ def _capture(model: torch.nn.Module, args: tuple, kwargs: dict,
     wrapped = _Selected(model, outputs)
     notes: list[str] = []
     errors: list[str] = []
-    if method == "auto" and value_ops:
+    if method == "auto" and sizes_by_values(value_ops):
         try:
             cap = _capture_concrete(wrapped, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - export may still do

@@ -29,7 +29,7 @@ from depgraph.boundary import Boundary, handed_on, verification_points
 from depgraph.cost import cost_model
 from depgraph.errors import PruningError
 from depgraph.graph import ChannelGraph
-from depgraph.train_path import with_train_path
+from depgraph.train_path import TrainPath, with_train_path
 
 from .allocate import InfeasibleTargetError, Target, allocate
 from .copying import copy_model, is_compiled, own_parameters
@@ -348,7 +348,8 @@ class _Analysis:
     deferred: bool  # exact groups' outputs not yet compared (see _plan)
     hardware: Optional["_Hardware"]
     round_to: int  # the channel multiple ("auto" resolved by the hardware's table)
-    train_path: bool = False  # the train-mode capture's couplings were tried (see _plan)
+    train_path: bool = False  # the train-mode graph's couplings were tried (see _plan)
+    train_graph: Any = None  # that graph once captured (False: its capture failed)
 
     @property
     def probing(self) -> dict[str, Any]:
@@ -512,8 +513,12 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                                                    pruned=pruned, train_mode=True,
                                                    train_inputs=small, flops=flops, **kw)
             failed, raised = exact and not check.ok, False
-        except PruningError:
+        except PruningError as exc:
             check, failed, raised = None, True, True
+            if TRAIN_MODE_FAILS in str(exc) and _train_path_first(analysis, work, opts):
+                clock.lap("train path")  # a round that only added training's ties
+                made -= 1
+                continue
         if not exact:
             check = None  # normalisation statistics change: no exact reference to compare
         if failed and analysis.deferred and check is not None:  # outputs differ: cheap first
@@ -549,39 +554,71 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                        "three times; please report this model")
 
 
+def _train_graph(analysis: _Analysis, work: nn.Module, opts: PruneOptions
+                 ) -> Optional[ChannelGraph]:
+    """The graph of ``work`` captured in train mode (on the probes' inputs), made once per
+    ``prune()``; None (and a note) where that capture or its analysis fails."""
+    if analysis.train_graph is None:
+        opts.say("[prune] the plan fails in train mode: capturing the model in train mode ...")
+        try:
+            with training(work):
+                cap = capture(work, analysis.probe.inputs, example_kwargs=opts.example_kwargs)
+            analysis.train_graph = analyze(cap, heads=opts.heads)
+        except Exception as exc:  # noqa: BLE001 - the groups freeze as before; noted
+            analysis.train_graph = False
+            analysis.notes.append(f"a train-mode capture could not tie layers only training "
+                                  f"runs ({one_line(exc)}); the widths they read stay")
+    return analysis.train_graph or None
+
+
+def _train_path_first(analysis: _Analysis, work: nn.Module, opts: PruneOptions) -> bool:
+    """A plan failed in train mode: before bisecting it, add the train-mode graph's couplings
+    (``depgraph.train_path``) where they tie layers only training runs (auxiliary classifiers,
+    per-layer decoder heads) to the widths they read and freeze nothing, a pure gain: those
+    layers then shrink with the widths, and the next plan is made on that graph."""
+    if analysis.train_path:
+        return False
+    train = _train_graph(analysis, work, opts)
+    if train is None:
+        return False
+    path = with_train_path(analysis.graph, train)
+    if path.frozen or not (path.layers or path.tied):
+        return False  # the bisection finds what fails; _add_train_path weighs the two
+    analysis.train_path = True
+    _adopt(analysis, path)
+    return True
+
+
 def _add_train_path(analysis: _Analysis, work: nn.Module, opts: PruneOptions) -> bool:
-    """Where groups a plan broke fail in train mode, capture the model in train mode too
-    and add that graph's couplings (``depgraph.train_path``): layers that only training runs
-    (auxiliary classifiers, per-layer decoder heads) then shrink with the widths they read,
-    where freezing would have kept those widths whole; the groups failing otherwise freeze.
-    Kept only when it leaves more channels prunable than freezing them all; tried once per
+    """Where groups a plan broke fail in train mode, add the train-mode graph's couplings
+    where they leave more channels prunable than freezing those groups: the groups failing
+    otherwise freeze, and what training fixes freezes with its reason. Tried once per
     ``prune()``."""
     in_train = {g: why for g, why in analysis.bad.items() if TRAIN_MODE_FAILS in why}
     if analysis.train_path or not in_train:
         return False
     analysis.train_path = True
-    opts.say("[prune] the plan fails in train mode: capturing the model in train mode too ...")
-    try:
-        with training(work):
-            cap = capture(work, analysis.probe.inputs, example_kwargs=opts.example_kwargs)
-        train = analyze(cap, heads=opts.heads)
-    except Exception as exc:  # noqa: BLE001 - the groups freeze as before; the note says why
-        analysis.notes.append(f"a train-mode capture could not tie layers only training runs "
-                              f"({one_line(exc)}); the widths they read stay")
+    train = _train_graph(analysis, work, opts)
+    if train is None:
         return False
     others = {g: why for g, why in analysis.bad.items() if g not in in_train}
     path = with_train_path(freeze_unprunable(analysis.graph, others), train)
     if _prunable(path.graph) <= _prunable(freeze_unprunable(analysis.graph, analysis.bad)):
         return False
     _freeze(analysis, others)  # what fails in eval mode freezes as it would have
-    analysis.graph = path.graph
+    _adopt(analysis, path)
+    return True
+
+
+def _adopt(analysis: _Analysis, path: TrainPath) -> None:
+    """Plan on ``path``'s graph from now on, its changes noted."""
+    analysis.graph, analysis.bad = path.graph, {}
     if path.layers:
         analysis.notes.append(
             f"{len(path.layers)} modules run only in train mode ({', '.join(path.layers[:4])}"
             f"{', ...' if len(path.layers) > 4 else ''}): captured in train mode too, they "
             f"shrink with the widths they read")
     analysis.notes += [f"froze {n} channels: {why}" for why, n in path.frozen.items()]
-    return True
 
 
 def _freeze(analysis: _Analysis, bad: dict[int, str]) -> None:

@@ -188,6 +188,20 @@ def test_a_forward_known_to_use_values_is_traced_concretely_without_trying_expor
     assert tried
 
 
+def test_values_read_in_python_alone_leave_export_first(monkeypatch):
+    """Ultralytics' first run at a shape reads each level's stride while it caches anchors
+    (``_local_scalar_dense`` x3): that made every YOLO trace concretely, and YOLOv8x's
+    capture take 1 GB more memory. Only ops that size a tensor by values go concrete first."""
+    from depgraph.capture import sizes_by_values
+
+    assert not sizes_by_values({"_local_scalar_dense": 3})
+    assert sizes_by_values({"nonzero": 1}) and sizes_by_values({"index by a mask": 2})
+    tried = _export_attempts(monkeypatch)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    cap = capture(plain, torch.randn(1, 3, 8, 8), value_ops={"_local_scalar_dense": 3})
+    assert cap.method == "export" and tried == [1]
+
+
 def test_prune_traces_a_value_using_model_concretely_at_once(monkeypatch):
     from pruners import prune
 

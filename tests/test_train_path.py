@@ -95,3 +95,45 @@ def test_without_a_train_path_the_width_training_reads_freezes(monkeypatch):
     assert result.model.stem[0].out_channels == 16
     assert any("train-mode capture could not" in n for n in result.report.notes)
     result.model.train()(x)
+
+
+class AuxNetWithFeature(AuxNet):
+    """AuxNet whose training also returns a feature ``e`` that inference only reads: training
+    fixes ``e``'s width, so the train path costs ``e`` and frees the stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.e, self.f = cbr(16, 4, 1), nn.Conv2d(4, 10, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        e = self.e(s)
+        y = (self.head(self.mid(s)) + self.f(e)).mean((2, 3))
+        if not self.training:
+            return y
+        return y, self.aux(s).mean((2, 3)), e
+
+
+def test_a_train_path_that_freezes_is_weighed_against_freezing_the_failing_groups():
+    torch.manual_seed(0)
+    model, x = AuxNetWithFeature().eval(), torch.randn(2, 3, 16, 16)
+    graph, train = _graphs(model, x)
+    assert sum(with_train_path(graph, train).frozen.values()) > 0  # so not taken at once
+    result = pruners.prune(model, x, target_flops=0.6)
+    small = result.model
+    assert small.stem[0].out_channels < 16 and small.aux[0].in_channels == small.stem[0].out_channels
+    assert small.e[0].out_channels == 4  # training returns it: frozen, with the reason
+    assert any("training needs this width" in f.reason for f in result.graph.frozen)
+    assert len(small.train()(x)) == 3
+
+
+def test_a_train_path_that_frees_nothing_is_not_taken():
+    """Training reads the stem beside channels the model fixes: the train path would freeze
+    the stem as freezing it does, so the bisection's freeze stands, with its own reason."""
+    torch.manual_seed(0)
+    model, x = AuxNet(aux_reads_fixed=True).eval(), torch.randn(2, 3, 16, 16)
+    result = pruners.prune(model, x, target_flops=0.7)
+    assert result.model.stem[0].out_channels == 16
+    assert any("fails in train mode" in f.reason for f in result.graph.frozen)
+    assert not any("only in train mode" in n for n in result.report.notes)
+    result.model.train()(x)
