@@ -27,7 +27,7 @@ from depgraph import analyze, capture
 from depgraph.analyze import check_head_mode
 from depgraph.boundary import Boundary, handed_on, verification_points
 from depgraph.cost import cost_model
-from depgraph.errors import PruningError
+from depgraph.errors import CaptureError, PruningError
 from depgraph.graph import ChannelGraph
 from depgraph.train_path import TrainPath, with_train_path
 
@@ -560,9 +560,15 @@ def _train_graph(analysis: _Analysis, work: nn.Module, opts: PruneOptions
     ``prune()``; None (and a note) where that capture or its analysis fails."""
     if analysis.train_graph is None:
         opts.say("[prune] the plan fails in train mode: capturing the model in train mode ...")
-        try:
+        try:  # the concrete trace first: on the probes' small inputs it is the faster one
+            # (RT-DETR-L: 3.7 s, export 5.9 s), and its path is the one these inputs take
             with training(work):
-                cap = capture(work, analysis.probe.inputs, example_kwargs=opts.example_kwargs)
+                try:
+                    cap = capture(work, analysis.probe.inputs, method="concrete",
+                                  example_kwargs=opts.example_kwargs)
+                except CaptureError:
+                    cap = capture(work, analysis.probe.inputs, method="export",
+                                  example_kwargs=opts.example_kwargs)
             analysis.train_graph = analyze(cap, heads=opts.heads)
         except Exception as exc:  # noqa: BLE001 - the groups freeze as before; noted
             analysis.train_graph = False
