@@ -350,6 +350,7 @@ class _Analysis:
     round_to: int  # the channel multiple ("auto" resolved by the hardware's table)
     train_path: bool = False  # the train-mode graph's couplings were tried (see _plan)
     train_graph: Any = None  # that graph once captured (False: its capture failed)
+    used: frozenset = frozenset()  # parameters the eval capture reads
 
     @property
     def probing(self) -> dict[str, Any]:
@@ -432,7 +433,7 @@ def _analyse(work: nn.Module, lifted: list[Lifted], dense: DenseRun, example_inp
     linked += equal
     clock.lap("repair")
     return _Analysis(graph, notes + linked, boundary, kw, probe, bad, deferred, hardware,
-                     round_to)
+                     round_to, used=_read_by(cap))
 
 
 def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_inputs: Any,
@@ -569,12 +570,30 @@ def _train_graph(analysis: _Analysis, work: nn.Module, opts: PruneOptions
                 except CaptureError:
                     cap = capture(work, analysis.probe.inputs, method="export",
                                   example_kwargs=opts.example_kwargs)
-            analysis.train_graph = analyze(cap, heads=opts.heads)
+            train = analyze(cap, heads=opts.heads)
+            # a parameter eval never reads must be some layer's in the train-mode trace: one
+            # read by neither trace, or only touched (RT-DETR's denoising embedding, summed
+            # times 0 where its trainer's targets are missing), is used by code neither ran
+            layers = {layer.module for layer in train.layers} | {
+                layer.weight.rpartition(".")[0] for layer in train.layers if layer.weight}
+            unseen = [name for name, _ in work.named_parameters() if name not in analysis.used
+                      and name.rpartition(".")[0] not in layers]
+            if unseen:
+                raise CaptureError(f"{len(unseen)} parameters are read by no layer either trace "
+                                   f"ran (e.g. '{unseen[0]}'): training may run code that reads "
+                                   f"the widths they have")
+            analysis.train_graph = train
         except Exception as exc:  # noqa: BLE001 - the groups freeze as before; noted
             analysis.train_graph = False
             analysis.notes.append(f"a train-mode capture could not tie layers only training "
                                   f"runs ({one_line(exc)}); the widths they read stay")
     return analysis.train_graph or None
+
+
+def _read_by(cap: Any) -> frozenset:
+    """The parameters and buffers a capture's graph reads (placeholders with users)."""
+    return frozenset(cap.param_names[n.name] for n in cap.graph.nodes
+                     if n.op == "placeholder" and n.name in cap.param_names and n.users)
 
 
 def _train_path_first(analysis: _Analysis, work: nn.Module, opts: PruneOptions) -> bool:

@@ -137,3 +137,20 @@ def test_a_train_path_that_frees_nothing_is_not_taken():
     assert any("fails in train mode" in f.reason for f in result.graph.frozen)
     assert not any("only in train mode" in n for n in result.report.notes)
     result.model.train()(x)
+
+
+def test_a_train_path_is_declined_where_neither_trace_reads_some_parameter():
+    """RT-DETR's denoising embeds targets only its trainer passes: neither the eval nor the
+    train-mode trace runs it, so the widths it reads cannot be known to be free. The stem
+    freezes as before, and the note names such a parameter."""
+
+    class Unseen(AuxNet):
+        def __init__(self):
+            super().__init__()
+            self.targets_only = nn.Linear(16, 4)  # read only when targets are given
+
+    torch.manual_seed(0)
+    model, x = Unseen().eval(), torch.randn(2, 3, 16, 16)
+    result = pruners.prune(model, x, target_flops=0.7)
+    assert result.model.stem[0].out_channels == 16
+    assert any("targets_only." in n and "no layer either trace" in n for n in result.report.notes)
