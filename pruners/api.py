@@ -558,7 +558,8 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
 def _train_graph(analysis: _Analysis, work: nn.Module, opts: PruneOptions
                  ) -> Optional[ChannelGraph]:
     """The graph of ``work`` captured in train mode (on the probes' inputs), made once per
-    ``prune()``; None (and a note) where that capture or its analysis fails."""
+    ``prune()``; None (and a note) where that capture or its analysis fails, or where
+    parameters stay that neither trace's layers read."""
     if analysis.train_graph is None:
         opts.say("[prune] the plan fails in train mode: capturing the model in train mode ...")
         try:  # the concrete trace first: on the probes' small inputs it is the faster one
@@ -578,15 +579,17 @@ def _train_graph(analysis: _Analysis, work: nn.Module, opts: PruneOptions
                 layer.weight.rpartition(".")[0] for layer in train.layers if layer.weight}
             unseen = [name for name, _ in work.named_parameters() if name not in analysis.used
                       and name.rpartition(".")[0] not in layers]
-            if unseen:
-                raise CaptureError(f"{len(unseen)} parameters are read by no layer either trace "
-                                   f"ran (e.g. '{unseen[0]}'): training may run code that reads "
-                                   f"the widths they have")
-            analysis.train_graph = train
         except Exception as exc:  # noqa: BLE001 - the groups freeze as before; noted
             analysis.train_graph = False
             analysis.notes.append(f"a train-mode capture could not tie layers only training "
                                   f"runs ({one_line(exc)}); the widths they read stay")
+            return None
+        analysis.train_graph = False if unseen else train
+        if unseen:
+            analysis.notes.append(f"layers only training runs are not tied: {len(unseen)} "
+                                  f"parameters are read by no layer either trace ran (e.g. "
+                                  f"'{unseen[0]}'), so training may run code that reads the "
+                                  f"widths they have; those widths stay")
     return analysis.train_graph or None
 
 
