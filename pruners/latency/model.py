@@ -285,8 +285,8 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
     floor = [_floor(in_curves[j] if vin else None, out_curves[j] if vout else None, lstep)
              for j, (vin, vout, lstep) in enumerate(varied)]
     if dense_s is None:
-        fn = model_runner(model, example_inputs, table.backend, table.device, table.threads) \
-            if table.backend != "eager" else _no_grad(run)
+        fn = _no_grad(run) if table.backend == "eager" and table.device == "cpu" else \
+            model_runner(model, example_inputs, table.backend, table.device, table.threads)
         dense_s = time_call(fn, ModelCall("dense", model, example_inputs, table.backend),
                             table.timer, repeats=max(table.repeats, 9))
     layers_s = float(sum(full))

@@ -14,6 +14,7 @@ report it as noise, not a result.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import platform
@@ -230,7 +231,7 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
 
     args = as_args(inputs)
     if backend == "eager":
-        model = model.eval().to(device)
+        model = _on(model.eval(), device)
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
 
         def run() -> Any:
@@ -241,6 +242,17 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
     if backend in ("onnxruntime", "openvino"):
         return onnx_runner(_onnx_bytes(model, args), _arrays(args), backend, threads)
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def _on(model: nn.Module, device: str) -> nn.Module:
+    """``model`` on ``device``: itself when it is there already, else a copy moved there (the
+    caller's model stays where it is: timing a CPU model on a GPU leaves it on the CPU)."""
+    want = torch.device(device)
+    if want.type == "cuda" and want.index is None:
+        want = torch.device("cuda", torch.cuda.current_device())
+    if all(t.device == want for t in [*model.parameters(), *model.buffers()]):
+        return model
+    return copy.deepcopy(model).to(device)
 
 
 def onnx_runner(onnx: bytes, arrays: list, backend: str,

@@ -1,0 +1,303 @@
+"""GPU latency of pruned models: ``python -m benchmarks.gpu [--quick]`` where a CUDA GPU is.
+
+For each model, in one process: the dense model; ours at 50% FLOPs with round_to 1, 8 and 16;
+ours with ``round_to="auto"`` and with ``target_latency=0.5``, both measured on the GPU
+(``device="cuda"``: eager PyTorch, float32, at the model's latency batch, since at batch 1 an
+eager GPU run is bound by kernel launches rather than FLOPs); Torch-Pruning at 50% FLOPs
+with round_to 8 and 16 (when installed). Pruning itself runs on the CPU, as it does for users.
+Then every model is timed on the GPU, interleaved (``pruners.latency.measure_models``: rounds
+in rotated order, spread checked, marked noisy if it stays wide), in float16 and channels-last
+at batch 1 and 32 in eager PyTorch, and at batch 1 replayed as a CUDA graph (launch overhead
+removed; models whose forward syncs with the host, such as NMS, do not capture).
+
+Efficiency is speedup x FLOPs kept: 1 means every FLOP removed turned into time. Results go
+to ``benchmarks/results/gpu{_quick}.{csv,md,json}`` (``--out`` elsewhere). TensorRT is used
+when its Python package imports; the results say whether it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from .hardware import bench_for
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+MODELS = ["resnet50", "mobilenet_v2", "yolov8s", "retinanet_resnet50_fpn"]
+QUICK_MODELS = ["resnet18"]
+#: the batch at which ours measures latency for round_to="auto" and target_latency on the GPU
+LATENCY_BATCH = {"yolov8s": 8, "retinanet_resnet50_fpn": 8}
+LATENCY_BATCH_DEFAULT = 32
+#: label -> (tool, options); ours rows are prune() with these keywords
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "ours r1": ("ours", dict(target_flops=0.5, round_to=1)),
+    "ours r8": ("ours", dict(target_flops=0.5, round_to=8)),
+    "ours r16": ("ours", dict(target_flops=0.5, round_to=16)),
+    "ours auto": ("ours", dict(target_flops=0.5, round_to="auto", device="cuda")),
+    "ours latency": ("ours", dict(target_latency=0.5, round_to="auto", device="cuda")),
+    "tp r8": ("torch_pruning", dict(target_flops=0.5, round_to=8)),
+    "tp r16": ("torch_pruning", dict(target_flops=0.5, round_to=16)),
+}
+
+
+def prune_variant(name: str, label: str, device: str, latency_batch: int
+                  ) -> tuple[torch.nn.Module, dict]:
+    """One pruned model (on the CPU) and what its pruning said."""
+    from pruners import prune
+
+    from .tools import torch_pruning
+
+    tool, options = VARIANTS[label]
+    bench = bench_for(name)
+    start = time.perf_counter()
+    info: dict[str, Any] = {}
+    if tool == "torch_pruning":
+        model, _ = torch_pruning(bench, options["target_flops"], options["round_to"])
+    else:
+        options = dict(options)
+        inputs = bench.inputs
+        if options.get("device") == "cuda":
+            options["device"] = device
+            inputs = bench.batch(latency_batch)
+            info["latency_batch"] = latency_batch
+        result = prune(bench.model, inputs, outputs=bench.outputs, **options)
+        model = result.model
+        auto = next((n for n in result.report.notes if n.startswith("round_to='auto'")), None)
+        if auto:
+            info["round_to"] = int(auto.split(" chose ")[1].split()[0])
+        if result.report.latency is not None:
+            lat = result.report.latency
+            info.update(predicted=round(lat.predicted, 4), measured_in_prune=round(lat.ratio, 4),
+                        attempts=lat.attempts)
+    info["engine_s"] = round(time.perf_counter() - start, 1)
+    return model.eval(), info
+
+
+def _cast(value: Any, device: str, dtype: torch.dtype) -> Any:
+    """Inputs on ``device`` in ``dtype``, 4-d images channels-last."""
+    if isinstance(value, torch.Tensor):
+        value = value.to(device, dtype)
+        return value.contiguous(memory_format=torch.channels_last) if value.dim() == 4 else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, device, dtype) for v in value)
+    return value
+
+
+def deployed(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` as it would be deployed on the GPU: ``dtype``, channels-last."""
+    return copy.deepcopy(model).eval().to(device, dtype).to(memory_format=torch.channels_last)
+
+
+def graph_runner(model: torch.nn.Module, inputs: Any) -> Callable[[], Any]:
+    """``model(inputs)`` captured once as a CUDA graph; the returned function replays it."""
+    from depgraph.capture import as_args
+
+    args = as_args(inputs)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            model(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        model(*args)
+    return graph.replay
+
+
+def _time_graphs(models: dict[str, torch.nn.Module], inputs: Any, rounds: int, device: str):
+    """Interleaved timings of CUDA-graph replays (models that do not capture go to errors)."""
+    from pruners.latency import WallTimer, steady
+
+    calls, errors = {}, {}
+    for label, m in models.items():
+        try:
+            calls[label] = (graph_runner(m, inputs), label)
+        except Exception as exc:  # noqa: BLE001 - a model that does not capture is a cell
+            errors[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            torch.cuda.synchronize()
+    if not calls:
+        return {}, errors
+    times, _ = steady(calls, WallTimer(device), rounds, repeat=20)
+    return times, errors
+
+
+def run(models: list[str], batches: list[int], rounds: int, out: str, prefix: str,
+        variants: list[str], device: str, dtype: torch.dtype, budget_s: float) -> list[dict]:
+    from pruners.latency import environment, measure_models
+    from pruners.report import measure
+
+    torch.backends.cudnn.benchmark = True
+    start = time.perf_counter()
+    rows: list[dict] = []
+    env: dict[str, Any] = {**environment("eager", device), "dtype": str(dtype).split(".")[-1],
+                           "memory_format": "channels_last", "cudnn": torch.backends.cudnn.version(),
+                           "cuda": torch.version.cuda, "tensorrt": _tensorrt()}
+    for name in models:
+        if time.perf_counter() - start > budget_s:
+            print(f"[gpu] {name}: skipped, over the {budget_s:.0f} s budget", flush=True)
+            continue
+        bench = bench_for(name)
+        counted = (bench.inputs,)
+        flops0, _ = measure(bench.model, counted)
+        pruned: dict[str, torch.nn.Module] = {"dense": bench.model}
+        info: dict[str, dict] = {}
+        for label in variants:
+            print(f"[gpu] {name}: pruning {label} ...", flush=True)
+            try:
+                pruned[label], info[label] = prune_variant(
+                    name, label, device, LATENCY_BATCH.get(name, LATENCY_BATCH_DEFAULT))
+            except Exception as exc:  # noqa: BLE001 - a failing variant is a row
+                info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            print(f"[gpu] {name}: {label}: {info[label]}", flush=True)
+        flops = {label: measure(m, counted)[0] / flops0 for label, m in pruned.items()}
+        on_gpu = {label: deployed(m, device, dtype) for label, m in pruned.items()}
+        cells: dict[str, dict[str, Any]] = {label: {} for label in ["dense", *variants]}
+        for batch in batches:
+            print(f"[gpu] {name}: timing {len(on_gpu)} models at batch {batch} ...", flush=True)
+            inputs = _cast(bench.batch(batch), device, dtype)
+            m = measure_models(dict(on_gpu), inputs, device=device, rounds=rounds,
+                               sample_s=0.05, retries=1)
+            for label in on_gpu:
+                cell = cells[label]
+                if label in m.times:
+                    t = m.times[label]
+                    cell[f"b{batch}_ms"] = round(t.median_ms, 3)
+                    cell[f"b{batch}_spread"] = round(t.spread, 3)
+                    cell[f"b{batch}_noisy"] = m.noisy
+                    if label != "dense" and "dense" in m.times:
+                        cell[f"b{batch}_speedup"] = round(m.ratio("dense", label), 3)
+                else:
+                    cell[f"b{batch}_error"] = m.errors.get(label, "not timed")
+            if batch == 1 and device.startswith("cuda"):
+                print(f"[gpu] {name}: timing CUDA graphs at batch 1 ...", flush=True)
+                times, errors = _time_graphs(on_gpu, inputs, rounds, device)
+                for label in on_gpu:
+                    if label in times:
+                        cells[label]["graph_ms"] = round(times[label].median_ms, 3)
+                        cells[label]["graph_spread"] = round(times[label].spread, 3)
+                        if label != "dense" and "dense" in times:
+                            cells[label]["graph_speedup"] = round(
+                                times["dense"].median_ms / times[label].median_ms, 3)
+                    elif label in errors:
+                        cells[label]["graph_error"] = errors[label]
+        for label in ["dense", *variants]:
+            row: dict[str, Any] = {"model": name, "variant": label, **info.get(label, {})}
+            if label in flops:
+                row["flops_kept"] = round(flops[label], 4)
+            row.update(cells[label])
+            rows.append(row)
+        del on_gpu
+        torch.cuda.empty_cache()
+        _write(rows, env, out, prefix)
+    return rows
+
+
+def _tensorrt() -> str:
+    """The TensorRT version when its Python package imports, else why not."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "not installed"
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        return f"does not import: {type(exc).__name__}"
+
+
+def _write(rows: list[dict], env: dict, out: str, prefix: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(os.path.join(out, f"{prefix}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out, f"{prefix}.json"), "w") as f:
+        json.dump({"rows": rows, "environment": env}, f, indent=1)
+    with open(os.path.join(out, f"{prefix}.md"), "w") as f:
+        f.write(markdown(rows, env))
+
+
+def _cell(row: dict, key: str) -> str:
+    if f"{key}_error" in row:
+        return "fails" if key != "graph" else "no capture"
+    if f"{key}_ms" not in row:
+        return "-"
+    text = f"{row[f'{key}_ms']:.2f} ±{100 * row[f'{key}_spread']:.0f}%"
+    if f"{key}_speedup" in row:
+        eff = row[f"{key}_speedup"] * row.get("flops_kept", 1.0)
+        text += f" · {row[f'{key}_speedup']:.2f}x · eff {eff:.2f}"
+    return text + (" (noisy)" if row.get(f"{key}_noisy") else "")
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    batches = sorted({int(k[1:-3]) for r in rows for k in r
+                      if k.startswith("b") and k.endswith("_ms")})
+    cols = [f"b{b}" for b in batches] + (["graph"] if any("graph_ms" in r or "graph_error" in r
+                                                          for r in rows) else [])
+    names = {f"b{b}": f"eager batch {b}" for b in batches} | {"graph": "CUDA graph batch 1"}
+    lines = ["# Pruned models on a GPU: measured latency", "",
+             f"{env.get('gpu', '?')}; torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
+             f"cuDNN {env.get('cudnn', '?')} (benchmark mode); {env.get('dtype', '?')}, "
+             f"{env.get('memory_format', '')}; TensorRT: {env.get('tensorrt', '?')}; host CPU "
+             f"{env.get('cpu', '?')}; {env.get('date', '')}. Every model of a row group timed "
+             "interleaved in one process (median ms ± interquartile spread · speedup over dense"
+             " · efficiency = speedup × FLOPs kept). Pruning ran on the CPU; `ours auto` and "
+             "`ours latency` measured float32 eager latency on this GPU at the latency batch.",
+             "", f"| model | variant | FLOPs kept | round_to | "
+             f"{' | '.join(names[c] for c in cols)} | latency target: predicted / measured in "
+             "prune (batch) | engine s |", "|---" * (6 + len(cols)) + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | error: {r['error'][:90]} |"
+                         + " |" * (3 + len(cols)))
+            continue
+        options = VARIANTS.get(r["variant"], ("", {}))[1]
+        rt = r.get("round_to", options.get("round_to", ""))
+        rt = f"auto → {rt}" if options.get("round_to") == "auto" else rt
+        lat = (f"{r['predicted']:.3f} / {r['measured_in_prune']:.3f} (b{r['latency_batch']})"
+               if "predicted" in r else "")
+        lines.append(f"| {r['model']} | {r['variant']} | {r.get('flops_kept', 1.0):.3f} | {rt} | "
+                     + "".join(f"{_cell(r, c)} | " for c in cols)
+                     + f"{lat} | {r.get('engine_s', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="ResNet-18, batches 1 and 4")
+    p.add_argument("--models", nargs="+")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS))
+    p.add_argument("--batches", nargs="+", type=int)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu only to try the script")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="start no new model after this many seconds (a lease's time)")
+    p.add_argument("--out", default=RESULTS)
+    a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("benchmarks.gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+    variants = a.variants or [v for v, (tool, _) in VARIANTS.items()
+                              if tool == "ours" or importlib.util.find_spec("torch_pruning")]
+    models = a.models or (QUICK_MODELS if a.quick else MODELS)
+    batches = a.batches or ([1, 4] if a.quick else [1, 32])
+    rows = run(models, batches, a.rounds, a.out, "gpu_quick" if a.quick else "gpu", variants,
+               a.device, getattr(torch, a.dtype), a.budget_s)
+    print(markdown(rows, {}))
+
+
+if __name__ == "__main__":
+    main()
