@@ -132,7 +132,8 @@ def _time_graphs(models: dict[str, torch.nn.Module], inputs: Any, rounds: int, d
 
 
 def run(models: list[str], batches: list[int], rounds: int, out: str, prefix: str,
-        variants: list[str], device: str, dtype: torch.dtype, budget_s: float) -> list[dict]:
+        variants: list[str], device: str, dtype: torch.dtype, budget_s: float,
+        graph_batches: tuple[int, ...] = (1,)) -> list[dict]:
     from pruners.latency import environment, measure_models
     from pruners.report import measure
 
@@ -178,18 +179,19 @@ def run(models: list[str], batches: list[int], rounds: int, out: str, prefix: st
                         cell[f"b{batch}_speedup"] = round(m.ratio("dense", label), 3)
                 else:
                     cell[f"b{batch}_error"] = m.errors.get(label, "not timed")
-            if batch == 1 and device.startswith("cuda"):
-                print(f"[gpu] {name}: timing CUDA graphs at batch 1 ...", flush=True)
+            if batch in graph_batches and device.startswith("cuda"):
+                print(f"[gpu] {name}: timing CUDA graphs at batch {batch} ...", flush=True)
                 times, errors = _time_graphs(on_gpu, inputs, rounds, device)
+                key = f"g{batch}"
                 for label in on_gpu:
                     if label in times:
-                        cells[label]["graph_ms"] = round(times[label].median_ms, 3)
-                        cells[label]["graph_spread"] = round(times[label].spread, 3)
+                        cells[label][f"{key}_ms"] = round(times[label].median_ms, 3)
+                        cells[label][f"{key}_spread"] = round(times[label].spread, 3)
                         if label != "dense" and "dense" in times:
-                            cells[label]["graph_speedup"] = round(
+                            cells[label][f"{key}_speedup"] = round(
                                 times["dense"].median_ms / times[label].median_ms, 3)
                     elif label in errors:
-                        cells[label]["graph_error"] = errors[label]
+                        cells[label][f"{key}_error"] = errors[label]
         for label in ["dense", *variants]:
             row: dict[str, Any] = {"model": name, "variant": label, **info.get(label, {})}
             if label in flops:
@@ -281,6 +283,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--models", nargs="+")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     p.add_argument("--batches", nargs="+", type=int)
+    p.add_argument("--graph-batches", nargs="*", type=int, default=[1],
+                   help="batches also timed as CUDA-graph replays")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to try the script")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
@@ -295,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     models = a.models or (QUICK_MODELS if a.quick else MODELS)
     batches = a.batches or ([1, 4] if a.quick else [1, 32])
     rows = run(models, batches, a.rounds, a.out, "gpu_quick" if a.quick else "gpu", variants,
-               a.device, getattr(torch, a.dtype), a.budget_s)
+               a.device, getattr(torch, a.dtype), a.budget_s, tuple(a.graph_batches))
     print(markdown(rows, {}))
 
 
