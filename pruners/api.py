@@ -664,6 +664,9 @@ def _prunable(graph: ChannelGraph) -> int:
 
 #: A latency target is re-aimed while the measured share is off by more than this (relative).
 _LATENCY_SLACK = 0.03
+#: ... and prune() raises when the plan it would return is slower than the target by more
+#: than this (relative) and no plan of a lower aim exists: a miss it cannot close.
+_LATENCY_MISS = 0.07
 
 
 def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
@@ -694,12 +697,14 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
     plans = [(planned, pruned)]
     aim = target.value
     tried = [(aim, ratio)]  # (aim, measured share)
+    floor: Optional[InfeasibleTargetError] = None  # set when no lower aim can be planned
     while len(plans) < 3 and miss(ratio) > _LATENCY_SLACK:  # a median is steady even if noisy
         aim = _next_aim(tried, target.value)
         try:
             plans.append(_plan(analysis, work, lifted, example_inputs, Target("latency", aim),
                                opts, patterns, clock))
-        except InfeasibleTargetError:
+        except InfeasibleTargetError as exc:
+            floor = exc
             break
         measured, (ratio,) = timed([plans[-1][1]])
         tried.append((aim, ratio))
@@ -710,6 +715,8 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
         plans[chosen][0].notes.append(
             f"{len(plans)} plans timed again together: measured shares "
             f"{', '.join(f'{r:.3f}' for r in ratios)}; kept plan {chosen + 1}")
+    _latency_out_of_reach(target, [m for _, m in tried] if len(plans) == 1 else ratios,
+                          planned.predicted_latency, planned.latency, floor is not None)
     planned, pruned = plans[chosen]
     if planned.target != target:
         planned.notes.append(f"latency target re-aimed at {planned.target.value:.4f} of the "
@@ -721,6 +728,29 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
                            planned.latency.threads, d.median_ms, p.median_ms, d.spread, p.spread,
                            planned.predicted_latency, measured.noisy, measured.env, len(plans))
     return planned, pruned, report
+
+
+def _latency_out_of_reach(target: Target, measured: list[float], predicted: Optional[float],
+                          latency: Any, at_floor: bool) -> None:
+    """InfeasibleTargetError when even the fastest plan measured is slower than the target by
+    more than ``_LATENCY_MISS``: the time pruning removes from the layers does not show in
+    the whole model's (on a GPU in eager mode, a run bound by kernel launches, not widths).
+    ``at_floor``: no plan of a lower aim exists, so the fastest measured is what is
+    reachable; otherwise the plans ran out first and the reachable share is unknown."""
+    best = min(measured)
+    if best <= target.value * (1 + _LATENCY_MISS):
+        return
+    first = "" if predicted is None else f" (the first predicted {predicted:.3f})"
+    why = ("no plan removes more" if at_floor else
+           f"re-aiming {len(measured)} times did not close the gap")
+    raise InfeasibleTargetError(
+        f"target_latency={target.value:g} cannot be met with {latency.backend} on "
+        f"{latency.device}: the plans made measured {', '.join(f'{m:.3f}' for m in measured)} "
+        f"of the dense latency{first}, and {why}. What pruning removes from the layers does "
+        f"not show as time here (a run bound by a fixed cost, such as kernel launches on a GPU "
+        f"at a small batch). {'Ask for at least' if at_floor else 'The fastest plan measured'}"
+        f" {best:.3f}; time at a larger batch, or use target_flops.",
+        reachable=best if at_floor else None)
 
 
 def _next_aim(tried: list[tuple[float, float]], target: float) -> float:

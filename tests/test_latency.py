@@ -339,6 +339,21 @@ def test_target_latency_times_its_plans_again_together(monkeypatch):
     assert not any("re-aimed" in n for n in result.report.notes)  # the first plan's aim
 
 
+def test_target_latency_out_of_reach_raises_with_the_measured_reachable():
+    """A whole-model cost no layer shows (a GPU run bound by kernel launches): the plans'
+    predicted halving measures far slower, a lower aim cannot be planned, and prune()
+    raises with the fastest share it measured rather than returning a model that misses."""
+    model, x = _net()
+    table = LatencyTable(None, timer=FakeClock(overhead=5e-2))  # launches: a fixed 50 ms
+    with pytest.raises(InfeasibleTargetError, match="cannot be met") as info:
+        prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
+    fastest = float(str(info.value).split("measured ")[-1].split(";")[0])
+    assert fastest > 0.5 * 1.07 and "target_flops" in str(info.value)
+    # the same model and clock with a target in reach lands there and returns
+    result = prune(model, x, target_latency=0.9, round_to=8, latency_table=table)
+    assert result.report.latency.ratio == pytest.approx(0.9, rel=0.07)
+
+
 def test_measure_models_retries_and_marks_noise():
     model, x = _net()
     samples = iter([1e-3, 3e-3, 1e-3, 5e-3] * 1000)
