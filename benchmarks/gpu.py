@@ -133,16 +133,29 @@ def _time_graphs(models: dict[str, torch.nn.Module], inputs: Any, rounds: int, d
 
 def run(models: list[str], batches: list[int], rounds: int, out: str, prefix: str,
         variants: list[str], device: str, dtype: torch.dtype, budget_s: float,
-        graph_batches: tuple[int, ...] = (1,)) -> list[dict]:
+        graph_batches: tuple[int, ...] = (1,), command: str = "") -> list[dict]:
+    """Prune, time and write every model's rows (see the module's docstring)."""
+    benchmark_mode = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # kernels picked per shape, as deployments do
+    try:
+        return _run(models, batches, rounds, out, prefix, variants, device, dtype, budget_s,
+                    graph_batches, command)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_mode
+
+
+def _run(models: list[str], batches: list[int], rounds: int, out: str, prefix: str,
+         variants: list[str], device: str, dtype: torch.dtype, budget_s: float,
+         graph_batches: tuple[int, ...], command: str) -> list[dict]:
     from pruners.latency import environment, measure_models
     from pruners.report import measure
 
-    torch.backends.cudnn.benchmark = True
     start = time.perf_counter()
     rows: list[dict] = []
     env: dict[str, Any] = {**environment("eager", device), "dtype": str(dtype).split(".")[-1],
                            "memory_format": "channels_last", "cudnn": torch.backends.cudnn.version(),
-                           "cuda": torch.version.cuda, "tensorrt": _tensorrt()}
+                           "cuda": torch.version.cuda, "tensorrt": _tensorrt(),
+                           "command": f"python -m benchmarks.gpu {command}".strip()}
     for name in models:
         if time.perf_counter() - start > budget_s:
             print(f"[gpu] {name}: skipped, over the {budget_s:.0f} s budget", flush=True)
@@ -233,7 +246,7 @@ def _write(rows: list[dict], env: dict, out: str, prefix: str) -> None:
 
 def _cell(row: dict, key: str) -> str:
     if f"{key}_error" in row:
-        return "fails" if key != "graph" else "no capture"
+        return "no capture" if key.startswith("g") else "fails"
     if f"{key}_ms" not in row:
         return "-"
     text = f"{row[f'{key}_ms']:.2f} ±{100 * row[f'{key}_spread']:.0f}%"
@@ -243,12 +256,17 @@ def _cell(row: dict, key: str) -> str:
     return text + (" (noisy)" if row.get(f"{key}_noisy") else "")
 
 
+def _columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(key, heading) of every timing column present: eager batches, then CUDA graphs."""
+    keys = {k.rsplit("_", 1)[0] for r in rows for k in r if k.endswith(("_ms", "_error"))
+            and k[0] in "bg" and k[1:].split("_")[0].isdigit()}
+    eager = sorted((k for k in keys if k[0] == "b"), key=lambda k: int(k[1:]))
+    graph = sorted((k for k in keys if k[0] == "g"), key=lambda k: int(k[1:]))
+    return [(k, f"eager b{k[1:]}") for k in eager] + [(k, f"CUDA graph b{k[1:]}") for k in graph]
+
+
 def markdown(rows: list[dict], env: dict) -> str:
-    batches = sorted({int(k[1:-3]) for r in rows for k in r
-                      if k.startswith("b") and k.endswith("_ms")})
-    cols = [f"b{b}" for b in batches] + (["graph"] if any("graph_ms" in r or "graph_error" in r
-                                                          for r in rows) else [])
-    names = {f"b{b}": f"eager batch {b}" for b in batches} | {"graph": "CUDA graph batch 1"}
+    cols = _columns(rows)
     lines = ["# Pruned models on a GPU: measured latency", "",
              f"{env.get('gpu', '?')}; torch {env.get('torch', '?')}, CUDA {env.get('cuda', '?')}, "
              f"cuDNN {env.get('cudnn', '?')} (benchmark mode); {env.get('dtype', '?')}, "
@@ -256,9 +274,10 @@ def markdown(rows: list[dict], env: dict) -> str:
              f"{env.get('cpu', '?')}; {env.get('date', '')}. Every model of a row group timed "
              "interleaved in one process (median ms ± interquartile spread · speedup over dense"
              " · efficiency = speedup × FLOPs kept). Pruning ran on the CPU; `ours auto` and "
-             "`ours latency` measured float32 eager latency on this GPU at the latency batch.",
+             "`ours latency` measured float32 eager latency on this GPU at the latency batch."
+             + (f" Produced by `{env['command']}`." if env.get("command") else ""),
              "", f"| model | variant | FLOPs kept | round_to | "
-             f"{' | '.join(names[c] for c in cols)} | latency target: predicted / measured in "
+             f"{' | '.join(h for _, h in cols)} | latency target: predicted / measured in "
              "prune (batch) | engine s |", "|---" * (6 + len(cols)) + "|"]
     for r in rows:
         if "error" in r:
@@ -271,7 +290,7 @@ def markdown(rows: list[dict], env: dict) -> str:
         lat = (f"{r['predicted']:.3f} / {r['measured_in_prune']:.3f} (b{r['latency_batch']})"
                if "predicted" in r else "")
         lines.append(f"| {r['model']} | {r['variant']} | {r.get('flops_kept', 1.0):.3f} | {rt} | "
-                     + "".join(f"{_cell(r, c)} | " for c in cols)
+                     + "".join(f"{_cell(r, k)} | " for k, _ in cols)
                      + f"{lat} | {r.get('engine_s', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -299,7 +318,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     models = a.models or (QUICK_MODELS if a.quick else MODELS)
     batches = a.batches or ([1, 4] if a.quick else [1, 32])
     rows = run(models, batches, a.rounds, a.out, "gpu_quick" if a.quick else "gpu", variants,
-               a.device, getattr(torch, a.dtype), a.budget_s, tuple(a.graph_batches))
+               a.device, getattr(torch, a.dtype), a.budget_s, tuple(a.graph_batches),
+               " ".join(repr(v) if " " in v else v for v in (argv or sys.argv[1:])))
     print(markdown(rows, {}))
 
 

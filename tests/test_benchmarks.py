@@ -321,3 +321,25 @@ def test_hardware_benchmark_rows(tmp_path, monkeypatch):
     assert "ours latency 0.9" in md and "threads" in md
     assert ("| openvino |" in md) == (importlib.util.find_spec("openvino") is not None)
     assert (tmp_path / "lat.json").exists()
+
+
+def test_gpu_benchmark_rows_run_on_the_cpu(tmp_path):
+    """The GPU harness's logic without a GPU (device="cpu", float32): every model and
+    variant gets a row with FLOPs kept and a timing per batch, in the CSV, JSON and table."""
+    import torch
+
+    from benchmarks import gpu
+
+    rows = gpu.run(["tiny"], [1, 2], rounds=3, out=str(tmp_path), prefix="g",
+                   variants=["ours r8"], device="cpu", dtype=torch.float32,
+                   budget_s=float("inf"), command="--models tiny")
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"dense", "ours r8"}
+    assert 0 < by["ours r8"]["flops_kept"] <= 0.51
+    for row in rows:
+        assert row["b1_ms"] > 0 and row["b2_ms"] > 0
+    assert by["ours r8"]["b2_speedup"] > 0 and "b1_speedup" not in by["dense"]
+    md = (tmp_path / "g.md").read_text()
+    assert "eager b2" in md and "CUDA graph" not in md and "--models tiny" in md
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert saved["environment"]["dtype"] == "float32" and len(saved["rows"]) == 2
