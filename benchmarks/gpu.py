@@ -153,7 +153,8 @@ def _run(models: list[str], batches: list[int], rounds: int, out: str, prefix: s
     start = time.perf_counter()
     rows: list[dict] = []
     env: dict[str, Any] = {**environment("eager", device), "dtype": str(dtype).split(".")[-1],
-                           "memory_format": "channels_last", "cudnn": torch.backends.cudnn.version(),
+                           "memory_format": "channels_last",
+                           "cudnn": torch.backends.cudnn.version(),
                            "cuda": torch.version.cuda, "tensorrt": _tensorrt(),
                            "command": f"python -m benchmarks.gpu {command}".strip()}
     for name in models:

@@ -118,6 +118,22 @@ def test_table_measures_once_caches_on_disk_and_keys_by_threads(tmp_path):
         assert stale not in json.load(f)
     with pytest.raises(ValueError, match="backend"):
         LatencyTable(None, backend="tensorrt")
+    # one file shared by two machines keeps each one's times apart
+    elsewhere = LatencyTable(path, timer=FakeClock(), threads=2, machine="another-cpu")
+    elsewhere.seconds(shape)
+    assert elsewhere.measured == 1
+    elsewhere.save()
+    assert LatencyTable(path, timer=FakeClock(), threads=2).seconds(shape) == first
+    assert LatencyTable(path, timer=FakeClock(), threads=2, machine="another-cpu").has(shape)
+
+
+def test_machine_id_follows_what_times_depend_on(monkeypatch):
+    from pruners.latency import timing
+
+    here = timing.machine_id()
+    assert here == timing.machine_id() and here != timing.machine_id("onnxruntime")
+    monkeypatch.setattr(timing, "_cpu", lambda: ("Other CPU", ["avx2"]))
+    assert timing.machine_id() != here
 
 
 @pytest.mark.parametrize("block", [1, 8, 16, 32])

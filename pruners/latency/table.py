@@ -26,7 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .timing import BACKENDS, Timer, WallTimer, model_runner, onnx_runner, require, time_call
+from .timing import (BACKENDS, Timer, WallTimer, machine_id, model_runner, onnx_runner,
+                     require, time_call)
 
 __all__ = ["LayerShape", "LatencyTable", "check_backend", "default_cache_path", "shape_of"]
 
@@ -131,11 +132,14 @@ class LayerShape:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         return model.SerializeToString(), x, module
 
-    def key(self, backend: str, device: str, threads: int) -> str:
+    def key(self, backend: str, device: str, threads: int, machine: str = "") -> str:
+        """The table's key for this shape timed with ``backend`` on ``device`` with
+        ``threads``, on the machine ``machine`` names (:func:`~.timing.machine_id`)."""
         dims = "x".join(map(str, self.input_shape))
         conv = (f" k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} "
                 f"g{self.groups}" if self.kind == "conv" else "")
-        return (f"{backend}/{device}/t{threads}/{self.dtype}/{TIMING}/{self.kind} "
+        where = f"{backend}/{device}/{machine}" if machine else f"{backend}/{device}"
+        return (f"{where}/t{threads}/{self.dtype}/{TIMING}/{self.kind} "
                 f"{self.in_channels}->"
                 f"{self.out_channels} in {dims}{conv}{' bias' if self.bias else ''}"
                 f"{f' then 1x1 to {self.follow}' if self.follow else ''}"
@@ -214,7 +218,10 @@ def _timed_now(entries: dict[str, Any]) -> dict[str, Any]:
 class LatencyTable:
     """Seconds per layer shape on one backend, device and thread count; JSON on disk.
 
-    ``path=None`` keeps the table in memory. ``timer`` (default: the wall clock) is what
+    ``path=None`` keeps the table in memory. Entries are keyed by the machine too
+    (``machine``, default :func:`~.timing.machine_id`: the CPU model and SIMD flags, the GPU,
+    the runtime versions), so one file shared between machines keeps each one's times
+    apart. ``timer`` (default: the wall clock) is what
     measures a missing entry, as the median of ``repeats`` calls per round (see
     :meth:`alone_many`); ``measured`` counts the entries this table timed itself. The file
     keeps what was timed (a graph of one layer, or of :data:`COPIES`), not what is derived
@@ -223,9 +230,11 @@ class LatencyTable:
 
     def __init__(self, path: Optional[str] = None, *, backend: str = "eager",
                  device: str = "cpu", threads: Optional[int] = None,
-                 timer: Optional[Timer] = None, repeats: int = 3) -> None:
+                 timer: Optional[Timer] = None, repeats: int = 3,
+                 machine: Optional[str] = None) -> None:
         check_backend(backend, device)
         self.path, self.backend, self.device = path, backend, device
+        self.machine = machine_id(backend, device) if machine is None else machine
         self.threads = threads or torch.get_num_threads()
         self.timer = timer or WallTimer(device)
         self.repeats = repeats
@@ -239,7 +248,7 @@ class LatencyTable:
         return len(self._entries)
 
     def _key(self, shape: LayerShape) -> str:
-        return shape.key(self.backend, self.device, self.threads)
+        return shape.key(self.backend, self.device, self.threads, self.machine)
 
     def has(self, shape: LayerShape) -> bool:
         return self._key(shape) in self._entries

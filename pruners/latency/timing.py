@@ -15,6 +15,7 @@ report it as noise, not a result.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import os
 import platform
@@ -29,8 +30,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
-           "environment", "time_call", "interleave", "steady", "measure_models", "model_runner",
-           "onnx_runner", "openvino_config", "openvino_request", "ort_options", "installed",
+           "environment", "machine_id", "time_call", "interleave", "steady", "measure_models",
+           "model_runner", "onnx_runner", "openvino_config", "openvino_request", "ort_options", "installed",
            "require"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
@@ -146,6 +147,20 @@ def environment(backend: str = "eager", device: str = "cpu",
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
+
+
+def machine_id(backend: str = "eager", device: str = "cpu") -> str:
+    """A short fingerprint of what a layer's time depends on besides its shape: the CPU model
+    and SIMD flags, torch's version, the runtime's for ``backend``, and the GPU and cuDNN on
+    ``device`` "cuda". Latency tables key their entries by it."""
+    cpu, flags = _cpu()
+    parts = [cpu, " ".join(flags), torch.__version__]
+    if backend != "eager":
+        parts.append(f"{backend} {_version(backend)}")
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        parts += [torch.cuda.get_device_name(torch.device(device)),
+                  str(torch.backends.cudnn.version())]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:10]
 
 
 def time_call(fn: Callable[[], Any], what: Any, timer: Timer, repeats: int = 7,
