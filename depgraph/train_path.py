@@ -15,11 +15,90 @@ layers inference does not run, and freezes what it cannot change.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
+
 import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .graph import ChannelGraph, Group
 
-__all__ = ["TrainPath", "with_train_path"]
+__all__ = ["TrainPath", "with_train_path", "layer_owners"]
+
+#: Op names (besides the ops whose rules record layers) that count as a layer's in
+#: :func:`layer_owners`: eager dispatch runs fused or decomposed forms a trace may not
+#: (``_scaled_dot_product_flash_attention_for_cpu``, ``_fused_rms_norm``); erring towards
+#: counting keeps the capture that decides.
+_LAYER_WORDS = ("conv", "linear", "mm", "norm", "embedding", "scaled_dot_product", "einsum")
+
+
+#: Ops that copy a parameter without changing what it holds (casts, clones).
+_COPIES = ("_to_copy", "clone", "contiguous", "detach", "lift_fresh", "to")
+
+
+def layer_owners(model: nn.Module, run: Callable[[], Any]) -> set[str]:
+    """Names of the modules of ``model`` that an analysis of ``run()`` would find layers in:
+    those inside whose forward (innermost) a layer op runs (conv, linear, matmul, attention,
+    a norm, an embedding lookup), and the owners of parameters such an op reads directly.
+
+    One eager run, watched at dispatch: a second of a large model where a capture in train
+    mode takes several. ``prune()`` asks it before capturing the train mode, to decline
+    when a parameter inference never reads is read by no layer of training either
+    (RT-DETR's denoising embedding). Modules are told by their calls, so one called by
+    ``module.forward(x)`` rather than ``module(x)`` is missed, as a trace's module stack
+    misses it too.
+    """
+    from .rules.registry import _RULES
+
+    names = {m: n for n, m in model.named_modules()}
+    params = {id(p): n.rpartition(".")[0] for n, p in model.named_parameters()}
+    layer_ops = {k for k, rule in _RULES.items() if rule.__module__.endswith("rules.layers")}
+    stack: list[str] = []
+    owners: set[str] = set()
+
+    def is_layer(func: Any) -> bool:
+        packet = func.overloadpacket
+        return packet in layer_ops or packet._qualified_op_name in layer_ops or any(
+            w in packet.__name__ for w in _LAYER_WORDS)
+
+    # views and copies of a parameter (``weight.t()`` inside ``F.linear``, ``w.to(dtype)``)
+    # read it as directly as the parameter: id -> (owner, the tensor, kept alive so that its
+    # id is not reused)
+    derived: dict[int, tuple[str, Any]] = {}
+
+    def owner(a: Any) -> Any:
+        return params.get(id(a)) or (derived[id(a)][0] if id(a) in derived else None)
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            read = [o for o in map(owner, args) if o is not None]
+            if is_layer(func):
+                if stack:
+                    owners.add(stack[-1])
+                owners.update(read)
+            elif read and isinstance(out, torch.Tensor) and (
+                    func.is_view or func.overloadpacket.__name__ in _COPIES):
+                derived[id(out)] = (read[0], out)
+            return out
+
+    def enter(module: nn.Module, _args: Any) -> None:
+        stack.append(names.get(module, "?"))
+
+    def leave(module: nn.Module, _args: Any, _out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
+             nn.modules.module.register_module_forward_hook(leave, always_call=True)]
+    try:
+        with Watch(), torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return owners
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ from depgraph.boundary import Boundary, handed_on, verification_points
 from depgraph.cost import cost_model
 from depgraph.errors import CaptureError, PruningError
 from depgraph.graph import ChannelGraph
-from depgraph.train_path import TrainPath, with_train_path
+from depgraph.train_path import TrainPath, layer_owners, with_train_path
 
 from .allocate import InfeasibleTargetError, Target, allocate
 from .copying import copy_model, is_compiled, own_parameters
@@ -560,6 +560,8 @@ def _train_graph(analysis: _Analysis, work: nn.Module, opts: PruneOptions
     """The graph of ``work`` captured in train mode (on the probes' inputs), made once per
     ``prune()``; None (and a note) where that capture or its analysis fails, or where
     parameters stay that neither trace's layers read."""
+    if analysis.train_graph is None and _idle_in_training(analysis, work, opts):
+        analysis.train_graph = False  # the rule below, decided without the capture
     if analysis.train_graph is None:
         opts.say("[prune] the plan fails in train mode: capturing the model in train mode ...")
         try:  # the concrete trace first: on the probes' small inputs it is the faster one
@@ -586,11 +588,33 @@ def _train_graph(analysis: _Analysis, work: nn.Module, opts: PruneOptions
             return None
         analysis.train_graph = False if unseen else train
         if unseen:
-            analysis.notes.append(f"layers only training runs are not tied: {len(unseen)} "
-                                  f"parameters are read by no layer either trace ran (e.g. "
-                                  f"'{unseen[0]}'), so training may run code that reads the "
-                                  f"widths they have; those widths stay")
+            analysis.notes.append(_UNSEEN_NOTE.format(n=len(unseen), first=unseen[0]))
     return analysis.train_graph or None
+
+
+def _idle_in_training(analysis: _Analysis, work: nn.Module, opts: PruneOptions) -> bool:
+    """Whether a parameter inference never reads is read by no layer in a train-mode run
+    either (``depgraph.train_path.layer_owners``: one eager run on the probes' inputs,
+    seconds cheaper than the capture whose layers :func:`_train_graph` would check); noted
+    when so. False where that run fails: the capture decides."""
+    idle = [name for name, _ in work.named_parameters() if name not in analysis.used]
+    if not idle:
+        return False
+    try:
+        with training(work):
+            owners = layer_owners(work, lambda: run_model(work, analysis.probe.inputs, None,
+                                                          opts.example_kwargs))
+    except Exception:  # noqa: BLE001 - the capture decides, as before
+        return False
+    unseen = [name for name in idle if name.rpartition(".")[0] not in owners]
+    if unseen:
+        analysis.notes.append(_UNSEEN_NOTE.format(n=len(unseen), first=unseen[0]))
+    return bool(unseen)
+
+
+_UNSEEN_NOTE = ("layers only training runs are not tied: {n} parameters are read by no layer "
+                "either mode ran (e.g. '{first}'), so training may run code that reads the "
+                "widths they have; those widths stay")
 
 
 def _read_by(cap: Any) -> frozenset:

@@ -149,8 +149,40 @@ def test_a_train_path_is_declined_where_neither_trace_reads_some_parameter():
             super().__init__()
             self.targets_only = nn.Linear(16, 4)  # read only when targets are given
 
+    import sys
+
+    api = sys.modules["pruners.api"]
+    captures = []
+    real = api.capture
     torch.manual_seed(0)
     model, x = Unseen().eval(), torch.randn(2, 3, 16, 16)
-    result = pruners.prune(model, x, target_flops=0.7)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "capture", lambda *a, **k: captures.append(1) or real(*a, **k))
+        result = pruners.prune(model, x, target_flops=0.7)
     assert result.model.stem[0].out_channels == 16
-    assert any("targets_only." in n and "no layer either trace" in n for n in result.report.notes)
+    assert any("targets_only." in n and "no layer either mode" in n for n in result.report.notes)
+    assert len(captures) == 1  # declined by one eager run, without a train-mode capture
+
+
+def test_layer_owners_finds_modules_that_run_layers_in_train_mode():
+    """What the decline above reads: modules a layer op runs inside, and the owners of
+    weights a layer op reads directly; not a parameter only indexed and scaled."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 4)
+            self.proj = nn.Linear(8, 4)  # its weight read by the parent's F.linear
+            self.embed = nn.Embedding(5, 4)  # only touched, times 0
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            h = self.conv(x).mean((2, 3))
+            y = self.fc(h) + nn.functional.linear(h, self.proj.weight)
+            return self.norm(y + self.embed.weight[0] * 0)
+
+    from depgraph.train_path import layer_owners
+
+    model = Net()
+    owners = layer_owners(model, lambda: model(torch.randn(1, 3, 8, 8)))
+    assert {"conv", "fc", "proj", "norm"} <= owners and "embed" not in owners
