@@ -84,7 +84,9 @@ class PruneOptions:
         backend: where latency is measured for ``target_latency`` and ``round_to="auto"``:
             "eager" (PyTorch), "onnxruntime" or "openvino" (a CPU runtime running the ONNX
             export; OpenVINO when installed).
-        device: "cpu" or "cuda" (eager only).
+        device: "cpu" or "cuda" (eager only; a copy of the model is timed there in float32,
+            one layer at a time: at small batches a GPU run is bound by kernel launches,
+            and a target it cannot reach raises ``InfeasibleTargetError``).
         threads: intra-op threads for timing (default: torch's current setting).
         latency_table: a :class:`pruners.latency.LatencyTable` to read and fill (its
             backend, device, threads and timer then apply); default: the JSON cache at
