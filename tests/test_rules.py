@@ -312,3 +312,43 @@ def test_constant_weights_freeze_the_channels_they_read(conv):
     graph = analyze(capture(model, torch.randn(2, 3, 6, 6)))
     assert not graph.units
     assert any("constant weight of fixed size" in f.reason for f in graph.frozen)
+
+
+class _ThirdZeroed(nn.Module):
+    """Swin V2's qkv bias: the k third zeroed by bounds the code computes from the width
+    (``hard=False``) or writes as numbers (``hard=True``)."""
+
+    def __init__(self, hard: bool = False):
+        super().__init__()
+        self.hard = hard
+        self.qkv = nn.Linear(16, 3 * 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        bias = self.qkv.bias.clone()
+        length = 8 if self.hard else bias.numel() // 3
+        bias[length:2 * length].zero_()
+        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, -1)
+        return self.out(q * k.sigmoid() + v)
+
+
+def test_a_slice_of_one_equal_part_prunes_with_the_parts():
+    """``bias[L:2L]`` of a ``3L`` dim is one of three equal parts, as for chunk: the parts
+    keep one width and prune; bounds the code writes as numbers fail the check instead, and
+    ``prune()`` freezes that width (the model still runs, unchanged outside what it keeps)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = _ThirdZeroed().eval()
+    graph = analyze(capture(model, x))
+    assert (graph.unit_index[("qkv.weight", 0)] >= 0).sum() == 24
+    for seed in range(3):
+        assert verify(model, graph, sample_units(graph, 0.5, np.random.default_rng(seed)), x).ok
+    from pruners import InfeasibleTargetError, prune
+
+    result = prune(model, x, target_flops=0.6)
+    assert result.model.qkv.out_features < 24 and result.model.qkv.out_features % 3 == 0
+    hard = _ThirdZeroed(hard=True).eval()  # its only group: nothing is left to prune
+    hard.load_state_dict(model.state_dict())
+    with pytest.raises(InfeasibleTargetError, match="outputs differ from the masked original"):
+        prune(hard, x, target_flops=0.6)
+    assert hard.qkv.out_features == 24

@@ -125,7 +125,10 @@ _SIZED_SPLITS = (aten.split, aten.split_with_sizes, aten.unsafe_split,
 
 
 # slice(x, dim, start, end, step): the full range passes through; a strict sub-range of a
-# channel dim has bounds baked into the code, so its atoms freeze.
+# channel dim has bounds baked into the code, so its atoms freeze, except one equal part
+# (``x[L:2L]`` of a ``3L`` dim): code that computes such bounds from the width (Swin V2 zeroes
+# the k third of its qkv bias: ``length = numel // 3``) keeps working when every part keeps
+# one width, as for chunk; code that wrote the numbers in fails its check, and repair freezes.
 @register(aten.slice)
 def slice_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x = inputs[0]
@@ -138,6 +141,10 @@ def slice_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     if x[dim] is not None:
         start, end, step = slice(ctx.arg("start"), ctx.arg("end"),
                                  ctx.arg("step", default=1)).indices(in_shape[dim])
+        parts = _equal_part(in_shape[dim], start, end, step) if start > 0 else 0
+        if parts:  # (a prefix keeps its own reading below: the rest may go for free)
+            ctx.unify_parts(x[dim], parts)
+            return (tuple(m[start:end] if i == dim else m for i, m in enumerate(x)),)
         # x[:, :end] keeps the same channels however many follow end: those are dropped (and
         # removable for free if nothing else reads them); the taken ones keep their indices
         taken = x[dim][:end] if start == 0 and step == 1 else x[dim]
@@ -145,6 +152,19 @@ def slice_rule(ctx: RuleContext, node, inputs: list) -> tuple:
         if len(taken) < len(x[dim]):
             ctx.dropped.append(x[dim][end:])
     return (tuple(None if i == dim else m for i, m in enumerate(x)),)
+
+
+#: The most equal parts a slice is read as one of (q/k/v thirds, halves, gates' quarters).
+_MAX_PARTS = 8
+
+
+def _equal_part(size: int, start: int, end: int, step: int) -> int:
+    """The count of equal parts of ``size`` of which ``[start:end]`` is one, else 0."""
+    width = end - start
+    if step != 1 or width <= 1 or size % width or start % width:
+        return 0
+    parts = size // width
+    return parts if 2 <= parts <= _MAX_PARTS else 0
 
 
 # select(x, dim, i): removes dim; selecting one channel freezes the channel dim.
