@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -29,7 +27,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .hardware import bench_for
+from .hardware import bench_for, what_it_said
+from .summary import write_tables
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 MODELS = ["resnet50", "mobilenet_v2", "yolov8s", "retinanet_resnet50_fpn"]
@@ -71,13 +70,7 @@ def prune_variant(name: str, label: str, device: str, latency_batch: int
             info["latency_batch"] = latency_batch
         result = prune(bench.model, inputs, outputs=bench.outputs, **options)
         model = result.model
-        auto = next((n for n in result.report.notes if n.startswith("round_to='auto'")), None)
-        if auto:
-            info["round_to"] = int(auto.split(" chose ")[1].split()[0])
-        if result.report.latency is not None:
-            lat = result.report.latency
-            info.update(predicted=round(lat.predicted, 4), measured_in_prune=round(lat.ratio, 4),
-                        attempts=lat.attempts)
+        info.update(what_it_said(result))
     info["engine_s"] = round(time.perf_counter() - start, 1)
     return model.eval(), info
 
@@ -231,18 +224,7 @@ def _tensorrt() -> str:
 
 
 def _write(rows: list[dict], env: dict, out: str, prefix: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(os.path.join(out, f"{prefix}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    with open(os.path.join(out, f"{prefix}.json"), "w") as f:
-        json.dump({"rows": rows, "environment": env}, f, indent=1)
-    with open(os.path.join(out, f"{prefix}.md"), "w") as f:
-        f.write(markdown(rows, env))
+    write_tables(rows, env, out, prefix, markdown(rows, env))
 
 
 def _cell(row: dict, key: str) -> str:

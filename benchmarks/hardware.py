@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
 import sys
 import time
@@ -27,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from .models import Bench, build
+from .summary import write_tables
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 MODELS = ["resnet50", "yolov8s", "mobilenet_v2", "retinanet_resnet50_fpn"]
@@ -80,15 +79,23 @@ def prune_variant(name: str, label: str, threads: int, latency_table: Any = None
         result = prune(bench.model, bench.inputs, outputs=bench.outputs, threads=threads,
                        **options, **extra)
         model = result.model
-        auto = next((n for n in result.report.notes if n.startswith("round_to='auto'")), None)
-        if auto:
-            info["round_to"] = int(auto.split(" chose ")[1].split()[0])
-        if result.report.latency is not None:
-            lat = result.report.latency
-            info.update(predicted=round(lat.predicted, 4), measured_in_prune=round(lat.ratio, 4),
-                        attempts=lat.attempts)
+        info.update(what_it_said(result))
     info["engine_s"] = round(time.perf_counter() - start, 1)
     return model.eval(), info
+
+
+def what_it_said(result: Any) -> dict[str, Any]:
+    """The multiple ``round_to="auto"`` chose, and a latency target's predicted and measured
+    shares, from a ``PruneResult``."""
+    info: dict[str, Any] = {}
+    auto = next((n for n in result.report.notes if n.startswith("round_to='auto'")), None)
+    if auto:
+        info["round_to"] = int(auto.split(" chose ")[1].split()[0])
+    if result.report.latency is not None:
+        lat = result.report.latency
+        info.update(predicted=round(lat.predicted, 4), measured_in_prune=round(lat.ratio, 4),
+                    attempts=lat.attempts)
+    return info
 
 
 def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
@@ -155,18 +162,7 @@ def _variants() -> list[str]:
 
 
 def _write(rows: list[dict], envs: dict, out: str, prefix: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(os.path.join(out, f"{prefix}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    with open(os.path.join(out, f"{prefix}.json"), "w") as f:
-        json.dump({"rows": rows, "environment": envs}, f, indent=1)
-    with open(os.path.join(out, f"{prefix}.md"), "w") as f:
-        f.write(markdown(rows, envs))
+    write_tables(rows, envs, out, prefix, markdown(rows, envs))
 
 
 def _cell(row: dict, key: str) -> str:

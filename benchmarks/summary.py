@@ -15,6 +15,23 @@ from typing import Optional
 SETTINGS = ("eager", "ort")
 
 
+def write_tables(rows: list[dict], env: dict, out: str, prefix: str, table: str) -> None:
+    """``prefix``.csv (every key any row has), ``prefix``.json (rows and environment) and
+    ``prefix``.md (``table``) under ``out``."""
+    os.makedirs(out, exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(os.path.join(out, f"{prefix}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(out, f"{prefix}.json"), "w") as f:
+        json.dump({"rows": rows, "environment": env}, f, indent=1)
+    with open(os.path.join(out, f"{prefix}.md"), "w") as f:
+        f.write(table)
+
+
 def load_rows(runs_path: str) -> tuple[list[dict], dict[str, dict]]:
     """(one row per pruning run with its latency merged in, latency results by model)."""
     prunes: dict[tuple, dict] = {}
