@@ -31,7 +31,8 @@ from torch.utils import _pytree as pytree
 
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "machine_id", "time_call", "interleave", "steady", "measure_models",
-           "model_runner", "onnx_runner", "openvino_config", "openvino_request", "ort_options", "installed",
+           "model_runner", "onnx_runner", "openvino_config", "openvino_request", "ort_options",
+           "installed",
            "require"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
