@@ -32,8 +32,7 @@ from torch.utils import _pytree as pytree
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "machine_id", "time_call", "interleave", "steady", "measure_models",
            "model_runner", "onnx_runner", "openvino_config", "openvino_request", "ort_options",
-           "installed",
-           "require"]
+           "installed", "require"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
