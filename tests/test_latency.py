@@ -118,6 +118,9 @@ def test_table_measures_once_caches_on_disk_and_keys_by_threads(tmp_path):
         assert stale not in json.load(f)
     with pytest.raises(ValueError, match="backend"):
         LatencyTable(None, backend="tensorrt")
+    if not torch.cuda.is_available():  # said at once, not deep inside the first timing
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            LatencyTable(None, device="cuda")
     # one file shared by two machines keeps each one's times apart
     elsewhere = LatencyTable(path, timer=FakeClock(), threads=2, machine="another-cpu")
     elsewhere.seconds(shape)

@@ -192,6 +192,9 @@ def check_backend(backend: str, device: str) -> None:
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
     if str(device).startswith("cuda") and backend != "eager":
         raise ValueError(f"{backend} latency is measured on the CPU only")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but this PyTorch sees no CUDA GPU "
+                         "(torch.cuda.is_available() is False); time on device='cpu'")
     require(backend)
 
 
