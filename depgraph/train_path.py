@@ -49,18 +49,17 @@ def layer_owners(model: nn.Module, run: Callable[[], Any]) -> set[str]:
     ``module.forward(x)`` rather than ``module(x)`` is missed, as a trace's module stack
     misses it too.
     """
-    from .rules.registry import _RULES
+    from .rules import lookup
 
     names = {m: n for n, m in model.named_modules()}
     params = {id(p): n.rpartition(".")[0] for n, p in model.named_parameters()}
-    layer_ops = {k for k, rule in _RULES.items() if rule.__module__.endswith("rules.layers")}
     stack: list[str] = []
     owners: set[str] = set()
 
-    def is_layer(func: Any) -> bool:
-        packet = func.overloadpacket
-        return packet in layer_ops or packet._qualified_op_name in layer_ops or any(
-            w in packet.__name__ for w in _LAYER_WORDS)
+    def is_layer(func: Any) -> bool:  # the rule table's layer ops, or a name that says so
+        rule = lookup(func)
+        return (rule is not None and rule.__module__.endswith("rules.layers")) or any(
+            w in func.overloadpacket.__name__ for w in _LAYER_WORDS)
 
     # views and copies of a parameter (``weight.t()`` inside ``F.linear``, ``w.to(dtype)``)
     # read it as directly as the parameter: id -> (owner, the tensor, kept alive so that its
