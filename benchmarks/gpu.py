@@ -7,12 +7,13 @@ eager GPU run is bound by kernel launches rather than FLOPs); Torch-Pruning at 5
 with round_to 8 and 16 (when installed). Pruning itself runs on the CPU, as it does for users.
 Then every model is timed on the GPU, interleaved (``pruners.latency.measure_models``: rounds
 in rotated order, spread checked, marked noisy if it stays wide), in float16 and channels-last
-at batch 1 and 32 in eager PyTorch, and at batch 1 replayed as a CUDA graph (launch overhead
-removed; models whose forward syncs with the host, such as NMS, do not capture).
+at batch 1 and 32 (``--batches``) in eager PyTorch, and replayed as a CUDA graph at the
+batches ``--graph-batches`` names (default 1; launch overhead removed; models whose forward
+syncs with the host, such as NMS, do not capture).
 
 Efficiency is speedup x FLOPs kept: 1 means every FLOP removed turned into time. Results go
-to ``benchmarks/results/gpu{_quick}.{csv,md,json}`` (``--out`` elsewhere). TensorRT is used
-when its Python package imports; the results say whether it did.
+to ``benchmarks/results/gpu{_quick}.{csv,md,json}`` (``--out`` elsewhere). TensorRT is not
+used; the results record whether its Python package imports there.
 """
 
 from __future__ import annotations
@@ -175,30 +176,10 @@ def _run(models: list[str], batches: list[int], rounds: int, out: str, prefix: s
             inputs = _cast(bench.batch(batch), device, dtype)
             m = measure_models(dict(on_gpu), inputs, device=device, rounds=rounds,
                                sample_s=0.05, retries=1)
-            for label in on_gpu:
-                cell = cells[label]
-                if label in m.times:
-                    t = m.times[label]
-                    cell[f"b{batch}_ms"] = round(t.median_ms, 3)
-                    cell[f"b{batch}_spread"] = round(t.spread, 3)
-                    cell[f"b{batch}_noisy"] = m.noisy
-                    if label != "dense" and "dense" in m.times:
-                        cell[f"b{batch}_speedup"] = round(m.ratio("dense", label), 3)
-                else:
-                    cell[f"b{batch}_error"] = m.errors.get(label, "not timed")
+            _record(cells, f"b{batch}", m.times, m.errors, m.noisy)
             if batch in graph_batches and device.startswith("cuda"):
                 print(f"[gpu] {name}: timing CUDA graphs at batch {batch} ...", flush=True)
-                times, errors = _time_graphs(on_gpu, inputs, rounds, device)
-                key = f"g{batch}"
-                for label in on_gpu:
-                    if label in times:
-                        cells[label][f"{key}_ms"] = round(times[label].median_ms, 3)
-                        cells[label][f"{key}_spread"] = round(times[label].spread, 3)
-                        if label != "dense" and "dense" in times:
-                            cells[label][f"{key}_speedup"] = round(
-                                times["dense"].median_ms / times[label].median_ms, 3)
-                    elif label in errors:
-                        cells[label][f"{key}_error"] = errors[label]
+                _record(cells, f"g{batch}", *_time_graphs(on_gpu, inputs, rounds, device))
         for label in ["dense", *variants]:
             row: dict[str, Any] = {"model": name, "variant": label, **info.get(label, {})}
             if label in flops:
@@ -209,6 +190,23 @@ def _run(models: list[str], batches: list[int], rounds: int, out: str, prefix: s
         torch.cuda.empty_cache()
         _write(rows, env, out, prefix)
     return rows
+
+
+def _record(cells: dict[str, dict[str, Any]], key: str, times: dict, errors: dict,
+            noisy: Optional[bool] = None) -> None:
+    """Each model's timing (``Timing`` by label) as ``key``_ms/_spread/_speedup cells, or the
+    error that kept it from being timed; ``noisy`` marks a measurement that stayed wide."""
+    for label, cell in cells.items():
+        if label in times:
+            t = times[label]
+            cell[f"{key}_ms"] = round(t.median_ms, 3)
+            cell[f"{key}_spread"] = round(t.spread, 3)
+            if noisy is not None:
+                cell[f"{key}_noisy"] = noisy
+            if label != "dense" and "dense" in times:
+                cell[f"{key}_speedup"] = round(times["dense"].median_ms / t.median_ms, 3)
+        elif label in errors:
+            cell[f"{key}_error"] = errors[label]
 
 
 def _tensorrt() -> str:
