@@ -2,8 +2,8 @@
 
 For each model, in one process: the dense model; ours at 50% FLOPs with round_to 1, 8 and 16;
 ours with ``round_to="auto"`` and with ``target_latency=0.5``, both measured on the GPU
-(``device="cuda"``: eager PyTorch, float32, at the model's latency batch, since at batch 1 an
-eager GPU run is bound by kernel launches rather than FLOPs); Torch-Pruning at 50% FLOPs
+(``device="cuda", backend="cudagraph"``, ``latency_dtype`` the timing dtype: layers and
+models replayed as CUDA graphs, at the model's latency batch); Torch-Pruning at 50% FLOPs
 with round_to 8 and 16 (when installed). Pruning itself runs on the CPU, as it does for users.
 Then every model is timed on the GPU, interleaved (``pruners.latency.measure_models``: rounds
 in rotated order, spread checked, marked noisy if it stays wide), in float16 and channels-last
@@ -24,7 +24,7 @@ import importlib.util
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -42,16 +42,19 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ours r1": ("ours", dict(target_flops=0.5, round_to=1)),
     "ours r8": ("ours", dict(target_flops=0.5, round_to=8)),
     "ours r16": ("ours", dict(target_flops=0.5, round_to=16)),
-    "ours auto": ("ours", dict(target_flops=0.5, round_to="auto", device="cuda")),
-    "ours latency": ("ours", dict(target_latency=0.5, round_to="auto", device="cuda")),
+    "ours auto": ("ours", dict(target_flops=0.5, round_to="auto", device="cuda",
+                               backend="cudagraph")),
+    "ours latency": ("ours", dict(target_latency=0.5, round_to="auto", device="cuda",
+                                  backend="cudagraph")),
     "tp r8": ("torch_pruning", dict(target_flops=0.5, round_to=8)),
     "tp r16": ("torch_pruning", dict(target_flops=0.5, round_to=16)),
 }
 
 
-def prune_variant(name: str, label: str, device: str, latency_batch: int
-                  ) -> tuple[torch.nn.Module, dict]:
-    """One pruned model (on the CPU) and what its pruning said."""
+def prune_variant(name: str, label: str, device: str, latency_batch: int,
+                  dtype: torch.dtype = torch.float16) -> tuple[torch.nn.Module, dict]:
+    """One pruned model (on the CPU) and what its pruning said; variants measured on the
+    GPU time layers and models in ``dtype``, as the table times them."""
     from pruners import prune
 
     from .tools import torch_pruning
@@ -66,7 +69,9 @@ def prune_variant(name: str, label: str, device: str, latency_batch: int
         options = dict(options)
         inputs = bench.inputs
         if options.get("device") == "cuda":
-            options["device"] = device
+            options.update(device=device, latency_dtype=dtype)
+            if not device.startswith("cuda"):  # --device cpu tries the harness: eager there
+                options.pop("backend", None)
             inputs = bench.batch(latency_batch)
             info["latency_batch"] = latency_batch
         result = prune(bench.model, inputs, outputs=bench.outputs, **options)
@@ -91,31 +96,15 @@ def deployed(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.n
     return copy.deepcopy(model).eval().to(device, dtype).to(memory_format=torch.channels_last)
 
 
-def graph_runner(model: torch.nn.Module, inputs: Any) -> Callable[[], Any]:
-    """``model(inputs)`` captured once as a CUDA graph; the returned function replays it."""
-    from depgraph.capture import as_args
-
-    args = as_args(inputs)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.no_grad(), torch.cuda.stream(stream):
-        for _ in range(3):
-            model(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        model(*args)
-    return graph.replay
-
-
 def _time_graphs(models: dict[str, torch.nn.Module], inputs: Any, rounds: int, device: str):
     """Interleaved timings of CUDA-graph replays (models that do not capture go to errors)."""
-    from pruners.latency import WallTimer, steady
+    from depgraph.capture import as_args
+    from pruners.latency import WallTimer, graph_runner, steady
 
     calls, errors = {}, {}
     for label, m in models.items():
         try:
-            calls[label] = (graph_runner(m, inputs), label)
+            calls[label] = (graph_runner(m, as_args(inputs)), label)
         except Exception as exc:  # noqa: BLE001 - a model that does not capture is a cell
             errors[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             torch.cuda.synchronize()
@@ -164,7 +153,7 @@ def _run(models: list[str], batches: list[int], rounds: int, out: str, prefix: s
             print(f"[gpu] {name}: pruning {label} ...", flush=True)
             try:
                 pruned[label], info[label] = prune_variant(
-                    name, label, device, LATENCY_BATCH.get(name, LATENCY_BATCH_DEFAULT))
+                    name, label, device, LATENCY_BATCH.get(name, LATENCY_BATCH_DEFAULT), dtype)
             except Exception as exc:  # noqa: BLE001 - a failing variant is a row
                 info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             print(f"[gpu] {name}: {label}: {info[label]}", flush=True)
@@ -255,7 +244,8 @@ def markdown(rows: list[dict], env: dict) -> str:
              f"{env.get('cpu', '?')}; {env.get('date', '')}. Every model of a row group timed "
              "interleaved in one process (median ms ± interquartile spread · speedup over dense"
              " · efficiency = speedup × FLOPs kept). Pruning ran on the CPU; `ours auto` and "
-             "`ours latency` measured float32 eager latency on this GPU at the latency batch."
+             "`ours latency` measured latency on this GPU at the latency batch, as CUDA-graph "
+             f"replays in {env.get('dtype', '?')} (`backend=\"cudagraph\"`, `latency_dtype`)."
              + (f" Produced by `{env['command']}`." if env.get("command") else ""),
              "", f"| model | variant | FLOPs kept | round_to | "
              f"{' | '.join(h for _, h in cols)} | latency target: predicted / measured in "

@@ -83,10 +83,16 @@ class PruneOptions:
             ``example_inputs`` is (a list, or ``(x for x, _ in loader)``).
         backend: where latency is measured for ``target_latency`` and ``round_to="auto"``:
             "eager" (PyTorch), "onnxruntime" or "openvino" (a CPU runtime running the ONNX
-            export; OpenVINO when installed).
-        device: "cpu" or "cuda" (eager only; a copy of the model is timed there in float32,
-            one layer at a time: at small batches a GPU run is bound by kernel launches,
-            and a target it cannot reach raises ``InfeasibleTargetError``).
+            export; OpenVINO when installed), or "cudagraph" (on ``device="cuda"``: the
+            model and each layer captured as CUDA graphs and replayed, as a GPU deployment
+            runs without a kernel launch per op).
+        device: "cpu" or "cuda" (eager or cudagraph; a copy of the model is timed there,
+            one layer at a time: in eager mode at small batches a GPU run is bound by kernel
+            launches, and a target it cannot reach raises ``InfeasibleTargetError``).
+        latency_dtype: the precision the model will be deployed in ("float16", "bfloat16"
+            or a ``torch.dtype``; default float32): layers and whole models are timed as
+            copies cast to it (the model itself is pruned as it is). Eager or cudagraph
+            only; a GPU's tensor cores want float16 widths that are multiples of 8.
         threads: intra-op threads for timing (default: torch's current setting).
         latency_table: a :class:`pruners.latency.LatencyTable` to read and fill (its
             backend, device, threads and timer then apply); default: the JSON cache at
@@ -112,6 +118,7 @@ class PruneOptions:
     sensitivity: Optional[Any] = None  # pruners.sensitivity.Sensitivity
     backend: str = "eager"
     device: str = "cpu"
+    latency_dtype: Any = None  # None: float32
     threads: Optional[int] = None
     latency_table: Optional[Any] = None  # pruners.latency.LatencyTable
 
@@ -326,8 +333,13 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
         raise ValueError(f"round_to must be a positive int or 'auto', got {opts.round_to!r}")
     check_head_mode(opts.heads)
     from .latency.table import check_backend
+    from .latency.timing import dtype_name
 
     check_backend(opts.backend, opts.device)
+    if dtype_name(opts.latency_dtype) != "float32" and opts.backend in ("onnxruntime",
+                                                                        "openvino"):
+        raise ValueError(f"latency_dtype={opts.latency_dtype!r}: {opts.backend} latency is "
+                         "timed in float32 only; use backend='eager' or 'cudagraph'")
     patterns = _protect_patterns(model, opts.protect)
     clock = _Clock(opts.progress)
     work, lifted, dense = _working_copy(model, example_inputs, opts)
@@ -713,7 +725,8 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
         labels = [f"plan {i + 1}" for i in range(len(candidates))]
         m = measure_models({"dense": work, **dict(zip(labels, candidates))}, example_inputs,
                            backend=planned.latency.backend, device=planned.latency.device,
-                           threads=planned.latency.threads, timer=planned.latency.timer)
+                           threads=planned.latency.threads, timer=planned.latency.timer,
+                           dtype=planned.latency.dtype)
         return m, [m.ratio(label) for label in labels]
 
     def miss(ratio: float) -> float:
@@ -752,7 +765,8 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
     d, p = measured.times["dense"], measured.times[f"plan {chosen + 1}"]
     report = LatencyReport(planned.latency.backend, planned.latency.device,
                            planned.latency.threads, d.median_ms, p.median_ms, d.spread, p.spread,
-                           planned.predicted_latency, measured.noisy, measured.env, len(plans))
+                           planned.predicted_latency, measured.noisy, measured.env, len(plans),
+                           planned.latency.dtype)
     return planned, pruned, report
 
 
@@ -809,6 +823,7 @@ class _Hardware:
     context: Any = None  # eager: pruners.latency.InContext, the layers timed in the model
     smaller: Optional[Callable[[], Any]] = None  # the model at half resolution, if it runs
     probe: Optional[DenseRun] = None  # repair.probe_run, found once for every plan
+    dtype: str = "float32"  # what layers and model are timed in (opts.latency_dtype)
 
     @classmethod
     def of(cls, work: nn.Module, dense: DenseRun, opts: PruneOptions, target: Target
@@ -816,12 +831,17 @@ class _Hardware:
         if target.kind != "latency" and opts.round_to != "auto":
             return None
         from .latency import LatencyTable, auto_round_to, default_cache_path, layer_calls
+        from .latency.timing import DTYPES, dtype_name
 
         table = opts.latency_table if opts.latency_table is not None else LatencyTable(
             default_cache_path(), backend=opts.backend, device=opts.device, threads=opts.threads)
         example_inputs = dense.inputs
         run = lambda: run_model(work, example_inputs, opts.outputs, opts.example_kwargs)  # noqa: E731
         calls = layer_calls(work, run)
+        dtype = dtype_name(opts.latency_dtype)
+        if dtype != "float32":  # the layers as deployed: timed in that precision
+            calls = [dataclasses.replace(c, shape=dataclasses.replace(c.shape, dtype=dtype))
+                     if c.shape.dtype in DTYPES else c for c in calls]
         notes, round_to = [], opts.round_to
         if round_to == "auto":
             chosen = auto_round_to(calls, table)
@@ -833,11 +853,11 @@ class _Hardware:
         small = probe.inputs
         smaller = None
         if target.kind == "latency" and opts.backend == "eager" and opts.device == "cpu" \
-                and small is not example_inputs:
+                and dtype == "float32" and small is not example_inputs:
             smaller = lambda: run_model(work, small, opts.outputs,  # noqa: E731
                                         opts.example_kwargs)
         return cls(table, work, example_inputs, run, calls, int(round_to), notes,
-                   smaller=smaller, probe=probe)
+                   smaller=smaller, probe=probe, dtype=dtype)
 
     def model(self, cost: Any) -> Any:
         """The latency model over ``cost``'s channel dims (the dense time measured once)."""
@@ -845,7 +865,7 @@ class _Hardware:
 
         lm = latency_model(self.work, self.example_inputs, cost, self.table, run=self.run,
                            step=self.round_to, dense_s=self.dense_s, calls=self.calls,
-                           context=self.context, smaller=self.smaller)
+                           context=self.context, smaller=self.smaller, dtype=self.dtype)
         self.dense_s, self.context = lm.dense_s, lm.context
         return lm
 

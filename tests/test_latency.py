@@ -508,3 +508,68 @@ def test_latency_target_needs_a_latency_model_and_reports_infeasible():
     assert info.value.reachable is not None and info.value.reachable > 0.01
     with pytest.raises(ValueError, match="round_to"):
         prune(model, x, target_flops=0.5, round_to="fast")
+
+
+class _Precisions(FakeClock):
+    """A :class:`FakeClock` that records the dtype of everything it times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set = set()
+
+    def __call__(self, fn, what) -> float:
+        self.dtypes.add(what.dtype)
+        return super().__call__(fn, what)
+
+
+def test_latency_dtype_times_layers_and_models_as_deployed():
+    """latency_dtype: every layer and whole-model timing is of a copy in that precision;
+    the model is pruned, and comes back, in its own."""
+    model, x = _net()
+    clock = _Precisions()
+    result = prune(model, x, target_latency=0.5, round_to="auto", latency_dtype=torch.bfloat16,
+                   latency_table=LatencyTable(None, timer=clock))
+    assert clock.dtypes == {"bfloat16"} and clock.layers > 0 and clock.models > 0
+    lat = result.report.latency
+    assert lat.dtype == "bfloat16" and "in bfloat16" in str(lat)
+    assert lat.ratio == pytest.approx(0.5, rel=0.07)
+    assert any("in bfloat16" in n for n in result.report.notes)  # round_to='auto' says so
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    default = _Precisions()
+    prune(model, x, target_latency=0.5, latency_table=LatencyTable(None, timer=default))
+    assert default.dtypes == {"float32"}
+
+
+def test_model_runner_times_a_cast_copy_and_refuses_what_cannot_run():
+    model, x = _net()
+    out = model_runner(model, x, dtype="bfloat16")()
+    assert out.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    m = measure_models({"dense": model}, x, dtype=torch.bfloat16, rounds=4, sample_s=0)
+    assert m.env["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="float32 only"):
+        model_runner(model, x, backend="onnxruntime", dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16"):  # the choices are named
+        model_runner(model, x, dtype=torch.int8)
+    with pytest.raises(ValueError, match="float32 only"):  # before anything is captured
+        prune(model, x, target_latency=0.5, backend="onnxruntime", latency_dtype="float16")
+    with pytest.raises(ValueError, match="needs device='cuda'"):
+        prune(model, x, target_latency=0.5, backend="cudagraph")
+
+
+def test_a_cuda_graph_call_replays_several_forwards_counted_as_one(monkeypatch):
+    """A layer timed as a CUDA graph replays GRAPH_COPIES forwards per timed call (one is
+    as short as the replay's own cost); the table stores the time of one."""
+    import pruners.latency.table as table_module
+    from pruners.latency.timing import GRAPH_COPIES
+
+    asked = []
+    monkeypatch.setattr(table_module, "model_runner",
+                        lambda *a, copies=1, **k: asked.append(copies) or (lambda: None))
+    table = LatencyTable(None, timer=lambda fn, what: 1.0)
+    table.backend = "cudagraph"  # (checked at construction: no GPU here)
+    shape = LayerShape("conv", 8, 8, (1, 8, 8, 8), (3, 3), (1, 1), (1, 1), (1, 1))
+    assert table.seconds(shape) == pytest.approx(1.0 / GRAPH_COPIES)
+    assert set(asked) == {GRAPH_COPIES}
+    with pytest.raises(ValueError, match="needs device='cuda'"):
+        LatencyTable(None, backend="cudagraph")

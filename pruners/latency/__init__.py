@@ -12,13 +12,14 @@ from .model import (InContext, LatencyModel, LayerCall, latency_model, layer_cal
                     time_in_context)
 from .staircase import RoundTo, auto_round_to, pick_round_to, staircase
 from .table import LatencyTable, LayerShape, default_cache_path, shape_of
-from .timing import (BACKENDS, Measurement, ModelCall, Timer, Timing, WallTimer, environment,
-                     installed, interleave, machine_id, measure_models, model_runner, onnx_runner,
-                     openvino_config, openvino_request, ort_options, require, steady, time_call)
+from .timing import (BACKENDS, Measurement, ModelCall, Timer, Timing, WallTimer, dtype_name,
+                     environment, graph_runner, installed, interleave, machine_id,
+                     measure_models, model_runner, onnx_runner, openvino_config,
+                     openvino_request, ort_options, require, steady, time_call)
 
 __all__ = ["BACKENDS", "InContext", "LatencyModel", "LayerCall", "latency_model", "layer_calls",
            "RoundTo", "auto_round_to", "pick_round_to", "staircase", "LatencyTable", "LayerShape",
            "default_cache_path", "shape_of", "Measurement", "ModelCall", "Timer", "Timing",
-           "WallTimer", "environment", "installed", "interleave", "machine_id", "measure_models",
-           "model_runner", "onnx_runner", "openvino_config", "openvino_request", "ort_options",
+           "WallTimer", "dtype_name", "environment", "graph_runner", "installed", "interleave",
+           "machine_id", "measure_models", "model_runner", "onnx_runner", "openvino_config", "openvino_request", "ort_options",
            "require", "steady", "time_call", "time_in_context"]

@@ -38,7 +38,7 @@ from depgraph.cost import CostModel
 from depgraph.graph import ChannelGraph
 
 from .table import LatencyTable, LayerShape, shape_of
-from .timing import ModelCall, WallTimer, model_runner, time_call
+from .timing import ModelCall, WallTimer, dtype_name, model_runner, time_call
 
 __all__ = ["InContext", "LatencyModel", "LayerCall", "latency_model", "layer_calls",
            "time_in_context"]
@@ -173,6 +173,7 @@ class LatencyModel:
     step: int
     timer: Any = field(repr=False, default=None)  # what timed it (the table's timer)
     context: Optional[InContext] = None  # eager: the layers timed inside the model
+    dtype: str = "float32"  # the precision layers and model were timed in
     # vectorised evaluation: per call, the key index (into kept + [1]) of each dim
     _in_idx: np.ndarray = field(repr=False, default=None)
     _out_idx: np.ndarray = field(repr=False, default=None)
@@ -227,7 +228,8 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
                   dense_s: Optional[float] = None,
                   calls: Optional[list[LayerCall]] = None,
                   context: Optional[InContext] = None,
-                  smaller: Optional[Callable[[], Any]] = None) -> LatencyModel:
+                  smaller: Optional[Callable[[], Any]] = None,
+                  dtype: Any = None) -> LatencyModel:
     """Measure (or read from ``table``) what the :class:`LatencyModel` of ``model`` needs.
 
     ``run`` runs ``model`` on the example (default: ``model(*example_inputs)``) once, to see
@@ -236,8 +238,12 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
     scales each layer's curve to its time inside the model and splits what the layers leave
     into a fixed part and one that scales with the activations. For eager PyTorch on the CPU
     with the wall clock, ``context`` is measured here when not given, with ``smaller`` (the
-    model run at half resolution) for the fixed part.
+    model run at half resolution) for the fixed part. ``dtype`` (float16, bfloat16: the
+    precision the model is deployed in) times the whole model as a copy cast to it; the
+    layers are timed in their ``calls``' dtype, which the caller sets to match. In-model
+    timing then does not apply (``run`` runs the model as it is).
     """
+    name = dtype_name(dtype)
     if run is None:
         from depgraph.capture import as_args
 
@@ -276,8 +282,8 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
         full.append(t0)
         numel.append(call.out_numel)
     table.save()
-    if dense_s is None and context is None and table.backend == "eager" \
-            and table.device == "cpu" and isinstance(table.timer, WallTimer):
+    as_run = table.backend == "eager" and table.device == "cpu" and name == "float32"
+    if dense_s is None and context is None and as_run and isinstance(table.timer, WallTimer):
         context = time_in_context(model, run, smaller=smaller, rounds=max(table.repeats, 9))
     if context is not None:
         dense_s = context.dense_s
@@ -285,13 +291,13 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
     floor = [_floor(in_curves[j] if vin else None, out_curves[j] if vout else None, lstep)
              for j, (vin, vout, lstep) in enumerate(varied)]
     if dense_s is None:
-        fn = _no_grad(run) if table.backend == "eager" and table.device == "cpu" else \
-            model_runner(model, example_inputs, table.backend, table.device, table.threads)
-        dense_s = time_call(fn, ModelCall("dense", model, example_inputs, table.backend),
+        fn = _no_grad(run) if as_run else model_runner(
+            model, example_inputs, table.backend, table.device, table.threads, name)
+        dense_s = time_call(fn, ModelCall("dense", model, example_inputs, table.backend, name),
                             table.timer, repeats=max(table.repeats, 9))
     layers_s = float(sum(full))
     lm = LatencyModel(calls, dense_s, layers_s, max(0.0, dense_s - layers_s), table.backend,
-                      table.device, table.threads, step, table.timer, context)
+                      table.device, table.threads, step, table.timer, context, name)
     lm._in_idx, lm._out_idx = np.array(in_idx, dtype=np.int64), np.array(out_idx, dtype=np.int64)
     lm._in_width = np.array(in_w, dtype=np.float64)
     lm._out_width = np.array(out_w, dtype=np.float64)

@@ -35,10 +35,12 @@ class RoundTo:
     backend: str
     device: str
     threads: int
+    dtype: str = "float32"
 
     def __str__(self) -> str:
-        return (f"round_to='auto' chose {self.multiple} for {self.backend} on {self.device} "
-                f"({self.threads} threads): on {', '.join(self.layers) or 'no layer'}, widths that "
+        dtype = "" if self.dtype == "float32" else f" in {self.dtype}"
+        return (f"round_to='auto' chose {self.multiple} for {self.backend} on {self.device}"
+                f"{dtype} ({self.threads} threads): on {', '.join(self.layers) or 'no layer'}, widths that "
                 f"are multiples of {self.multiple} save the time of {self.gain:.1f} channels "
                 "against the trend of their neighbours")
 
@@ -133,4 +135,4 @@ def auto_round_to(calls: list[LayerCall], table: LatencyTable, window: int = 96,
               for m in CANDIDATES if any(m in g for g in gains)}
     multiple, gain = _choose(merged)
     return RoundTo(multiple, gain, tuple(c.module for c in picked), table.backend, table.device,
-                   table.threads)
+                   table.threads, picked[0].shape.dtype)

@@ -26,8 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .timing import (BACKENDS, Timer, WallTimer, machine_id, model_runner, onnx_runner,
-                     require, time_call)
+from .timing import (BACKENDS, GRAPH_COPIES, Timer, WallTimer, machine_id, model_runner,
+                     onnx_runner, require, time_call)
 
 __all__ = ["LayerShape", "LatencyTable", "check_backend", "default_cache_path", "shape_of"]
 
@@ -190,8 +190,11 @@ def check_backend(backend: str, device: str) -> None:
                          f"got {backend!r}")
     if device != "cpu" and not str(device).startswith("cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    if str(device).startswith("cuda") and backend != "eager":
+    if str(device).startswith("cuda") and backend in ("onnxruntime", "openvino"):
         raise ValueError(f"{backend} latency is measured on the CPU only")
+    if backend == "cudagraph" and not str(device).startswith("cuda"):
+        raise ValueError("backend='cudagraph' replays CUDA graphs: it needs device='cuda', "
+                         f"got {device!r}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but this PyTorch sees no CUDA GPU "
                          "(torch.cuda.is_available() is False); time on device='cpu'")
@@ -258,12 +261,19 @@ class LatencyTable:
 
     def runner(self, shape: LayerShape):
         """A no-argument function running a fresh layer of ``shape`` on this backend (in
-        onnxruntime and OpenVINO, its ONNX graph written directly, when float32)."""
-        if self.backend != "eager" and shape.dtype == "float32":
+        onnxruntime and OpenVINO, its ONNX graph written directly, when float32; as a CUDA
+        graph, :data:`~.timing.GRAPH_COPIES` forwards per call: see :meth:`alone_many`)."""
+        if self.backend in ("onnxruntime", "openvino") and shape.dtype == "float32":
             onnx, x, _ = shape.onnx()
             return onnx_runner(onnx, [x.numpy()], self.backend, self.threads)
         module, x = shape.build()
-        return model_runner(module, x, self.backend, self.device, self.threads)
+        return model_runner(module, x, self.backend, self.device, self.threads, shape.dtype,
+                            copies=self.per_call)
+
+    @property
+    def per_call(self) -> int:
+        """Forwards of a layer in one timed call of :meth:`runner`."""
+        return GRAPH_COPIES if self.backend == "cudagraph" else 1
 
     def put(self, shape: LayerShape, seconds: float) -> None:
         self._entries[self._key(shape)] = float(seconds)
@@ -292,19 +302,19 @@ class LatencyTable:
                                   warmup=1)
                     best[missing[j]] = min(best.get(missing[j], t), t)
             for shape, t in best.items():
-                self.put(shape, t)
+                self.put(shape, t / self.per_call)
         return [self._entries[self._key(s)] for s in shapes]
 
     def seconds(self, shape: LayerShape) -> float:
         """Seconds ``shape`` adds to a model run with this backend: its time alone in eager
-        PyTorch; in onnxruntime and OpenVINO, what each copy beyond the first adds to a graph
+        PyTorch or a CUDA graph; in onnxruntime and OpenVINO, what each copy beyond the first adds to a graph
         of :data:`COPIES` (the run's fixed cost and the layout conversions at the graph's
         edges are paid once, as in a model). At least a nanosecond."""
         return self.seconds_many([shape])[0]
 
     def seconds_many(self, shapes: list[LayerShape]) -> list[float]:
         """:meth:`seconds` of each of ``shapes``, timed together (:meth:`alone_many`)."""
-        if self.backend == "eager":
+        if self.backend in ("eager", "cudagraph"):  # a model's layers run as they do alone
             return self.alone_many(shapes)
         many = [dataclasses.replace(s, copies=COPIES) for s in shapes]
         times = self.alone_many(list(shapes) + many)

@@ -31,14 +31,32 @@ from torch.utils import _pytree as pytree
 
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "machine_id", "time_call", "interleave", "steady", "measure_models",
-           "model_runner", "onnx_runner", "openvino_config", "openvino_request", "ort_options",
-           "installed", "require"]
+           "model_runner", "graph_runner", "onnx_runner", "openvino_config", "openvino_request",
+           "ort_options", "installed", "require", "dtype_name", "GRAPH_COPIES"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
 #: Where latency is measured: PyTorch eager, or a CPU runtime running the model's ONNX export
-#: (onnxruntime; OpenVINO, which many CPU deployments use, when installed).
-BACKENDS = ("eager", "onnxruntime", "openvino")
+#: (onnxruntime; OpenVINO, which many CPU deployments use, when installed), or on a GPU the
+#: model captured once as a CUDA graph and replayed ("cudagraph": how a GPU deployment runs
+#: without paying a kernel launch per op, which at small batches outweighs the kernels).
+BACKENDS = ("eager", "onnxruntime", "openvino", "cudagraph")
+
+#: Forwards captured into one CUDA graph when a single layer is timed: replaying one small
+#: layer costs about as much as the layer, so a call replays this many and counts as one.
+GRAPH_COPIES = 10
+
+#: The precisions latency can be timed in (``dtype_name``).
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def dtype_name(dtype: Any) -> str:
+    """"float32", "float16" or "bfloat16" for a ``torch.dtype`` or its name (None: float32);
+    ValueError naming the choices for anything else."""
+    name = "float32" if dtype is None else str(dtype).split(".")[-1]
+    if name not in DTYPES:
+        raise ValueError(f"latency is timed in {', '.join(DTYPES)}; got dtype {dtype!r}")
+    return name
 
 
 def installed(backend: str) -> bool:
@@ -76,6 +94,7 @@ class ModelCall:
     model: Optional[nn.Module]
     inputs: Any
     backend: str = "eager"
+    dtype: str = "float32"  # what the timed copy of the model runs in
 
 
 @dataclass(frozen=True)
@@ -155,7 +174,7 @@ def machine_id(backend: str = "eager", device: str = "cpu") -> str:
     ``device`` "cuda". Latency tables key their entries by it."""
     cpu, flags = _cpu()
     parts = [cpu, " ".join(flags), torch.__version__]
-    if backend != "eager":
+    if backend in ("onnxruntime", "openvino"):
         parts.append(f"{backend} {_version(backend)}")
     if str(device).startswith("cuda") and torch.cuda.is_available():
         parts += [torch.cuda.get_device_name(torch.device(device)),
@@ -238,16 +257,24 @@ def openvino_config(threads: Optional[int] = None) -> dict[str, Any]:
 
 
 def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: str = "cpu",
-                 threads: Optional[int] = None) -> Callable[[], Any]:
+                 threads: Optional[int] = None, dtype: Any = None,
+                 copies: int = 1) -> Callable[[], Any]:
     """A no-argument function that runs ``model`` on ``inputs`` with the backend: PyTorch
-    eager under ``no_grad``, or an onnxruntime session or OpenVINO CPU request of its ONNX
-    export."""
+    eager under ``no_grad``, a CUDA graph of it replayed ("cudagraph", ``copies`` forwards
+    per replay), or an onnxruntime session or OpenVINO CPU request of its ONNX export.
+    ``dtype`` (float16, bfloat16) runs a copy of the model and its floating inputs cast to
+    it, as a deployment in that precision does; the ONNX runtimes time float32 only."""
     from depgraph.capture import as_args
 
     args = as_args(inputs)
-    if backend == "eager":
-        model = _on(model.eval(), device)
-        args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    name = dtype_name(dtype)
+    if backend in ("eager", "cudagraph"):
+        model = _on(model.eval(), device, name)
+        cast = getattr(torch, name)
+        args = pytree.tree_map(lambda a: a.to(device, cast if a.is_floating_point() else a.dtype)
+                               if isinstance(a, torch.Tensor) else a, args)
+        if backend == "cudagraph":
+            return graph_runner(model, args, copies)
 
         def run() -> Any:
             with torch.no_grad():
@@ -255,19 +282,43 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
 
         return run
     if backend in ("onnxruntime", "openvino"):
+        if name != "float32":
+            raise ValueError(f"{backend} latency is timed in float32 only, not {name}")
         return onnx_runner(_onnx_bytes(model, args), _arrays(args), backend, threads)
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
-def _on(model: nn.Module, device: str) -> nn.Module:
-    """``model`` on ``device``: itself when it is there already, else a copy moved there (the
-    caller's model stays where it is: timing a CPU model on a GPU leaves it on the CPU)."""
+def graph_runner(model: nn.Module, args: tuple, copies: int = 1) -> Callable[[], Any]:
+    """``model(*args)`` (on a GPU) captured once as a CUDA graph, ``copies`` times in a row;
+    the returned function replays it. Warmed up first on a side stream, as capture needs
+    (cuDNN picks its kernels there). A forward that syncs with the host (``.item()``, NMS)
+    cannot be captured: PyTorch raises."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            model(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        for _ in range(copies):
+            model(*args)
+    return graph.replay
+
+
+def _on(model: nn.Module, device: str, dtype: str = "float32") -> nn.Module:
+    """``model`` on ``device`` in ``dtype``: itself when it is so already, else a copy moved
+    and cast (the caller's model stays as it is: timing a CPU model on a GPU, or in float16,
+    leaves it on the CPU in its precision)."""
     want = torch.device(device)
     if want.type == "cuda" and want.index is None:
         want = torch.device("cuda", torch.cuda.current_device())
-    if all(t.device == want for t in [*model.parameters(), *model.buffers()]):
+    cast = getattr(torch, dtype)
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == want for t in tensors) and \
+            all(t.dtype == cast for t in tensors if t.is_floating_point()):
         return model
-    return copy.deepcopy(model).to(device)
+    return copy.deepcopy(model).to(device, cast)
 
 
 def onnx_runner(onnx: bytes, arrays: list, backend: str,
@@ -321,7 +372,7 @@ def openvino_request(onnx: Any, threads: Optional[int] = None, shape: Optional[t
 def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = "eager",
                    device: str = "cpu", threads: Optional[int] = None,
                    timer: Optional[Timer] = None, rounds: int = 30, max_spread: float = 0.1,
-                   retries: int = 2, sample_s: float = 0.1) -> Measurement:
+                   retries: int = 2, sample_s: float = 0.1, dtype: Any = None) -> Measurement:
     """Median latency of each model, taken interleaved, with the machine recorded.
 
     Measures again (up to ``retries`` times) while any spread exceeds ``max_spread``, keeping
@@ -330,8 +381,10 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
     judges the machine, not one call's jitter. The
     first label is the reference of :meth:`Measurement.ratio` ("dense" by convention). A
     model that does not run with the backend (an ONNX export that fails) is left out and
-    named in ``errors``.
+    named in ``errors``. ``dtype``: each model is timed as a copy cast to it (see
+    :func:`model_runner`).
     """
+    name = dtype_name(dtype)
     if threads is not None:
         torch.set_num_threads(threads)
     previous = torch.get_num_threads()
@@ -340,8 +393,8 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
     try:
         for label, m in models.items():
             try:
-                calls[label] = (model_runner(m, inputs, backend, device, threads),
-                                ModelCall(label, m, inputs, backend))
+                calls[label] = (model_runner(m, inputs, backend, device, threads, name),
+                                ModelCall(label, m, inputs, backend, name))
                 calls[label][0]()
             except Exception as exc:  # noqa: BLE001 - reported; the others are still timed
                 calls.pop(label, None)
@@ -358,7 +411,8 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
     finally:
         torch.set_num_threads(previous)
     worst = _worst(best)
-    result = Measurement(best, environment(backend, device, threads), max_spread, attempts,
+    result = Measurement(best, {**environment(backend, device, threads), "dtype": name},
+                         max_spread, attempts,
                          noisy=worst > max_spread, errors=errors)
     if result.noisy:
         result.notes.append(f"spread {100 * worst:.0f}% stayed over {100 * max_spread:.0f}% in "
