@@ -39,8 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--round-to", type=_round_to, default=None,
                    help="channel multiple, or 'auto' to measure the one the backend's kernels "
                         "reward (default: 8 for Ultralytics models, 1 otherwise)")
-    q.add_argument("--backend", choices=("eager", "onnxruntime", "openvino"), default="eager",
-                   help="where latency is measured for --target-latency / --round-to auto")
+    q.add_argument("--backend", choices=("eager", "onnxruntime", "openvino", "cudagraph"),
+                   default="eager",
+                   help="where latency is measured for --target-latency / --round-to auto "
+                        "(cudagraph: CUDA-graph replays, with --device cuda)")
+    q.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:N]: where latency is measured")
+    q.add_argument("--latency-dtype", choices=("float32", "float16", "bfloat16"),
+                   default="float32",
+                   help="the precision the model is deployed in: latency is timed on copies "
+                        "cast to it (eager and cudagraph)")
     q.add_argument("--threads", type=int, default=None,
                    help="threads for latency measurements (default: torch's setting)")
     q.add_argument("--importance", default="l2",
@@ -131,7 +139,8 @@ def _run(args: argparse.Namespace) -> str:
     bar, step = _progress(args.quiet, _STAGES + bool(args.recover))
     target = dict(target_flops=args.target_flops, target_params=args.target_params,
                   target_latency=args.target_latency)
-    hardware = dict(backend=args.backend, threads=args.threads)
+    hardware = dict(backend=args.backend, device=args.device, threads=args.threads,
+                    latency_dtype=args.latency_dtype)
     try:
         if kind == "yolo":
             opts = dict(round_to=args.round_to or 8, importance=args.importance, data=args.data,

@@ -75,6 +75,10 @@ def test_prunes_an_rtdetr_yaml_into_a_checkpoint_that_trains_as_one(tmp_path):
     (["tv:resnet18", "--target-flops", "0.5", "--recover", "bn"], "needs --calibration"),
     (["tv:resnet18", "--target-flops", "0.5", "--recover", "bn", "--calibration", "nowhere"],
      "no such calibration data"),
+    (["tv:resnet18", "--target-latency", "0.5", "--backend", "cudagraph", "--imgsz", "64"],
+     "needs device='cuda'"),
+    (["tv:resnet18", "--target-latency", "0.5", "--backend", "onnxruntime", "--latency-dtype",
+      "float16", "--imgsz", "64"], "float32 only"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, args, message):
     if args[0].startswith("timm:"):
@@ -131,5 +135,5 @@ def test_help_documents_the_options():
                          capture_output=True, text=True, check=True).stdout
     for flag in ("--target-flops", "--target-params", "--round-to", "--importance", "--data",
                  "--imgsz", "--out", "--plan", "--onnx", "--recover", "--calibration",
-                 "--report"):
+                 "--report", "--backend", "--device", "--latency-dtype"):
         assert flag in out
