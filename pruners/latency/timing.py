@@ -292,7 +292,7 @@ def graph_runner(model: nn.Module, args: tuple, copies: int = 1) -> Callable[[],
     """``model(*args)`` (on a GPU) captured once as a CUDA graph, ``copies`` times in a row;
     the returned function replays it. Warmed up first on a side stream, as capture needs
     (cuDNN picks its kernels there). A forward that syncs with the host (``.item()``, NMS)
-    cannot be captured: PyTorch raises."""
+    cannot be captured: RuntimeError naming the model."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(stream):
@@ -300,9 +300,18 @@ def graph_runner(model: nn.Module, args: tuple, copies: int = 1) -> Callable[[],
             model(*args)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        for _ in range(copies):
-            model(*args)
+    try:
+        with torch.no_grad(), torch.cuda.graph(graph):
+            for _ in range(copies):
+                model(*args)
+    except Exception as exc:  # noqa: BLE001 - said in terms of the model
+        torch.cuda.synchronize()
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise RuntimeError(
+            f"{type(model).__name__} cannot be captured as a CUDA graph ({type(exc).__name__}: "
+            f"{first}): its forward syncs with the host (.item(), NMS, data-dependent shapes). "
+            "Time it with backend='eager', or give outputs= that end before that part"
+        ) from exc
     return graph.replay
 
 
