@@ -310,7 +310,7 @@ def graph_runner(model: nn.Module, args: tuple, copies: int = 1) -> Callable[[],
         raise RuntimeError(
             f"{type(model).__name__} cannot be captured as a CUDA graph ({type(exc).__name__}: "
             f"{first}): its forward syncs with the host (.item(), NMS, data-dependent shapes). "
-            "Time it with backend='eager', or give outputs= that end before that part"
+            "Time it with backend='eager'"
         ) from exc
     return graph.replay
 
