@@ -336,8 +336,8 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     from .latency.timing import dtype_name
 
     check_backend(opts.backend, opts.device)
-    if dtype_name(opts.latency_dtype) != "float32" and opts.backend in ("onnxruntime",
-                                                                        "openvino"):
+    if dtype_name(opts.latency_dtype) not in (None, "float32") and \
+            opts.backend in ("onnxruntime", "openvino"):
         raise ValueError(f"latency_dtype={opts.latency_dtype!r}: {opts.backend} latency is "
                          "timed in float32 only; use backend='eager' or 'cudagraph'")
     patterns = _protect_patterns(model, opts.protect)
@@ -823,7 +823,7 @@ class _Hardware:
     context: Any = None  # eager: pruners.latency.InContext, the layers timed in the model
     smaller: Optional[Callable[[], Any]] = None  # the model at half resolution, if it runs
     probe: Optional[DenseRun] = None  # repair.probe_run, found once for every plan
-    dtype: str = "float32"  # what layers and model are timed in (opts.latency_dtype)
+    dtype: Optional[str] = None  # opts.latency_dtype's name: what layers and model are timed in
 
     @classmethod
     def of(cls, work: nn.Module, dense: DenseRun, opts: PruneOptions, target: Target
@@ -839,7 +839,7 @@ class _Hardware:
         run = lambda: run_model(work, example_inputs, opts.outputs, opts.example_kwargs)  # noqa: E731
         calls = layer_calls(work, run)
         dtype = dtype_name(opts.latency_dtype)
-        if dtype != "float32":  # the layers as deployed: timed in that precision
+        if dtype is not None:  # the layers as deployed: timed in that precision
             calls = [dataclasses.replace(c, shape=dataclasses.replace(c.shape, dtype=dtype))
                      if c.shape.dtype in DTYPES else c for c in calls]
         notes, round_to = [], opts.round_to
@@ -853,7 +853,7 @@ class _Hardware:
         small = probe.inputs
         smaller = None
         if target.kind == "latency" and opts.backend == "eager" and opts.device == "cpu" \
-                and dtype == "float32" and small is not example_inputs:
+                and dtype in (None, "float32") and small is not example_inputs:
             smaller = lambda: run_model(work, small, opts.outputs,  # noqa: E731
                                         opts.example_kwargs)
         return cls(table, work, example_inputs, run, calls, int(round_to), notes,

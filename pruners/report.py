@@ -100,7 +100,7 @@ class LatencyReport:
     noisy: bool
     env: dict = field(default_factory=dict)
     attempts: int = 1  # plans measured to land on a latency target
-    dtype: str = "float32"  # what both were timed in
+    dtype: Optional[str] = None  # what both were timed cast to (None: as they are)
 
     @property
     def ratio(self) -> float:
@@ -111,7 +111,7 @@ class LatencyReport:
         predicted = "" if self.predicted is None else f", predicted {100 * self.predicted:.2f}%"
         return (f"latency {self.dense_ms:.2f} ms -> {self.pruned_ms:.2f} ms "
                 f"({100 * self.ratio:.2f}% measured{predicted}; {self.backend} on {self.device}"
-                f"{'' if self.dtype == 'float32' else f' in {self.dtype}'}, "
+                f"{'' if self.dtype in (None, 'float32') else f' in {self.dtype}'}, "
                 f"{self.threads} threads, spread {100 * self.spread_dense:.0f}%/"
                 f"{100 * self.spread_pruned:.0f}%{', NOISY' if self.noisy else ''})")
 

@@ -21,5 +21,6 @@ __all__ = ["BACKENDS", "InContext", "LatencyModel", "LayerCall", "latency_model"
            "RoundTo", "auto_round_to", "pick_round_to", "staircase", "LatencyTable", "LayerShape",
            "default_cache_path", "shape_of", "Measurement", "ModelCall", "Timer", "Timing",
            "WallTimer", "dtype_name", "environment", "graph_runner", "installed", "interleave",
-           "machine_id", "measure_models", "model_runner", "onnx_runner", "openvino_config", "openvino_request", "ort_options",
+           "machine_id", "measure_models", "model_runner", "onnx_runner", "openvino_config",
+           "openvino_request", "ort_options",
            "require", "steady", "time_call", "time_in_context"]

@@ -173,7 +173,7 @@ class LatencyModel:
     step: int
     timer: Any = field(repr=False, default=None)  # what timed it (the table's timer)
     context: Optional[InContext] = None  # eager: the layers timed inside the model
-    dtype: str = "float32"  # the precision layers and model were timed in
+    dtype: Optional[str] = None  # what the model was timed cast to (None: as it is)
     # vectorised evaluation: per call, the key index (into kept + [1]) of each dim
     _in_idx: np.ndarray = field(repr=False, default=None)
     _out_idx: np.ndarray = field(repr=False, default=None)
@@ -282,7 +282,7 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
         full.append(t0)
         numel.append(call.out_numel)
     table.save()
-    as_run = table.backend == "eager" and table.device == "cpu" and name == "float32"
+    as_run = table.backend == "eager" and table.device == "cpu" and name in (None, "float32")
     if dense_s is None and context is None and as_run and isinstance(table.timer, WallTimer):
         context = time_in_context(model, run, smaller=smaller, rounds=max(table.repeats, 9))
     if context is not None:

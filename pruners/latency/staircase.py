@@ -40,9 +40,9 @@ class RoundTo:
     def __str__(self) -> str:
         dtype = "" if self.dtype == "float32" else f" in {self.dtype}"
         return (f"round_to='auto' chose {self.multiple} for {self.backend} on {self.device}"
-                f"{dtype} ({self.threads} threads): on {', '.join(self.layers) or 'no layer'}, widths that "
-                f"are multiples of {self.multiple} save the time of {self.gain:.1f} channels "
-                "against the trend of their neighbours")
+                f"{dtype} ({self.threads} threads): on {', '.join(self.layers) or 'no layer'}, "
+                f"widths that are multiples of {self.multiple} save the time of "
+                f"{self.gain:.1f} channels against the trend of their neighbours")
 
 
 def staircase(shape: LayerShape, widths: Sequence[int], table: LatencyTable,

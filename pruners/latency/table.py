@@ -307,9 +307,9 @@ class LatencyTable:
 
     def seconds(self, shape: LayerShape) -> float:
         """Seconds ``shape`` adds to a model run with this backend: its time alone in eager
-        PyTorch or a CUDA graph; in onnxruntime and OpenVINO, what each copy beyond the first adds to a graph
-        of :data:`COPIES` (the run's fixed cost and the layout conversions at the graph's
-        edges are paid once, as in a model). At least a nanosecond."""
+        PyTorch or a CUDA graph; in onnxruntime and OpenVINO, what each copy beyond the first
+        adds to a graph of :data:`COPIES` (the run's fixed cost and the layout conversions at
+        the graph's edges are paid once, as in a model). At least a nanosecond."""
         return self.seconds_many([shape])[0]
 
     def seconds_many(self, shapes: list[LayerShape]) -> list[float]:

@@ -50,10 +50,12 @@ GRAPH_COPIES = 10
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def dtype_name(dtype: Any) -> str:
-    """"float32", "float16" or "bfloat16" for a ``torch.dtype`` or its name (None: float32);
-    ValueError naming the choices for anything else."""
-    name = "float32" if dtype is None else str(dtype).split(".")[-1]
+def dtype_name(dtype: Any) -> Optional[str]:
+    """"float32", "float16" or "bfloat16" for a ``torch.dtype`` or its name; None for None
+    (time the model in the precision it has); ValueError naming the choices otherwise."""
+    if dtype is None:
+        return None
+    name = str(dtype).split(".")[-1]
     if name not in DTYPES:
         raise ValueError(f"latency is timed in {', '.join(DTYPES)}; got dtype {dtype!r}")
     return name
@@ -94,7 +96,7 @@ class ModelCall:
     model: Optional[nn.Module]
     inputs: Any
     backend: str = "eager"
-    dtype: str = "float32"  # what the timed copy of the model runs in
+    dtype: Optional[str] = None  # what the timed copy is cast to (None: as it is)
 
 
 @dataclass(frozen=True)
@@ -262,17 +264,17 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
     """A no-argument function that runs ``model`` on ``inputs`` with the backend: PyTorch
     eager under ``no_grad``, a CUDA graph of it replayed ("cudagraph", ``copies`` forwards
     per replay), or an onnxruntime session or OpenVINO CPU request of its ONNX export.
-    ``dtype`` (float16, bfloat16) runs a copy of the model and its floating inputs cast to
-    it, as a deployment in that precision does; the ONNX runtimes time float32 only."""
+    ``dtype`` (float32, float16, bfloat16) runs a copy of the model and its floating inputs
+    cast to it, as a deployment in that precision does (None: as they are); the ONNX
+    runtimes time float32 only."""
     from depgraph.capture import as_args
 
     args = as_args(inputs)
     name = dtype_name(dtype)
     if backend in ("eager", "cudagraph"):
-        model = _on(model.eval(), device, name)
-        cast = getattr(torch, name)
-        args = pytree.tree_map(lambda a: a.to(device, cast if a.is_floating_point() else a.dtype)
-                               if isinstance(a, torch.Tensor) else a, args)
+        cast = None if name is None else getattr(torch, name)
+        model = _on(model.eval(), device, cast)
+        args = pytree.tree_map(lambda a: _moved(a, device, cast), args)
         if backend == "cudagraph":
             return graph_runner(model, args, copies)
 
@@ -282,10 +284,19 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
 
         return run
     if backend in ("onnxruntime", "openvino"):
-        if name != "float32":
+        if name not in (None, "float32"):
             raise ValueError(f"{backend} latency is timed in float32 only, not {name}")
         return onnx_runner(_onnx_bytes(model, args), _arrays(args), backend, threads)
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def _moved(value: Any, device: str, dtype: Optional[torch.dtype]) -> Any:
+    """A tensor on ``device``, cast to ``dtype`` (when given) if it is floating point."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if dtype is not None and value.is_floating_point():
+        return value.to(device, dtype)
+    return value.to(device)
 
 
 def graph_runner(model: nn.Module, args: tuple, copies: int = 1) -> Callable[[], Any]:
@@ -315,19 +326,19 @@ def graph_runner(model: nn.Module, args: tuple, copies: int = 1) -> Callable[[],
     return graph.replay
 
 
-def _on(model: nn.Module, device: str, dtype: str = "float32") -> nn.Module:
-    """``model`` on ``device`` in ``dtype``: itself when it is so already, else a copy moved
-    and cast (the caller's model stays as it is: timing a CPU model on a GPU, or in float16,
-    leaves it on the CPU in its precision)."""
+def _on(model: nn.Module, device: str, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """``model`` on ``device`` (and in ``dtype`` when given): itself when it is so already,
+    else a copy moved and cast (the caller's model stays as it is: timing a CPU model on a
+    GPU, or in float16, leaves it on the CPU in its precision)."""
     want = torch.device(device)
     if want.type == "cuda" and want.index is None:
         want = torch.device("cuda", torch.cuda.current_device())
-    cast = getattr(torch, dtype)
     tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device == want for t in tensors) and \
-            all(t.dtype == cast for t in tensors if t.is_floating_point()):
+    if all(t.device == want for t in tensors) and (dtype is None or all(
+            t.dtype == dtype for t in tensors if t.is_floating_point())):
         return model
-    return copy.deepcopy(model).to(device, cast)
+    return copy.deepcopy(model).to(device) if dtype is None else \
+        copy.deepcopy(model).to(device, dtype)
 
 
 def onnx_runner(onnx: bytes, arrays: list, backend: str,
@@ -420,8 +431,10 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
     finally:
         torch.set_num_threads(previous)
     worst = _worst(best)
-    result = Measurement(best, {**environment(backend, device, threads), "dtype": name},
-                         max_spread, attempts,
+    env = environment(backend, device, threads)
+    if name is not None:
+        env["dtype"] = name
+    result = Measurement(best, env, max_spread, attempts,
                          noisy=worst > max_spread, errors=errors)
     if result.noisy:
         result.notes.append(f"spread {100 * worst:.0f}% stayed over {100 * max_spread:.0f}% in "
