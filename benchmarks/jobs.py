@@ -253,7 +253,9 @@ def coverage_job(job: dict) -> dict:
         status, why = "broken", [f"zero-equivalence check failed: {report.verify}"]
     elif status == "ok" and abs(report.flops_ratio - target) > 0.01:
         status = "off-target"  # e.g. a detector whose proposal count follows the weights
-    row["verified"] = "exact" if report.verify is not None else "inexact units (not checked)"
+    check = report.verify
+    row["verified"] = ("inexact units (not checked)" if check is None else "exact" if not
+                       check.inexact else "exact (inexact units removed from both)")
     why += _frozen_reasons(graph) + [n for n in report.notes if n.startswith(("froze", "achieved"))]
     row.update(status=status, why=" | ".join(why)[:600])
     return row

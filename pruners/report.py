@@ -184,8 +184,9 @@ class PruneReport:
             lines.append(f"check  {self.verify}")
         else:  # prune() checks every plan; None: its units change normalisation statistics
             lines.append("check  not compared with the masked original: the plan removes "
-                         "inexact units (normalisation statistics change); its exact groups "
-                         "were compared by one-unit probes, and the pruned model ran")
+                         "inexact units (normalisation statistics change) and no reference "
+                         "with them removed too ran; any exact groups it removes were compared "
+                         "by one-unit probes, and the pruned model ran")
         lines.extend(f"  {s}" for s in self.steps)
         if self.recovery is not None:
             lines.extend(str(self.recovery).splitlines())

@@ -133,7 +133,7 @@ def _table(head: list[str], rows: list[list[Any]]) -> str:
 def render_html(report: Any, sensitivity: Any = None, title: Optional[str] = None) -> str:
     """The page as a string; every asset inline."""
     r = report
-    verdict = ("not run (inexact units change normalisation statistics)" if r.verify is None
+    verdict = ("not compared (inexact units change normalisation statistics)" if r.verify is None
                else f'<span class="{"ok" if r.verify.ok else "bad"}">{_e(r.verify)}</span>')
     changed = [l for l in r.layers if (l.out_before, l.in_before) != (l.out_after, l.in_after)]
     parts = [

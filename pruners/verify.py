@@ -58,15 +58,23 @@ class VerifyResult:
     max_abs_diff: float
     max_rel_diff: float
     rtol: float
+    inexact: int = 0  # inexact units removed from the reference too (see ``verify``)
 
     @property
     def ok(self) -> bool:
         return self.max_rel_diff <= self.rtol
 
+    @property
+    def compared(self) -> bool:
+        """Whether outputs were compared (NaN differences: only shapes were checked)."""
+        return self.max_rel_diff == self.max_rel_diff
+
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "MISMATCH"
+        beside = (f"; against the masked original with the plan's {self.inexact} inexact units "
+                  "removed from it too" if self.inexact else "")
         return (f"VerifyResult({verdict}: max abs diff {self.max_abs_diff:.3g}, "
-                f"max rel diff {self.max_rel_diff:.3g}, rtol {self.rtol:g})")
+                f"max rel diff {self.max_rel_diff:.3g}, rtol {self.rtol:g}{beside})")
 
 
 @dataclass(frozen=True)
@@ -280,6 +288,13 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             ``at``): only that the pruned model runs with the dense output shapes is checked,
             for a caller that compares their outputs in a later check.
 
+    Units that are exact and inexact together (a plan that also narrows what a LayerNorm
+    normalises), given ``dense`` on these inputs and no ``at``, are compared against the
+    masked original with the inexact units removed from it as well: both models then
+    normalise over the same channels, and the exact units' zero-equivalence holds between
+    them (``VerifyResult.inexact`` says so). Only exact units alone (masked original) and
+    inexact units alone (shapes, not compared) are checked as before.
+
     Raises:
         VerificationError: the pruned model does not run, or its outputs change shape.
     """
@@ -302,9 +317,19 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         # one, and a plan it fails needs no reference (RT-DETR-R101: 0.4 s against 1.8 s)
         _check_train_mode(model, pruned, example_inputs if train_inputs is None
                           else train_inputs, example_kwargs, screen)
-    compare = (dense is None or at or dense.inputs is not example_inputs
-               or (compare and all(graph.units[u].exact for u in units)))
-    if compare:
+    inexact = [u for u in units if not graph.units[u].exact]
+    exact = [u for u in units if graph.units[u].exact]
+    beside = (compare and bool(exact) and bool(inexact) and not at and dense is not None
+              and dense.inputs is example_inputs and (flops is None or dense.flops is not None))
+    expected = _beside(model, graph, exact, inexact, run) if beside else None
+    beside = expected is not None  # (a reference that does not run: shapes only, as before)
+    compare = (dense is None or at or dense.inputs is not example_inputs or beside
+               or (compare and not inexact))
+    if beside:
+        shapes = [tuple(t.shape) for t in expected]
+        if flops is not None:
+            flops["before"] = dense.flops
+    elif compare:
         # compared only at ``at``, the reference stops there where the dense run counted the
         # whole model's FLOPs: past those points a detector's masked original keeps its own
         # detections, and its per-detection heads took 8 s of a Keypoint R-CNN's check
@@ -334,7 +359,20 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         scale = a.double().abs().max().item()
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / max(scale, 1e-12))
-    return VerifyResult(max_abs, max_rel, rtol)
+    return VerifyResult(max_abs, max_rel, rtol, len(inexact) if beside else 0)
+
+
+def _beside(model: nn.Module, graph: ChannelGraph, exact: list[int], inexact: list[int],
+            run: Callable[[nn.Module], list]) -> Optional[list]:
+    """``run``'s outputs of the original with ``exact`` masked and ``inexact`` removed (a
+    copy's surgery slices the masked tensors; the rest it shares, masked, until the block
+    ends); None where that model does not run (the check then only compares shapes)."""
+    with masked_in_place(model, graph, exact):
+        try:
+            reference = remove_units(copy_model(model, shared_params(model)), graph, inexact)
+            return run(reference)
+        except Exception:  # noqa: BLE001 - the pruned model ran; this reference is a bonus
+            return None
 
 
 def narrowed(tensors: list, kept: Optional[list]) -> list:

@@ -483,7 +483,7 @@ def test_a_head_count_equal_to_the_head_width_is_not_rewritten():
 class SilentSplitNorm(nn.Module):
     """``split(4)`` that runs wrong once 8 channels become 6, beside a GroupNorm branch whose
     channels are inexact (pruning changes its statistics): the final check of a plan that
-    prunes both cannot compare outputs, so repair's numeric probes must still run."""
+    prunes both compares it against the masked original with the inexact units removed too."""
 
     def __init__(self, norm: bool = True):
         super().__init__()
@@ -501,8 +501,9 @@ class SilentSplitNorm(nn.Module):
 
 @pytest.mark.parametrize("norm", [True, False], ids=["mixed_plan", "exact_plan"])
 def test_prune_freezes_a_silently_wrong_group_whether_or_not_its_check_compares(norm):
-    """Repair's probes compare no outputs (the final check does, for an all-exact plan); a
-    plan with inexact units is compared by one-unit probes before its check."""
+    """Repair's probes compare no outputs; the final check does, for an all-exact plan
+    against the masked original, for a mixed one against the masked original with the
+    plan's inexact units removed as well."""
     from pruners import prune
 
     model = SilentSplitNorm(norm).eval()
@@ -511,8 +512,42 @@ def test_prune_freezes_a_silently_wrong_group_whether_or_not_its_check_compares(
     assert result.model.a[0].out_channels == 8
     assert result.model.c[0].out_channels < 32
     assert any("a.0" in n and "differ" in n for n in result.report.notes)
-    assert (result.report.verify is None) == norm
-    assert result.report.verify is None or result.report.verify.ok
+    check = result.report.verify
+    assert check is not None and check.ok and (check.inexact > 0) == norm
+    assert ("inexact units removed from it too" in str(result.report)) == norm
+
+
+def test_a_mixed_plan_is_compared_with_its_inexact_units_removed_from_the_reference(
+        monkeypatch):
+    """Exact and inexact units together: the reference is the masked original with the
+    inexact units pruned too, so the check compares, catches a silently wrong exact group,
+    and a plan that passes needs no one-unit probes of its exact groups first."""
+    import sys
+
+    from pruners import prune
+    from pruners.verify import DenseRun
+
+    model, x = SilentSplitNorm().eval(), torch.randn(2, 3, 16, 16)
+    g = analyze(capture(model, x))
+    dense = DenseRun.of(model, x)
+    b_out = [u.id for u in g.units if ("b.0.weight", 0, 8) in g.groups[u.group].dims]
+    a_out = [u.id for u in g.units if ("a.0.weight", 0, 8) in g.groups[u.group].dims]
+    c_out = [u.id for u in g.units if ("c.0.weight", 0, 32) in g.groups[u.group].dims]
+    assert b_out and a_out and c_out and not g.units[c_out[0]].exact
+    good = verify(model, g, b_out[:2] + c_out[:4], x, dense=dense)
+    assert good.inexact == 4 and good.compared and good.ok
+    bad = verify(model, g, a_out[:1] + c_out[:4], x, dense=dense)  # split(4) of 6: wrong
+    assert bad.inexact == 4 and not bad.ok
+    only_inexact = verify(model, g, c_out[:4], x, dense=dense)
+    assert not only_inexact.compared and only_inexact.inexact == 0
+    api = sys.modules["pruners.api"]
+    probed = []
+    real = api.find_unprunable_groups
+    monkeypatch.setattr(api, "find_unprunable_groups",
+                        lambda *a, **k: probed.append(k.get("exact_only")) or real(*a, **k))
+    clean = prune(SilentSplitNorm().eval(), x, target_flops=0.6, protect=["a"])
+    assert clean.report.verify is not None and clean.report.verify.inexact > 0
+    assert True not in probed  # no exact-group probes: the check compared the plan
 
 
 def test_probes_that_compare_nothing_run_no_real_forward_after_the_screen(monkeypatch):
