@@ -1,7 +1,8 @@
 """Fuzz ``prune()`` over random architectures: ``python -m benchmarks.fuzz --n 1000``.
 
 Each network is drawn from a seeded generator whose blocks are what users' models hold and
-what breaks pruning engines: convs (dense, depthwise, grouped), residuals, concat, chunk, SE
+what breaks pruning engines: convs (dense, depthwise, grouped), convs normalised over their
+channels (GroupNorm, or LayerNorm as ConvNeXt: inexact units), residuals, concat, chunk, SE
 gates, pooling, upsampling, and kinds that hide widths or values from a tracer:
 attention whose ``forward`` reshapes by a stored head count, attention with rotary tables as
 wide as a head (only whole heads can go, and only where the heads are viewed back by ``-1``;
@@ -14,7 +15,9 @@ features a box head reads).
 Every network is pruned with defaults to a random FLOPs target, then checked independently of
 ``prune()``'s own check: the plan is applied to a fresh copy and compared with the original
 whose removed channels' consumers are zeroed (at the engine's verification points when the
-network has a data-dependent tail). Outcomes: ``ok``, ``infeasible`` (the target cannot be
+network has a data-dependent tail; where the plan also removes inexact units, those are
+removed from that original too, and a plan of inexact units only is checked for its output
+shapes). Outcomes: ``ok``, ``infeasible`` (the target cannot be
 met; the error says what can), ``refused`` (a ``PruningError`` naming the cause), ``crash``
 (any other exception: a bug) and ``silent-wrong`` (prune returned, the check fails: the worst
 bug). Results: ``benchmarks/results/fuzz.{md,jsonl}``.
@@ -48,6 +51,25 @@ def _conv(cin: int, cout: int, k: int = 1, groups: int = 1, bn: bool = True,
         layers.append(nn.BatchNorm2d(cout))
     layers.append(ACTS[act]())
     return nn.Sequential(*layers)
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of an NCHW map, as ConvNeXt's: statistics over channels."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _normed(cin: int, cout: int, k: int, norm: str) -> nn.Sequential:
+    """A conv whose output is normalised over its channels (GroupNorm, or a LayerNorm over
+    channels): pruning them changes the statistics, so its units are inexact."""
+    layer = nn.GroupNorm(2 if cout % 2 == 0 else 1, cout) if norm == "group" \
+        else ChannelNorm(cout)
+    return nn.Sequential(nn.Conv2d(cin, cout, k, 1, k // 2), layer, nn.SiLU())
 
 
 class HeadAttention(nn.Module):
@@ -199,8 +221,8 @@ class FuzzNet(nn.Module):
         values = [x]
         for name, kind, inputs in self.ops:
             xs = [values[i] for i in inputs]
-            if kind in ("conv", "attention", "rotary", "held_split", "whole_split", "list_split",
-                        "cascade"):
+            if kind in ("conv", "norm", "attention", "rotary", "held_split", "whole_split",
+                        "list_split", "cascade"):
                 y = self.blocks[name](xs[0])
             elif kind == "residual":
                 y = xs[0] + self.blocks[name](xs[0])
@@ -238,6 +260,7 @@ def randomize_norms(net: nn.Module) -> nn.Module:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     return net
@@ -254,8 +277,8 @@ def random_net(seed: int) -> tuple[FuzzNet, torch.Tensor, dict]:
         name = f"b{step}"
         i = rng.randint(max(0, len(values) - 3), len(values) - 1)
         c, s = values[i]
-        kinds = ["conv", "conv", "residual", "se", "attention", "rotary", "held_split", "gated",
-                 "cat", "add", "chunk", "pool", "upsample", "whole_split", "list_split",
+        kinds = ["conv", "conv", "norm", "residual", "se", "attention", "rotary", "held_split",
+                 "gated", "cat", "add", "chunk", "pool", "upsample", "whole_split", "list_split",
                  "cascade"]
         kind = rng.choice(kinds) if i > 0 else "conv"
         same = [j for j, v in enumerate(values) if j > 0 and v == values[i] and j != i]
@@ -283,6 +306,11 @@ def random_net(seed: int) -> tuple[FuzzNet, torch.Tensor, dict]:
             blocks[name] = _conv(c, cout, rng.choice([1, 3]), groups, rng.random() < 0.6,
                                  rng.choice(sorted(ACTS)))
             ops.append((name, "conv", (i,)))
+            values.append((cout, s))
+        elif kind == "norm":
+            cout = rng.choice([4, 6, 8, 12, 16])
+            blocks[name] = _normed(c, cout, rng.choice([1, 3]), rng.choice(["group", "layer"]))
+            ops.append((name, kind, (i,)))
             values.append((cout, s))
         elif kind == "residual":
             blocks[name] = _conv(c, c, 3)
@@ -355,6 +383,7 @@ def check_one(seed: int) -> dict:
     from depgraph.errors import PruningError
     from pruners import apply_plan, prune, run_model, verify
     from pruners.allocate import InfeasibleTargetError
+    from pruners.verify import DenseRun
 
     net, x, spec = random_net(seed)
     target = random.Random(seed + 10**6).choice([0.3, 0.5, 0.7])
@@ -386,11 +415,16 @@ def check_one(seed: int) -> dict:
         if shapes is not None and [t.shape for t in run_model(fresh, x)] != shapes:
             row.update(outcome="silent-wrong", why="output shapes changed")
             return row
-        check = verify(net, result.graph, removed, x, pruned=fresh, at=at)
-        if exact and not check.ok:
+        # with the dense run, a plan that also holds inexact units (a norm block's) is
+        # compared against the masked original with those removed too
+        dense = DenseRun.of(net, x) if at is None else None
+        check = verify(net, result.graph, removed, x, pruned=fresh, at=at, dense=dense)
+        compared = exact or check.inexact > 0
+        if compared and not check.ok:
             row.update(outcome="silent-wrong", why=str(check))
             return row
-        row.update(outcome="ok", exact=exact, max_rel_diff=check.max_rel_diff)
+        row.update(outcome="ok", exact=exact, compared=compared, at=at is not None,
+                   max_rel_diff=check.max_rel_diff if compared else None)
     except Exception as exc:  # noqa: BLE001
         row.update(outcome="silent-wrong", why=f"independent check raised {type(exc).__name__}: "
                                                f"{exc}"[:300])
@@ -454,6 +488,14 @@ def summary(rows: list[dict], start: int = 0) -> str:
         lines += [f"- {r['seed']}: {r['outcome']}: {r.get('why', '')}" for r in bad[:20]]
     ok = [r for r in rows if r["outcome"] == "ok"]
     if ok:
+        mixed = sum(1 for r in ok if r.get("compared") and not r.get("exact"))
+        only = sum(1 for r in ok if not r.get("compared", True) and not r.get("at"))
+        at = sum(1 for r in ok if not r.get("compared", True) and r.get("at"))
+        lines += ["", f"Of the {len(ok)} ok, {mixed} plans also removed inexact units (a norm "
+                      "block's) and were compared with them removed from the reference too; "
+                      f"{only} removed inexact units only (output shapes checked); {at} hold "
+                      "inexact units and are checked at verification points (a top-k tail), "
+                      "where no reference without them is built (not compared)."]
         off = [r for r in ok if abs(r["flops_ratio"] - r["target"]) > 0.01]
         said = sum(1 for r in off if r.get("said_off_target"))
         lines += ["", f"Of the {len(ok)} ok: {len(off)} landed more than 1 point under the "
