@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from .latency.timing import BACKENDS, DTYPES
+
 __all__ = ["main"]
 
 _STAGES = 9  # check inputs, capture, analyze, repair, score, allocate, surgery, verify, measure
@@ -39,14 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--round-to", type=_round_to, default=None,
                    help="channel multiple, or 'auto' to measure the one the backend's kernels "
                         "reward (default: 8 for Ultralytics models, 1 otherwise)")
-    q.add_argument("--backend", choices=("eager", "onnxruntime", "openvino", "cudagraph"),
-                   default="eager",
+    q.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="where latency is measured for --target-latency / --round-to auto "
                         "(cudagraph: CUDA-graph replays, with --device cuda)")
     q.add_argument("--device", default="cpu",
                    help="cpu (default) or cuda[:N]: where latency is measured")
-    q.add_argument("--latency-dtype", choices=("float32", "float16", "bfloat16"),
-                   default="float32",
+    q.add_argument("--latency-dtype", choices=DTYPES, default="float32",
                    help="the precision the model is deployed in: latency is timed on copies "
                         "cast to it (eager and cudagraph)")
     q.add_argument("--threads", type=int, default=None,
