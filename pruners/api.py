@@ -333,13 +333,8 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
         raise ValueError(f"round_to must be a positive int or 'auto', got {opts.round_to!r}")
     check_head_mode(opts.heads)
     from .latency.table import check_backend
-    from .latency.timing import dtype_name
 
-    check_backend(opts.backend, opts.device)
-    if dtype_name(opts.latency_dtype) not in (None, "float32") and \
-            opts.backend in ("onnxruntime", "openvino"):
-        raise ValueError(f"latency_dtype={opts.latency_dtype!r}: {opts.backend} latency is "
-                         "timed in float32 only; use backend='eager' or 'cudagraph'")
+    check_backend(opts.backend, opts.device, opts.latency_dtype)
     patterns = _protect_patterns(model, opts.protect)
     clock = _Clock(opts.progress)
     work, lifted, dense = _working_copy(model, example_inputs, opts)

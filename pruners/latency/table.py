@@ -26,8 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .timing import (BACKENDS, GRAPH_COPIES, Timer, WallTimer, machine_id, model_runner,
-                     onnx_runner, require, time_call)
+from .timing import (BACKENDS, GRAPH_COPIES, Timer, WallTimer, backend_dtype, machine_id,
+                     model_runner, onnx_runner, require, time_call)
 
 __all__ = ["LayerShape", "LatencyTable", "check_backend", "default_cache_path", "shape_of"]
 
@@ -182,9 +182,11 @@ def shape_of(module: nn.Module, x: torch.Tensor) -> Optional[LayerShape]:
     return None
 
 
-def check_backend(backend: str, device: str) -> None:
-    """ValueError unless latency can be measured with ``backend`` on ``device`` (ImportError
-    when the backend's runtime is not installed)."""
+def check_backend(backend: str, device: str, dtype: Any = None) -> None:
+    """ValueError unless latency can be measured with ``backend`` on ``device`` in ``dtype``
+    (None: as the model is; :func:`~.timing.backend_dtype`), ImportError when the backend's
+    runtime is not installed."""
+    backend_dtype(backend, dtype)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, "
                          f"got {backend!r}")

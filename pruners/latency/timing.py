@@ -32,7 +32,8 @@ from torch.utils import _pytree as pytree
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "machine_id", "time_call", "interleave", "steady", "measure_models",
            "model_runner", "graph_runner", "onnx_runner", "openvino_config", "openvino_request",
-           "ort_options", "installed", "require", "dtype_name", "GRAPH_COPIES"]
+           "ort_options", "installed", "require", "dtype_name", "backend_dtype", "DTYPES",
+           "GRAPH_COPIES"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
@@ -58,6 +59,16 @@ def dtype_name(dtype: Any) -> Optional[str]:
     name = str(dtype).split(".")[-1]
     if name not in DTYPES:
         raise ValueError(f"latency is timed in {', '.join(DTYPES)}; got dtype {dtype!r}")
+    return name
+
+
+def backend_dtype(backend: str, dtype: Any) -> Optional[str]:
+    """:func:`dtype_name` of ``dtype``, and ValueError where ``backend`` cannot time in it:
+    the ONNX runtimes time float32 only."""
+    name = dtype_name(dtype)
+    if name not in (None, "float32") and backend in ("onnxruntime", "openvino"):
+        raise ValueError(f"{backend} latency is timed in float32 only, not {name}; use "
+                         "backend='eager' or 'cudagraph'")
     return name
 
 
@@ -270,7 +281,7 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
     from depgraph.capture import as_args
 
     args = as_args(inputs)
-    name = dtype_name(dtype)
+    name = backend_dtype(backend, dtype)
     if backend in ("eager", "cudagraph"):
         cast = None if name is None else getattr(torch, name)
         model = _on(model.eval(), device, cast)
@@ -284,8 +295,6 @@ def model_runner(model: nn.Module, inputs: Any, backend: str = "eager", device: 
 
         return run
     if backend in ("onnxruntime", "openvino"):
-        if name not in (None, "float32"):
-            raise ValueError(f"{backend} latency is timed in float32 only, not {name}")
         return onnx_runner(_onnx_bytes(model, args), _arrays(args), backend, threads)
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
