@@ -69,6 +69,9 @@ def cost_model(graph: ChannelGraph) -> CostModel:
     for i, unit_arrays in graph.layer_units.items():  # weightless layers: pseudo-keys
         for j, ids in enumerate(unit_arrays):
             arrays[(f"@layer{i}", j)] = ids
+    for i, (_, parts) in enumerate(graph.splits):  # no cost of their own: each part of a
+        for j, ids in enumerate(parts):            # split by Python sizes keeps its floor
+            arrays[(f"@split{i}", j)] = ids
     keys = sorted(arrays)
     index = {k: i for i, k in enumerate(keys)}
     sizes = np.array([len(arrays[k]) for k in keys], dtype=np.float64)

@@ -370,10 +370,38 @@ def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
     for name, module, changes in _without_fixers(model, sizes):
         stay = (counts or {}).get(name, ())
         done |= {(id(module), a) for a in HEAD_COUNTS if getattr(module, a, None) in stay}
-        for attr, items in _public_widths(module).items():
+        own = _public_widths(module)
+        for attr, items in own.items():
             new = [changes.get(v, v) for v in items]
             if (id(module), attr) not in done and new != items:
                 updates.append((module, attr, _as_before(getattr(module, attr), new)))
+        held = {v for items in own.values() for v in items}
+        orphans = {old: now for old, now in changes.items() if old != now and old not in held}
+        updates += _child_width_rewrites(name, module, orphans, sizes, done)
+    return updates
+
+
+def _child_width_rewrites(name: str, module: nn.Module, changes: dict[int, int],
+                          sizes: dict[str, dict[int, int]], done: set[tuple[int, str]]
+                          ) -> list[tuple[nn.Module, str, Any]]:
+    """Widths a module's code passes that it holds in no attribute of its own, but reads from
+    a child's (RAFT's ``torch.split(context, [self.update_block.hidden_state_size, ...])``):
+    the one int attribute of one direct child (no layer, no fixer) equal to such a width takes
+    the new one. Two candidates is ambiguous, and so is a child whose own code passes that
+    width and keeps it or changes it differently: no rewrite (the check then fails, with its
+    reason)."""
+    updates = []
+    for old, now in changes.items():
+        found = []
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if fixer_for(child) is not None or sizes.get(full, {}).get(old, now) != now:
+                continue
+            found += [(child, attr) for attr, value in vars(child).items()
+                      if not attr.startswith("_") and type(value) is int and value == old
+                      and (id(child), attr) not in done]
+        if len(found) == 1:
+            updates.append((*found[0], now))
     return updates
 
 

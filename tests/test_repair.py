@@ -732,3 +732,74 @@ def test_a_key_width_equal_to_the_head_count_shrinks_and_the_count_stays(tmp_pat
     pruned = apply_plan(copy.deepcopy(model), Plan.load(tmp_path / "plan.json"))
     assert (pruned.num_heads, pruned.key_dim, pruned.val_dim) == (4, 3, 8)
     assert pruned(x).shape == model(x).shape
+
+
+class _Update(nn.Module):
+    def __init__(self, hidden: int = 24, context: int = 16) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.conv = nn.Conv2d(hidden + context + 2, hidden, 1)
+
+    def forward(self, h, c, flow):
+        return h * torch.sigmoid(self.conv(torch.cat([h, c, flow], 1)))
+
+
+class ChildHeldSplit(nn.Module):
+    """RAFT's shape: the root splits its features by a child's attribute (``self.update.
+    hidden``) and the rest by what the tensor holds; the child concatenates a fixed-size tensor
+    (RAFT's 2 flow channels) with pruned ones, and the code refuses an empty part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = cbr(3, 40)
+        self.update = _Update()
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        rest = f.shape[1] - self.update.hidden
+        if rest <= 0:
+            raise ValueError(f"{f.shape[1]} channels leave no context after {self.update.hidden}")
+        h, c = torch.split(f, [self.update.hidden, rest], 1)
+        flow = torch.ones(x.shape[0], 2, x.shape[2], x.shape[3])
+        for _ in range(2):
+            h = self.update(torch.tanh(h), torch.relu(c), flow)
+        return self.head(h)
+
+
+def test_a_width_read_from_a_childs_attribute_and_a_fixed_concat_part_prune():
+    """Before: the flow's fixed channels froze every part of the concat, and the root's split
+    by ``self.update.hidden`` froze the hidden channels ("a width fixed in Python")."""
+    from pruners import prune
+    x = torch.randn(1, 3, 8, 8)
+    model = ChildHeldSplit().eval()
+    g = analyze(capture(model, x))
+    flow_only = [f for f in g.frozen if "concatenates" in f.reason]
+    assert sum(n for _, _, n in flow_only[0].dims) > 0 and len(flow_only) == 1
+    assert all(n == 2 for _, _, n in flow_only[0].dims)  # the 2 flow channels, nothing else
+    assert find_unprunable_groups(model, g, x) == {}
+    result = prune(model, x, target_flops=0.4)
+    pruned = result.model
+    assert pruned.update.hidden < 24 and pruned.update.conv.out_channels == pruned.update.hidden
+    assert pruned.stem[0].out_channels - pruned.update.hidden < 16  # the context shrank too
+    assert "update.hidden: 24 -> " in str(result.report)
+    assert result.report.verify is not None and result.report.verify.ok
+    assert pruned(x).shape == (1, 4, 8, 8)
+
+
+def test_each_part_of_a_split_by_python_sizes_keeps_its_floor():
+    """The stem's 40 channels keep 4 (max_ratio 0.9); each part of the split keeps its own
+    floor too (2 of the context's 16), or the code's own check (no empty context) fails."""
+    from depgraph.cost import cost_model
+    from pruners.allocate import Target, allocate
+    x = torch.randn(1, 3, 8, 8)
+    model = ChildHeldSplit().eval()
+    g = analyze(capture(model, x))
+    (_, (hidden, context)), = g.splits
+    scores = np.ones(len(g.units))
+    scores[context] = 0.0  # the context's channels go first
+    removed = set(allocate(g, scores, cost_model(g), Target("flops", 0.45), max_ratio=0.9))
+    assert len(removed) > 16
+    assert sum(int(u) not in removed for u in context) == 2
+    pruned = apply_plan(copy.deepcopy(model), Plan.from_units(g, sorted(removed)))
+    pruned(x)

@@ -35,7 +35,8 @@ def getitem_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 
 
 # cat(xs, dim): out atoms[dim] = xs[0] atoms ++ xs[1] atoms ++ ...; other dims unify. Parts
-# empty along dim add nothing.
+# empty along dim add nothing; a part with fixed channels adds new atoms, frozen, so the other
+# parts stay prunable (RAFT's motion features ++ its 2 flow channels).
 @register(aten.cat, aten.concat, aten.concatenate)
 def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     rank = len(ctx.out_shape())
@@ -46,10 +47,12 @@ def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     parts = [m[dim] if m is not None else None for _, m in tensors]
     if all(p is None for p in parts):
         cat_atoms = None
-    elif any(p is None for p in parts):
-        ctx.freeze(parts, f"{ctx.where()} concatenates channels with a fixed-size tensor")
-        cat_atoms = None
-    else:
+    else:  # a fixed-size part (a constant, a graph input) adds channels of its own, frozen
+        for i, (n, p) in enumerate(zip(tensors, parts)):
+            if p is None:
+                parts[i] = ctx.atoms.new(ctx.shape(n[0])[dim])
+                ctx.freeze(parts[i], f"{ctx.where()} concatenates them from a fixed-size "
+                           "tensor (a graph input or constant)")
         cat_atoms = np.concatenate(parts)
     out = list(_unify_other_dims(ctx, tensors, dim, rank))
     out[dim] = cat_atoms
