@@ -375,9 +375,10 @@ def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
             new = [changes.get(v, v) for v in items]
             if (id(module), attr) not in done and new != items:
                 updates.append((module, attr, _as_before(getattr(module, attr), new)))
-        held = {v for items in own.values() for v in items}
-        orphans = {old: now for old, now in changes.items() if old != now and old not in held}
-        updates += _child_width_rewrites(name, module, orphans, sizes, done)
+        if not any(changes.get(v, v) != v for items in own.values() for v in items):
+            # no width of its own changes, so none of its numbers derive from one
+            # (``self.head_dim * 2``): look for them in its children
+            updates += _child_width_rewrites(name, module, changes, sizes, done)
     return updates
 
 
@@ -387,11 +388,14 @@ def _child_width_rewrites(name: str, module: nn.Module, changes: dict[int, int],
     """Widths a module's code passes that it holds in no attribute of its own, but reads from
     a child's (RAFT's ``torch.split(context, [self.update_block.hidden_state_size, ...])``):
     the one int attribute of one direct child (no layer, no fixer) equal to such a width takes
-    the new one. Two candidates is ambiguous, and so is a child whose own code passes that
-    width and keeps it or changes it differently: no rewrite (the check then fails, with its
-    reason)."""
+    the new one. Called only for modules none of whose own widths change (else a number may
+    derive from one: ``self.head_dim * 2``). Two candidates is ambiguous, and so is a child
+    whose own code passes that width and keeps it or changes it differently: no rewrite (the
+    check then fails, with its reason)."""
     updates = []
     for old, now in changes.items():
+        if old == now:
+            continue
         found = []
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name

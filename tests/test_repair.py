@@ -803,3 +803,21 @@ def test_each_part_of_a_split_by_python_sizes_keeps_its_floor():
     assert sum(int(u) not in removed for u in context) == 2
     pruned = apply_plan(copy.deepcopy(model), Plan.from_units(g, sorted(removed)))
     pruned(x)
+
+
+class _Widths(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+
+def test_a_child_keeps_its_width_when_the_parents_own_width_explains_the_number():
+    """C2PSA's ``split((self.c, self.c))`` also passes the whole, 16, which ``self.c`` (8)
+    explains: a child's unrelated ``dim = 16`` is not taken for it."""
+    x = torch.randn(1, 3, 8, 8)
+    model = AttributeSplit().eval()
+    model.extra = _Widths(16)
+    g = analyze(capture(model, x))
+    (gid,) = [grp.id for grp in g.groups if ("cv1.0.weight", 0, 16) in grp.dims]
+    pruned = apply_plan(copy.deepcopy(model), Plan.from_units(g, list(g.groups[gid].units[:3])))
+    assert pruned.c == 5 and pruned.extra.dim == 16
