@@ -357,8 +357,9 @@ def _container_rewrites(model: nn.Module, pending: list[tuple[nn.Module, str, An
 
 def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
                    pending: list[tuple[nn.Module, str, Any]],
-                   counts: Optional[dict[str, list[int]]] = None
-                   ) -> list[tuple[nn.Module, str, Any]]:
+                   counts: Optional[dict[str, list[int]]] = None,
+                   splits: Optional[dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]]
+                   = None) -> list[tuple[nn.Module, str, Any]]:
     """A module's code splits or views by widths it keeps in attributes (C2PSA's
     ``split((self.c, self.c))``, an attention's ``split([self.key_dim, self.key_dim,
     self.head_dim])``): each public int (or list of ints) equal to such a width takes the new
@@ -377,19 +378,24 @@ def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
                 updates.append((module, attr, _as_before(getattr(module, attr), new)))
         if not any(changes.get(v, v) != v for items in own.values() for v in items):
             # no width of its own changes, so none of its numbers derive from one
-            # (``self.head_dim * 2``): look for them in its children
-            updates += _child_width_rewrites(name, module, changes, sizes, done)
+            # (``self.head_dim * 2``): look for the sizes it splits by in its children
+            split = {o for old, new in (splits or {}).get(name, ()) for o, n in zip(old, new)}
+            updates += _child_width_rewrites(name, module, {o: changes[o] for o in split
+                                                            if changes.get(o, o) != o},
+                                             sizes, done)
+        done |= {(id(m), a) for m, a, _ in updates}  # a child's own record comes later
     return updates
 
 
 def _child_width_rewrites(name: str, module: nn.Module, changes: dict[int, int],
                           sizes: dict[str, dict[int, int]], done: set[tuple[int, str]]
                           ) -> list[tuple[nn.Module, str, Any]]:
-    """Widths a module's code passes that it holds in no attribute of its own, but reads from
-    a child's (RAFT's ``torch.split(context, [self.update_block.hidden_state_size, ...])``):
-    the one int attribute of one direct child (no layer, no fixer) equal to such a width takes
-    the new one. Called only for modules none of whose own widths change (else a number may
-    derive from one: ``self.head_dim * 2``). Two candidates is ambiguous, and so is a child
+    """Sizes a module's code splits by that it holds in no attribute of its own, but reads
+    from a child's (RAFT's ``torch.split(context, [self.update_block.hidden_state_size,
+    ...])``): the one int attribute of one direct child (no layer, no fixer) equal to such a
+    size takes the new one. Called only for modules none of whose own widths change (else a
+    number may derive from one: ``self.head_dim * 2``), and for split sizes only (a view's
+    channel width of 64 is no child's ``window_area = 64``). Two candidates is ambiguous, and so is a child
     whose own code passes that width and keeps it or changes it differently: no rewrite (the
     check then fails, with its reason)."""
     updates = []
@@ -606,7 +612,7 @@ def apply_kept(model: nn.Module, kept: dict[tuple[str, int], Any],
     # what the graph saw the code pass as a number first: it says which width an attribute
     # is, where a container's children may have equal input and output widths
     attr_updates += _split_rewrites(model, splits or {}, attr_updates)
-    attr_updates += _size_rewrites(model, sizes or {}, attr_updates, counts or {})
+    attr_updates += _size_rewrites(model, sizes or {}, attr_updates, counts or {}, splits or {})
     attr_updates += _container_rewrites(model, attr_updates, {id(m) for m, _ in
                                                               new_by_module.values()}, stays)
 

@@ -35,8 +35,8 @@ def getitem_rule(ctx: RuleContext, node, inputs: list) -> tuple:
 
 
 # cat(xs, dim): out atoms[dim] = xs[0] atoms ++ xs[1] atoms ++ ...; other dims unify. Parts
-# empty along dim add nothing; a part with fixed channels adds new atoms, frozen, so the other
-# parts stay prunable (RAFT's motion features ++ its 2 flow channels).
+# empty along dim add nothing; a constant part adds new atoms, frozen, so the other parts stay
+# prunable (RAFT's motion features ++ its 2 flow channels).
 @register(aten.cat, aten.concat, aten.concatenate)
 def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     rank = len(ctx.out_shape())
@@ -45,9 +45,17 @@ def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     tensors = [(n, m) for n, m in zip(node.args[0], inputs[0]) if ctx.shape(n) != (0,)
                and not (len(ctx.shape(n)) == rank and ctx.shape(n)[dim] == 0)]
     parts = [m[dim] if m is not None else None for _, m in tensors]
+    # a part with no channels in any dim (a constant, a graph input) adds channels of its own,
+    # frozen; a part with channels in other dims only (patch tokens beside a class token
+    # parameter) means ``dim`` is no channel dim there
+    fixed = [p is None and (m is None or all(a is None for a in m)) for p, (_, m) in
+             zip(parts, tensors)]
     if all(p is None for p in parts):
         cat_atoms = None
-    else:  # a fixed-size part (a constant, a graph input) adds channels of its own, frozen
+    elif any(p is None and not f for p, f in zip(parts, fixed)):
+        ctx.freeze(parts, f"{ctx.where()} concatenates channels with a fixed-size tensor")
+        cat_atoms = None
+    else:
         for i, (n, p) in enumerate(zip(tensors, parts)):
             if p is None:
                 parts[i] = ctx.atoms.new(ctx.shape(n[0])[dim])
