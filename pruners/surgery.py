@@ -395,9 +395,9 @@ def _child_width_rewrites(name: str, module: nn.Module, changes: dict[int, int],
     ...])``): the one int attribute of one direct child (no layer, no fixer) equal to such a
     size takes the new one. Called only for modules none of whose own widths change (else a
     number may derive from one: ``self.head_dim * 2``), and for split sizes only (a view's
-    channel width of 64 is no child's ``window_area = 64``). Two candidates is ambiguous, and so is a child
-    whose own code passes that width and keeps it or changes it differently: no rewrite (the
-    check then fails, with its reason)."""
+    channel width of 64 is no child's ``window_area = 64``). Two candidates is ambiguous, and
+    so is a child whose own code passes that size and keeps it or changes it differently: no
+    rewrite (the check then fails, with its reason)."""
     updates = []
     for old, now in changes.items():
         if old == now:

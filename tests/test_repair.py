@@ -785,6 +785,8 @@ def test_a_width_read_from_a_childs_attribute_and_a_fixed_concat_part_prune():
     assert "update.hidden: 24 -> " in str(result.report)
     assert result.report.verify is not None and result.report.verify.ok
     assert pruned(x).shape == (1, 4, 8, 8)
+    again = apply_plan(ChildHeldSplit().eval(), result.plan)  # the plan carries the rewrite
+    assert again.update.hidden == pruned.update.hidden
 
 
 def test_each_part_of_a_split_by_python_sizes_keeps_its_floor():
