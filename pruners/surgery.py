@@ -379,7 +379,7 @@ def _size_rewrites(model: nn.Module, sizes: dict[str, dict[int, int]],
         if not any(changes.get(v, v) != v for items in own.values() for v in items):
             # no width of its own changes, so none of its numbers derive from one
             # (``self.head_dim * 2``): look for the sizes it splits by in its children
-            split = {o for old, new in (splits or {}).get(name, ()) for o, n in zip(old, new)}
+            split = {o for olds, _ in (splits or {}).get(name, ()) for o in olds}
             updates += _child_width_rewrites(name, module, {o: changes[o] for o in split
                                                             if changes.get(o, o) != o},
                                              sizes, done)
@@ -400,15 +400,13 @@ def _child_width_rewrites(name: str, module: nn.Module, changes: dict[int, int],
     rewrite (the check then fails, with its reason)."""
     updates = []
     for old, now in changes.items():
-        if old == now:
-            continue
         found = []
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
             if fixer_for(child) is not None or sizes.get(full, {}).get(old, now) != now:
                 continue
-            found += [(child, attr) for attr, value in vars(child).items()
-                      if not attr.startswith("_") and type(value) is int and value == old
+            found += [(child, attr) for attr, items in _public_widths(child).items()
+                      if items == [old] and isinstance(getattr(child, attr), int)
                       and (id(child), attr) not in done]
         if len(found) == 1:
             updates.append((*found[0], now))
