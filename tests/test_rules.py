@@ -192,6 +192,39 @@ def test_an_empty_part_of_a_cat_constrains_nothing():
     assert verify(model, graph, units, x).ok
 
 
+class ClassToken(nn.Module):
+    """A ViT's token concatenation: a class-token parameter beside the patch tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 2, 2)
+        self.cls = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(torch.randn(1, 10, 8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)  # (B, 9 tokens, 8 channels)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1) + self.pos
+        return self.fc(t[:, 0])
+
+
+def test_a_constant_part_of_a_cat_freezes_its_own_channels_only():
+    """RAFT's motion features ++ its 2 flow channels (built from a coordinate grid): before,
+    every part froze. Concatenated along tokens beside a class token, the patch tokens (which
+    hold channels in another dim) add no frozen "channels" of their own."""
+    model = Probe(lambda m, y: torch.cat([y, torch.ones(y.shape[0], 2, *y.shape[2:])], 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = analyze(capture(model, x))
+    (fixed,) = [f for f in graph.frozen if "concatenates" in f.reason]
+    assert len(graph.units) == 8 and [n for _, _, n in fixed.dims] == [2]
+    assert verify(model, graph, sample_units(graph, 0.5, np.random.default_rng(0)), x).ok
+    vit = ClassToken().eval()
+    graph = analyze(capture(vit, x))
+    assert len(graph.units) == 8
+    assert not [f for f in graph.frozen if "from a fixed-size tensor" in f.reason]
+    assert verify(vit, graph, sample_units(graph, 0.5, np.random.default_rng(0)), x).ok
+
+
 def test_register_rejects_overloads_and_duplicates():
     with pytest.raises(TypeError, match="overload packet"):
         register(aten.add.Tensor)(lambda ctx, node, inputs: (None,))
