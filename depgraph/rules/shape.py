@@ -48,11 +48,10 @@ def cat_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     # a part with no channels in any dim (a constant, a graph input) adds channels of its own,
     # frozen; a part with channels in other dims only (patch tokens beside a class token
     # parameter) means ``dim`` is no channel dim there
-    fixed = [p is None and (m is None or all(a is None for a in m)) for p, (_, m) in
-             zip(parts, tensors)]
+    constant = [m is None or all(a is None for a in m) for _, m in tensors]
     if all(p is None for p in parts):
         cat_atoms = None
-    elif any(p is None and not f for p, f in zip(parts, fixed)):
+    elif any(p is None and not c for p, c in zip(parts, constant)):
         ctx.freeze(parts, f"{ctx.where()} concatenates channels with a fixed-size tensor")
         cat_atoms = None
     else:
