@@ -252,14 +252,15 @@ class _Clock:
             self._progress(name)
 
 
-def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions
-                  ) -> tuple[nn.Module, list[Lifted], DenseRun]:
+def _working_copy(model: nn.Module, example_inputs: Any, opts: PruneOptions,
+                  share_weights: bool = False) -> tuple[nn.Module, list[Lifted], DenseRun]:
     """An eval-mode deep copy with plain weights where ``model`` has pruning masks or weight
     parametrizations (see ``pruners.reparam``), checked to run on the example inputs; that
     run's output shapes and FLOPs are kept (``DenseRun``) for checks that need no reference.
-    Where a real run would take seconds, it is made on fake tensors (``screen.dense_run``)."""
+    Where a real run would take seconds, it is made on fake tensors (``screen.dense_run``).
+    ``share_weights``: its parameters use ``model``'s memory (``reparam.deepcopy_model``)."""
     check_importance(opts.importance, opts.data, opts.loss_fn)
-    work = deepcopy_model(model)
+    work = deepcopy_model(model, share_weights)
     lifted = lift(work)
     work.eval()
     try:  # a real run also warms what a forward caches by input shape (Ultralytics' anchors;
@@ -337,7 +338,9 @@ def _prepare(model: nn.Module, example_inputs: Any, target: Target, options: dic
     check_backend(opts.backend, opts.device, opts.latency_dtype)
     patterns = _protect_patterns(model, opts.protect)
     clock = _Clock(opts.progress)
-    work, lifted, dense = _working_copy(model, example_inputs, opts)
+    # prune() writes into no parameter of the copy but to mask slices during a check, which
+    # it restores bit for bit (verify.masked_in_place); the result owns its tensors
+    work, lifted, dense = _working_copy(model, example_inputs, opts, share_weights=True)
     clock.lap("check inputs")
     return work, lifted, dense, example_inputs, target, opts, patterns, clock
 

@@ -63,31 +63,36 @@ class FakeUnsupported(Exception):
     """Fake tensors cannot run this model (it needs values): check with real ones."""
 
 
+def _fake_mode() -> _fake.FakeTensorMode:
+    return _fake.FakeTensorMode(allow_non_fake_inputs=True)
+
+
 @contextlib.contextmanager
-def _quiet_fake() -> Iterator[None]:
-    """Fake mode with torch's fake-tensor logger silenced: a probe that fails is expected,
-    and torch logs every failing meta kernel with its traceback."""
+def _quiet_fake(mode: Optional[_fake.FakeTensorMode] = None) -> Iterator[None]:
+    """Fake mode (``mode``, or a new one) with torch's fake-tensor logger silenced: a probe
+    that fails is expected, and torch logs every failing meta kernel with its traceback."""
     logger = logging.getLogger(_fake.__name__)
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        with _fake.FakeTensorMode(allow_non_fake_inputs=True):
+        with mode if mode is not None else _fake_mode():
             yield
     finally:
         logger.setLevel(level)
 
 
-def fake_shapes(run: Callable[[nn.Module], list[torch.Tensor]], model: nn.Module
-                ) -> list[tuple[int, ...]]:
-    """The shapes of ``run(model)``'s tensors, computed on fake tensors. ``model`` should be a
-    throwaway copy: its forward may store fake tensors in Python attributes (a cache).
+def fake_shapes(run: Callable[[nn.Module], list[torch.Tensor]], model: nn.Module,
+                mode: Optional[_fake.FakeTensorMode] = None) -> list[tuple[int, ...]]:
+    """The shapes of ``run(model)``'s tensors, computed on fake tensors (of ``mode``, the one
+    that made ``model``'s fake weights, if any). ``model`` should be a throwaway copy: its
+    forward may store fake tensors in Python attributes (a cache).
 
     Raises:
         FakeUnsupported: the forward needs values.
         Exception: whatever the model's code raises.
     """
     try:
-        with _quiet_fake():
+        with _quiet_fake(mode):
             got = run(model)
     except _VALUE_NEEDED as exc:
         raise FakeUnsupported(f"{type(exc).__name__}: {exc}") from exc
@@ -96,6 +101,19 @@ def fake_shapes(run: Callable[[nn.Module], list[torch.Tensor]], model: nn.Module
 
 def _throwaway(model: nn.Module) -> nn.Module:
     return copy_model(model, shared_params(model))
+
+
+def _fake_copy(model: nn.Module, mode: _fake.FakeTensorMode) -> nn.Module:
+    """A throwaway copy of ``model`` whose parameters and buffers are ``mode``'s fake tensors:
+    surgery on it slices nothing real. (A probe that removes one residual-stream channel of a
+    632M-parameter ViT otherwise sliced 2.5 GB of real weights only to run them fake, 6 s of
+    first-touched memory on two cores.)"""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(mode.from_tensor(p.detach()), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo.setdefault(id(b), mode.from_tensor(b))
+    return copy_model(model, memo)
 
 
 @dataclass(frozen=True)
@@ -152,9 +170,10 @@ class ShapeScreen:
             FakeUnsupported: the pruned copy needs values where the original did not.
         """
         units = list(units)
-        pruned = remove_units(_throwaway(model), graph, units)
+        mode = _fake_mode()
+        pruned = remove_units(_fake_copy(model, mode), graph, units)
         try:
-            got = fake_shapes(self._run, pruned)
+            got = fake_shapes(self._run, pruned, mode)
         except FakeUnsupported:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -994,6 +994,15 @@ def snapshot(model: nn.Module) -> tuple:
             {k: v for k, v in vars(model).items() if not k.startswith("_")})
 
 
+def shares_memory(a: nn.Module, b: nn.Module) -> list[str]:
+    """Names of ``a``'s parameters and buffers that use memory of ``b``'s (a pruned result must
+    own every tensor: training it must not write into the model it came from)."""
+    theirs = {t.untyped_storage().data_ptr() for t in [*b.parameters(), *b.buffers()]
+              if t.numel()}
+    return [n for n, t in [*a.named_parameters(), *a.named_buffers()]
+            if t.numel() and t.untyped_storage().data_ptr() in theirs]
+
+
 def unchanged(model: nn.Module, before: tuple) -> bool:
     state, training, attrs = before
     now = model.state_dict()

@@ -13,7 +13,7 @@ import torch.nn.utils.prune as unstructured
 from torch.nn.utils import parametrize
 
 from depgraph import analyze, capture
-from models import REPARAM, build, snapshot, unchanged
+from models import REPARAM, build, shares_memory, snapshot, unchanged
 from pruners import Plan, apply_plan, prune, run_model
 
 
@@ -31,6 +31,7 @@ def test_reparametrized_models_prune_exactly_to_half(name):
     assert 0.49 <= result.report.flops_ratio <= 0.5
     assert result.report.verify is not None and result.report.verify.ok  # zero-equivalence
     assert unchanged(model, before)
+    assert not shares_memory(result.model, model)
     assert [t.shape for t in run_model(result.model, x)] == [t.shape for t in run_model(model, x)]
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from depgraph import CaptureError, PruningError
-from models import MODELS, ValueBranch, build, snapshot, unchanged
+from models import MODELS, ValueBranch, build, shares_memory, snapshot, unchanged
 from pruners import InfeasibleTargetError, Plan, apply_plan, export_onnx, measure, prune, run_model
 
 
@@ -24,6 +24,7 @@ def test_half_the_flops_on_hand_written_models(name):
     assert 0.49 <= ratio <= 0.5
     assert [t.shape for t in run_model(result.model, x)] == [t.shape for t in run_model(model, x)]
     assert unchanged(model, before)  # a deep copy was pruned
+    assert not shares_memory(result.model, model)  # (the working copy shares the weights)
     assert result.report.verify is None or result.report.verify.ok
 
 
