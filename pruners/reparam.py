@@ -13,7 +13,9 @@ norm ``W / sigma``, old-style ``weight_g``/``weight_v`` and ``weight_orig``/``we
    and ``torch.nn.utils.prune.remove`` still works; weight norm is re-registered on the
    pruned weight (same values); spectral norm is re-registered on the sliced original, whose
    sigma differs, so those units are marked inexact. Old-style spectral norm, which uses its
-   stored singular vectors in eval mode, gets them re-converged from the sliced ``u``.
+   stored singular vectors in eval mode, gets them re-converged from the sliced ``u``; a
+   spectral-normed layer the plan leaves whole gets its stored ``u`` and ``v`` back, and so
+   the same weight.
 
 An unknown parametrization is refused with a :class:`~depgraph.errors.PruningError` naming
 it, never sliced blindly.
@@ -47,7 +49,8 @@ class Lifted:
     original: Optional[torch.Tensor] = None  # the mask's weight_orig, spectral norm's original
     mask: Optional[torch.Tensor] = None
     options: dict[str, Any] = field(default_factory=dict)
-    u: Optional[torch.Tensor] = None  # old-style spectral norm's left singular vector
+    u: Optional[torch.Tensor] = None  # spectral norm's stored left singular vector ...
+    v: Optional[torch.Tensor] = None  # ... and right one
 
     @property
     def recomputed(self) -> bool:
@@ -126,6 +129,7 @@ def lift(model: nn.Module) -> list[Lifted]:
             lifted.append(Lifted(mname, hook.name, "old_spectral_norm",
                                  original=getattr(module, hook.name + "_orig").detach().clone(),
                                  u=getattr(module, hook.name + "_u").detach().clone(),
+                                 v=getattr(module, hook.name + "_v").detach().clone(),
                                  options={"n_power_iterations": hook.n_power_iterations,
                                           "eps": hook.eps, "dim": hook.dim}))
             torch.nn.utils.remove_spectral_norm(module, hook.name)
@@ -149,6 +153,7 @@ def lift(model: nn.Module) -> list[Lifted]:
             elif isinstance(p, _SpectralNorm):
                 lifted.append(Lifted(mname, name, "spectral_norm",
                                      original=plist.original.detach().clone(),
+                                     u=p._u.detach().clone(), v=p._v.detach().clone(),
                                      options={"n_power_iterations": p.n_power_iterations,
                                               "eps": p.eps, "dim": p.dim}))
             else:
@@ -192,8 +197,22 @@ def restore(model: nn.Module, lifted: list[Lifted],
             setattr(module, item.name, nn.Parameter(original, requires_grad=weight.requires_grad))
             if item.kind == "spectral_norm":
                 spectral_norm(module, item.name, **item.options)
+                if not cuts:  # a layer left whole keeps its sigma: its stored u, v
+                    norm = module.parametrizations[item.name][0]
+                    with torch.no_grad():
+                        norm._u.copy_(item.u)
+                        norm._v.copy_(item.v)
                 continue
             torch.nn.utils.spectral_norm(module, item.name, **item.options)
+            if not cuts:
+                with torch.no_grad():
+                    getattr(module, item.name + "_u").copy_(item.u)
+                    getattr(module, item.name + "_v").copy_(item.v)
+                    hook = next(h for _, h in _old_spectral_norm_hooks(module)
+                                if h.name == item.name)
+                    setattr(module, item.name, hook.compute_weight(module,
+                                                                   do_power_iteration=False))
+                continue
             dim = item.options["dim"]
             _converge(module, item.name, _slice(item.u, {0: cuts[dim]} if dim in cuts else {}),
                       item.options["eps"])

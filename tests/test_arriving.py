@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.utils.prune as unstructured
+from torch import nn
 from torch.nn.utils import parametrize
 
 from depgraph import analyze, capture
@@ -182,3 +183,23 @@ def test_a_group_statistic_expanded_back_prunes_its_channels_inexactly():
     assert small[0].out_channels % 4 == 0 and small[2].out_channels % 4 == 0  # groups equal
     assert small[1].v.shape[0] == small[0].out_channels
     assert small(x).shape == model(x).shape
+
+
+@pytest.mark.parametrize("style", ["parametrize", "old"])
+def test_a_spectral_norm_layer_the_plan_leaves_whole_keeps_its_weight(style):
+    """Re-applied, its norm keeps the stored singular vectors, so the layer computes what it
+    did (and the working copy's weight, which its pruned copy starts on, is not written)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    last = nn.Conv2d(16, 4, 1)
+    last = spectral_norm(last) if style == "parametrize" else torch.nn.utils.spectral_norm(last)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(),
+                          last).eval()
+    x = torch.randn(1, 3, 16, 16)
+    result = prune(model, x, channel_ratio=0.5, protect=["4"])
+    assert result.model[0].out_channels == 8 and result.model[4].in_channels == 16
+    assert result.report.verify is not None and result.report.verify.ok  # exact group compared
+    with torch.no_grad():
+        model(x), result.model(x)  # old style computes its weight in a forward pre-hook
+    torch.testing.assert_close(result.model[4].weight, model[4].weight, rtol=0, atol=0)
