@@ -505,12 +505,21 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                          f"{len(graph.groups) - len(losses)} groups not in the table kept whole")
         plan = Plan.from_units(graph, removed, meta)
         opts.say(f"[prune] removing {len(removed)} of {len(graph.units)} units ...")
-        # a copy sharing the parameters the plan leaves alone until the check has passed
-        # (surgery swaps in new tensors for the rest): on a 600M-parameter model, copying
-        # them all took seconds and a second full set of weights in memory
-        pruned = restore(apply_plan(copy_model(work, shared_params(work)), plan), lifted,
-                         plan.kept)
-        clock.lap("surgery")
+        built: list[nn.Module] = []
+
+        def pruned_copy() -> nn.Module:
+            """A copy sharing the parameters the plan leaves alone until the check has passed
+            (surgery swaps in new tensors for the rest): on a 600M-parameter model, copying
+            them all took seconds and a second full set of weights in memory. The check
+            makes it, after any reference it builds first (``verify``)."""
+            built.append(restore(apply_plan(copy_model(work, shared_params(work)), plan),
+                                 lifted, plan.kept))
+            return built[-1]
+
+        if all(graph.units[u].exact for u in removed) or \
+                not any(graph.units[u].exact for u in removed):
+            pruned_copy()  # no such reference: made now, timed as surgery
+            clock.lap("surgery")
         probes: dict[int, list[int]] = {}
         for u in removed:
             probes.setdefault(graph.units[u].group, []).append(u)
@@ -519,8 +528,9 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
         try:  # a plan that also removes inexact units is compared against the masked original
             # with those removed too (``verify``): no one-unit probes of its exact groups first
             check: Optional[VerifyResult] = verify(work, graph, removed, example_inputs,
-                                                   pruned=pruned, train_mode=True,
-                                                   train_inputs=small, flops=flops, **kw)
+                                                   pruned=built[0] if built else pruned_copy,
+                                                   train_mode=True, train_inputs=small,
+                                                   flops=flops, **kw)
             failed, raised = not check.ok and (exact or check.inexact > 0), False
         except PruningError as exc:
             check, failed, raised = None, True, True
@@ -528,6 +538,7 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                 clock.lap("train path")  # a round that only added training's ties
                 made -= 1
                 continue
+        pruned = built[0] if built else pruned_copy()
         if check is not None and not (exact or check.inexact):
             check = None  # normalisation statistics change: no exact reference was compared
         if check is None and not raised and analysis.deferred \

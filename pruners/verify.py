@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -244,7 +244,8 @@ def _run_at(model: nn.Module, names: Sequence[str], example_inputs: Any,
 
 def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_inputs: Any, *,
            outputs: Optional[Callable] = None, example_kwargs: Optional[dict] = None,
-           at: Optional[Sequence[str]] = None, pruned: Optional[nn.Module] = None,
+           at: Optional[Sequence[str]] = None,
+           pruned: Union[nn.Module, Callable[[], nn.Module], None] = None,
            rtol: float = 1e-4, train_mode: bool = False,
            stop_early: bool = False, train_inputs: Any = None,
            flops: Optional[dict] = None, dense: Optional[DenseRun] = None,
@@ -265,7 +266,10 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             ``dense`` counted them on these inputs.
         train_inputs: inputs for the train-mode run (it only checks that the pruned model
             runs, so smaller ones do: ``repair.probe_inputs``); default ``example_inputs``.
-        pruned: an already-pruned model to check; by default a pruned copy is made.
+        pruned: an already-pruned model to check, or a function that makes it (called once;
+            where the check compares against a reference with inexact units removed, after
+            that reference has run and is gone: on a 632M-parameter ViT the two together
+            were 3.5 GB of new memory); by default a pruned copy is made.
         flops: a dict to fill with the FLOPs of the two forwards the check runs anyway
             (:class:`pruners.flops.FlopCount`, "before": the masked original, which runs
             every op the original does, or ``dense``'s count where the masked original
@@ -301,6 +305,10 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
     units = list(units)
     if pruned is None:
         pruned = remove_units(copy_model(model, shared_params(model)), graph, units)
+    inexact = [u for u in units if not graph.units[u].exact]
+    exact = [u for u in units if graph.units[u].exact]
+    beside = (compare and bool(exact) and bool(inexact) and not at and dense is not None
+              and dense.inputs is example_inputs and (flops is None or dense.flops is not None))
     if at:
         def run(m: nn.Module) -> list[torch.Tensor]:
             return _run_at(m, list(at), example_inputs, example_kwargs, stop_early)
@@ -309,6 +317,12 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             return run_model(m, example_inputs, outputs, example_kwargs)
     if flops is not None and stop_early:
         raise ValueError("verify: counting FLOPs needs whole forwards (stop_early=False)")
+    expected = None
+    if not isinstance(pruned, nn.Module):  # made after the reference, whose memory it reuses
+        expected = _beside(model, graph, exact, inexact, run) if beside else None
+        pruned = pruned()
+    elif beside:
+        expected = _BESIDE_LATER
     try:  # first: when it fails (the common case in repair's probes) the reference is moot
         got = _run_counted(run, pruned, flops, "after")
     except Exception as exc:  # noqa: BLE001
@@ -317,11 +331,8 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         # one, and a plan it fails needs no reference (RT-DETR-R101: 0.4 s against 1.8 s)
         _check_train_mode(model, pruned, example_inputs if train_inputs is None
                           else train_inputs, example_kwargs, screen)
-    inexact = [u for u in units if not graph.units[u].exact]
-    exact = [u for u in units if graph.units[u].exact]
-    beside = (compare and bool(exact) and bool(inexact) and not at and dense is not None
-              and dense.inputs is example_inputs and (flops is None or dense.flops is not None))
-    expected = _beside(model, graph, exact, inexact, run) if beside else None
+    if expected is _BESIDE_LATER:
+        expected = _beside(model, graph, exact, inexact, run)
     beside = expected is not None  # (a reference that does not run: shapes only, as before)
     compare = (dense is None or at or dense.inputs is not example_inputs or beside
                or (compare and not inexact))
@@ -360,6 +371,9 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / max(scale, 1e-12))
     return VerifyResult(max_abs, max_rel, rtol, len(inexact) if beside else 0)
+
+
+_BESIDE_LATER: Any = object()  # verify: the reference with inexact units removed, not yet run
 
 
 def _beside(model: nn.Module, graph: ChannelGraph, exact: list[int], inexact: list[int],

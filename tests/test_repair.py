@@ -9,8 +9,8 @@ from torch import nn
 
 from depgraph import analyze, capture
 from models import cbr
-from pruners import (Plan, apply_plan, find_unprunable_groups, repair_graph, sample_units,
-                     verify)
+from pruners import (Plan, apply_plan, find_unprunable_groups, remove_units, repair_graph,
+                     sample_units, verify)
 from pruners.repair import link_input_widths
 from pruners.repair import probe_inputs
 
@@ -540,6 +540,17 @@ def test_a_mixed_plan_is_compared_with_its_inexact_units_removed_from_the_refere
     assert bad.inexact == 4 and not bad.ok
     only_inexact = verify(model, g, c_out[:4], x, dense=dense)
     assert not only_inexact.compared and only_inexact.inexact == 0
+    made = []  # the pruned model made by the check, after its reference (memory reused)
+
+    def maker(units):
+        return lambda: made.append(units) or remove_units(copy.deepcopy(model), g, units)
+
+    lazy = verify(model, g, b_out[:2] + c_out[:4], x, dense=dense,
+                  pruned=maker(b_out[:2] + c_out[:4]))
+    assert lazy.ok and lazy.inexact == 4 and lazy.max_abs_diff == good.max_abs_diff
+    lazy_bad = verify(model, g, a_out[:1] + c_out[:4], x, dense=dense,
+                      pruned=maker(a_out[:1] + c_out[:4]))
+    assert not lazy_bad.ok and lazy_bad.max_abs_diff == bad.max_abs_diff and len(made) == 2
     api = sys.modules["pruners.api"]
     probed = []
     real = api.find_unprunable_groups
