@@ -100,7 +100,7 @@ def what_it_said(result: Any) -> dict[str, Any]:
 
 def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
         variants: Optional[list[str]] = None, latency_table: Any = None) -> list[dict]:
-    from pruners.latency import environment, measure_models
+    from pruners.latency import measure_models
     from pruners.report import measure
 
     torch.set_num_threads(threads)

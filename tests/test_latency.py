@@ -20,9 +20,9 @@ from torch import nn
 from depgraph import analyze, capture
 from depgraph.cost import cost_model
 from pruners import InfeasibleTargetError, Target, allocate, apply_plan, plan_pruning, prune
-from pruners.latency import (InContext, LatencyTable, LayerShape, ModelCall, auto_round_to,
-                             environment, installed, latency_model, layer_calls, measure_models,
-                             model_runner, pick_round_to, time_in_context)
+from pruners.latency import (InContext, LatencyTable, LayerShape, ModelCall, environment,
+                             installed, latency_model, layer_calls, measure_models, model_runner,
+                             pick_round_to, time_in_context)
 from pruners.latency.table import TIMING
 
 

@@ -128,7 +128,7 @@ def _conv_transpose(ctx: RuleContext, xc, w_in, w_out, groups: int):
 @register("torchvision::deform_conv2d")
 def deform_conv_rule(ctx: RuleContext, node, inputs: list) -> tuple:
     x, w, offset, mask, b = inputs[:5]
-    x_shape, w_shape, out_shape = ctx.shape(node.args[0]), ctx.shape(node.args[1]), ctx.out_shape()
+    w_shape, out_shape = ctx.shape(node.args[1]), ctx.out_shape()
     for positions in (offset, mask):
         ctx.freeze(positions, f"{ctx.where()} reads this tensor as sampling positions")
     xc = x[1] if x is not None else None
