@@ -317,12 +317,10 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
             return run_model(m, example_inputs, outputs, example_kwargs)
     if flops is not None and stop_early:
         raise ValueError("verify: counting FLOPs needs whole forwards (stop_early=False)")
-    expected = None
-    if not isinstance(pruned, nn.Module):  # made after the reference, whose memory it reuses
-        expected = _beside(model, graph, exact, inexact, run) if beside else None
+    made = not isinstance(pruned, nn.Module)  # made after the reference, in its memory
+    expected = _beside(model, graph, exact, inexact, run) if beside and made else None
+    if made:
         pruned = pruned()
-    elif beside:
-        expected = _BESIDE_LATER
     try:  # first: when it fails (the common case in repair's probes) the reference is moot
         got = _run_counted(run, pruned, flops, "after")
     except Exception as exc:  # noqa: BLE001
@@ -331,7 +329,7 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         # one, and a plan it fails needs no reference (RT-DETR-R101: 0.4 s against 1.8 s)
         _check_train_mode(model, pruned, example_inputs if train_inputs is None
                           else train_inputs, example_kwargs, screen)
-    if expected is _BESIDE_LATER:
+    if beside and not made:
         expected = _beside(model, graph, exact, inexact, run)
     beside = expected is not None  # (a reference that does not run: shapes only, as before)
     compare = (dense is None or at or dense.inputs is not example_inputs or beside
@@ -371,9 +369,6 @@ def verify(model: nn.Module, graph: ChannelGraph, units: Iterable[int], example_
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / max(scale, 1e-12))
     return VerifyResult(max_abs, max_rel, rtol, len(inexact) if beside else 0)
-
-
-_BESIDE_LATER: Any = object()  # verify: the reference with inexact units removed, not yet run
 
 
 def _beside(model: nn.Module, graph: ChannelGraph, exact: list[int], inexact: list[int],
