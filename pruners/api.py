@@ -516,14 +516,14 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                                  lifted, plan.kept))
             return built[-1]
 
-        if all(graph.units[u].exact for u in removed) or \
-                not any(graph.units[u].exact for u in removed):
-            pruned_copy()  # no such reference: made now, timed as surgery
+        kinds = {graph.units[u].exact for u in removed}
+        exact = False not in kinds
+        if len(kinds) < 2:  # not exact and inexact together: no reference to build first
+            pruned_copy()
             clock.lap("surgery")
         probes: dict[int, list[int]] = {}
         for u in removed:
             probes.setdefault(graph.units[u].group, []).append(u)
-        exact = all(graph.units[u].exact for u in removed)
         flops: dict = {}
         try:  # a plan that also removes inexact units is compared against the masked original
             # with those removed too (``verify``): no one-unit probes of its exact groups first
@@ -542,7 +542,7 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
         if check is not None and not (exact or check.inexact):
             check = None  # normalisation statistics change: no exact reference was compared
         if check is None and not raised and analysis.deferred \
-                and any(graph.units[u].exact for u in removed):  # that reference did not run
+                and True in kinds:  # that reference did not run
             analysis.deferred, analysis.bad = False, compare_groups()
         if failed and analysis.deferred and check is not None:  # outputs differ: cheap first
             analysis.deferred, analysis.bad = False, compare_groups()

@@ -202,36 +202,29 @@ def restore(model: nn.Module, lifted: list[Lifted],
                     with torch.no_grad():
                         norm._u.copy_(item.u)
                         norm._v.copy_(item.v)
-                continue
-            torch.nn.utils.spectral_norm(module, item.name, **item.options)
-            if not cuts:
-                with torch.no_grad():
-                    getattr(module, item.name + "_u").copy_(item.u)
-                    getattr(module, item.name + "_v").copy_(item.v)
-                    hook = next(h for _, h in _old_spectral_norm_hooks(module)
-                                if h.name == item.name)
-                    setattr(module, item.name, hook.compute_weight(module,
-                                                                   do_power_iteration=False))
-                continue
-            dim = item.options["dim"]
-            _converge(module, item.name, _slice(item.u, {0: cuts[dim]} if dim in cuts else {}),
-                      item.options["eps"])
+            else:
+                torch.nn.utils.spectral_norm(module, item.name, **item.options)
+                dim = item.options["dim"]
+                u = _slice(item.u, {0: cuts[dim]} if dim in cuts else {})
+                _converge(module, item.name, u, item.options["eps"], None if cuts else item.v)
     return model
 
 
 def _converge(module: nn.Module, name: str, u: torch.Tensor, eps: float,
-              iterations: int = 15) -> None:
+              v: Optional[torch.Tensor] = None, iterations: int = 15) -> None:
     """Old-style spectral norm uses its stored ``u``, ``v`` as they are in eval mode, and
     registering it draws them at random: run power iterations on the pruned weight from the
-    original's ``u`` (sliced), so that sigma is the pruned weight's largest singular value."""
+    original's ``u`` (sliced), so that sigma is the pruned weight's largest singular value.
+    Given ``v`` (a weight left whole), the original's ``u`` and ``v`` are stored as they are."""
     hook = next(h for _, h in _old_spectral_norm_hooks(module) if h.name == name)
     stored_u, stored_v = getattr(module, name + "_u"), getattr(module, name + "_v")
     with torch.no_grad():
         matrix = hook.reshape_weight_to_matrix(getattr(module, name + "_orig"))
-        u = F.normalize(u.to(stored_u.device, stored_u.dtype), dim=0, eps=eps)
-        for _ in range(iterations):
-            v = F.normalize(torch.mv(matrix.t(), u), dim=0, eps=eps)
-            u = F.normalize(torch.mv(matrix, v), dim=0, eps=eps)
+        if v is None:
+            u = F.normalize(u.to(stored_u.device, stored_u.dtype), dim=0, eps=eps)
+            for _ in range(iterations):
+                v = F.normalize(torch.mv(matrix.t(), u), dim=0, eps=eps)
+                u = F.normalize(torch.mv(matrix, v), dim=0, eps=eps)
         stored_u.copy_(u)
         stored_v.copy_(v)
         setattr(module, name, hook.compute_weight(module, do_power_iteration=False))
