@@ -512,8 +512,21 @@ def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) ->
 _MAX_BLOCKS = 64
 
 
+def memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """``tensor``'s memory format: channels-last (a conv weight of a model converted with
+    ``.to(memory_format=torch.channels_last)``, whose eager CPU convs then skip the layout
+    conversions) or contiguous. A pruned weight keeps it, or the pruned model would run
+    contiguous convs on channels-last activations."""
+    if tensor.dim() in (4, 5) and not tensor.is_contiguous():
+        last = torch.channels_last if tensor.dim() == 4 else torch.channels_last_3d
+        if tensor.is_contiguous(memory_format=last):
+            return last
+    return torch.contiguous_format
+
+
 def take(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """A new tensor holding ``tensor`` at the sorted indices ``idx`` along each ``(dim, idx)``.
+    """A new tensor holding ``tensor`` at the sorted indices ``idx`` along each ``(dim, idx)``,
+    in ``tensor``'s :func:`memory_format`.
 
     Where the kept indices form a few runs (a repair probe drops one channel per group), the
     runs are copied block by block into one new tensor: on a 600M-parameter model, gathering
@@ -521,6 +534,7 @@ def take(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Te
     Otherwise (a real plan keeps scattered channels) ``index_select`` along each dim.
     """
     cuts = [(dim, idx.to(tensor.device)) for dim, idx in cuts]
+    layout = memory_format(tensor)
     breaks = [(torch.nonzero(idx[1:] - idx[:-1] != 1).flatten() + 1).tolist()
               for _, idx in cuts]  # where a new run of consecutive indices starts
     if any(len(idx) == 0 for _, idx in cuts) or \
@@ -528,7 +542,7 @@ def take(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Te
         # the dim that keeps the smallest share first: the intermediate is smallest
         for dim, idx in sorted(cuts, key=lambda c: len(c[1]) / tensor.shape[c[0]]):
             tensor = tensor.index_select(dim, idx)
-        return tensor
+        return tensor.contiguous(memory_format=layout)
     shape = list(tensor.shape)
     runs = []  # per cut: (source start, destination start, length) of each run
     for (dim, idx), starts in zip(cuts, breaks):
@@ -536,7 +550,7 @@ def take(tensor: torch.Tensor, cuts: list[tuple[int, torch.Tensor]]) -> torch.Te
         bounds = [0] + starts + [len(idx)]
         firsts = idx[bounds[:-1]].tolist()
         runs.append([(f, a, b - a) for f, a, b in zip(firsts, bounds, bounds[1:])])
-    out = tensor.new_empty(shape)
+    out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device, memory_format=layout)
     for combo in itertools.product(*runs):
         src, dst = tensor, out
         for (dim, _), (start, at, n) in zip(cuts, combo):

@@ -203,3 +203,48 @@ def test_a_spectral_norm_layer_the_plan_leaves_whole_keeps_its_weight(style):
     with torch.no_grad():
         model(x), result.model(x)  # old style computes its weight in a forward pre-hook
     torch.testing.assert_close(result.model[4].weight, model[4].weight, rtol=0, atol=0)
+
+
+def _channels_last(t):
+    if t.dim() == 4:
+        return t.to(memory_format=torch.channels_last)
+    return t.to(memory_format=torch.channels_last_3d) if t.dim() == 5 else t
+
+
+def _volume_net():
+    return nn.Sequential(nn.Conv3d(2, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+                         nn.Conv3d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv3d(16, 4, 1)), \
+        torch.randn(1, 2, 6, 6, 6)
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "mobilenet_v2", "volume"])
+def test_a_channels_last_model_stays_channels_last(name):
+    """Eager CPU convs run fastest on channels-last weights and activations; a pruned weight
+    that came back contiguous would make every pruned conv convert layouts again."""
+    from pruners.surgery import memory_format
+
+    torch.manual_seed(0)
+    model, x = _volume_net() if name == "volume" else build(name)
+    model.eval()
+    inputs = x if isinstance(x, tuple) else (x,)
+    for p in model.parameters():
+        p.data = _channels_last(p.data)
+    inputs = tuple(_channels_last(t) for t in inputs)
+    formats = {n: memory_format(p) for n, p in model.named_parameters()}
+    wide = [n for n, f in formats.items() if f != torch.contiguous_format]
+    assert wide
+    torch.manual_seed(0)
+    plain, _ = _volume_net() if name == "volume" else build(name)
+    plain.eval()
+    contiguous = tuple(t.contiguous() for t in inputs)
+    for recover in (None, "reconstruct"):
+        result = prune(model, inputs, target_flops=0.5, recover=recover,
+                       calibration=[inputs] if recover else None)
+        assert result.report.verify is not None and result.report.verify.ok
+        pruned = dict(result.model.named_parameters())
+        assert [n for n in wide if memory_format(pruned[n]) != formats[n]] == []
+    # the plan computes the same on the model in either format
+    result = prune(model, inputs, target_flops=0.5)
+    small = apply_plan(plain, result.plan)
+    for a, b in zip(run_model(result.model, inputs), run_model(small, contiguous)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
