@@ -541,6 +541,45 @@ def test_latency_dtype_times_layers_and_models_as_deployed():
     assert default.dtypes == {"float32", None}  # layers as they ran; the model as it is
 
 
+class _Layouts(FakeClock):
+    """Records the layout each conv is timed in; a contiguous conv also pays a layout
+    conversion per input element, as eager CPU convs do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layouts: set = set()
+
+    def layer(self, s: LayerShape) -> float:
+        if s.kind == "linear":
+            return super().layer(s)
+        self.layouts.add(s.layout)
+        return super().layer(s) + (s.layout == "contiguous") * 1e-9 * math.prod(s.input_shape)
+
+
+def test_a_channels_last_model_is_timed_and_pruned_channels_last():
+    model, x = _net()
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    clock = _Layouts()
+    result = prune(model, x, target_latency=0.5, round_to="auto",
+                   latency_table=LatencyTable(None, timer=clock))
+    assert clock.layouts == {"channels_last"} and clock.layers > 0 and clock.models > 0
+    assert result.report.latency.ratio == pytest.approx(0.5, rel=0.07)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last)
+               for c in result.model.modules() if isinstance(c, nn.Conv2d))
+    contiguous = _Layouts()
+    prune(*_net(), target_latency=0.5, latency_table=LatencyTable(None, timer=contiguous))
+    assert contiguous.layouts == {"contiguous"}
+    # a layer's layout is part of its key in PyTorch, not in the ONNX runtimes
+    shape = layer_calls(model, lambda: model(x))[1].shape
+    plain = dataclasses.replace(shape, layout="contiguous")
+    assert shape.key("eager", "cpu", 2) != plain.key("eager", "cpu", 2)
+    assert shape.key("onnxruntime", "cpu", 2) == plain.key("onnxruntime", "cpu", 2)
+    module, inp = shape.build()
+    assert inp.is_contiguous(memory_format=torch.channels_last) and not inp.is_contiguous()
+    assert module.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_model_runner_times_a_cast_copy_and_refuses_what_cannot_run():
     model, x = _net()
     out = model_runner(model, x, dtype="bfloat16")()

@@ -1,9 +1,11 @@
 """Measured latency of single layers, cached on disk.
 
 A :class:`LayerShape` is one conv or linear call at given widths (and everything else its time
-depends on: kernel, stride, groups, the input's spatial size, dtype); a :class:`LatencyTable`
-maps ``(shape, backend, device, threads)`` to measured seconds and keeps them in a JSON file,
-so a model's layers are timed once per machine and every later plan is predicted from the file.
+depends on: kernel, stride, groups, the input's spatial size, dtype, and in PyTorch the memory
+layout: a channels-last model's convs skip the layout conversions a contiguous one pays); a
+:class:`LatencyTable` maps ``(shape, backend, device, threads)`` to measured seconds and keeps
+them in a JSON file, so a model's layers are timed once per machine and every later plan is
+predicted from the file.
 
 What a layer costs inside a model is not what it costs run alone in a runtime. Alone, an
 onnxruntime or OpenVINO graph of one conv also pays the run's fixed cost and converts its
@@ -53,6 +55,7 @@ class LayerShape:
     dtype: str = "float32"
     follow: int = 0  # > 0: timed followed by a 1x1 conv/linear back to this many channels
     copies: int = 1  # > 1: that many copies on the same input, their outputs summed
+    layout: str = "contiguous"  # or "channels_last": weights and input, as the model has them
 
     @property
     def depthwise(self) -> bool:
@@ -84,7 +87,12 @@ class LayerShape:
         if self.copies > 1:
             module = _Summed([module] + [dataclasses.replace(self, copies=1).build()[0]
                                          for _ in range(self.copies - 1)])
-        return module.to(dtype).eval(), torch.randn(self.input_shape, dtype=dtype)
+        x = torch.randn(self.input_shape, dtype=dtype)
+        module = module.to(dtype).eval()
+        if self.layout == "channels_last" and x.dim() in (4, 5):
+            last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            module, x = module.to(memory_format=last), x.contiguous(memory_format=last)
+        return module, x
 
     def onnx(self) -> tuple[bytes, torch.Tensor, nn.Module]:
         """The ONNX graph of :meth:`build`'s module, written directly (``torch.onnx.export``
@@ -134,8 +142,11 @@ class LayerShape:
 
     def key(self, backend: str, device: str, threads: int, machine: str = "") -> str:
         """The table's key for this shape timed with ``backend`` on ``device`` with
-        ``threads``, on the machine ``machine`` names (:func:`~.timing.machine_id`)."""
+        ``threads``, on the machine ``machine`` names (:func:`~.timing.machine_id`). The
+        layout is part of it in PyTorch only (the ONNX runtimes choose their own)."""
         dims = "x".join(map(str, self.input_shape))
+        if self.layout != "contiguous" and backend in ("eager", "cudagraph"):
+            dims += f" {self.layout}"
         conv = (f" k{self.kernel} s{self.stride} p{self.padding} d{self.dilation} "
                 f"g{self.groups}" if self.kind == "conv" else "")
         where = f"{backend}/{device}/{machine}" if machine else f"{backend}/{device}"
@@ -170,15 +181,20 @@ def _with_channels(shape: LayerShape, channels: int) -> tuple[int, ...]:
 def shape_of(module: nn.Module, x: torch.Tensor) -> Optional[LayerShape]:
     """The :class:`LayerShape` of ``module`` called on ``x``; None for what is not timed here
     (transposed convs, non-zero padding modes, string padding)."""
+    from ..surgery import memory_format
+
     if isinstance(module, nn.Linear):
         return LayerShape("linear", module.in_features, module.out_features, tuple(x.shape),
                           bias=module.bias is not None, dtype=str(x.dtype).split(".")[-1])
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed \
             and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        last = memory_format(x) != torch.contiguous_format or \
+            memory_format(module.weight) != torch.contiguous_format
         return LayerShape("conv", module.in_channels, module.out_channels, tuple(x.shape),
                           tuple(module.kernel_size), tuple(module.stride),
                           tuple(module.padding), tuple(module.dilation), module.groups,
-                          module.bias is not None, str(x.dtype).split(".")[-1])
+                          module.bias is not None, str(x.dtype).split(".")[-1],
+                          layout="channels_last" if last else "contiguous")
     return None
 
 
