@@ -40,11 +40,17 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ours latency ort": ("ours", dict(target_latency=0.5, round_to="auto",
                                       backend="onnxruntime")),
     "ours latency ov": ("ours", dict(target_latency=0.5, round_to="auto", backend="openvino")),
+    # the model converted to channels-last before pruning: round_to="auto" and the latency
+    # table time its layers as it runs (eager CPU convs then skip layout conversions)
+    "ours auto cl": ("ours", dict(target_flops=0.5, round_to="auto", channels_last=True)),
+    "ours latency eager cl": ("ours", dict(target_latency=0.5, round_to="auto",
+                                           backend="eager", channels_last=True)),
     "tp r8": ("torch_pruning", dict(target_flops=0.5, round_to=8)),
     "tp r16": ("torch_pruning", dict(target_flops=0.5, round_to=16)),
 }
-#: backend -> column key; OpenVINO only when it is installed
-BACKENDS = {"eager": "eager", "onnxruntime": "ort", "openvino": "ov"}
+#: runtime -> column key; "eager cl": PyTorch eager on a channels-last copy of the model and
+#: its inputs; OpenVINO only when it is installed
+BACKENDS = {"eager": "eager", "eager cl": "eager_cl", "onnxruntime": "ort", "openvino": "ov"}
 #: RetinaNet resizes every image to 800 px by default; at 320 px a forward fits 2 cores.
 DETECTOR_SIZE = 320
 
@@ -60,6 +66,18 @@ def bench_for(name: str) -> Bench:
     return bench
 
 
+def channels_last(model: torch.nn.Module, inputs: Any) -> tuple[torch.nn.Module, Any]:
+    """A channels-last copy of ``model`` (its 4-D weights) and of its 4-D input tensors."""
+    from torch.utils import _pytree as pytree
+
+    def last(t: Any) -> Any:
+        return t.contiguous(memory_format=torch.channels_last) \
+            if isinstance(t, torch.Tensor) and t.dim() == 4 else t
+
+    return copy.deepcopy(model).to(memory_format=torch.channels_last), \
+        pytree.tree_map(last, inputs)
+
+
 def prune_variant(name: str, label: str, threads: int, latency_table: Any = None
                   ) -> tuple[torch.nn.Module, dict]:
     """One pruned model and what its pruning said (``latency_table``: a
@@ -70,6 +88,9 @@ def prune_variant(name: str, label: str, threads: int, latency_table: Any = None
 
     tool, options = VARIANTS[label]
     bench = bench_for(name)
+    options = dict(options)
+    if options.pop("channels_last", False):
+        bench.model, bench.inputs = channels_last(bench.model, bench.inputs)
     start = time.perf_counter()
     info: dict[str, Any] = {}
     if tool == "torch_pruning":
@@ -99,7 +120,8 @@ def what_it_said(result: Any) -> dict[str, Any]:
 
 
 def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
-        variants: Optional[list[str]] = None, latency_table: Any = None) -> list[dict]:
+        variants: Optional[list[str]] = None, latency_table: Any = None,
+        backends: Optional[list[str]] = None) -> list[dict]:
     from pruners.latency import measure_models
     from pruners.report import measure
 
@@ -119,10 +141,15 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
                 info[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         models_ = {"dense": bench.model, **pruned}
         timings = {}
-        for backend in _backends():
+        for backend in _backends(backends):
             print(f"[hardware] {name}: timing {len(models_)} models with {backend} ...",
                   flush=True)
-            timings[backend] = measure_models(copy.copy(models_), bench.inputs, backend=backend,
+            timed, inputs = copy.copy(models_), bench.inputs
+            if backend == "eager cl":
+                converted = {k: channels_last(m, inputs) for k, m in timed.items()}
+                timed = {k: m for k, (m, _) in converted.items()}
+                inputs = converted["dense"][1]
+            timings[backend] = measure_models(timed, inputs, backend=backend.split()[0],
                                               threads=threads, rounds=rounds)
             envs[f"{name}/{backend}"] = timings[backend].env
         for label in ["dense", *(variants or _variants())]:
@@ -150,10 +177,11 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
     return rows
 
 
-def _backends() -> list[str]:
+def _backends(only: Optional[list[str]] = None) -> list[str]:
+    """The runtimes to time in: ``only`` (default every one) that are installed."""
     from pruners.latency import installed
 
-    return [b for b in BACKENDS if installed(b)]
+    return [b for b in BACKENDS if installed(b.split()[0]) and (only is None or b in only)]
 
 
 def _variants() -> list[str]:
@@ -207,7 +235,7 @@ def markdown(rows: list[dict], envs: dict) -> str:
                      + "".join(f"{_cell(r, BACKENDS[b])} | " for b in shown) + f"{lat} | "
                      f"{r.get('engine_s', '')} |")
     noisy = sorted({k for k in envs if any(
-        r.get(f"{BACKENDS[k.split('/')[1]]}_noisy") for r in rows
+        r.get(f"{BACKENDS[k.split('/', 1)[1]]}_noisy") for r in rows
         if r["model"] == k.split("/")[0])})
     if noisy:
         lines += ["", f"Noisy (a spread stayed over 10% after 3 attempts): {', '.join(noisy)}."]
@@ -220,6 +248,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--quick", action="store_true", help="ResNet-18 only, fewer rounds")
     p.add_argument("--models", nargs="+")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS))
+    p.add_argument("--backends", nargs="+", choices=list(BACKENDS),
+                   help="the runtimes to time in (default: every installed one)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--out", default=RESULTS)
@@ -227,7 +257,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     models = a.models or (QUICK_MODELS if a.quick else MODELS)
     prefix = "hardware_quick" if a.quick else "hardware"
     rows = run(models, a.threads, a.rounds or (10 if a.quick else 30), a.out, prefix,
-               a.variants)
+               a.variants, backends=a.backends)
     print(markdown(rows, {}), file=sys.stdout)
 
 

@@ -308,17 +308,20 @@ def test_hardware_benchmark_rows(tmp_path, monkeypatch):
                         ("ours", dict(target_latency=0.9, round_to=8)))
     table = LatencyTable(str(tmp_path / "lat.json"), timer=FakeClock())
     rows = hardware.run(["tiny"], threads=1, rounds=3, out=str(tmp_path), prefix="hw",
-                        variants=["ours r8", "ours latency 0.9"], latency_table=table)
+                        variants=["ours r8", "ours latency 0.9", "ours auto cl"],
+                        latency_table=table)
     by = {r["variant"]: r for r in rows}
-    assert set(by) == {"dense", "ours r8", "ours latency 0.9"}
+    assert set(by) == {"dense", "ours r8", "ours latency 0.9", "ours auto cl"}
     assert 0 < by["ours r8"]["flops_kept"] <= 0.51  # TinyNet is coarse at round_to 8
     for row in rows:
-        assert row["eager_ms"] > 0 and row["ort_ms"] > 0
+        assert row["eager_ms"] > 0 and row["ort_ms"] > 0 and row["eager_cl_ms"] > 0
         assert row["ov_ms"] > 0 or importlib.util.find_spec("openvino") is None
     assert 0 < by["ours latency 0.9"]["predicted"] <= 0.95
     assert by["ours latency 0.9"]["attempts"] >= 1
     md = (tmp_path / "hw.md").read_text()
-    assert "ours latency 0.9" in md and "threads" in md
+    assert "ours latency 0.9" in md and "threads" in md and "| eager cl |" in md
+    from pruners.latency.staircase import CANDIDATES
+    assert by["ours auto cl"]["round_to"] in (1, *CANDIDATES)  # what auto chose is reported
     assert ("| openvino |" in md) == (importlib.util.find_spec("openvino") is not None)
     assert (tmp_path / "lat.json").exists()
 
