@@ -253,9 +253,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--prefix", help="file name prefix (default hardware, hardware_quick)")
     a = p.parse_args(argv)
     models = a.models or (QUICK_MODELS if a.quick else MODELS)
-    prefix = "hardware_quick" if a.quick else "hardware"
+    prefix = a.prefix or ("hardware_quick" if a.quick else "hardware")
     rows = run(models, a.threads, a.rounds or (10 if a.quick else 30), a.out, prefix,
                a.variants, backends=a.backends)
     print(markdown(rows, {}), file=sys.stdout)

@@ -94,11 +94,7 @@ def _child_env() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    # A latency job runs a dozen models in turn. oneDNN's primitive cache (1024 entries by
-    # default) then thrashes, and a model whose layers all differ in shape (a globally pruned
-    # one) rebuilds its conv primitives on every call while models with repeated shapes hit
-    # the cache: a pruned ResNet-50 timed 0.91x instead of 1.74x. One deployed model never sees
-    # this, so the benchmark gives the cache room for all of them.
+    # oneDNN's primitive cache, given room for a dozen models (see benchmarks/__init__.py)
     env.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
     return env
 

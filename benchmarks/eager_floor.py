@@ -1,0 +1,118 @@
+"""What eager PyTorch can gain from pruning: ``python -m benchmarks.eager_floor``.
+
+Eager PyTorch pays a fixed cost per op (Python, dispatch, allocation) that no channel
+removal shrinks. This times each model at its benchmark size and at a small size (an eighth
+of the side, rounded to a multiple of 32: under 2% of the FLOPs), dense and pruned at 50%
+FLOPs, interleaved. The small-size time bounds that fixed part ``F`` from above; a model of
+time ``T`` that keeps a share ``f`` of its FLOPs, with every removed FLOP turned into time
+and nothing of ``F`` removed, takes ``F + (T - F) * f``, so its efficiency (speedup x FLOPs
+kept) can be at most ``f * T / (F + (T - F) * f)``: the ceiling printed beside the measured
+one. Results go to ``benchmarks/results/eager_floor.{csv,md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .hardware import MODELS, RESULTS, bench_for, channels_last
+from .summary import write_tables
+
+
+def small_inputs(name: str, bench: Any) -> tuple[torch.nn.Module, Any]:
+    """The benchmark at an eighth of its side (a multiple of 32, at least 32): the model (for
+    a detector, a shallow copy whose transform resizes to that side) and its inputs."""
+    import copy
+
+    if isinstance(bench.inputs, list):  # a torchvision detector: its transform sets the size
+        side = max(32, bench.inputs[0].shape[-1] // 8 // 32 * 32)
+        model = copy.copy(bench.model)
+        model.transform = copy.copy(bench.model.transform)
+        model.transform.min_size, model.transform.max_size = (side,), side
+        return model, [F.interpolate(bench.inputs[0][None], size=(side, side))[0]]
+    side = max(32, bench.inputs.shape[-1] // 8 // 32 * 32)
+    return bench.model, F.interpolate(bench.inputs, size=(side, side))
+
+
+def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
+        round_to: int = 16, layouts: tuple[str, ...] = ("contiguous", "channels_last")
+        ) -> list[dict]:
+    from pruners import prune
+    from pruners.latency.timing import WallTimer, environment, model_runner, steady
+    from pruners.report import measure
+
+    torch.set_num_threads(threads)
+    rows, envs = [], {}
+    for name in models:
+        bench = bench_for(name)
+        result = prune(bench.model, bench.inputs, target_flops=0.5, round_to=round_to,
+                       outputs=bench.outputs, threads=threads)
+        f = measure(result.model, (bench.inputs,))[0] / measure(bench.model, (bench.inputs,))[0]
+        for layout in layouts:
+            print(f"[eager_floor] {name} ({layout}) ...", flush=True)
+            calls = {}
+            for label, model in (("dense", bench.model), ("pruned", result.model.eval())):
+                full = bench.inputs
+                if layout == "channels_last":
+                    model, full = channels_last(model, full)
+                small_model, small = small_inputs(name, type(bench)(name, model, full))
+                calls[label] = (model_runner(model, full), None)
+                calls[f"{label} small"] = (model_runner(small_model, small), None)
+            times, _ = steady(calls, WallTimer(), rounds, repeat=3)
+            t, floor = times["dense"].median_ms, times["dense small"].median_ms
+            pruned = times["pruned"].median_ms
+            speedup = t / pruned
+            rows.append({
+                "model": name, "layout": layout, "flops_kept": round(f, 4),
+                "dense_ms": round(t, 2), "dense_small_ms": round(floor, 2),
+                "pruned_ms": round(pruned, 2),
+                "pruned_small_ms": round(times["pruned small"].median_ms, 2),
+                "floor_share": round(floor / t, 3), "speedup": round(speedup, 3),
+                "eff": round(speedup * f, 3),
+                "eff_ceiling": round(f * t / (floor + (t - floor) * f), 3),
+                "spread": round(max(x.spread for x in times.values()), 3)})
+            envs[f"{name}/{layout}"] = environment("eager", "cpu", threads)
+            write_tables(rows, envs, out, prefix, markdown(rows, envs))
+    return rows
+
+
+def markdown(rows: list[dict], envs: dict) -> str:
+    env = next(iter(envs.values()), {})
+    lines = ["# What eager PyTorch can gain: the fixed part of a forward", "",
+             f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
+             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}; "
+             f"{env.get('date', '')}. Batch 1, eager, no_grad; dense and pruned (50% FLOPs, "
+             "round_to 16), each at its size and at an eighth of its side, interleaved "
+             "(median ms; spread = the widest interquartile spread of the four).", "",
+             "| model | layout | FLOPs kept | dense ms | dense at 1/8 side | share | pruned ms "
+             "| speedup | efficiency | ceiling | spread |",
+             "|---" * 11 + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['layout']} | {r['flops_kept']:.3f} | {r['dense_ms']:.1f} | "
+            f"{r['dense_small_ms']:.1f} | {r['floor_share']:.2f} | {r['pruned_ms']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['eff']:.2f} | {r['eff_ceiling']:.2f} | "
+            f"{100 * r['spread']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.eager_floor",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--prefix", default="eager_floor")
+    a = p.parse_args(argv)
+    rows = run(a.models, a.threads, a.rounds, a.out, a.prefix)
+    print(markdown(rows, {}), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
