@@ -3,11 +3,13 @@
 Eager PyTorch pays a fixed cost per op (Python, dispatch, allocation) that no channel
 removal shrinks. This times each model at its benchmark size and at a small size (an eighth
 of the side, rounded to a multiple of 32: under 2% of the FLOPs), dense and pruned at 50%
-FLOPs, interleaved. The small-size time bounds that fixed part ``F`` from above; a model of
-time ``T`` that keeps a share ``f`` of its FLOPs, with every removed FLOP turned into time
-and nothing of ``F`` removed, takes ``F + (T - F) * f``, so its efficiency (speedup x FLOPs
-kept) can be at most ``f * T / (F + (T - F) * f)``: the ceiling printed beside the measured
-one. Results go to ``benchmarks/results/eager_floor.{csv,md,json}``.
+FLOPs, interleaved. At the small size what is left is that fixed part ``F`` plus reading the
+weights and a little compute, which shrink with the FLOPs kept ``f`` (the two models' small
+times ``S`` and ``s``): ``S = F + R``, ``s = F + f R``, so ``F = (s - f S) / (1 - f)``. A
+model of time ``T`` with every removed FLOP turned into time and nothing of ``F`` removed
+takes ``F + (T - F) f``: its efficiency (speedup x FLOPs kept) is at most
+``f T / (F + (T - F) f)``, the ceiling printed beside the measured one. Results go to
+``benchmarks/results/eager_floor.{csv,md,json}``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .hardware import MODELS, RESULTS, bench_for, channels_last
+from .hardware import MODELS, RESULTS, bench_for, in_layout
 from .summary import write_tables
 
 
@@ -32,6 +34,7 @@ def small_inputs(name: str, bench: Any) -> tuple[torch.nn.Module, Any]:
     if isinstance(bench.inputs, list):  # a torchvision detector: its transform sets the size
         side = max(32, bench.inputs[0].shape[-1] // 8 // 32 * 32)
         model = copy.copy(bench.model)
+        model._modules = dict(model._modules)  # else the copy's transform is the original's
         model.transform = copy.copy(bench.model.transform)
         model.transform.min_size, model.transform.max_size = (side,), side
         return model, [F.interpolate(bench.inputs[0][None], size=(side, side))[0]]
@@ -59,22 +62,21 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
             for label, model in (("dense", bench.model), ("pruned", result.model.eval())):
                 full = bench.inputs
                 if layout == "channels_last":
-                    model, full = channels_last(model, full)
+                    model, full = in_layout(model, full)
                 small_model, small = small_inputs(name, type(bench)(name, model, full))
                 calls[label] = (model_runner(model, full), None)
                 calls[f"{label} small"] = (model_runner(small_model, small), None)
             times, _ = steady(calls, WallTimer(), rounds, repeat=3)
-            t, floor = times["dense"].median_ms, times["dense small"].median_ms
-            pruned = times["pruned"].median_ms
-            speedup = t / pruned
+            t, pruned = times["dense"].median_ms, times["pruned"].median_ms
+            small, small_pruned = times["dense small"].median_ms, times["pruned small"].median_ms
+            fixed = min(max((small_pruned - f * small) / (1 - f), 0.0), small)
             rows.append({
                 "model": name, "layout": layout, "flops_kept": round(f, 4),
-                "dense_ms": round(t, 2), "dense_small_ms": round(floor, 2),
-                "pruned_ms": round(pruned, 2),
-                "pruned_small_ms": round(times["pruned small"].median_ms, 2),
-                "floor_share": round(floor / t, 3), "speedup": round(speedup, 3),
-                "eff": round(speedup * f, 3),
-                "eff_ceiling": round(f * t / (floor + (t - floor) * f), 3),
+                "dense_ms": round(t, 3), "pruned_ms": round(pruned, 3),
+                "dense_small_ms": round(small, 3), "pruned_small_ms": round(small_pruned, 3),
+                "fixed_ms": round(fixed, 3), "fixed_share": round(fixed / t, 3),
+                "speedup": round(t / pruned, 3), "eff": round(f * t / pruned, 3),
+                "eff_ceiling": round(f * t / (fixed + (t - fixed) * f), 3),
                 "spread": round(max(x.spread for x in times.values()), 3)})
             envs[f"{name}/{layout}"] = environment("eager", "cpu", threads)
             write_tables(rows, envs, out, prefix, markdown(rows, envs))
@@ -88,16 +90,19 @@ def markdown(rows: list[dict], envs: dict) -> str:
              f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}; "
              f"{env.get('date', '')}. Batch 1, eager, no_grad; dense and pruned (50% FLOPs, "
              "round_to 16), each at its size and at an eighth of its side, interleaved "
-             "(median ms; spread = the widest interquartile spread of the four).", "",
-             "| model | layout | FLOPs kept | dense ms | dense at 1/8 side | share | pruned ms "
-             "| speedup | efficiency | ceiling | spread |",
+             "(median ms; spread = the widest interquartile spread of the four). Fixed: the "
+             "part of a forward no channel removal shrinks, estimated from the small-size "
+             "times; ceiling: the efficiency a pruned model could reach if every removed FLOP "
+             "became time (module docstring).", "",
+             "| model | layout | FLOPs kept | dense ms | pruned ms | at 1/8 side: dense / "
+             "pruned ms | fixed ms (share) | speedup | efficiency | ceiling | spread |",
              "|---" * 11 + "|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['layout']} | {r['flops_kept']:.3f} | {r['dense_ms']:.1f} | "
-            f"{r['dense_small_ms']:.1f} | {r['floor_share']:.2f} | {r['pruned_ms']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['eff']:.2f} | {r['eff_ceiling']:.2f} | "
-            f"{100 * r['spread']:.0f}% |")
+            f"{r['pruned_ms']:.1f} | {r['dense_small_ms']:.1f} / {r['pruned_small_ms']:.1f} | "
+            f"{r['fixed_ms']:.1f} ({r['fixed_share']:.2f}) | {r['speedup']:.2f}x | "
+            f"{r['eff']:.2f} | {r['eff_ceiling']:.2f} | {100 * r['spread']:.0f}% |")
     return "\n".join(lines) + "\n"
 
 

@@ -2,10 +2,12 @@
 
 For each model, in one process: the dense model; ours at 50% FLOPs with round_to 1, 8, 16 and
 "auto"; ours at ``target_latency=0.5`` measured with PyTorch eager, onnxruntime and OpenVINO;
-Torch-Pruning at 50% FLOPs with round_to 8 and 16. Then every model is timed interleaved
-(``pruners.latency.measure_models``: rounds in rotated order, spread checked, retried, marked
-noisy if it stays wide) with PyTorch eager, onnxruntime and (when installed) OpenVINO on the
-CPU, batch 1.
+ours on the model converted to channels-last ("cl": round_to "auto" and a latency target
+timed in that layout); Torch-Pruning at 50% FLOPs with round_to 8 and 16. Then every model is
+timed interleaved (``pruners.latency.measure_models``: rounds in rotated order, spread
+checked, retried, marked noisy if it stays wide) with PyTorch eager (every model contiguous,
+and again every model channels-last: "eager cl"), onnxruntime and (when installed) OpenVINO
+on the CPU, batch 1.
 
 Efficiency is speedup / FLOPs reduction (speedup x FLOPs kept): 1 means every FLOP removed
 turned into time. Results go to ``benchmarks/results/hardware{_quick}.{csv,md,json}``. Run it
@@ -48,8 +50,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "tp r8": ("torch_pruning", dict(target_flops=0.5, round_to=8)),
     "tp r16": ("torch_pruning", dict(target_flops=0.5, round_to=16)),
 }
-#: runtime -> column key; "eager cl": PyTorch eager on a channels-last copy of the model and
-#: its inputs; OpenVINO only when it is installed
+#: runtime -> column key; "eager": PyTorch eager on contiguous copies of every model and its
+#: inputs, "eager cl": on channels-last copies; OpenVINO only when it is installed
 BACKENDS = {"eager": "eager", "eager cl": "eager_cl", "onnxruntime": "ort", "openvino": "ov"}
 #: RetinaNet resizes every image to 800 px by default; at 320 px a forward fits 2 cores.
 DETECTOR_SIZE = 320
@@ -66,16 +68,18 @@ def bench_for(name: str) -> Bench:
     return bench
 
 
-def channels_last(model: torch.nn.Module, inputs: Any) -> tuple[torch.nn.Module, Any]:
-    """A channels-last copy of ``model`` (its 4-D weights) and of its 4-D input tensors."""
+def in_layout(model: torch.nn.Module, inputs: Any,
+              layout: torch.memory_format = torch.channels_last
+              ) -> tuple[torch.nn.Module, Any]:
+    """A copy of ``model`` with its 4-D weights in ``layout`` (channels-last by default), and
+    its inputs with their 4-D tensors so."""
     from torch.utils import _pytree as pytree
 
-    def last(t: Any) -> Any:
-        return t.contiguous(memory_format=torch.channels_last) \
+    def to(t: Any) -> Any:
+        return t.contiguous(memory_format=layout) \
             if isinstance(t, torch.Tensor) and t.dim() == 4 else t
 
-    return copy.deepcopy(model).to(memory_format=torch.channels_last), \
-        pytree.tree_map(last, inputs)
+    return copy.deepcopy(model).to(memory_format=layout), pytree.tree_map(to, inputs)
 
 
 def prune_variant(name: str, label: str, threads: int, latency_table: Any = None
@@ -90,7 +94,7 @@ def prune_variant(name: str, label: str, threads: int, latency_table: Any = None
     bench = bench_for(name)
     options = dict(options)
     if options.pop("channels_last", False):
-        bench.model, bench.inputs = channels_last(bench.model, bench.inputs)
+        bench.model, bench.inputs = in_layout(bench.model, bench.inputs)
     start = time.perf_counter()
     info: dict[str, Any] = {}
     if tool == "torch_pruning":
@@ -145,8 +149,11 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
             print(f"[hardware] {name}: timing {len(models_)} models with {backend} ...",
                   flush=True)
             timed, inputs = copy.copy(models_), bench.inputs
-            if backend == "eager cl":
-                converted = {k: channels_last(m, inputs) for k, m in timed.items()}
+            if backend.startswith("eager"):  # every model in one layout (a variant pruned
+                # channels-last comes back so, and would run so in the plain column)
+                layout = torch.channels_last if backend == "eager cl" else \
+                    torch.contiguous_format
+                converted = {k: in_layout(m, inputs, layout) for k, m in timed.items()}
                 timed = {k: m for k, (m, _) in converted.items()}
                 inputs = converted["dense"][1]
             timings[backend] = measure_models(timed, inputs, backend=backend.split()[0],

@@ -82,10 +82,13 @@ class PruneOptions:
         calibration: unlabeled batches for ``recover``, each passed to ``forward`` as
             ``example_inputs`` is (a list, or ``(x for x, _ in loader)``).
         backend: where latency is measured for ``target_latency`` and ``round_to="auto"``:
-            "eager" (PyTorch), "onnxruntime" or "openvino" (a CPU runtime running the ONNX
-            export; OpenVINO when installed), or "cudagraph" (on ``device="cuda"``: the
-            model and each layer captured as CUDA graphs and replayed, as a GPU deployment
-            runs without a kernel launch per op).
+            "eager" (PyTorch, in the memory format the model and its inputs have: convert
+            both with ``.to(memory_format=torch.channels_last)`` first to prune for, and
+            get back, a channels-last model, whose eager CPU convs skip layout conversions),
+            "onnxruntime" or "openvino" (a CPU runtime running the ONNX export; OpenVINO
+            when installed), or "cudagraph" (on ``device="cuda"``: the model and each layer
+            captured as CUDA graphs and replayed, as a GPU deployment runs without a kernel
+            launch per op).
         device: "cpu" or "cuda" (eager or cudagraph; a copy of the model is timed there,
             one layer at a time: in eager mode at small batches a GPU run is bound by kernel
             launches, and a target it cannot reach raises ``InfeasibleTargetError``).

@@ -346,3 +346,31 @@ def test_gpu_benchmark_rows_run_on_the_cpu(tmp_path):
     assert "eager b2" in md and "CUDA graph" not in md and "--models tiny" in md
     saved = json.loads((tmp_path / "g.json").read_text())
     assert saved["environment"]["dtype"] == "float32" and len(saved["rows"]) == 2
+
+
+def test_eager_floor_rows_and_the_ceiling_they_imply(tmp_path):
+    """The fixed part of an eager forward (the model at an eighth of its side) and the
+    efficiency ceiling it leaves, in both layouts; a detector is resized by its transform on
+    a copy, its own transform untouched."""
+    import pytest
+    import torch
+
+    from benchmarks import eager_floor
+    from benchmarks.hardware import bench_for
+
+    rows = eager_floor.run(["tiny"], threads=1, rounds=3, out=str(tmp_path), prefix="ef",
+                           round_to=8)
+    assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
+    for r in rows:
+        assert 0 < r["flops_kept"] <= 0.51 and r["dense_ms"] > 0 and r["dense_small_ms"] > 0
+        t, f, fixed = r["dense_ms"], r["flops_kept"], r["fixed_ms"]
+        assert 0 <= fixed <= r["dense_small_ms"]
+        assert r["eff_ceiling"] == pytest.approx(f * t / (fixed + (t - fixed) * f), rel=0.02)
+    assert "ceiling" in (tmp_path / "ef.md").read_text()
+    bench = bench_for("retinanet_resnet50_fpn")
+    model, images = eager_floor.small_inputs("retinanet_resnet50_fpn", bench)
+    assert model.transform.min_size == (32,) and images[0].shape == (3, 32, 32)
+    assert bench.model.transform.min_size == (320,)  # the copy's own transform was resized
+    yolo = eager_floor.small_inputs("yolov8n", type(bench)("y", bench.model,
+                                                           torch.randn(1, 3, 640, 640)))[1]
+    assert yolo.shape == (1, 3, 64, 64)
