@@ -15,6 +15,7 @@ takes ``F + (T - F) f``: its efficiency (speedup x FLOPs kept) is at most
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from typing import Any, Optional
@@ -26,11 +27,9 @@ from .hardware import MODELS, RESULTS, bench_for, in_layout
 from .summary import write_tables
 
 
-def small_inputs(name: str, bench: Any) -> tuple[torch.nn.Module, Any]:
+def small_inputs(bench: Any) -> tuple[torch.nn.Module, Any]:
     """The benchmark at an eighth of its side (a multiple of 32, at least 32): the model (for
     a detector, a shallow copy whose transform resizes to that side) and its inputs."""
-    import copy
-
     if isinstance(bench.inputs, list):  # a torchvision detector: its transform sets the size
         side = max(32, bench.inputs[0].shape[-1] // 8 // 32 * 32)
         model = copy.copy(bench.model)
@@ -63,7 +62,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
                 full = bench.inputs
                 if layout == "channels_last":
                     model, full = in_layout(model, full)
-                small_model, small = small_inputs(name, type(bench)(name, model, full))
+                small_model, small = small_inputs(type(bench)(name, model, full))
                 calls[label] = (model_runner(model, full), None)
                 calls[f"{label} small"] = (model_runner(small_model, small), None)
             times, _ = steady(calls, WallTimer(), rounds, repeat=3)

@@ -368,9 +368,8 @@ def test_eager_floor_rows_and_the_ceiling_they_imply(tmp_path):
         assert r["eff_ceiling"] == pytest.approx(f * t / (fixed + (t - fixed) * f), rel=0.02)
     assert "ceiling" in (tmp_path / "ef.md").read_text()
     bench = bench_for("retinanet_resnet50_fpn")
-    model, images = eager_floor.small_inputs("retinanet_resnet50_fpn", bench)
+    model, images = eager_floor.small_inputs(bench)
     assert model.transform.min_size == (32,) and images[0].shape == (3, 32, 32)
     assert bench.model.transform.min_size == (320,)  # the copy's own transform was resized
-    yolo = eager_floor.small_inputs("yolov8n", type(bench)("y", bench.model,
-                                                           torch.randn(1, 3, 640, 640)))[1]
+    yolo = eager_floor.small_inputs(type(bench)("y", bench.model, torch.randn(1, 3, 640, 640)))[1]
     assert yolo.shape == (1, 3, 64, 64)

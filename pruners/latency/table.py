@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..surgery import memory_format
 from .timing import (BACKENDS, GRAPH_COPIES, Timer, WallTimer, backend_dtype, machine_id,
                      model_runner, onnx_runner, require, time_call)
 
@@ -181,8 +182,6 @@ def _with_channels(shape: LayerShape, channels: int) -> tuple[int, ...]:
 def shape_of(module: nn.Module, x: torch.Tensor) -> Optional[LayerShape]:
     """The :class:`LayerShape` of ``module`` called on ``x``; None for what is not timed here
     (transposed convs, non-zero padding modes, string padding)."""
-    from ..surgery import memory_format
-
     if isinstance(module, nn.Linear):
         return LayerShape("linear", module.in_features, module.out_features, tuple(x.shape),
                           bias=module.bias is not None, dtype=str(x.dtype).split(".")[-1])
