@@ -512,15 +512,18 @@ def remove_units(model: nn.Module, graph: ChannelGraph, units: Iterable[int]) ->
 _MAX_BLOCKS = 64
 
 
+#: The channels-last format of a tensor of each rank that has one (conv weights, activations).
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def memory_format(tensor: torch.Tensor) -> torch.memory_format:
     """``tensor``'s memory format: channels-last (a conv weight of a model converted with
     ``.to(memory_format=torch.channels_last)``, whose eager CPU convs then skip the layout
     conversions) or contiguous. A pruned weight keeps it, or the pruned model would run
     contiguous convs on channels-last activations."""
-    if tensor.dim() in (4, 5) and not tensor.is_contiguous():
-        last = torch.channels_last if tensor.dim() == 4 else torch.channels_last_3d
-        if tensor.is_contiguous(memory_format=last):
-            return last
+    last = CHANNELS_LAST.get(tensor.dim())
+    if last is not None and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=last):
+        return last
     return torch.contiguous_format
 
 

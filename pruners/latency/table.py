@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..surgery import memory_format
+from ..surgery import CHANNELS_LAST, memory_format
 from .timing import (BACKENDS, GRAPH_COPIES, Timer, WallTimer, backend_dtype, machine_id,
                      model_runner, onnx_runner, require, time_call)
 
@@ -90,8 +90,8 @@ class LayerShape:
                                          for _ in range(self.copies - 1)])
         x = torch.randn(self.input_shape, dtype=dtype)
         module = module.to(dtype).eval()
-        if self.layout == "channels_last" and x.dim() in (4, 5):
-            last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if self.layout == "channels_last" and x.dim() in CHANNELS_LAST:
+            last = CHANNELS_LAST[x.dim()]
             module, x = module.to(memory_format=last), x.contiguous(memory_format=last)
         return module, x
 
