@@ -373,3 +373,36 @@ def test_eager_floor_rows_and_the_ceiling_they_imply(tmp_path):
     assert bench.model.transform.min_size == (320,)  # the copy's own transform was resized
     yolo = eager_floor.small_inputs(type(bench)("y", bench.model, torch.randn(1, 3, 640, 640)))[1]
     assert yolo.shape == (1, 3, 64, 64)
+
+
+def test_alignment_times_one_plan_aligned_and_one_channel_off(tmp_path):
+    """The "one off" model is the aligned plan with one more channel removed from each group
+    at a multiple of the step (every such width becomes 16k - 1, nothing else moves), and the
+    row's ratio is its time over the aligned one's."""
+    import pytest
+    import torch
+
+    from benchmarks import alignment
+    from benchmarks.hardware import bench_for
+    from pruners import apply_plan, plan_pruning
+
+    bench = bench_for("tiny")
+    planned = plan_pruning(bench.model, bench.inputs, target_flops=0.5, round_to=8)
+    plan, groups = alignment.one_off(planned, 8)
+    aligned = apply_plan(bench_for("tiny").model, planned.plan)
+    off = apply_plan(bench_for("tiny").model, plan)
+    widths = [(a.out_channels, o.out_channels) for a, o in
+              zip(aligned.modules(), off.modules()) if isinstance(a, torch.nn.Conv2d)]
+    assert groups >= 1 and all(w % 8 == 0 for w, _ in widths)
+    assert sum(w - v for w, v in widths) >= groups and all(w - v in (0, 1) for w, v in widths)
+
+    rows = alignment.run(["tiny"], threads=1, rounds=3, out=str(tmp_path), prefix="al",
+                         multiple=8, runtimes=["eager", "eager cl"])
+    assert [r["runtime"] for r in rows] == ["eager", "eager cl"]
+    for r in rows:
+        assert r["groups_one_off"] == groups
+        assert r["flops_kept_one_off"] < r["flops_kept_aligned"] <= 0.51
+        assert r["one_off_over_aligned"] == pytest.approx(r["one_off_ms"] / r["aligned_ms"],
+                                                          rel=0.01)
+        assert r["auto_round_to"] == 1  # no layer of 48 outputs or more: nothing to time
+    assert "one off / aligned" in (tmp_path / "al.md").read_text()
