@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from .hardware import MODELS, RESULTS, bench_for, in_layout
+from .hardware import MODELS, RESULTS, all_in_layout, bench_for, in_layout
 from .summary import write_tables
 
 #: runtime column -> (backend, memory format of the model and inputs timed)
@@ -90,9 +90,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
             timed = {"dense": bench.model, "aligned": aligned, "one off": off}
             inputs = bench.inputs
             if layout is not None:
-                converted = {k: in_layout(m, bench.inputs, layout) for k, m in timed.items()}
-                timed = {k: m for k, (m, _) in converted.items()}
-                inputs = converted["dense"][1]
+                timed, inputs = all_in_layout(timed, inputs, layout)
             m = measure_models(timed, inputs, backend=backend, threads=threads, rounds=rounds)
             envs[f"{name}/{runtime}"] = m.env
             row: dict[str, Any] = {"model": name, "runtime": runtime, "groups_one_off": groups,

@@ -1,9 +1,10 @@
 """Hardware-aware pruning measured: ``python -m benchmarks.hardware [--quick]``.
 
 For each model, in one process: the dense model; ours at 50% FLOPs with round_to 1, 8, 16 and
-"auto"; ours at ``target_latency=0.5`` measured with PyTorch eager, onnxruntime and OpenVINO;
-ours on the model converted to channels-last ("cl": round_to "auto" and a latency target
-timed in that layout); Torch-Pruning at 50% FLOPs with round_to 8 and 16. Then every model is
+"auto" (measured in eager, and in onnxruntime and OpenVINO: "auto ort", "auto ov"); ours at
+``target_latency=0.5`` measured with PyTorch eager, onnxruntime and OpenVINO; ours on the
+model converted to channels-last ("cl": round_to "auto" and a latency target timed in that
+layout); Torch-Pruning at 50% FLOPs with round_to 8 and 16. Then every model is
 timed interleaved (``pruners.latency.measure_models``: rounds in rotated order, spread
 checked, retried, marked noisy if it stays wide) with PyTorch eager (every model contiguous,
 and again every model channels-last: "eager cl"), onnxruntime and (when installed) OpenVINO
@@ -38,6 +39,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ours r8": ("ours", dict(target_flops=0.5, round_to=8)),
     "ours r16": ("ours", dict(target_flops=0.5, round_to=16)),
     "ours auto": ("ours", dict(target_flops=0.5, round_to="auto")),
+    # round_to="auto" measured with the runtime deployed to (its staircases and its times of
+    # the whole model planned at each multiple)
+    "ours auto ort": ("ours", dict(target_flops=0.5, round_to="auto", backend="onnxruntime")),
+    "ours auto ov": ("ours", dict(target_flops=0.5, round_to="auto", backend="openvino")),
     "ours latency eager": ("ours", dict(target_latency=0.5, round_to="auto", backend="eager")),
     "ours latency ort": ("ours", dict(target_latency=0.5, round_to="auto",
                                       backend="onnxruntime")),
@@ -73,13 +78,22 @@ def in_layout(model: torch.nn.Module, inputs: Any,
               ) -> tuple[torch.nn.Module, Any]:
     """A copy of ``model`` with its 4-D weights in ``layout`` (channels-last by default), and
     its inputs with their 4-D tensors so."""
+    models, inputs = all_in_layout({"": model}, inputs, layout)
+    return models[""], inputs
+
+
+def all_in_layout(models: dict[str, torch.nn.Module], inputs: Any,
+                  layout: torch.memory_format) -> tuple[dict[str, torch.nn.Module], Any]:
+    """:func:`in_layout` of every model of ``models``, and of their inputs once: a set of
+    models timed all in one layout."""
     from torch.utils import _pytree as pytree
 
     def to(t: Any) -> Any:
         return t.contiguous(memory_format=layout) \
             if isinstance(t, torch.Tensor) and t.dim() == 4 else t
 
-    return copy.deepcopy(model).to(memory_format=layout), pytree.tree_map(to, inputs)
+    return ({k: copy.deepcopy(m).to(memory_format=layout) for k, m in models.items()},
+            pytree.tree_map(to, inputs))
 
 
 def prune_variant(name: str, label: str, threads: int, latency_table: Any = None
@@ -153,9 +167,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
                 # channels-last comes back so, and would run so in the plain column)
                 layout = torch.channels_last if backend == "eager cl" else \
                     torch.contiguous_format
-                converted = {k: in_layout(m, inputs, layout) for k, m in timed.items()}
-                timed = {k: m for k, (m, _) in converted.items()}
-                inputs = converted["dense"][1]
+                timed, inputs = all_in_layout(timed, inputs, layout)
             timings[backend] = measure_models(timed, inputs, backend=backend.split()[0],
                                               threads=threads, rounds=rounds)
             envs[f"{name}/{backend}"] = timings[backend].env

@@ -64,7 +64,11 @@ class PruneOptions:
         sensitivity: the table of :func:`pruners.sensitivity` for ``strategy="sensitivity"``.
         round_to: keep every pruned group's width a multiple of this (8 or 16 for speed), or
             "auto": the multiple the backend's kernels reward, measured on the model's
-            costliest layers (``pruners.latency.staircase``; the report's notes say which).
+            costliest layers (``pruners.latency.staircase``) and, for a FLOPs, params or
+            channel target, on the whole model planned at 1, 8, 16 and 32 and timed: the
+            smallest multiple within 2% of the fastest per FLOP kept (the multiple also moves
+            removals between groups, which layers alone do not show). The report's notes
+            say which, and the times.
         min_channels: the fewest channels any layer dim keeps.
         max_ratio: the largest fraction of a group's units that may go.
         heads: how attention heads prune: "auto" (default: every head narrows alike, except
@@ -489,12 +493,25 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
             else None
         if latency is not None:
             clock.lap("latency table")
+        def allocate_at(multiple: int) -> list[int]:
+            return allocate(graph, scores, cost, target, strategy=opts.strategy,
+                            round_to=multiple, min_channels=opts.min_channels,
+                            max_ratio=opts.max_ratio, protected=_protected_units(graph, patterns),
+                            free=dead, losses=losses, latency=latency)
+
+        if hardware is not None and hardware.compare_models:
+            staircase = next((n for n in analysis.notes if n.startswith("round_to='auto'")), None)
+            round_to, note = hardware.by_model(graph, cost, allocate_at, opts.say)
+            analysis.round_to = round_to
+            if staircase is None:
+                analysis.notes.append(note)
+                notes.append(note)
+            else:  # the staircase's note gives way to the one that says what decided
+                analysis.notes = [note if n is staircase else n for n in analysis.notes]
+                notes = [note if n is staircase else n for n in notes]
+            clock.lap("round_to auto")
         try:
-            removed = allocate(graph, scores, cost, target, strategy=opts.strategy,
-                               round_to=round_to, min_channels=opts.min_channels,
-                               max_ratio=opts.max_ratio,
-                               protected=_protected_units(graph, patterns), free=dead,
-                               losses=losses, latency=latency)
+            removed = allocate_at(round_to)
         except InfeasibleTargetError as exc:
             raise InfeasibleTargetError(f"{exc} {_why_frozen(graph, notes)}",
                                         exc.reachable) from None
@@ -842,6 +859,9 @@ class _Hardware:
     smaller: Optional[Callable[[], Any]] = None  # the model at half resolution, if it runs
     probe: Optional[DenseRun] = None  # repair.probe_run, found once for every plan
     dtype: Optional[str] = None  # opts.latency_dtype's name: what layers and model are timed in
+    # round_to="auto" for a FLOPs, params or channel target: whole pruned models are still to
+    # be timed at each candidate multiple (by the first plan: ``by_model``)
+    compare_models: bool = False
 
     @classmethod
     def of(cls, work: nn.Module, dense: DenseRun, opts: PruneOptions, target: Target
@@ -875,7 +895,48 @@ class _Hardware:
             smaller = lambda: run_model(work, small, opts.outputs,  # noqa: E731
                                         opts.example_kwargs)
         return cls(table, work, example_inputs, run, calls, int(round_to), notes,
-                   smaller=smaller, probe=probe, dtype=dtype)
+                   smaller=smaller, probe=probe, dtype=dtype,
+                   compare_models=opts.round_to == "auto" and target.kind != "latency")
+
+    def by_model(self, graph: ChannelGraph, cost: Any, allocate_at: Callable[[int], list[int]],
+                 say: Callable[[str], None]) -> tuple[int, str]:
+        """``round_to="auto"`` settled on whole models: the model planned at each of
+        ``MODEL_CANDIDATES`` and the staircase's pick (``allocate_at(multiple)`` -> units
+        removed), pruned copies timed together with this backend, the multiple that runs
+        fastest per FLOP kept (:func:`~pruners.latency.pick_by_model`), and a note saying
+        so. Once per ``prune()``; multiples that cannot meet the target are left out."""
+        from .latency import MODEL_CANDIDATES, measure_models, pick_by_model
+        from .latency.staircase import MODEL_NEAR, MODEL_ROUNDS
+
+        self.compare_models = False
+        full = cost.full()[0]
+        models, kept = {}, {}
+        for m in sorted({*MODEL_CANDIDATES, self.round_to}):
+            try:
+                removed = allocate_at(m)
+            except InfeasibleTargetError:
+                continue
+            kept[m] = cost.evaluate(cost.kept_after(graph, set(removed)))[0] / max(full, 1e-12)
+            models[m] = apply_plan(copy_model(self.work, shared_params(self.work)),
+                                   Plan.from_units(graph, removed))
+        say(f"[prune] round_to='auto': timing the model planned at multiples "
+            f"{', '.join(map(str, models))} with {self.table.backend} ...")
+        measured = measure_models({f"round_to {m}": model for m, model in models.items()},
+                                  self.example_inputs, backend=self.table.backend,
+                                  device=self.table.device, threads=self.table.threads,
+                                  timer=self.table.timer, rounds=MODEL_ROUNDS, dtype=self.dtype)
+        seconds = {m: measured.times[f"round_to {m}"].median_ms / 1e3 for m in models
+                   if f"round_to {m}" in measured.times}
+        staircase, self.round_to = self.round_to, pick_by_model(seconds, kept)
+        times = ", ".join(f"{m}: {1e3 * t:.3g} at {kept[m]:.3f}" for m, t in seconds.items())
+        return self.round_to, (
+            f"round_to='auto' chose {self.round_to} for {self.table.backend} on "
+            f"{self.table.device} ({self.table.threads} threads): the whole model planned at "
+            f"each multiple and timed (ms at FLOPs kept: {times}"
+            f"{'; noisy' if measured.noisy else ''}) runs "
+            f"fastest per FLOP kept at {self.round_to} (the smallest within "
+            f"{100 * MODEL_NEAR:g}% of the best); the layers' staircases alone chose "
+            f"{staircase}")
 
     def model(self, cost: Any) -> Any:
         """The latency model over ``cost``'s channel dims (the dense time measured once)."""

@@ -36,6 +36,7 @@ class FakeClock:
         self.block, self.overhead, self.per_act, self.bias = block, overhead, per_act, bias
         self.call = call  # what every runtime call costs besides its layers
         self.layers = self.models = 0
+        self._layers: dict = {}
 
     def pad(self, c: int) -> int:
         return -(-c // self.block) * self.block
@@ -60,9 +61,17 @@ class FakeClock:
         assert isinstance(what, ModelCall)
         self.models += 1
         model, x = what.model, what.inputs
-        calls = layer_calls(model, lambda: model(x))
-        t = self.call + self.overhead + sum(self.layer(c.shape) + self.per_act * c.out_numel
-                                            for c in calls)
+        # a model's layers are found by running it once per model, weights' shapes and input
+        # shape (measure_models calls the clock hundreds of times per model); the model is
+        # kept with its entry so that its id is not reused
+        key = (id(model), tuple(tuple(p.shape) for p in model.parameters()),
+               tuple(x.shape), x.stride())
+        if key not in self._layers:
+            self._layers[key] = (model, [(c.shape, c.out_numel)
+                                         for c in layer_calls(model, lambda: model(x))])
+        calls = self._layers[key][1]
+        t = self.call + self.overhead + sum(self.layer(shape) + self.per_act * numel
+                                            for shape, numel in calls)
         return t * (self.bias(model) if self.bias else 1.0)
 
 
@@ -166,6 +175,55 @@ def test_round_to_auto_rounds_widths_to_the_measured_block(block):
     changed = [l for l in result.report.layers if l.out_after != l.out_before]
     assert changed and all(l.out_after % block == 0 for l in changed)
     assert result.report.flops_ratio <= 0.5
+
+
+def test_pick_by_model_keeps_the_smallest_multiple_as_fast_per_flop_as_the_best():
+    from pruners.latency import pick_by_model
+
+    half = {m: 0.5 for m in (1, 8, 16, 32)}
+    assert pick_by_model({1: 10.0, 8: 9.0, 16: 8.0, 32: 7.9}, half) == 16  # 32 within 2%
+    assert pick_by_model({1: 10.0, 8: 10.1, 16: 10.05, 32: 9.9}, half) == 1
+    # a plan that lands under the target is faster for it, not per FLOP kept
+    assert pick_by_model({16: 8.0, 32: 7.0}, {16: 0.5, 32: 0.43}) == 16
+    assert pick_by_model({16: 8.0, 32: 7.0}, {16: 0.5, 32: 0.5}) == 32
+    with pytest.raises(ValueError):
+        pick_by_model({}, {})
+
+
+class _ModelSteps(FakeClock):
+    """Layers timed alone show no step (``block=1``), but the whole model pays for widths
+    that are not multiples of 16: what the allocation at a multiple, not the alignment of a
+    layer, is worth (a staircase cannot see it)."""
+
+    def __init__(self) -> None:
+        super().__init__(block=1)
+
+    def __call__(self, fn, what) -> float:
+        if isinstance(what, LayerShape):
+            return super().__call__(fn, what)
+        self.block = 16
+        try:
+            return super().__call__(fn, what)
+        finally:
+            self.block = 1
+
+
+def test_round_to_auto_for_a_flops_target_is_settled_on_whole_models():
+    clock = _ModelSteps()
+    model, x = _net()
+    result = prune(model, x, target_flops=0.5, round_to="auto",
+                   latency_table=LatencyTable(None, timer=clock))
+    notes = [n for n in result.report.notes if n.startswith("round_to='auto'")]
+    assert len(notes) == 1 and "chose 16 " in notes[0]  # the staircase's note gives way
+    assert "staircases alone chose 1" in notes[0] and "16: " in notes[0]
+    changed = [l for l in result.report.layers if l.out_after != l.out_before]
+    assert changed and all(l.out_after % 16 == 0 for l in changed)
+    assert result.report.flops_ratio <= 0.5
+    # a latency target keeps the staircase's multiple (its plans are timed already)
+    latency = prune(*_net(), target_latency=0.5, round_to="auto",
+                    latency_table=LatencyTable(None, timer=_ModelSteps()))
+    note = next(n for n in latency.report.notes if n.startswith("round_to='auto'"))
+    assert "chose 1 " in note and "whole model" not in note
 
 
 def test_latency_model_predicts_the_pruned_model():
