@@ -493,6 +493,7 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
             else None
         if latency is not None:
             clock.lap("latency table")
+
         def allocate_at(multiple: int) -> list[int]:
             return allocate(graph, scores, cost, target, strategy=opts.strategy,
                             round_to=multiple, min_channels=opts.min_channels,
@@ -503,10 +504,10 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
             staircase = next((n for n in analysis.notes if n.startswith("round_to='auto'")), None)
             round_to, note = hardware.by_model(graph, cost, allocate_at, opts.say)
             analysis.round_to = round_to
-            if staircase is None:
+            if note is not None and staircase is None:
                 analysis.notes.append(note)
                 notes.append(note)
-            else:  # the staircase's note gives way to the one that says what decided
+            elif note is not None:  # the staircase's note gives way to what decided
                 analysis.notes = [note if n is staircase else n for n in analysis.notes]
                 notes = [note if n is staircase else n for n in notes]
             clock.lap("round_to auto")
@@ -899,14 +900,15 @@ class _Hardware:
                    compare_models=opts.round_to == "auto" and target.kind != "latency")
 
     def by_model(self, graph: ChannelGraph, cost: Any, allocate_at: Callable[[int], list[int]],
-                 say: Callable[[str], None]) -> tuple[int, str]:
+                 say: Callable[[str], None]) -> tuple[int, Optional[str]]:
         """``round_to="auto"`` settled on whole models: the model planned at each of
         ``MODEL_CANDIDATES`` and the staircase's pick (``allocate_at(multiple)`` -> units
         removed), pruned copies timed together with this backend, the multiple that runs
         fastest per FLOP kept (:func:`~pruners.latency.pick_by_model`), and a note saying
-        so. Once per ``prune()``; multiples that cannot meet the target are left out."""
-        from .latency import MODEL_CANDIDATES, measure_models, pick_by_model
-        from .latency.staircase import MODEL_NEAR, MODEL_ROUNDS
+        so. Once per ``prune()``; multiples that cannot meet the target, or whose model does
+        not run with the backend, are left out (none left: the staircase's pick, no note)."""
+        from .latency import measure_models
+        from .latency.staircase import MODEL_CANDIDATES, MODEL_NEAR, MODEL_ROUNDS, pick_by_model
 
         self.compare_models = False
         full = cost.full()[0]
@@ -919,12 +921,18 @@ class _Hardware:
             kept[m] = cost.evaluate(cost.kept_after(graph, set(removed)))[0] / max(full, 1e-12)
             models[m] = apply_plan(copy_model(self.work, shared_params(self.work)),
                                    Plan.from_units(graph, removed))
+        if not models:
+            return self.round_to, None
         say(f"[prune] round_to='auto': timing the model planned at multiples "
             f"{', '.join(map(str, models))} with {self.table.backend} ...")
-        measured = measure_models({f"round_to {m}": model for m, model in models.items()},
-                                  self.example_inputs, backend=self.table.backend,
-                                  device=self.table.device, threads=self.table.threads,
-                                  timer=self.table.timer, rounds=MODEL_ROUNDS, dtype=self.dtype)
+        try:
+            measured = measure_models({f"round_to {m}": model for m, model in models.items()},
+                                      self.example_inputs, backend=self.table.backend,
+                                      device=self.table.device, threads=self.table.threads,
+                                      timer=self.table.timer, rounds=MODEL_ROUNDS,
+                                      dtype=self.dtype)
+        except RuntimeError:  # no model ran with the backend
+            return self.round_to, None
         seconds = {m: measured.times[f"round_to {m}"].median_ms / 1e3 for m in models
                    if f"round_to {m}" in measured.times}
         staircase, self.round_to = self.round_to, pick_by_model(seconds, kept)
