@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from .hardware import MODELS, RESULTS, all_in_layout, bench_for, in_layout
-from .summary import write_tables
+from .summary import machine_line, write_tables
 
 #: runtime column -> (backend, memory format of the model and inputs timed)
 RUNTIMES = {"eager": ("eager", torch.contiguous_format),
@@ -114,9 +114,12 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
 
 def markdown(rows: list[dict], envs: dict) -> str:
     env = next(iter(envs.values()), {})
+    timed = {r["runtime"] for r in rows}
+    versions = "".join(f", {name} {env.get(key, '?')}" for runtime, name, key in (
+        ("onnxruntime", "onnxruntime", "onnxruntime"), ("openvino", "OpenVINO", "openvino"))
+        if runtime in timed)
     lines = ["# Does alignment matter? The same plan, aligned to 16 and one channel off", "",
-             f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
-             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}; "
+             f"{machine_line(env)}{versions}; "
              f"{env.get('date', '')}. Batch 1; 50% FLOPs at round_to 16 (aligned), and that "
              "plan with one more channel removed from every group at a multiple of 16 (one "
              "off); dense, aligned and one off timed interleaved (median ms; spread = the "

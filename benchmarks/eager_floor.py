@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .hardware import MODELS, RESULTS, bench_for, in_layout
-from .summary import write_tables
+from .summary import machine_line, write_tables
 
 
 def small_inputs(bench: Any) -> tuple[torch.nn.Module, Any]:
@@ -85,8 +85,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
 def markdown(rows: list[dict], envs: dict) -> str:
     env = next(iter(envs.values()), {})
     lines = ["# What eager PyTorch can gain: the fixed part of a forward", "",
-             f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
-             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}; "
+             f"{machine_line(env)}; "
              f"{env.get('date', '')}. Batch 1, eager, no_grad; dense and pruned (50% FLOPs, "
              "round_to 16), each at its size and at an eighth of its side, interleaved "
              "(median ms; spread = the widest interquartile spread of the four). Fixed: the "

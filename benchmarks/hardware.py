@@ -28,7 +28,7 @@ from typing import Any, Optional
 import torch
 
 from .models import Bench, build
-from .summary import write_tables
+from .summary import machine_line, write_tables
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 MODELS = ["resnet50", "yolov8s", "mobilenet_v2", "retinanet_resnet50_fpn"]
@@ -232,8 +232,7 @@ def markdown(rows: list[dict], envs: dict) -> str:
     versions = f"onnxruntime {env.get('onnxruntime', '?')}" + (
         f", OpenVINO {env.get('openvino', '?')} (f32)" if "openvino" in shown else "")
     lines = ["# Hardware-aware pruning: measured latency", "",
-             f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
-             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}, {versions}; "
+             f"{machine_line(env)}, {versions}; "
              f"{env.get('date', '')}. Batch 1, CPU; every model "
              "of a row group timed interleaved in one process (median ms ± interquartile spread"
              " · speedup over dense · efficiency = speedup × FLOPs kept; ✗ under 0.9).", "",

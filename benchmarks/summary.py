@@ -15,6 +15,13 @@ from typing import Optional
 SETTINGS = ("eager", "ort")
 
 
+def machine_line(env: dict) -> str:
+    """A timed table's machine, for its header: CPU, cores, SIMD flags, threads and torch
+    (from ``pruners.latency.environment``)."""
+    return (f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
+            f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}")
+
+
 def write_tables(rows: list[dict], env: dict, out: str, prefix: str, table: str) -> None:
     """``prefix``.csv (every key any row has), ``prefix``.json (rows and environment) and
     ``prefix``.md (``table``) under ``out``."""
