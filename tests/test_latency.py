@@ -226,6 +226,22 @@ def test_round_to_auto_for_a_flops_target_is_settled_on_whole_models():
     assert "chose 1 " in note and "whole model" not in note
 
 
+def test_round_to_auto_keeps_the_staircases_pick_when_no_model_can_be_timed(monkeypatch):
+    """Where no candidate's pruned model runs with the backend (measure_models raises), the
+    staircase's multiple stands, with its own note."""
+    import pruners.latency
+
+    def no_model_runs(*args, **kwargs):
+        raise RuntimeError("no model runs with backend 'eager'")
+
+    monkeypatch.setattr(pruners.latency, "measure_models", no_model_runs)
+    result = prune(*_net(), target_flops=0.5, round_to="auto",
+                   latency_table=LatencyTable(None, timer=_ModelSteps()))
+    notes = [n for n in result.report.notes if n.startswith("round_to='auto'")]
+    assert len(notes) == 1 and "chose 1 " in notes[0] and "whole model" not in notes[0]
+    assert result.report.flops_ratio <= 0.5
+
+
 def test_latency_model_predicts_the_pruned_model():
     model, x = _net()
     clock = FakeClock()
