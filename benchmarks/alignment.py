@@ -1,16 +1,18 @@
 """Does the channel multiple matter on this machine? ``python -m benchmarks.alignment``.
 
 ``round_to`` changes two things at once: the widths' alignment to the kernels' blocks, and
-where the allocation removes channels (rounding moves removals between groups). Comparing
-``round_to=1`` against ``16`` mixes both. This separates them: each model is planned at 50%
-FLOPs with ``round_to=16`` ("aligned"), and the same plan with one more channel removed from
-every group left at a multiple of 16 ("one off": every such width is 16k - 1, the allocation
-otherwise the same). Both are timed interleaved with the dense model in eager PyTorch
-(contiguous, and channels-last), onnxruntime and OpenVINO when installed. ``one off /
-aligned`` above 1 is what alignment alone is worth there; beside it, the multiple
-``round_to="auto"`` picks for that runtime and layout from its layer staircases
-(``pruners.latency.auto_round_to``), so the two can be checked against each other. Results go
-to ``benchmarks/results/alignment.{csv,md,json}``.
+where the allocation removes channels. This separates them: each model is planned at 50%
+FLOPs with ``round_to=16`` ("aligned"), and the same plan is nudged by one channel in every
+group left at a multiple of 16, the allocation otherwise the same: one more removed ("one
+under": widths 16k - 1, the same number of 16-channel blocks) and one removed channel kept
+("one over": widths 16k + 1, one more block, nearly empty). Where kernels pad to blocks (a
+staircase), "one over" pays a block per layer for one channel and "one under" pays nothing;
+where they handle a width's remainder on a slower path, both pay. All are timed interleaved
+with the dense model in eager PyTorch (contiguous, and channels-last), onnxruntime and
+OpenVINO when installed; ratios over the aligned model's time say what alignment is worth
+there; beside them, the multiple ``round_to="auto"``'s layer staircases pick there
+(``pruners.latency.auto_round_to``). Results go to
+``benchmarks/results/alignment.{csv,md,json}``.
 """
 
 from __future__ import annotations
@@ -32,20 +34,30 @@ RUNTIMES = {"eager": ("eager", torch.contiguous_format),
             "onnxruntime": ("onnxruntime", None), "openvino": ("openvino", None)}
 
 
-def one_off(planned: Any, multiple: int) -> tuple[Any, int]:
-    """The plan of ``planned`` (a ``PlannedPruning``) with one more unit removed from every
-    group whose kept width is a positive multiple of ``multiple``, and how many groups that
-    is."""
+def nudged(planned: Any, multiple: int, by: int) -> tuple[Any, int]:
+    """The plan of ``planned`` (a ``PlannedPruning``) with every group whose kept width is a
+    positive multiple of ``multiple`` one channel narrower (``by=-1``: one more unit removed)
+    or wider (``by=+1``: one removed unit kept), and how many groups that is."""
     from pruners import Plan
 
     graph, removed = planned.graph, set(planned.removed)
-    extra = []
+    changed = set()
     for group in graph.groups:
         kept = [u for u in group.units if u not in removed]
+        gone = [u for u in group.units if u in removed]
         total = len(kept) + group.frozen
-        if len(kept) > 1 and total >= multiple and total % multiple == 0:
-            extra.append(kept[-1])
-    return Plan.from_units(graph, removed | set(extra), planned.plan.meta), len(extra)
+        if total < multiple or total % multiple:
+            continue
+        if by < 0 and len(kept) > 1:
+            changed.add(kept[-1])
+        elif by > 0 and gone:
+            changed.add(gone[0])
+    units = removed | changed if by < 0 else removed - changed
+    return Plan.from_units(graph, units, planned.plan.meta), len(changed)
+
+
+#: variant label -> how its widths differ from the aligned plan's
+NUDGES = {"one under": -1, "one over": +1}
 
 
 def auto_pick(bench: Any, backend: str, layout: Optional[torch.memory_format],
@@ -77,32 +89,37 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
         bench = bench_for(name)
         planned = plan_pruning(bench.model, bench.inputs, target_flops=0.5, round_to=multiple,
                                outputs=bench.outputs, threads=threads)
-        aligned = apply_plan(copy.deepcopy(bench.model), planned.plan).eval()
-        plan, groups = one_off(planned, multiple)
-        off = apply_plan(copy.deepcopy(bench.model), plan).eval()
+        variants = {"dense": bench.model,
+                    "aligned": apply_plan(copy.deepcopy(bench.model), planned.plan).eval()}
+        groups = {}
+        for label, by in NUDGES.items():
+            plan, groups[label] = nudged(planned, multiple, by)
+            variants[label] = apply_plan(copy.deepcopy(bench.model), plan).eval()
         counted = (bench.inputs,)
         flops0 = measure(bench.model, counted)[0]
-        kept = {k: measure(m, counted)[0] / flops0 for k, m in (("aligned", aligned),
-                                                                  ("one off", off))}
+        kept = {label: round(measure(model, counted)[0] / flops0, 4)
+                for label, model in variants.items() if label != "dense"}
         for runtime in runtimes:
             backend, layout = RUNTIMES[runtime]
             print(f"[alignment] {name}: {runtime} ...", flush=True)
-            timed = {"dense": bench.model, "aligned": aligned, "one off": off}
-            inputs = bench.inputs
+            timed, inputs = variants, bench.inputs
             if layout is not None:
-                timed, inputs = all_in_layout(timed, inputs, layout)
+                timed, inputs = all_in_layout(variants, inputs, layout)
             m = measure_models(timed, inputs, backend=backend, threads=threads, rounds=rounds)
             envs[f"{name}/{runtime}"] = m.env
-            row: dict[str, Any] = {"model": name, "runtime": runtime, "groups_one_off": groups,
-                                   "flops_kept_aligned": round(kept["aligned"], 4),
-                                   "flops_kept_one_off": round(kept["one off"], 4)}
-            for label in timed:
+            row: dict[str, Any] = {"model": name, "runtime": runtime}
+            for label in variants:
+                key = label.replace(" ", "_")
+                if label in groups:
+                    row[f"groups_{key}"] = groups[label]
+                if label in kept:
+                    row[f"flops_kept_{key}"] = kept[label]
                 if label in m.times:
-                    row[f"{label.replace(' ', '_')}_ms"] = round(m.times[label].median_ms, 3)
+                    row[f"{key}_ms"] = round(m.times[label].median_ms, 3)
+                    if label in NUDGES and "aligned" in m.times:
+                        row[f"{key}_over_aligned"] = round(m.ratio(label, "aligned"), 3)
                 else:
-                    row[f"{label.replace(' ', '_')}_error"] = m.errors.get(label, "?")
-            if "aligned" in m.times and "one off" in m.times:
-                row["one_off_over_aligned"] = round(m.ratio("one off", "aligned"), 3)
+                    row[f"{key}_error"] = m.errors.get(label, "?")
             row["spread"] = round(max(t.spread for t in m.times.values()), 3)
             row["noisy"] = m.noisy
             if auto:
@@ -118,24 +135,27 @@ def markdown(rows: list[dict], envs: dict) -> str:
     versions = "".join(f", {name} {env.get(key, '?')}" for runtime, name, key in (
         ("onnxruntime", "onnxruntime", "onnxruntime"), ("openvino", "OpenVINO", "openvino"))
         if runtime in timed)
-    lines = ["# Does alignment matter? The same plan, aligned to 16 and one channel off", "",
-             f"{machine_line(env)}{versions}; "
+    lines = ["# Does alignment matter? One plan, aligned to 16 and one channel either side",
+             "", f"{machine_line(env)}{versions}; "
              f"{env.get('date', '')}. Batch 1; 50% FLOPs at round_to 16 (aligned), and that "
-             "plan with one more channel removed from every group at a multiple of 16 (one "
-             "off); dense, aligned and one off timed interleaved (median ms; spread = the "
-             "widest interquartile spread of the three). One off / aligned above 1: what "
-             "alignment alone saves; auto: the multiple round_to='auto' picks there.", "",
-             "| model | runtime | groups one off | dense ms | aligned ms | one off ms | "
-             "one off / aligned | auto picks | spread |", "|---" * 9 + "|"]
+             "plan with every group at a multiple of 16 one channel narrower (one under: "
+             "16k - 1) or wider (one over: 16k + 1); dense, aligned, one under and one over "
+             "timed interleaved (median ms; spread = the widest interquartile spread of the "
+             "four). A ratio over 1: what alignment saves; auto: the multiple round_to='auto''s "
+             "layer staircases pick there.", "",
+             "| model | runtime | groups | dense ms | aligned ms | one under ms (/ aligned) | "
+             "one over ms (/ aligned) | auto picks | spread |", "|---" * 9 + "|"]
     for r in rows:
         def ms(key: str) -> str:
-            return f"{r[key]:.2f}" if key in r else "error"
+            if f"{key}_ms" not in r:
+                return "error"
+            ratio = r.get(f"{key}_over_aligned")
+            return f"{r[f'{key}_ms']:.2f}" + (f" ({ratio:.3f})" if ratio is not None else "")
 
-        ratio = f"{r['one_off_over_aligned']:.3f}" if "one_off_over_aligned" in r else "-"
         noisy = " (noisy)" if r.get("noisy") else ""
-        lines.append(f"| {r['model']} | {r['runtime']} | {r['groups_one_off']} | "
-                     f"{ms('dense_ms')} | {ms('aligned_ms')} | {ms('one_off_ms')} | "
-                     f"{ratio}{noisy} | {r.get('auto_round_to', '-')} | "
+        lines.append(f"| {r['model']} | {r['runtime']} | {r.get('groups_one_over', '-')} | "
+                     f"{ms('dense')} | {ms('aligned')} | {ms('one_under')} | "
+                     f"{ms('one_over')}{noisy} | {r.get('auto_round_to', '-')} | "
                      f"{100 * r['spread']:.0f}% |")
     return "\n".join(lines) + "\n"
 

@@ -375,10 +375,10 @@ def test_eager_floor_rows_and_the_ceiling_they_imply(tmp_path):
     assert yolo.shape == (1, 3, 64, 64)
 
 
-def test_alignment_times_one_plan_aligned_and_one_channel_off(tmp_path):
-    """The "one off" model is the aligned plan with one more channel removed from each group
-    at a multiple of the step (every such width becomes 16k - 1, nothing else moves), and the
-    row's ratio is its time over the aligned one's."""
+def test_alignment_times_one_plan_aligned_and_one_channel_either_side(tmp_path):
+    """"One under" and "one over" are the aligned plan with every group at a multiple of the
+    step one channel narrower or wider (widths 16k - 1 and 16k + 1, nothing else moves), and
+    each row's ratios are their times over the aligned one's."""
     import pytest
     import torch
 
@@ -388,21 +388,26 @@ def test_alignment_times_one_plan_aligned_and_one_channel_off(tmp_path):
 
     bench = bench_for("tiny")
     planned = plan_pruning(bench.model, bench.inputs, target_flops=0.5, round_to=8)
-    plan, groups = alignment.one_off(planned, 8)
-    aligned = apply_plan(bench_for("tiny").model, planned.plan)
-    off = apply_plan(bench_for("tiny").model, plan)
-    widths = [(a.out_channels, o.out_channels) for a, o in
-              zip(aligned.modules(), off.modules()) if isinstance(a, torch.nn.Conv2d)]
-    assert groups >= 1 and all(w % 8 == 0 for w, _ in widths)
-    assert sum(w - v for w, v in widths) >= groups and all(w - v in (0, 1) for w, v in widths)
+
+    def widths(plan):
+        return [m.out_channels for m in apply_plan(bench_for("tiny").model, plan).modules()
+                if isinstance(m, torch.nn.Conv2d)]
+
+    aligned = widths(planned.plan)
+    assert all(w % 8 == 0 for w in aligned)
+    for by in (-1, 1):
+        plan, groups = alignment.nudged(planned, 8, by)
+        moved = [v - w for w, v in zip(aligned, widths(plan))]
+        assert groups >= 1 and set(moved) <= {0, by} and moved.count(by) >= groups
 
     rows = alignment.run(["tiny"], threads=1, rounds=3, out=str(tmp_path), prefix="al",
                          multiple=8, runtimes=["eager", "eager cl"])
     assert [r["runtime"] for r in rows] == ["eager", "eager cl"]
     for r in rows:
-        assert r["groups_one_off"] == groups
-        assert r["flops_kept_one_off"] < r["flops_kept_aligned"] <= 0.51
-        assert r["one_off_over_aligned"] == pytest.approx(r["one_off_ms"] / r["aligned_ms"],
-                                                          rel=0.01)
+        assert r["groups_one_under"] >= 1 and r["groups_one_over"] >= 1
+        assert r["flops_kept_one_under"] < r["flops_kept_aligned"] < r["flops_kept_one_over"]
+        for key in ("one_under", "one_over"):
+            assert r[f"{key}_over_aligned"] == pytest.approx(r[f"{key}_ms"] / r["aligned_ms"],
+                                                             rel=0.01)
         assert r["auto_round_to"] == 1  # no layer of 48 outputs or more: nothing to time
-    assert "one off / aligned" in (tmp_path / "al.md").read_text()
+    assert "one over ms (/ aligned)" in (tmp_path / "al.md").read_text()
