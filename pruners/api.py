@@ -66,8 +66,8 @@ class PruneOptions:
             "auto": the multiple the backend's kernels reward, measured on the model's
             costliest layers (``pruners.latency.staircase``) and, for a FLOPs, params or
             channel target, on the whole model planned at 1, 8, 16 and 32 and timed: the
-            smallest multiple within 2% of the fastest per FLOP kept (the multiple also moves
-            removals between groups, which layers alone do not show). The report's notes
+            smallest multiple within 2% of the fastest per FLOP kept (the few layers a
+            staircase samples can miss a step the whole model takes). The report's notes
             say which, and the times.
         min_channels: the fewest channels any layer dim keeps.
         max_ratio: the largest fraction of a group's units that may go.

@@ -6,10 +6,10 @@ block. :func:`staircase` times the model's costliest layer at every width of a w
 :func:`pick_round_to` keeps the smallest multiple whose widths run clearly faster than the
 trend through all widths (1 when none does: every channel costs alike).
 
-The multiple also moves removals between groups (a group goes in whole blocks, a narrow one
-not at all), and that can matter more than alignment: channels-last in eager PyTorch and in
-OpenVINO, MobileNetV2 at 50% FLOPs ran 10-27% faster at ``round_to=16`` than at 1 where
-widths one channel off 16 cost under 3%. So for a FLOPs, params or channel target,
+A staircase samples a few layers, the costliest by MACs, and those can show no step where
+the whole model does: channels-last in eager PyTorch, MobileNetV2's 1x1 convs timed alone
+stepped at no multiple, yet its plan at ``round_to=16`` ran 10% faster than at
+``round_to=1``, whose widths differ from it by the rounding only (27% in OpenVINO). So for a FLOPs, params or channel target,
 ``prune`` also times the whole model planned at each of :data:`MODEL_CANDIDATES` (and the
 staircase's pick) and :func:`pick_by_model` keeps the multiple that runs fastest per FLOP.
 """
