@@ -501,15 +501,13 @@ def _plan(analysis: _Analysis, work: nn.Module, lifted: list[Lifted], example_in
                             free=dead, losses=losses, latency=latency)
 
         if hardware is not None and hardware.compare_models:
-            staircase = next((n for n in analysis.notes if n.startswith("round_to='auto'")), None)
             round_to, note = hardware.by_model(graph, cost, allocate_at, opts.say)
             analysis.round_to = round_to
-            if note is not None and staircase is None:
-                analysis.notes.append(note)
-                notes.append(note)
-            elif note is not None:  # the staircase's note gives way to what decided
-                analysis.notes = [note if n is staircase else n for n in analysis.notes]
-                notes = [note if n is staircase else n for n in notes]
+            if note is not None:  # in the staircase's note's place (appended if none)
+                at = next((i for i, n in enumerate(analysis.notes)
+                           if n.startswith("round_to='auto'")), len(analysis.notes))
+                analysis.notes[at:at + 1] = [note]
+                notes = list(analysis.notes)
             clock.lap("round_to auto")
         try:
             removed = allocate_at(round_to)
