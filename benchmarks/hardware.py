@@ -185,6 +185,8 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
                     row[f"{key}_ms"] = round(t.median_ms, 3)
                     row[f"{key}_spread"] = round(t.spread, 3)
                     row[f"{key}_noisy"] = m.noisy
+                    if label in m.faults:
+                        row[f"{key}_faults"] = round(m.faults[label])
                     if label != "dense" and "flops_kept" in row:
                         speedup = m.ratio("dense", label)
                         row[f"{key}_speedup"] = round(speedup, 3)
@@ -226,6 +228,8 @@ def _cell(row: dict, key: str) -> str:
 
 
 def markdown(rows: list[dict], envs: dict) -> str:
+    from pruners.latency.timing import FAULTS_NOTED
+
     env = next(iter(envs.values()), {})
     shown = [b for b in BACKENDS if any(f"{BACKENDS[b]}_ms" in r for r in rows)] \
         or ["eager", "onnxruntime"]
@@ -257,6 +261,11 @@ def markdown(rows: list[dict], envs: dict) -> str:
         if r["model"] == k.split("/")[0])})
     if noisy:
         lines += ["", f"Noisy (a spread stayed over 10% after 3 attempts): {', '.join(noisy)}."]
+    faulting = [f"{r['model']} {r['variant']} {b} {r[f'{BACKENDS[b]}_faults']}" for r in rows
+                for b in shown if r.get(f"{BACKENDS[b]}_faults", 0) > FAULTS_NOTED]
+    if any(k.endswith("_faults") for r in rows for k in r):  # tables from before they counted
+        lines += ["", f"Page faults per call over {FAULTS_NOTED}: "
+                  + (", ".join(faulting) if faulting else "none") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -17,9 +17,12 @@ SETTINGS = ("eager", "ort")
 
 def machine_line(env: dict) -> str:
     """A timed table's machine, for its header: CPU, cores, SIMD flags, threads and torch
-    (from ``pruners.latency.environment``)."""
+    (from ``pruners.latency.environment``), and whether malloc was pinned (``benchmarks``)."""
+    from . import MALLOC_PINNED
+
     return (f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
-            f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}")
+            f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}; malloc "
+            f"{'pinned' if MALLOC_PINNED else 'default'}")
 
 
 def write_tables(rows: list[dict], env: dict, out: str, prefix: str, table: str) -> None:

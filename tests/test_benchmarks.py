@@ -411,3 +411,20 @@ def test_alignment_times_one_plan_aligned_and_one_channel_either_side(tmp_path):
                                                              rel=0.01)
         assert r["auto_round_to"] == 1  # no layer of 48 outputs or more: nothing to time
     assert "one over ms (/ aligned)" in (tmp_path / "al.md").read_text()
+
+
+def test_benchmarks_pin_malloc_so_large_blocks_are_not_mapped_again_each_call():
+    """Freeing and taking again a 64 MiB block costs ~16,000 page faults a call with glibc's
+    defaults (above its largest mmap threshold); pinned, the heap keeps it."""
+    pytest.importorskip("resource")
+    import torch
+
+    import benchmarks
+    from pruners.latency import page_faults
+
+    if not benchmarks.MALLOC_PINNED:
+        pytest.skip("not glibc, or PRUNERS_BENCH_MALLOC=default")
+    pages = (64 << 20) // 4096
+    # glibc's defaults map all of them every call; pinned, at most a stray call of the six
+    # grows the heap (when something else took its top meanwhile)
+    assert page_faults(lambda: torch.empty(16 << 20).fill_(1.0), calls=6, warmup=3) < pages / 2

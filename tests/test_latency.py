@@ -460,6 +460,41 @@ def test_measure_models_retries_and_marks_noise():
     assert {"cpu", "threads", "torch", "onnxruntime", "backend", "flags"} <= set(env)
 
 
+class _MapsFreshMemory(nn.Module):
+    """Writes ``mib`` of freshly mapped memory per call: page faults no allocator setting
+    removes (``mib=0``: none)."""
+
+    def __init__(self, mib: int) -> None:
+        super().__init__()
+        self.mib = mib
+
+    def forward(self, x):
+        import mmap
+        if self.mib:
+            with mmap.mmap(-1, self.mib << 20) as m:
+                for at in range(0, self.mib << 20, 4096):
+                    m[at] = 1
+        return x + 1
+
+
+def test_page_faults_per_call_are_counted_and_noted():
+    pytest.importorskip("resource")
+    from pruners.latency import page_faults
+    from pruners.latency.timing import FAULTS_NOTED, WallTimer
+
+    x = torch.zeros(4)
+    assert page_faults(lambda: _MapsFreshMemory(8)(x)) >= 0.9 * (8 << 20) / 4096
+    m = measure_models({"dense": _MapsFreshMemory(8), "pruned": _MapsFreshMemory(0)}, x,
+                       rounds=4, sample_s=0, timer=WallTimer())
+    assert m.faults["dense"] > FAULTS_NOTED > m.faults["pruned"]
+    assert any(n.startswith("page faults per call: dense ") and "pruned" not in n
+               for n in m.notes)
+    # a fake clock never runs the models, so nothing is counted
+    fake = measure_models({"dense": _MapsFreshMemory(8)}, x, rounds=4, sample_s=0,
+                          timer=lambda fn, what: 1e-3)
+    assert fake.faults == {} and not any("page faults" in n for n in fake.notes)
+
+
 def test_a_sample_averages_calls_filling_sample_s():
     model, x = _net()
     seen = []

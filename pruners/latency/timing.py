@@ -9,7 +9,10 @@ A figure is only as good as the machine was quiet. :func:`measure_models` times 
 in rounds, taking turns in an order rotated each round (a load change hits all alike), and
 checks the spread (interquartile range over median) of each; when any is wider than
 ``max_spread`` it measures again, and a figure still that wide comes back marked ``noisy``:
-report it as noise, not a result.
+report it as noise, not a result. It also counts each model's page faults per call: a model
+whose freed activations the allocator hands back to the OS between calls (glibc's malloc does,
+for large ones) pays for mapping them again on every call, which is the allocator's doing,
+not the model's; the measurement says so.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement
            "environment", "machine_id", "time_call", "interleave", "steady", "measure_models",
            "model_runner", "graph_runner", "onnx_runner", "openvino_config", "openvino_request",
            "ort_options", "installed", "require", "dtype_name", "backend_dtype", "DTYPES",
-           "GRAPH_COPIES"]
+           "GRAPH_COPIES", "page_faults", "FAULTS_NOTED"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
 
@@ -46,6 +49,9 @@ BACKENDS = ("eager", "onnxruntime", "openvino", "cudagraph")
 #: Forwards captured into one CUDA graph when a single layer is timed: replaying one small
 #: layer costs about as much as the layer, so a call replays this many and counts as one.
 GRAPH_COPIES = 10
+
+#: Page faults per call above which a measurement notes that the allocator's timing is in it.
+FAULTS_NOTED = 100
 
 #: The precisions latency can be timed in (``dtype_name``).
 DTYPES = ("float32", "float16", "bfloat16")
@@ -134,6 +140,7 @@ class Measurement:
     noisy: bool = False
     notes: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # models that would not run there
+    faults: dict[str, float] = field(default_factory=dict)  # minor page faults per call
 
     def ratio(self, label: str, reference: str = "dense") -> float:
         """``label``'s median over ``reference``'s (latency kept)."""
@@ -201,6 +208,21 @@ def time_call(fn: Callable[[], Any], what: Any, timer: Timer, repeats: int = 7,
     for _ in range(warmup):
         fn()
     return statistics.median(timer(fn, what) for _ in range(repeats))
+
+
+def page_faults(fn: Callable[[], Any], calls: int = 3, warmup: int = 1) -> Optional[float]:
+    """Minor page faults of this process per call of ``fn`` (after ``warmup`` calls, which
+    grow the heap to what ``fn`` needs); None where the OS does not count them."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    for _ in range(warmup):
+        fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def _spread(samples: list[float]) -> float:
@@ -437,14 +459,23 @@ def measure_models(models: dict[str, nn.Module], inputs: Any, *, backend: str = 
             repeat = max(1, min(20, int(sample_s / max(slowest, 1e-9))))
         best, attempts = steady(calls, timer, rounds, repeat=repeat, max_spread=max_spread,
                                 retries=retries)
+        faults = {label: page_faults(fn) for label, (fn, _) in calls.items()} \
+            if isinstance(timer, WallTimer) else {}
     finally:
         torch.set_num_threads(previous)
     worst = _worst(best)
     env = environment(backend, device, threads)
     if name is not None:
         env["dtype"] = name
-    result = Measurement(best, env, max_spread, attempts,
-                         noisy=worst > max_spread, errors=errors)
+    result = Measurement(best, env, max_spread, attempts, noisy=worst > max_spread,
+                         errors=errors, faults={k: v for k, v in faults.items() if v is not None})
+    faulting = {k: v for k, v in result.faults.items() if v > FAULTS_NOTED}
+    if faulting:
+        result.notes.append(
+            "page faults per call: " + ", ".join(f"{k} {v:.0f}" for k, v in faulting.items())
+            + ": the allocator returns their freed activations to the OS between calls, and "
+            "their times include mapping them again (pin it, as the benchmarks do, or use "
+            "jemalloc or tcmalloc, for times that do not depend on it)")
     if result.noisy:
         result.notes.append(f"spread {100 * worst:.0f}% stayed over {100 * max_spread:.0f}% in "
                             f"{attempts} attempts: the machine is not quiet, these figures are "
