@@ -226,6 +226,54 @@ def test_round_to_auto_for_a_flops_target_is_settled_on_whole_models():
     assert "chose 1 " in note and "whole model" not in note
 
 
+class _FasterChannelsLast(_ModelSteps):
+    """:class:`_ModelSteps` where a model whose convs are channels-last runs ``factor`` as
+    long (layers are timed as before)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+        self.labels: set[str] = set()  # the whole models timed
+
+    def __call__(self, fn, what) -> float:
+        t = super().__call__(fn, what)
+        if isinstance(what, ModelCall):
+            self.labels.add(what.label)
+        if isinstance(what, ModelCall) and any(
+                m.weight.is_contiguous(memory_format=torch.channels_last)
+                and not m.weight.is_contiguous() for m in what.model.modules()
+                if isinstance(m, nn.Conv2d)):
+            return self.factor * t
+        return t
+
+
+def test_round_to_auto_says_when_channels_last_runs_the_plan_faster_in_eager():
+    model, x = _net()
+    before = [p.clone() for p in model.parameters()]
+    faster = prune(model, x, target_flops=0.5, round_to="auto",
+                   latency_table=LatencyTable(None, timer=_FasterChannelsLast(0.8)))
+    note = next(n for n in faster.report.notes if n.startswith("round_to='auto'"))
+    assert "chose 16 " in note and "channels-last, the model planned at 1 ran in" in note
+    fast, slow = (float(v) for v in note.split("ran in ")[1].split(" contiguous")[0]
+                  .split(" ms against "))
+    assert fast == pytest.approx(0.8 * slow, rel=0.01)
+    # the dense model keeps its layout and weights; the pruned one is returned as it was
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.is_contiguous() for p in faster.model.parameters())
+    # no sentence where channels-last is not 5% faster; a channels-last model is not
+    # converted and timed again
+    for factor, layout in ((0.97, torch.contiguous_format), (0.8, torch.channels_last)):
+        m, xs = _net()
+        clock = _FasterChannelsLast(factor)
+        result = prune(m.to(memory_format=layout), xs.contiguous(memory_format=layout),
+                       target_flops=0.5, round_to="auto", latency_table=LatencyTable(None,
+                                                                                  timer=clock))
+        note = next(n for n in result.report.notes if n.startswith("round_to='auto'"))
+        assert "chose 16 " in note and "channels-last" not in note
+        assert ("channels-last" in clock.labels) == (layout == torch.contiguous_format)
+
+
 def test_round_to_auto_keeps_the_staircases_pick_when_no_model_can_be_timed(monkeypatch):
     """Where no candidate's pruned model runs with the backend (measure_models raises), the
     staircase's multiple stands, with its own note."""
