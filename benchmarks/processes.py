@@ -85,7 +85,7 @@ def _cell(row: dict, key: str) -> str:
     if field == "ms":
         return f"{lo:.1f}-{hi:.1f} ms{noisy}"
     mark = "" if mid >= 0.9 else " ✗"
-    return f"{mid:.2f} [{lo:.2f}-{hi:.2f}]{mark}{noisy}"
+    return f"{mid:.3f} [{lo:.3f}-{hi:.3f}]{mark}{noisy}"
 
 
 def markdown(rows: list[dict], env: dict, backends: list[str], processes: int) -> str:

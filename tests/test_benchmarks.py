@@ -428,3 +428,34 @@ def test_benchmarks_pin_malloc_so_large_blocks_are_not_mapped_again_each_call():
     # glibc's defaults map all of them every call; pinned, at most a stray call of the six
     # grows the heap (when something else took its top meanwhile)
     assert page_faults(lambda: torch.empty(16 << 20).fill_(1.0), calls=6, warmup=3) < pages / 2
+
+
+def test_processes_summarizes_each_variant_over_fresh_processes(tmp_path):
+    """Per variant and runtime: the median efficiency and its range over the processes (the
+    dense model's ms instead), noisy runs counted, a variant that failed everywhere an error
+    row; and the harness really runs ``benchmarks.hardware`` once per process and model."""
+    from benchmarks import processes
+
+    def run(dense_ms, eff, noisy=False):
+        return [{"model": "m", "variant": "dense", "flops_kept": 1.0, "eager_ms": dense_ms},
+                {"model": "m", "variant": "ours", "flops_kept": 0.5, "eager_eff": eff,
+                 "eager_noisy": noisy},
+                {"model": "m", "variant": "tp", "error": "IndexError: index 768"}]
+
+    rows = processes.summarize([run(55.0, 0.95), run(67.0, 0.80, noisy=True),
+                                run(60.0, 0.90)], ["eager"])
+    dense, ours, tp = rows
+    assert dense["eager_ms_min"] == 55.0 and dense["eager_ms_max"] == 67.0
+    assert ours["eager_eff_median"] == 0.9 and ours["eager_effs"] == "0.95 0.8 0.9"
+    assert (ours["eager_eff_min"], ours["eager_eff_max"], ours["eager_noisy"]) == (0.8, 0.95, 1)
+    assert tp["error"].startswith("IndexError") and "eager_eff_median" not in tp
+    table = processes.markdown(rows, {}, ["eager"], 3)
+    assert "| m | ours | 0.500 | 0.900 [0.800-0.950] (1 noisy) |" in table
+    assert "55.0-67.0 ms" in table and "| m | tp | error: IndexError" in table
+
+    got = processes.run(["tiny"], 2, ["ours r8"], ["eager"], threads=1, rounds=3,
+                        out=str(tmp_path))
+    assert [r["runs"] for r in got] == [2, 2]
+    assert sorted(p.name for p in (tmp_path / "processes").glob("*.json")) == \
+        ["tiny_1.json", "tiny_2.json"]
+    assert len(got[1]["eager_effs"].split()) == 2 and (tmp_path / "processes.md").exists()
