@@ -962,8 +962,10 @@ class _Hardware:
                    if isinstance(m, nn.Conv2d) and m.weight.shape[-2:] != (1, 1)]
         if not weights or any(not w.is_contiguous() for w in weights):
             return None  # no 2-D convs, or already channels-last (or otherwise strided)
-        copy = deepcopy_model(models[self.round_to])  # .to() would convert shared weights
-        return self.round_to, copy.to(memory_format=torch.channels_last)
+        # a copy of its own: .to() on the plan's model would convert the weights it shares
+        # with the user's model in place
+        converted = deepcopy_model(models[self.round_to])
+        return self.round_to, converted.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _layout_advice(measured: Any, layout: Optional[tuple[int, nn.Module]]) -> str:
