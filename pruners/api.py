@@ -925,9 +925,9 @@ class _Hardware:
         say(f"[prune] round_to='auto': timing the model planned at multiples "
             f"{', '.join(map(str, models))} with {self.table.backend} ...")
         timed = {f"round_to {m}": model for m, model in models.items()}
-        layout = self._other_layout(models)
-        if layout is not None:
-            timed["channels-last"] = layout[1]
+        converted = self._channels_last(models)
+        if converted is not None:
+            timed["channels-last"] = converted
         try:
             measured = measure_models(timed, self.example_inputs, backend=self.table.backend,
                                       device=self.table.device, threads=self.table.threads,
@@ -946,11 +946,11 @@ class _Hardware:
             f"{'; noisy' if measured.noisy else ''}) runs "
             f"fastest per FLOP kept at {self.round_to} (the smallest within "
             f"{100 * MODEL_NEAR:g}% of the best); the layers' staircases alone chose "
-            f"{staircase}{self._layout_advice(measured, layout)}")
+            f"{staircase}{self._layout_advice(measured, staircase)}")
 
-    def _other_layout(self, models: dict[int, nn.Module]) -> Optional[tuple[int, nn.Module]]:
-        """In eager float32 on the CPU, for a contiguous model with 2-D convs: the staircase's
-        multiple and a channels-last copy of its plan, timed beside the candidates. Eager
+    def _channels_last(self, models: dict[int, nn.Module]) -> Optional[nn.Module]:
+        """In eager float32 on the CPU, for a contiguous model with 2-D convs: a channels-last
+        copy of the staircase's multiple's plan, timed beside the candidates. Eager
         oneDNN convs convert contiguous activations to their blocked layout and back around
         every conv, a cost that follows the activations, which pruning shrinks less than the
         FLOPs (README's hardware table: the ``auto`` models ran 9-24% faster channels-last,
@@ -964,15 +964,14 @@ class _Hardware:
             return None  # no 2-D convs, or already channels-last (or otherwise strided)
         # a copy of its own: .to() on the plan's model would convert the weights it shares
         # with the user's model in place
-        converted = deepcopy_model(models[self.round_to])
-        return self.round_to, converted.to(memory_format=torch.channels_last)
+        return deepcopy_model(models[self.round_to]).to(memory_format=torch.channels_last)
 
     @staticmethod
-    def _layout_advice(measured: Any, layout: Optional[tuple[int, nn.Module]]) -> str:
-        """The note's sentence on channels-last, where it ran the plan 5% faster or more."""
-        if layout is None or measured.noisy or "channels-last" not in measured.times:
+    def _layout_advice(measured: Any, m: int) -> str:
+        """The note's sentence on channels-last (the plan at multiple ``m`` timed so beside
+        it), where that ran 5% faster or more."""
+        if measured.noisy or "channels-last" not in measured.times:
             return ""
-        m = layout[0]
         fast = measured.times["channels-last"].median_ms
         slow = measured.times.get(f"round_to {m}")
         if slow is None or fast > 0.95 * slow.median_ms:
