@@ -7,8 +7,10 @@ the other, each timing dense and 50%-FLOPs ResNet-50 interleaved, found the dens
 changes state between processes, and a single run reports whichever it met. This runs
 ``benchmarks.hardware`` for each model in ``--processes`` fresh interpreters one after the
 other and reports, per variant and runtime, the median efficiency and its range over the
-processes, with the dense model's milliseconds in each (the state the machine was in).
-Results go to ``benchmarks/results/processes.{csv,md,json}``; each process's own table to
+processes, with the dense model's milliseconds in each (the state the machine was in), and
+reads issue 13's acceptance off those medians (:func:`acceptance`): efficiency of at least
+0.9 at 50% FLOPs with ``round_to="auto"`` and at ``target_latency=0.5``, in eager and in
+onnxruntime, and every latency target landing within 7% of 0.5. Results go to ``benchmarks/results/processes.{csv,md,json}``; each process's own table to
 ``benchmarks/results/processes/``.
 """
 
@@ -26,9 +28,15 @@ from .hardware import BACKENDS, MODELS, RESULTS, VARIANTS, _backends
 from .summary import machine_line, write_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: the rows the issue's goal reads: ours at 50% FLOPs (auto, and 16), Torch-Pruning at 16
-DEFAULT_VARIANTS = ["ours auto", "ours r16", "tp r16"]
+#: the rows the issue's goal reads: ours at 50% FLOPs (auto, measured in eager and in
+#: onnxruntime, and 16), ours at half the measured latency in each, Torch-Pruning at 16
+DEFAULT_VARIANTS = ["ours auto", "ours auto ort", "ours r16", "ours latency eager",
+                    "ours latency ort", "tp r16"]
 DEFAULT_BACKENDS = ["eager", "eager cl", "onnxruntime"]
+#: the acceptance's runtimes: the column read, and per goal the variant measured with it
+GOALS = {"eager": {"auto": "ours auto", "latency": "ours latency eager"},
+         "onnxruntime": {"auto": "ours auto ort", "latency": "ours latency ort"}}
+EFFICIENCY, LANDING = 0.9, 0.07
 
 
 def run_once(model: str, variants: list[str], backends: list[str], threads: int, rounds: int,
@@ -72,8 +80,70 @@ def summarize(runs: list[list[dict]], backends: list[str]) -> list[dict]:
             row[f"{key}_{field}_median"] = round(statistics.median(values), 3)
             row[f"{key}_{field}_min"], row[f"{key}_{field}_max"] = min(values), max(values)
             row[f"{key}_noisy"] = sum(bool(r.get(f"{key}_noisy")) for r in rows)
+            # a latency target's landing: its time over dense's, as timed in the table
+            if any("measured_in_prune" in r for r in rows):
+                landed = [1 / r[f"{key}_speedup"] for r in rows if f"{key}_speedup" in r]
+                row[f"{key}_landed_median"] = round(statistics.median(landed), 3)
+                row[f"{key}_landed_min"] = round(min(landed), 3)
+                row[f"{key}_landed_max"] = round(max(landed), 3)
+        in_prune = [r["measured_in_prune"] for r in rows if "measured_in_prune" in r]
+        if in_prune:  # ... and as measured inside prune(), on the backend it aimed at
+            row["in_prune_min"], row["in_prune_max"] = min(in_prune), max(in_prune)
         out.append(row)
     return out
+
+
+def acceptance(rows: list[dict], target: float = 0.5) -> list[dict]:
+    """Issue 13's criteria read off :func:`summarize`'s rows, one verdict per model, goal and
+    runtime: ``value`` (the median efficiency, or for "landing" the worst of every landing in
+    every process, in ``prune()`` and in the table), ``passed``, and ``range`` (min-max over
+    the processes). A row that is missing (a variant not run, a runtime not installed, an
+    error) gives ``passed=None``: not shown, rather than failed."""
+    by = {(r["model"], r["variant"]): r for r in rows}
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for runtime, variants in GOALS.items():
+            key = BACKENDS[runtime]
+            for goal, variant in variants.items():
+                row = by.get((model, variant), {})
+                median = row.get(f"{key}_eff_median")
+                out.append({"model": model, "goal": f"{goal} efficiency", "runtime": runtime,
+                            "variant": variant, "value": median,
+                            "range": (row.get(f"{key}_eff_min"), row.get(f"{key}_eff_max")),
+                            "passed": None if median is None else median >= EFFICIENCY})
+            row = by.get((model, variants["latency"]), {})
+            ends = [row.get(k) for k in (f"{key}_landed_min", f"{key}_landed_max",
+                                         "in_prune_min", "in_prune_max")]
+            ends = [e for e in ends if e is not None]
+            worst = max(ends, key=lambda e: abs(e / target - 1)) if ends else None
+            out.append({"model": model, "goal": "landing", "runtime": runtime,
+                        "variant": variants["latency"], "value": worst,
+                        "range": (min(ends), max(ends)) if ends else (None, None),
+                        "passed": None if worst is None
+                        else abs(worst / target - 1) <= LANDING})
+    return out
+
+
+def _verdicts(rows: list[dict]) -> list[str]:
+    """The acceptance as markdown lines: per model and runtime, each goal's figure."""
+    verdicts = acceptance(rows)
+    if all(v["passed"] is None for v in verdicts):
+        return []
+    mark = {True: "met", False: "**not met**", None: "not run"}
+    lines = ["", f"Against the acceptance (efficiency ≥ {EFFICIENCY} as the median over the "
+             f"processes; landing: every latency target within ±{100 * LANDING:g}% of 0.5, "
+             "inside `prune()` and timed in the table, in every process):", "",
+             "| model | runtime | auto efficiency | latency-target efficiency | landing |",
+             "|---|---|---|---|---|"]
+    for i in range(0, len(verdicts), 3):
+        cells = []
+        for v in verdicts[i:i + 3]:
+            lo, hi = v["range"]
+            cells.append("-" if v["value"] is None else
+                         f"{v['value']:.3f} [{lo:.3f}-{hi:.3f}] {mark[v['passed']]}")
+        lines.append(f"| {verdicts[i]['model']} | {verdicts[i]['runtime']} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def _cell(row: dict, key: str) -> str:
@@ -105,7 +175,7 @@ def markdown(rows: list[dict], env: dict, backends: list[str], processes: int) -
             continue
         lines.append(f"| {r['model']} | {r['variant']} | {r.get('flops_kept', 1.0):.3f} | "
                      + " | ".join(_cell(r, BACKENDS[b]) for b in backends) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _verdicts(rows)) + "\n"
 
 
 def run(models: list[str], processes: int, variants: list[str], backends: list[str],

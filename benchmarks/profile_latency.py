@@ -59,15 +59,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--rounds", type=int, default=5, help="dense and pruned take turns")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--channels-last", action="store_true", dest="channels_last",
+                   help="prune and profile both models channels-last")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     bench = build(a.model)
+    if a.channels_last:
+        bench.model.to(memory_format=torch.channels_last)
     result = prune(bench.model, bench.inputs, target_flops=a.target, round_to=a.round_to,
                    outputs=bench.outputs)
     x = bench.batch(a.batch)
     dense, pruned = interleaved_op_times([bench.model, result.model], x, a.rounds)
     total_d, total_p = sum(dense.values()), sum(pruned.values())
-    print(f"{a.model}: FLOPs kept {result.report.flops_ratio:.3f}; op time kept "
+    print(f"{a.model}{' (channels-last)' if a.channels_last else ''}: FLOPs kept {result.report.flops_ratio:.3f}; op time kept "
           f"{total_p / total_d:.3f} ({total_d:.1f} -> {total_p:.1f} ms, batch {a.batch}); "
           f"efficiency {result.report.flops_ratio * total_d / total_p:.2f}")
     print(f"{'op':<40}{'dense ms':>10}{'pruned ms':>11}{'kept':>7}{'share of pruned':>17}")

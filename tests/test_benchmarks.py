@@ -459,3 +459,38 @@ def test_processes_summarizes_each_variant_over_fresh_processes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "processes").glob("*.json")) == \
         ["tiny_1.json", "tiny_2.json"]
     assert len(got[1]["eager_effs"].split()) == 2 and (tmp_path / "processes.md").exists()
+
+
+def test_processes_reads_the_acceptance_off_the_medians():
+    """Each goal's verdict comes from the medians over processes (efficiency) or from the
+    worst landing anywhere (inside prune() and in the table, every process); a goal whose
+    variant did not run reads "not run", not met or failed."""
+    from benchmarks import processes
+
+    def run(auto_eff, lat_speedup, in_prune):
+        return [{"model": "m", "variant": "dense", "flops_kept": 1.0, "eager_ms": 60.0},
+                {"model": "m", "variant": "ours auto", "flops_kept": 0.5, "eager_eff": auto_eff},
+                {"model": "m", "variant": "ours latency eager", "flops_kept": 0.42,
+                 "eager_eff": 0.42 * lat_speedup, "eager_speedup": lat_speedup,
+                 "measured_in_prune": in_prune}]
+
+    rows = processes.summarize([run(0.95, 2.0, 0.49), run(0.85, 1.95, 0.51),
+                                run(0.92, 2.05, 0.50)], ["eager"])
+    got = {(v["goal"], v["runtime"]): v for v in processes.acceptance(rows)}
+    auto = got[("auto efficiency", "eager")]
+    assert auto["value"] == 0.92 and auto["passed"] and auto["range"] == (0.85, 0.95)
+    latency = got[("latency efficiency", "eager")]
+    assert latency["value"] == round(0.42 * 2.0, 3) and latency["passed"] is False
+    landing = got[("landing", "eager")]
+    assert landing["passed"] and landing["value"] == round(1 / 1.95, 3)
+    assert got[("auto efficiency", "onnxruntime")]["passed"] is None  # not run
+    table = processes.markdown(rows, {}, ["eager"], 3)
+    assert "| m | eager | 0.920 [0.850-0.950] met | 0.840 [" in table
+    assert "**not met**" in table and "| m | onnxruntime | - | - | - |" in table
+
+    # one process's table landing at 0.54 (8% over) fails the landing, though the median holds
+    rows = processes.summarize([run(0.95, 2.0, 0.49), run(0.95, 1 / 0.54, 0.50),
+                                run(0.95, 2.0, 0.50)], ["eager"])
+    landing = next(v for v in processes.acceptance(rows) if v["goal"] == "landing"
+                   and v["runtime"] == "eager")
+    assert landing["value"] == 0.54 and landing["passed"] is False
