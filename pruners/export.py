@@ -7,7 +7,7 @@ import io
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,19 +32,23 @@ class OnnxExport:
     simplified: bool
     quantized: Optional[str] = None  # "int8" when the file holds the quantized model
     float_max_rel_diff: Optional[float] = None  # the float export's, before quantizing
+    # pruners.onnx_passes' rewrites made (pass name -> count), e.g. {"decompose_softmax": 1}
+    optimized: dict = field(default_factory=dict)
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool = True,
                 opset: int = 17, outputs: Optional[Callable] = None,
                 rtol: float = 1e-4, dynamic_batch: bool = False,
                 quantize: Optional[str] = None, calibration: Optional[Iterable[Any]] = None,
-                int8_rtol: float = 0.1) -> OnnxExport:
+                int8_rtol: float = 0.1, optimize: bool = True) -> OnnxExport:
     """Export ``model`` to ``path``, simplify it, and check onnxruntime against PyTorch.
 
     Uses the TorchScript-based exporter (``dynamo=False``), which needs no extra package.
     ``outputs`` picks the tensors to export and compare (e.g. a detector's predictions).
     ``dynamic_batch`` makes dim 0 of every input and output symbolic, so one file serves
-    any batch size.
+    any batch size. ``optimize`` applies :mod:`pruners.onnx_passes` (equivalent subgraphs
+    for ops a runtime runs slowly, e.g. a softmax over a non-last axis, which YOLOv8's head
+    takes) before the check; ``result.optimized`` says which rewrites were made.
 
     ``quantize="int8"`` then writes, at ``path``, onnxruntime's static int8 quantization of
     the checked float model (QDQ, int8 weights per channel, uint8 activations), with ranges
@@ -66,7 +70,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str, *, simplify: b
     with _without_compile(model) as plain:
         return _export(plain, example_inputs, path, simplify=simplify, opset=opset,
                        outputs=outputs, rtol=rtol, dynamic_batch=dynamic_batch,
-                       quantize=quantize, calibration=calibration, int8_rtol=int8_rtol)
+                       quantize=quantize, calibration=calibration, int8_rtol=int8_rtol,
+                       optimize=optimize)
 
 
 @contextlib.contextmanager
@@ -89,7 +94,7 @@ def _without_compile(model: nn.Module) -> Iterator[nn.Module]:
 def _export(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool, opset: int,
             outputs: Optional[Callable], rtol: float, dynamic_batch: bool,
             quantize: Optional[str], calibration: Optional[Iterable[Any]],
-            int8_rtol: float) -> OnnxExport:
+            int8_rtol: float, optimize: bool) -> OnnxExport:
     """:func:`export_onnx` on a model with no ``torch.compile`` wrapper inside."""
     import onnx
     import onnxruntime  # noqa: F401  (the check needs it: fail before exporting)
@@ -131,20 +136,25 @@ def _export(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool,
         candidate, ok = onnxsim.simplify(proto)
         if ok:
             proto, simplified = candidate, True
+    optimized = {}
+    if optimize:
+        from .onnx_passes import optimize as run_passes
+
+        optimized = run_passes(proto)
     onnx.save(proto, path)
     max_abs, max_rel = _compare(path, flat_inputs, expected)
     if max_rel > rtol:
         raise PruningError(f"onnxruntime differs from PyTorch on {path}: max relative "
                            f"difference {max_rel:.3g} > {rtol:g}")
     if quantize is None:
-        return OnnxExport(path, max_abs, max_rel, simplified)
+        return OnnxExport(path, max_abs, max_rel, simplified, optimized=optimized)
     _quantize_int8(path, calibration)
     q_abs, q_rel = _compare(path, flat_inputs, expected)
     if q_rel > int8_rtol:
         raise PruningError(f"the int8 model at {path} differs from PyTorch by {q_rel:.3g} of the "
                            f"largest output (> int8_rtol={int8_rtol:g}); calibrate on more "
                            f"representative batches or keep float")
-    return OnnxExport(path, q_abs, q_rel, simplified, "int8", max_rel)
+    return OnnxExport(path, q_abs, q_rel, simplified, "int8", max_rel, optimized)
 
 
 def _compare(path: str, flat_inputs: list, expected: list) -> tuple[float, float]:

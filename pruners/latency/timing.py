@@ -392,13 +392,20 @@ def onnx_runner(onnx: bytes, arrays: list, backend: str,
 
 
 def _onnx_bytes(model: nn.Module, args: tuple) -> bytes:
+    """``model``'s ONNX export as ``export_onnx`` writes it, less onnxsim: with
+    :mod:`pruners.onnx_passes`' rewrites, so the runtimes time the graph users deploy."""
     import io
+
+    import onnx
+
+    from ..onnx_passes import optimize
 
     buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(model.eval(), args, buffer, opset_version=17, dynamo=False,
                           do_constant_folding=True)
-    return buffer.getvalue()
+    proto = onnx.load_from_string(buffer.getvalue())
+    return proto.SerializeToString() if optimize(proto) else buffer.getvalue()
 
 
 def _arrays(args: tuple) -> list:
