@@ -391,9 +391,10 @@ def onnx_runner(onnx: bytes, arrays: list, backend: str,
     raise ValueError(f"no ONNX runtime called {backend!r}: 'onnxruntime' or 'openvino'")
 
 
-def _onnx_bytes(model: nn.Module, args: tuple) -> bytes:
+def _onnx_bytes(model: nn.Module, args: tuple, passes: bool = True) -> bytes:
     """``model``'s ONNX export as ``export_onnx`` writes it, less onnxsim: with
-    :mod:`pruners.onnx_passes`' rewrites, so the runtimes time the graph users deploy."""
+    :mod:`pruners.onnx_passes`' rewrites (unless ``passes`` is false), so the runtimes time
+    the graph users deploy."""
     import io
 
     import onnx
@@ -405,7 +406,7 @@ def _onnx_bytes(model: nn.Module, args: tuple) -> bytes:
         torch.onnx.export(model.eval(), args, buffer, opset_version=17, dynamo=False,
                           do_constant_folding=True)
     proto = onnx.load_from_string(buffer.getvalue())
-    return proto.SerializeToString() if optimize(proto) else buffer.getvalue()
+    return proto.SerializeToString() if passes and optimize(proto) else buffer.getvalue()
 
 
 def _arrays(args: tuple) -> list:
