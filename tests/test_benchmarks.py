@@ -494,3 +494,39 @@ def test_processes_reads_the_acceptance_off_the_medians():
     landing = next(v for v in processes.acceptance(rows) if v["goal"] == "landing"
                    and v["runtime"] == "eager")
     assert landing["value"] == 0.54 and landing["passed"] is False
+
+
+def test_onnx_passes_times_each_model_as_traced_and_rewritten(tmp_path, monkeypatch):
+    """Dense and pruned, each exported as traced and rewritten, timed in onnxruntime: the
+    rewrite is reported and every efficiency is speedup x FLOPs kept on its own graph."""
+    import pytest
+    import torch
+    from torch import nn
+
+    pytest.importorskip("onnxruntime")
+    from benchmarks import onnx_passes
+    from benchmarks.models import Bench
+
+    class Dfl(nn.Module):  # a conv trunk, then YOLOv8's softmax over 16 bins (dim 1 of 4-D)
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(32, 64, 3, padding=1))
+            self.bins = nn.Conv2d(16, 1, 1, bias=False)
+
+        def forward(self, x):
+            y = self.trunk(x).flatten(2)
+            return self.bins(y.view(1, 4, 16, -1).transpose(2, 1).softmax(1))
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(onnx_passes, "bench_for",
+                        lambda name: Bench(name, Dfl().eval(), torch.randn(1, 3, 16, 16)))
+    rows = onnx_passes.run(["dfl"], ["onnxruntime"], threads=1, rounds=3, out=str(tmp_path),
+                           prefix="op")
+    (row,) = rows
+    assert row["rewrites"] == "decompose_softmax=1" and 0 < row["flops_kept"] < 1
+    for graph in ("as_traced", "rewritten"):
+        d, p = row[f"{graph}_dense_ms"], row[f"{graph}_pruned_ms"]
+        assert d > 0 and p > 0
+        assert row[f"{graph}_eff"] == pytest.approx(row["flops_kept"] * d / p, rel=0.01)
+    assert "decompose_softmax=1" in (tmp_path / "op.md").read_text()
