@@ -510,8 +510,8 @@ def test_onnx_passes_times_each_model_as_traced_and_rewritten(tmp_path, monkeypa
     class Dfl(nn.Module):  # a conv trunk, then YOLOv8's softmax over 16 bins (dim 1 of 4-D)
         def __init__(self) -> None:
             super().__init__()
-            self.trunk = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-                                       nn.Conv2d(32, 64, 3, padding=1))
+            self.trunk = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(96, 64, 3, padding=1))
             self.bins = nn.Conv2d(16, 1, 1, bias=False)
 
         def forward(self, x):
