@@ -10,7 +10,8 @@ other and reports, per variant and runtime, the median efficiency and its range 
 processes, with the dense model's milliseconds in each (the state the machine was in), and
 reads issue 13's acceptance off those medians (:func:`acceptance`): efficiency of at least
 0.9 at 50% FLOPs with ``round_to="auto"`` and at ``target_latency=0.5``, in eager and in
-onnxruntime, and every latency target landing within 7% of 0.5. Results go to ``benchmarks/results/processes.{csv,md,json}``; each process's own table to
+onnxruntime, and every latency target landing within 7% of 0.5. Results go to
+``benchmarks/results/processes.{csv,md,json}``; each process's own table to
 ``benchmarks/results/processes/``.
 """
 

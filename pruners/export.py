@@ -144,8 +144,10 @@ def _export(model: nn.Module, example_inputs: Any, path: str, *, simplify: bool,
     onnx.save(proto, path)
     max_abs, max_rel = _compare(path, flat_inputs, expected)
     if max_rel > rtol:
+        rewritten = (f" (after the rewrites {optimized}; optimize=False keeps the traced "
+                     "graph)" if optimized else "")
         raise PruningError(f"onnxruntime differs from PyTorch on {path}: max relative "
-                           f"difference {max_rel:.3g} > {rtol:g}")
+                           f"difference {max_rel:.3g} > {rtol:g}{rewritten}")
     if quantize is None:
         return OnnxExport(path, max_abs, max_rel, simplified, optimized=optimized)
     _quantize_int8(path, calibration)

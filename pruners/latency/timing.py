@@ -405,8 +405,10 @@ def _onnx_bytes(model: nn.Module, args: tuple, passes: bool = True) -> bytes:
     with torch.no_grad():
         torch.onnx.export(model.eval(), args, buffer, opset_version=17, dynamo=False,
                           do_constant_folding=True)
+    if not passes:
+        return buffer.getvalue()
     proto = onnx.load_from_string(buffer.getvalue())
-    return proto.SerializeToString() if passes and optimize(proto) else buffer.getvalue()
+    return proto.SerializeToString() if optimize(proto) else buffer.getvalue()
 
 
 def _arrays(args: tuple) -> list:
