@@ -10,6 +10,10 @@ model of time ``T`` with every removed FLOP turned into time and nothing of ``F`
 takes ``F + (T - F) f``: its efficiency (speedup x FLOPs kept) is at most
 ``f T / (F + (T - F) f)``, the ceiling printed beside the measured one. Results go to
 ``benchmarks/results/eager_floor.{csv,md,json}``.
+
+``--layouts onnxruntime`` applies the same method to the models' ONNX exports in
+onnxruntime, whose fixed part is the session's per-node cost (a "layout" there names how the
+model runs: contiguous or channels-last eager, or onnxruntime).
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ def small_inputs(bench: Any) -> tuple[torch.nn.Module, Any]:
     return bench.model, F.interpolate(bench.inputs, size=(side, side))
 
 
+#: how a model runs here: eager in either layout, or its ONNX export in onnxruntime
+LAYOUTS = ("contiguous", "channels_last", "onnxruntime")
+
+
 def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
         round_to: int = 16, layouts: tuple[str, ...] = ("contiguous", "channels_last")
         ) -> list[dict]:
@@ -57,14 +65,16 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
         f = measure(result.model, (bench.inputs,))[0] / measure(bench.model, (bench.inputs,))[0]
         for layout in layouts:
             print(f"[eager_floor] {name} ({layout}) ...", flush=True)
+            backend = "onnxruntime" if layout == "onnxruntime" else "eager"
             calls = {}
             for label, model in (("dense", bench.model), ("pruned", result.model.eval())):
                 full = bench.inputs
                 if layout == "channels_last":
                     model, full = in_layout(model, full)
                 small_model, small = small_inputs(type(bench)(name, model, full))
-                calls[label] = (model_runner(model, full), None)
-                calls[f"{label} small"] = (model_runner(small_model, small), None)
+                calls[label] = (model_runner(model, full, backend, threads=threads), None)
+                calls[f"{label} small"] = (
+                    model_runner(small_model, small, backend, threads=threads), None)
             times, _ = steady(calls, WallTimer(), rounds, repeat=3)
             t, pruned = times["dense"].median_ms, times["pruned"].median_ms
             small, small_pruned = times["dense small"].median_ms, times["pruned small"].median_ms
@@ -77,7 +87,7 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
                 "speedup": round(t / pruned, 3), "eff": round(f * t / pruned, 3),
                 "eff_ceiling": round(f * t / (fixed + (t - fixed) * f), 3),
                 "spread": round(max(x.spread for x in times.values()), 3)})
-            envs[f"{name}/{layout}"] = environment("eager", "cpu", threads)
+            envs[f"{name}/{layout}"] = environment(backend, "cpu", threads)
             write_tables(rows, envs, out, prefix, markdown(rows, envs))
     return rows
 
@@ -86,7 +96,7 @@ def markdown(rows: list[dict], envs: dict) -> str:
     env = next(iter(envs.values()), {})
     lines = ["# What eager PyTorch can gain: the fixed part of a forward", "",
              f"{machine_line(env)}; "
-             f"{env.get('date', '')}. Batch 1, eager, no_grad; dense and pruned (50% FLOPs, "
+             f"{env.get('date', '')}. Batch 1 (eager under no_grad, or onnxruntime); dense and pruned (50% FLOPs, "
              "round_to 16), each at its size and at an eighth of its side, interleaved "
              "(median ms; spread = the widest interquartile spread of the four). Fixed: the "
              "part of a forward no channel removal shrinks, estimated from the small-size "
@@ -112,8 +122,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--prefix", default="eager_floor")
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS[:2]))
     a = p.parse_args(argv)
-    rows = run(a.models, a.threads, a.rounds, a.out, a.prefix)
+    rows = run(a.models, a.threads, a.rounds, a.out, a.prefix, layouts=tuple(a.layouts))
     print(markdown(rows, {}), file=sys.stdout)
 
 

@@ -358,9 +358,10 @@ def test_eager_floor_rows_and_the_ceiling_they_imply(tmp_path):
     from benchmarks import eager_floor
     from benchmarks.hardware import bench_for
 
+    pytest.importorskip("onnxruntime")
     rows = eager_floor.run(["tiny"], threads=1, rounds=3, out=str(tmp_path), prefix="ef",
-                           round_to=8)
-    assert [r["layout"] for r in rows] == ["contiguous", "channels_last"]
+                           round_to=8, layouts=eager_floor.LAYOUTS)
+    assert [r["layout"] for r in rows] == ["contiguous", "channels_last", "onnxruntime"]
     for r in rows:
         assert 0 < r["flops_kept"] <= 0.51 and r["dense_ms"] > 0 and r["dense_small_ms"] > 0
         t, f, fixed = r["dense_ms"], r["flops_kept"], r["fixed_ms"]
