@@ -47,11 +47,11 @@ def small_inputs(bench: Any) -> tuple[torch.nn.Module, Any]:
 
 #: how a model runs here: eager in either layout, or its ONNX export in onnxruntime
 LAYOUTS = ("contiguous", "channels_last", "onnxruntime")
+EAGER_LAYOUTS = LAYOUTS[:2]  # the default
 
 
 def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
-        round_to: int = 16, layouts: tuple[str, ...] = ("contiguous", "channels_last")
-        ) -> list[dict]:
+        round_to: int = 16, layouts: tuple[str, ...] = EAGER_LAYOUTS) -> list[dict]:
     from pruners import prune
     from pruners.latency.timing import WallTimer, environment, model_runner, steady
     from pruners.report import measure
@@ -94,10 +94,12 @@ def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
 
 def markdown(rows: list[dict], envs: dict) -> str:
     env = next(iter(envs.values()), {})
-    lines = ["# What eager PyTorch can gain: the fixed part of a forward", "",
+    eager = all(r["layout"] != "onnxruntime" for r in rows)
+    lines = [f"# What {'eager PyTorch' if eager else 'a runtime'} can gain: the fixed part of "
+             "a forward", "",
              f"{machine_line(env)}; "
-             f"{env.get('date', '')}. Batch 1 (eager under no_grad, or onnxruntime); dense and pruned (50% FLOPs, "
-             "round_to 16), each at its size and at an eighth of its side, interleaved "
+             f"{env.get('date', '')}. Batch 1 (eager under no_grad, or onnxruntime); dense and "
+             "pruned (50% FLOPs, round_to 16), each at its size and at an eighth of its side, interleaved "
              "(median ms; spread = the widest interquartile spread of the four). Fixed: the "
              "part of a forward no channel removal shrinks, estimated from the small-size "
              "times; ceiling: the efficiency a pruned model could reach if every removed FLOP "
@@ -122,7 +124,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--prefix", default="eager_floor")
-    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS[:2]))
+    p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(EAGER_LAYOUTS))
     a = p.parse_args(argv)
     rows = run(a.models, a.threads, a.rounds, a.out, a.prefix, layouts=tuple(a.layouts))
     print(markdown(rows, {}), file=sys.stdout)

@@ -47,8 +47,8 @@ def decompose_softmax(proto: Any) -> int:
     over dim 1 of a ``(1, 16, 4, 8400)`` tensor: 4.4 ms of the dense YOLOv8s's 148 ms in
     onnxruntime 1.32 (2 threads), the same in the pruned model (5% of its time); decomposed,
     dense YOLOv8s ran in 149.0 ms against 153.9 and YOLOv8n in 50.4 against 54.4, their pruned
-    models as many ms faster (``python -m benchmarks.onnx_passes``). Measured alone, 4.6 -> 1.2 ms at batch 1 and 19.5 ->
-    1.5 ms at batch 4; a ``(1, 21, 128, 128)`` segmentation softmax 3.1 -> 1.2 ms. OpenVINO
+    models as many ms faster (``python -m benchmarks.onnx_passes``). Measured alone, 4.6 ->
+    1.2 ms at batch 1 and 19.5 -> 1.5 ms at batch 4; a ``(1, 21, 128, 128)`` segmentation softmax 3.1 -> 1.2 ms. OpenVINO
     runs both forms alike (0.83 against 0.87 ms; the transposes done explicitly took 1.8).
     Rank 3 is left alone: there onnxruntime's kernel was as fast or faster (``(1, 1000, 49)``
     0.05 against 0.13 ms). Opset 13 and later (earlier ``axis`` flattens the tensor).
