@@ -136,7 +136,7 @@ def markdown(rows: list[dict], envs: dict) -> str:
         ("onnxruntime", "onnxruntime", "onnxruntime"), ("openvino", "OpenVINO", "openvino"))
         if runtime in timed)
     lines = ["# Does alignment matter? One plan, aligned to 16 and one channel either side",
-             "", f"{machine_line(env)}{versions}; "
+             "", f"{machine_line(env, onnxruntime='onnxruntime' in timed)}{versions}; "
              f"{env.get('date', '')}. Batch 1; 50% FLOPs at round_to 16 (aligned), and that "
              "plan with every group at a multiple of 16 one channel narrower (one under: "
              "16k - 1) or wider (one over: 16k + 1); dense, aligned, one under and one over "

@@ -97,7 +97,7 @@ def markdown(rows: list[dict], envs: dict) -> str:
     eager = all(r["layout"] != "onnxruntime" for r in rows)
     lines = [f"# What {'eager PyTorch' if eager else 'a runtime'} can gain: the fixed part of "
              "a forward", "",
-             f"{machine_line(env)}; "
+             f"{machine_line(env, onnxruntime=not eager)}; "
              f"{env.get('date', '')}. Batch 1 (eager under no_grad, or onnxruntime); dense and "
              "pruned (50% FLOPs, round_to 16), each at its size and at an eighth of its side, interleaved "
              "(median ms; spread = the widest interquartile spread of the four). Fixed: the "

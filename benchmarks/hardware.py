@@ -236,7 +236,7 @@ def markdown(rows: list[dict], envs: dict) -> str:
     versions = f"onnxruntime {env.get('onnxruntime', '?')}" + (
         f", OpenVINO {env.get('openvino', '?')} (f32)" if "openvino" in shown else "")
     lines = ["# Hardware-aware pruning: measured latency", "",
-             f"{machine_line(env)}, {versions}; "
+             f"{machine_line(env, onnxruntime=True)}, {versions}; "
              f"{env.get('date', '')}. Batch 1, CPU; every model "
              "of a row group timed interleaved in one process (median ms ± interquartile spread"
              " · speedup over dense · efficiency = speedup × FLOPs kept; ✗ under 0.9).", "",

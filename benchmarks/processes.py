@@ -161,7 +161,7 @@ def _cell(row: dict, key: str) -> str:
 
 def markdown(rows: list[dict], env: dict, backends: list[str], processes: int) -> str:
     lines = ["# Hardware-aware pruning across fresh processes", "",
-             f"{machine_line(env)}, onnxruntime {env.get('onnxruntime', '?')}; "
+             f"{machine_line(env, onnxruntime=True)}, onnxruntime {env.get('onnxruntime', '?')}; "
              f"{env.get('date', '')}. Batch 1, CPU. Each model's variants timed interleaved "
              f"with the dense model (`benchmarks.hardware`) in {processes} fresh processes one "
              "after the other: efficiency (speedup × FLOPs kept) as the median over the "

@@ -15,14 +15,18 @@ from typing import Optional
 SETTINGS = ("eager", "ort")
 
 
-def machine_line(env: dict) -> str:
+def machine_line(env: dict, onnxruntime: bool = False) -> str:
     """A timed table's machine, for its header: CPU, cores, SIMD flags, threads and torch
-    (from ``pruners.latency.environment``), and whether malloc was pinned (``benchmarks``)."""
+    (from ``pruners.latency.environment``), whether malloc was pinned (``benchmarks``), and,
+    for a table with onnxruntime figures, how its threads ran (``pruners.latency.ort_options``)."""
+    from pruners.latency.timing import ORT_TIMING
+
     from . import MALLOC_PINNED
 
-    return (f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
+    line = (f"{env.get('cpu', '?')} ({env.get('cores', '?')} cores; {env.get('flags', '')}); "
             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}; malloc "
             f"{'pinned' if MALLOC_PINNED else 'default'}")
+    return f"{line}; onnxruntime threads: {ORT_TIMING}" if onnxruntime else line
 
 
 def write_tables(rows: list[dict], env: dict, out: str, prefix: str, table: str) -> None:

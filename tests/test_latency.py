@@ -148,6 +148,29 @@ def test_machine_id_follows_what_times_depend_on(monkeypatch):
     assert timing.machine_id() != here
 
 
+def test_onnxruntime_is_timed_spinning_within_a_run_only(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from pruners.latency import timing
+
+    options = timing.ort_options(3)
+    assert options.intra_op_num_threads == 3 and options.use_per_session_threads
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert environment("onnxruntime", threads=3)["onnxruntime_threads"] == timing.ORT_TIMING
+    # a latency table timed another way is not reused: the machine id names the way
+    before = timing.machine_id("onnxruntime")
+    monkeypatch.setattr(timing, "ORT_TIMING", "another way")
+    assert timing.machine_id("onnxruntime") != before and timing.machine_id() == timing.machine_id()
+    # two sessions made so, run in turn, compute what the model does
+    model, x = _net()
+    onnx = timing._onnx_bytes(model, (x,))
+    runs = [timing.onnx_runner(onnx, timing._arrays((x,)), "onnxruntime", 2) for _ in range(2)]
+    with torch.no_grad():
+        expected = model(x)
+    for run in runs + runs:
+        torch.testing.assert_close(torch.from_numpy(run()[0]), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("block", [1, 8, 16, 32])
 def test_pick_round_to_finds_the_block_of_a_staircase(block):
     times = {w: 1e-3 * (-(-w // block) * block) for w in range(100, 197)}
