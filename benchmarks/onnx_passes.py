@@ -74,8 +74,9 @@ def run(models: list[str], runtimes: list[str], threads: int, rounds: int, out: 
 def markdown(rows: list[dict], envs: dict) -> str:
     env = next(iter(envs.values()), {})
     lines = ["# export_onnx's graph rewrites, dense and pruned", "",
-             f"{machine_line(env, onnxruntime=True)}, onnxruntime {env.get('onnxruntime', '?')}, OpenVINO "
-             f"{env.get('openvino', '?')}; {env.get('date', '')}. Batch 1, CPU; each model dense "
+             f"{machine_line(env, onnxruntime=True)}, onnxruntime "
+             f"{env.get('onnxruntime', '?')}, OpenVINO {env.get('openvino', '?')}; "
+             f"{env.get('date', '')}. Batch 1, CPU; each model dense "
              "and pruned (50% FLOPs, round_to 16), exported as traced and with "
              "`pruners.onnx_passes` applied, the four timed interleaved per runtime (median ms;"
              " spread: the widest interquartile spread of the four). Efficiency: speedup × "

@@ -531,3 +531,35 @@ def test_onnx_passes_times_each_model_as_traced_and_rewritten(tmp_path, monkeypa
         assert d > 0 and p > 0
         assert row[f"{graph}_eff"] == pytest.approx(row["flops_kept"] * d / p, rel=0.01)
     assert "decompose_softmax=1" in (tmp_path / "op.md").read_text()
+
+
+def test_ort_threads_times_dense_and_pruned_per_way_of_running_the_threads(tmp_path, monkeypatch):
+    """One row per way of running onnxruntime's threads, each set up as named, with
+    efficiency = speedup x FLOPs kept; the library's own way is ``ort_options``."""
+    import pytest
+    import torch
+    from torch import nn
+
+    pytest.importorskip("onnxruntime")
+    from benchmarks import ort_threads
+    from benchmarks.models import Bench
+
+    entry = "session.intra_op.allow_spinning"
+    assert ort_threads.options("no spinning", 2).get_session_config_entry(entry) == "0"
+    assert ort_threads.options("spin always", 2).get_session_config_entry(
+        "session.force_spinning_stop") == "0"
+    assert ort_threads.options("1 thread", 2).intra_op_num_threads == 1
+    ours = ort_threads.options("spin within a run", 2)
+    assert ours.get_session_config_entry(entry) == "1" and ours.intra_op_num_threads == 2
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 32, 3, padding=1))
+    monkeypatch.setattr(ort_threads, "bench_for",
+                        lambda name: Bench(name, net.eval(), torch.randn(1, 3, 16, 16)))
+    rows = ort_threads.run(["net"], list(ort_threads.MODES), threads=2, rounds=3,
+                           out=str(tmp_path), prefix="ot")
+    assert [r["mode"] for r in rows] == list(ort_threads.MODES)
+    for r in rows:
+        assert 0 < r["flops_kept"] < 1 and r["dense_ms"] > 0 and r["pruned_ms"] > 0
+        assert r["eff"] == pytest.approx(r["flops_kept"] * r["dense_ms"] / r["pruned_ms"],
+                                         rel=0.01)
+    assert "| net | 1 thread |" in (tmp_path / "ot.md").read_text()

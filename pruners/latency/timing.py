@@ -35,7 +35,8 @@ from torch.utils import _pytree as pytree
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "machine_id", "time_call", "interleave", "steady", "measure_models",
            "model_runner", "graph_runner", "onnx_runner", "openvino_config", "openvino_request",
-           "ort_options", "ORT_TIMING", "installed", "require", "dtype_name", "backend_dtype", "DTYPES",
+           "ort_options", "ORT_TIMING", "installed", "require", "dtype_name", "backend_dtype",
+           "DTYPES",
            "GRAPH_COPIES", "page_faults", "FAULTS_NOTED"]
 
 Timer = Callable[[Callable[[], Any], Any], float]

@@ -1,0 +1,131 @@
+"""How onnxruntime runs its threads, and what that does to a pruned model's gain:
+``python -m benchmarks.ort_threads``.
+
+Each model dense and pruned (50% FLOPs, ``round_to=16``), exported as ``export_onnx`` writes
+it, timed interleaved in onnxruntime with its intra-op threads run each way of :data:`MODES`:
+
+- "spin within a run": :func:`pruners.latency.ort_options`, how the library times
+  onnxruntime: the pool's threads spin between the ops of a run and stop when it ends;
+- "no spinning": how it timed before; every op wakes the pool's threads;
+- "spin always": onnxruntime's default for a session alone; timed in turn with the other
+  model's session, the idle pool of one spins on the cores the other one runs on;
+- "1 thread": no pool at all, the reference that shows what the pool costs.
+
+A thread wake-up per op is a fixed cost: the same milliseconds for dense and pruned, so a
+larger share of the pruned model, whose efficiency (speedup x FLOPs kept) it lowers. Results
+go to ``benchmarks/results/ort_threads.{csv,md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Optional
+
+import torch
+
+from .hardware import RESULTS, bench_for
+from .summary import machine_line, write_tables
+
+MODELS = ["mobilenet_v2", "resnet50", "yolov8s"]
+#: name: (threads, or None for the run's; allow_spinning; force_spinning_stop), or None for
+#: :func:`pruners.latency.ort_options` itself
+MODES: dict[str, Optional[tuple[Optional[int], str, str]]] = {
+    "spin within a run": None,
+    "no spinning": (None, "0", "0"),
+    "spin always": (None, "1", "0"),
+    "1 thread": (1, "0", "0"),
+}
+
+
+def options(mode: str, threads: int) -> Any:
+    """onnxruntime session options for ``mode`` (one of :data:`MODES`)."""
+    import onnxruntime as ort
+
+    from pruners.latency import ort_options
+
+    if MODES[mode] is None:
+        return ort_options(threads)
+    n, spin, stop = MODES[mode]
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = n or threads
+    o.inter_op_num_threads = 1
+    o.log_severity_level = 3
+    o.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    o.add_session_config_entry("session.force_spinning_stop", stop)
+    return o
+
+
+def run(models: list[str], modes: list[str], threads: int, rounds: int, out: str,
+        prefix: str) -> list[dict]:
+    import onnxruntime as ort
+
+    from pruners import prune
+    from pruners.latency.timing import WallTimer, _arrays, _onnx_bytes, environment, steady
+    from pruners.report import measure
+
+    torch.set_num_threads(threads)
+    rows, envs = [], {}
+    for name in models:
+        bench = bench_for(name)
+        result = prune(bench.model, bench.inputs, target_flops=0.5, round_to=16,
+                       outputs=bench.outputs, threads=threads)
+        args = (bench.inputs,)
+        kept = measure(result.model, args)[0] / measure(bench.model, args)[0]
+        graphs = {"dense": _onnx_bytes(bench.model, args),
+                  "pruned": _onnx_bytes(result.model, args)}
+        arrays = _arrays(args)
+        for mode in modes:
+            print(f"[ort_threads] {name}, {mode} ...", flush=True)
+            calls = {}
+            for label, data in graphs.items():
+                session = ort.InferenceSession(data, options(mode, threads),
+                                               providers=["CPUExecutionProvider"])
+                feeds = dict(zip([i.name for i in session.get_inputs()], arrays))
+                calls[label] = ((lambda s=session, f=feeds: s.run(None, f)), None)
+            times, attempts = steady(calls, WallTimer(), rounds, repeat=3)
+            d, p = times["dense"].median_ms, times["pruned"].median_ms
+            rows.append({"model": name, "mode": mode, "flops_kept": round(kept, 4),
+                         "dense_ms": round(d, 3), "pruned_ms": round(p, 3),
+                         "speedup": round(d / p, 3), "eff": round(kept * d / p, 3),
+                         "spread": round(max(t.spread for t in times.values()), 3),
+                         "attempts": attempts})
+            del calls  # the sessions' pools go before the next mode's are made
+        envs[name] = environment("onnxruntime", "cpu", threads)
+        write_tables(rows, envs, out, prefix, markdown(rows, envs))
+    return rows
+
+
+def markdown(rows: list[dict], envs: dict) -> str:
+    env = next(iter(envs.values()), {})
+    lines = ["# onnxruntime's threads, dense and pruned", "",
+             f"{machine_line(env)}, onnxruntime {env.get('onnxruntime', '?')}; "
+             f"{env.get('date', '')}. Batch 1, CPU; each model dense and pruned (50% FLOPs, "
+             "round_to 16, `export_onnx`'s graph), the two timed interleaved for each way of "
+             "running onnxruntime's intra-op threads (median ms; spread: the wider "
+             "interquartile spread of the two). Efficiency: speedup × FLOPs kept.", "",
+             "| model | threads run | dense ms | pruned ms | speedup | efficiency | spread |",
+             "|---" * 7 + "|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f}"
+                     f" | {r['speedup']:.2f}x | {r['eff']:.3f} | {100 * r['spread']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ort_threads",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--prefix", default="ort_threads")
+    a = p.parse_args(argv)
+    rows = run(a.models, a.modes, a.threads, a.rounds, a.out, a.prefix)
+    print(markdown(rows, {}), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
