@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 from typing import Any, Optional
 
 import torch
 
 from .hardware import MODELS, RESULTS, all_in_layout, bench_for, in_layout
-from .summary import machine_line, write_tables
+from .summary import machine_line, print_table, timing_args, write_tables
 
 #: runtime column -> (backend, memory format of the model and inputs timed)
 RUNTIMES = {"eager": ("eager", torch.contiguous_format),
@@ -163,19 +161,14 @@ def markdown(rows: list[dict], envs: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.alignment",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=MODELS)
+    timing_args(p, MODELS, RESULTS, "alignment")
     p.add_argument("--runtimes", nargs="+", choices=list(RUNTIMES), default=None)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--multiple", type=int, default=16)
     p.add_argument("--no-auto", action="store_false", dest="auto",
                    help="do not time layer staircases for round_to='auto'")
-    p.add_argument("--out", default=RESULTS)
-    p.add_argument("--prefix", default="alignment")
     a = p.parse_args(argv)
     run(a.models, a.threads, a.rounds, a.out, a.prefix, a.multiple, a.runtimes, a.auto)
-    with open(os.path.join(a.out, f"{a.prefix}.md"), encoding="utf-8") as f:
-        sys.stdout.write(f.read())
+    print_table(a.out, a.prefix)
 
 
 if __name__ == "__main__":

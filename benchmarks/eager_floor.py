@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .hardware import MODELS, RESULTS, bench_for, in_layout
-from .summary import machine_line, write_tables
+from .summary import machine_line, print_table, timing_args, write_tables
 
 
 def small_inputs(bench: Any) -> tuple[torch.nn.Module, Any]:
@@ -119,15 +117,11 @@ def markdown(rows: list[dict], envs: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.eager_floor",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=MODELS)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--out", default=RESULTS)
-    p.add_argument("--prefix", default="eager_floor")
+    timing_args(p, MODELS, RESULTS, "eager_floor")
     p.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(EAGER_LAYOUTS))
     a = p.parse_args(argv)
-    rows = run(a.models, a.threads, a.rounds, a.out, a.prefix, layouts=tuple(a.layouts))
-    print(markdown(rows, {}), file=sys.stdout)
+    run(a.models, a.threads, a.rounds, a.out, a.prefix, layouts=tuple(a.layouts))
+    print_table(a.out, a.prefix)
 
 
 if __name__ == "__main__":

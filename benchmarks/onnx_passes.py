@@ -12,14 +12,12 @@ rises. Results go to ``benchmarks/results/onnx_passes.{csv,md,json}``.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Optional
 
 import torch
 
 from .hardware import RESULTS, bench_for
-from .summary import machine_line, write_tables
+from .summary import machine_line, print_table, timing_args, write_tables
 
 MODELS = ["yolov8s", "yolov8n", "resnet50"]
 RUNTIMES = ["onnxruntime", "openvino"]
@@ -63,7 +61,7 @@ def run(models: list[str], runtimes: list[str], threads: int, rounds: int, out: 
             for graph in GRAPHS:
                 d, p = ms[f"dense {graph}"], ms[f"pruned {graph}"]
                 key = graph.replace(" ", "_")
-                row.update({f"{key}_dense_ms": round(d, 3), f"{key}_pruned_ms": round(p, 3),
+                row.update({f"{key}_dense_ms": round(d, 4), f"{key}_pruned_ms": round(p, 4),
                             f"{key}_eff": round(kept * d / p, 3)})
             rows.append(row)
             envs[f"{name}/{runtime}"] = environment(runtime, "cpu", threads)
@@ -97,15 +95,11 @@ def markdown(rows: list[dict], envs: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.onnx_passes",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=MODELS)
+    timing_args(p, MODELS, RESULTS, "onnx_passes")
     p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=RUNTIMES)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--out", default=RESULTS)
-    p.add_argument("--prefix", default="onnx_passes")
     a = p.parse_args(argv)
-    rows = run(a.models, a.runtimes, a.threads, a.rounds, a.out, a.prefix)
-    print(markdown(rows, {}), file=sys.stdout)
+    run(a.models, a.runtimes, a.threads, a.rounds, a.out, a.prefix)
+    print_table(a.out, a.prefix)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,12 @@ go to ``benchmarks/results/ort_threads.{csv,md,json}``.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any, Optional
 
 import torch
 
 from .hardware import RESULTS, bench_for
-from .summary import machine_line, write_tables
+from .summary import machine_line, print_table, timing_args, write_tables
 
 MODELS = ["mobilenet_v2", "resnet50", "yolov8s"]
 #: name: (threads, or None for the run's; allow_spinning; force_spinning_stop), or None for
@@ -87,7 +85,7 @@ def run(models: list[str], modes: list[str], threads: int, rounds: int, out: str
             times, attempts = steady(calls, WallTimer(), rounds, repeat=3)
             d, p = times["dense"].median_ms, times["pruned"].median_ms
             rows.append({"model": name, "mode": mode, "flops_kept": round(kept, 4),
-                         "dense_ms": round(d, 3), "pruned_ms": round(p, 3),
+                         "dense_ms": round(d, 4), "pruned_ms": round(p, 4),
                          "speedup": round(d / p, 3), "eff": round(kept * d / p, 3),
                          "spread": round(max(t.spread for t in times.values()), 3),
                          "attempts": attempts})
@@ -116,15 +114,11 @@ def markdown(rows: list[dict], envs: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ort_threads",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=MODELS)
+    timing_args(p, MODELS, RESULTS, "ort_threads")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--out", default=RESULTS)
-    p.add_argument("--prefix", default="ort_threads")
     a = p.parse_args(argv)
-    rows = run(a.models, a.modes, a.threads, a.rounds, a.out, a.prefix)
-    print(markdown(rows, {}), file=sys.stdout)
+    run(a.models, a.modes, a.threads, a.rounds, a.out, a.prefix)
+    print_table(a.out, a.prefix)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -27,6 +28,24 @@ def machine_line(env: dict, onnxruntime: bool = False) -> str:
             f"{env.get('threads', '?')} threads; torch {env.get('torch', '?')}; malloc "
             f"{'pinned' if MALLOC_PINNED else 'default'}")
     return f"{line}; onnxruntime threads: {ORT_TIMING}" if onnxruntime else line
+
+
+def timing_args(p: argparse.ArgumentParser, models: list[str], out: str, prefix: str) -> None:
+    """The options every timed benchmark takes: ``--models``, ``--threads``, ``--rounds``
+    (interleaved rounds per timing), ``--out`` and ``--prefix`` (where its tables go)."""
+    p.add_argument("--models", nargs="+", default=models)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--out", default=out)
+    p.add_argument("--prefix", default=prefix)
+
+
+def print_table(out: str, prefix: str) -> None:
+    """Print the Markdown table a benchmark wrote (``prefix``.md under ``out``), if any."""
+    path = os.path.join(out, f"{prefix}.md")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            print(f.read(), end="")
 
 
 def write_tables(rows: list[dict], env: dict, out: str, prefix: str, table: str) -> None:

@@ -529,11 +529,12 @@ def test_onnx_passes_times_each_model_as_traced_and_rewritten(tmp_path, monkeypa
     for graph in ("as_traced", "rewritten"):
         d, p = row[f"{graph}_dense_ms"], row[f"{graph}_pruned_ms"]
         assert d > 0 and p > 0
-        assert row[f"{graph}_eff"] == pytest.approx(row["flops_kept"] * d / p, rel=0.01)
+        assert row[f"{graph}_eff"] == pytest.approx(row["flops_kept"] * d / p, rel=0.02)
     assert "decompose_softmax=1" in (tmp_path / "op.md").read_text()
 
 
-def test_ort_threads_times_dense_and_pruned_per_way_of_running_the_threads(tmp_path, monkeypatch):
+def test_ort_threads_times_dense_and_pruned_per_way_of_running_the_threads(tmp_path, monkeypatch,
+                                                                          capsys):
     """One row per way of running onnxruntime's threads, each set up as named, with
     efficiency = speedup x FLOPs kept; the library's own way is ``ort_options``."""
     import pytest
@@ -561,5 +562,11 @@ def test_ort_threads_times_dense_and_pruned_per_way_of_running_the_threads(tmp_p
     for r in rows:
         assert 0 < r["flops_kept"] < 1 and r["dense_ms"] > 0 and r["pruned_ms"] > 0
         assert r["eff"] == pytest.approx(r["flops_kept"] * r["dense_ms"] / r["pruned_ms"],
-                                         rel=0.01)
+                                         rel=0.02)
     assert "| net | 1 thread |" in (tmp_path / "ot.md").read_text()
+    # the command line writes the same table and prints it, machine line and all
+    ort_threads.main(["--models", "net", "--modes", "1 thread", "--threads", "1", "--rounds",
+                      "3", "--out", str(tmp_path), "--prefix", "cli"])
+    printed = capsys.readouterr().out
+    assert "| net | 1 thread |" in printed and "threads; torch" in printed
+    assert printed.endswith((tmp_path / "cli.md").read_text())  # after the progress lines
