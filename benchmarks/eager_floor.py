@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .hardware import MODELS, RESULTS, bench_for, in_layout
+from .hardware import MODELS, RESULTS, bench_for, in_layout, pruned_half
 from .summary import machine_line, print_table, timing_args, write_tables
 
 
@@ -50,22 +50,18 @@ EAGER_LAYOUTS = LAYOUTS[:2]  # the default
 
 def run(models: list[str], threads: int, rounds: int, out: str, prefix: str,
         round_to: int = 16, layouts: tuple[str, ...] = EAGER_LAYOUTS) -> list[dict]:
-    from pruners import prune
     from pruners.latency.timing import WallTimer, environment, model_runner, steady
-    from pruners.report import measure
 
     torch.set_num_threads(threads)
     rows, envs = [], {}
     for name in models:
         bench = bench_for(name)
-        result = prune(bench.model, bench.inputs, target_flops=0.5, round_to=round_to,
-                       outputs=bench.outputs, threads=threads)
-        f = measure(result.model, (bench.inputs,))[0] / measure(bench.model, (bench.inputs,))[0]
+        pruned_model, f = pruned_half(bench, threads, round_to)
         for layout in layouts:
             print(f"[eager_floor] {name} ({layout}) ...", flush=True)
             backend = "onnxruntime" if layout == "onnxruntime" else "eager"
             calls = {}
-            for label, model in (("dense", bench.model), ("pruned", result.model.eval())):
+            for label, model in (("dense", bench.model), ("pruned", pruned_model)):
                 full = bench.inputs
                 if layout == "channels_last":
                     model, full = in_layout(model, full)
@@ -97,8 +93,8 @@ def markdown(rows: list[dict], envs: dict) -> str:
              "a forward", "",
              f"{machine_line(env, onnxruntime=not eager)}; "
              f"{env.get('date', '')}. Batch 1 (eager under no_grad, or onnxruntime); dense and "
-             "pruned (50% FLOPs, round_to 16), each at its size and at an eighth of its side, interleaved "
-             "(median ms; spread = the widest interquartile spread of the four). Fixed: the "
+             "pruned (50% FLOPs, round_to 16), each at its size and at an eighth of its side, "
+             "interleaved (median ms; spread = the widest interquartile spread of the four). Fixed: the "
              "part of a forward no channel removal shrinks, estimated from the small-size "
              "times; ceiling: the efficiency a pruned model could reach if every removed FLOP "
              "became time (module docstring).", "",

@@ -96,6 +96,19 @@ def all_in_layout(models: dict[str, torch.nn.Module], inputs: Any,
             pytree.tree_map(to, inputs))
 
 
+def pruned_half(bench: Bench, threads: int, round_to: int = 16
+                ) -> tuple[torch.nn.Module, float]:
+    """``bench``'s model pruned by ours to 50% FLOPs at ``round_to`` (eval mode), and the
+    share of the FLOPs it kept, counted on the two models."""
+    from pruners import prune
+    from pruners.report import measure
+
+    result = prune(bench.model, bench.inputs, target_flops=0.5, round_to=round_to,
+                   outputs=bench.outputs, threads=threads)
+    args = (bench.inputs,)
+    return result.model.eval(), measure(result.model, args)[0] / measure(bench.model, args)[0]
+
+
 def prune_variant(name: str, label: str, threads: int, latency_table: Any = None
                   ) -> tuple[torch.nn.Module, dict]:
     """One pruned model and what its pruning said (``latency_table``: a

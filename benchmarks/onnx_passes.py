@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .hardware import RESULTS, bench_for
+from .hardware import RESULTS, bench_for, pruned_half
 from .summary import machine_line, print_table, timing_args, write_tables
 
 MODELS = ["yolov8s", "yolov8n", "resnet50"]
@@ -28,23 +28,19 @@ def run(models: list[str], runtimes: list[str], threads: int, rounds: int, out: 
         prefix: str) -> list[dict]:
     import onnx
 
-    from pruners import prune
     from pruners.latency import installed
     from pruners.latency.timing import (WallTimer, _arrays, _onnx_bytes, environment,
                                         onnx_runner, steady)
     from pruners.onnx_passes import optimize
-    from pruners.report import measure
 
     torch.set_num_threads(threads)
     rows, envs = [], {}
     for name in models:
         bench = bench_for(name)
-        result = prune(bench.model, bench.inputs, target_flops=0.5, round_to=16,
-                       outputs=bench.outputs, threads=threads)
-        kept = measure(result.model, (bench.inputs,))[0] / measure(bench.model, (bench.inputs,))[0]
+        pruned, kept = pruned_half(bench, threads)
         args = (bench.inputs,)
         graphs = {(label, graph): _onnx_bytes(model, args, passes=passes)
-                  for label, model in (("dense", bench.model), ("pruned", result.model))
+                  for label, model in (("dense", bench.model), ("pruned", pruned))
                   for graph, passes in GRAPHS.items()}
         rewrites = optimize(onnx.load_from_string(graphs[("dense", "as traced")]))
         for runtime in runtimes:

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from .hardware import RESULTS, bench_for
+from .hardware import RESULTS, bench_for, pruned_half
 from .summary import machine_line, print_table, timing_args, write_tables
 
 MODELS = ["mobilenet_v2", "resnet50", "yolov8s"]
@@ -59,20 +59,16 @@ def run(models: list[str], modes: list[str], threads: int, rounds: int, out: str
         prefix: str) -> list[dict]:
     import onnxruntime as ort
 
-    from pruners import prune
     from pruners.latency.timing import WallTimer, _arrays, _onnx_bytes, environment, steady
-    from pruners.report import measure
 
     torch.set_num_threads(threads)
     rows, envs = [], {}
     for name in models:
         bench = bench_for(name)
-        result = prune(bench.model, bench.inputs, target_flops=0.5, round_to=16,
-                       outputs=bench.outputs, threads=threads)
+        pruned, kept = pruned_half(bench, threads)
         args = (bench.inputs,)
-        kept = measure(result.model, args)[0] / measure(bench.model, args)[0]
         graphs = {"dense": _onnx_bytes(bench.model, args),
-                  "pruned": _onnx_bytes(result.model, args)}
+                  "pruned": _onnx_bytes(pruned, args)}
         arrays = _arrays(args)
         for mode in modes:
             print(f"[ort_threads] {name}, {mode} ...", flush=True)
