@@ -27,32 +27,23 @@ from .hardware import RESULTS, bench_for, pruned_half
 from .summary import machine_line, print_table, timing_args, write_tables
 
 MODELS = ["mobilenet_v2", "resnet50", "yolov8s"]
-#: name: (threads, or None for the run's; allow_spinning; force_spinning_stop), or None for
-#: :func:`pruners.latency.ort_options` itself
-MODES: dict[str, Optional[tuple[Optional[int], str, str]]] = {
-    "spin within a run": None,
-    "no spinning": (None, "0", "0"),
-    "spin always": (None, "1", "0"),
-    "1 thread": (1, "0", "0"),
+#: name: (threads, or None for the run's; how the pool's threads may spin, a way of
+#: ``pruners.latency.timing.ORT_SPINNING``)
+MODES: dict[str, tuple[Optional[int], str]] = {
+    "spin within a run": (None, "within a run"),
+    "no spinning": (None, "off"),
+    "spin always": (None, "always"),
+    "1 thread": (1, "off"),
 }
 
 
 def options(mode: str, threads: int) -> Any:
-    """onnxruntime session options for ``mode`` (one of :data:`MODES`)."""
-    import onnxruntime as ort
-
+    """onnxruntime session options for ``mode`` (one of :data:`MODES`): the library's own
+    (:func:`pruners.latency.ort_options`), its threads run that way."""
     from pruners.latency import ort_options
 
-    if MODES[mode] is None:
-        return ort_options(threads)
-    n, spin, stop = MODES[mode]
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = n or threads
-    o.inter_op_num_threads = 1
-    o.log_severity_level = 3
-    o.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    o.add_session_config_entry("session.force_spinning_stop", stop)
-    return o
+    n, spin = MODES[mode]
+    return ort_options(n or threads, spin=spin)
 
 
 def run(models: list[str], modes: list[str], threads: int, rounds: int, out: str,

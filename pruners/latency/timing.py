@@ -35,8 +35,8 @@ from torch.utils import _pytree as pytree
 __all__ = ["BACKENDS", "Timer", "WallTimer", "ModelCall", "Timing", "Measurement",
            "environment", "machine_id", "time_call", "interleave", "steady", "measure_models",
            "model_runner", "graph_runner", "onnx_runner", "openvino_config", "openvino_request",
-           "ort_options", "ORT_TIMING", "installed", "require", "dtype_name", "backend_dtype",
-           "DTYPES",
+           "ort_options", "ORT_TIMING", "ORT_SPINNING", "installed", "require", "dtype_name",
+           "backend_dtype", "DTYPES",
            "GRAPH_COPIES", "page_faults", "FAULTS_NOTED"]
 
 Timer = Callable[[Callable[[], Any], Any], float]
@@ -278,11 +278,16 @@ def _worst(times: dict[str, Timing]) -> float:
 #: figures and in :func:`machine_id`, so latency tables timed another way are not reused.
 ORT_TIMING = "threads spin within a run, stop after it"
 
+#: Ways onnxruntime's pool threads may spin: name -> (``session.intra_op.allow_spinning``,
+#: ``session.force_spinning_stop``). :func:`ort_options` times with "within a run".
+ORT_SPINNING = {"within a run": ("1", "1"), "off": ("0", "0"), "always": ("1", "0")}
 
-def ort_options(threads: Optional[int] = None):
+
+def ort_options(threads: Optional[int] = None, spin: str = "within a run"):
     """onnxruntime session options for timing: ``threads`` intra-op threads, one inter-op,
     quiet logs; the pool's threads spin between the ops of a run, as a deployed session's do
-    by default, and stop spinning when the run ends.
+    by default, and stop spinning when the run ends (``spin``: a way of
+    :data:`ORT_SPINNING`, others for comparing them).
 
     Why: with spinning off (as before), every op pays a thread wake-up, a fixed cost that hid
     most of a small pruned model's gain (MobileNetV2, 2 threads, 50% FLOPs: 4.6 against 2.7
@@ -297,8 +302,9 @@ def ort_options(threads: Optional[int] = None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    allow, stop = ORT_SPINNING[spin]
+    options.add_session_config_entry("session.intra_op.allow_spinning", allow)
+    options.add_session_config_entry("session.force_spinning_stop", stop)
     return options
 
 
