@@ -242,11 +242,28 @@ def test_round_to_auto_for_a_flops_target_is_settled_on_whole_models():
     changed = [l for l in result.report.layers if l.out_after != l.out_before]
     assert changed and all(l.out_after % 16 == 0 for l in changed)
     assert result.report.flops_ratio <= 0.5
-    # a latency target keeps the staircase's multiple (its plans are timed already)
+    # a latency target's plans at each multiple stop at the same predicted time: the whole
+    # models pick the multiple that keeps the most FLOPs for it, and the plan still lands
     latency = prune(*_net(), target_latency=0.5, round_to="auto",
                     latency_table=LatencyTable(None, timer=_ModelSteps()))
-    note = next(n for n in latency.report.notes if n.startswith("round_to='auto'"))
-    assert "chose 1 " in note and "whole model" not in note
+    notes = [n for n in latency.report.notes if n.startswith("round_to='auto'")]
+    assert len(notes) == 1 and "chose 16 " in notes[0] and "staircases alone chose 1" in notes[0]
+    changed = [l for l in latency.report.layers if l.out_after != l.out_before]
+    assert changed and all(l.out_after % 16 == 0 for l in changed)
+    assert latency.report.latency.ratio == pytest.approx(0.5, rel=0.07)
+
+
+def test_a_latency_target_re_aims_between_a_fast_plan_and_the_dense_model():
+    """A plan measured under the target is re-aimed on the line to the dense model (aim 1,
+    measured 1), not scaled through zero, which overshoots when the share falls faster than
+    predicted; a plan measured over it is scaled down; two plans either side interpolate."""
+    from pruners.api import _next_aim
+
+    assert _next_aim([(0.5, 0.32)], 0.5) == pytest.approx(0.5 + 0.5 * 0.18 / 0.68)
+    assert _next_aim([(0.5, 0.32)], 0.5) < 0.5 * 0.5 / 0.32
+    assert _next_aim([(0.5, 0.6)], 0.5) == pytest.approx(0.5 * 0.5 / 0.6)
+    assert _next_aim([(0.5, 0.4), (0.7, 0.6)], 0.5) == pytest.approx(0.6)
+    assert _next_aim([(0.9, 0.1)], 0.95) <= 1.0
 
 
 class _FasterChannelsLast(_ModelSteps):
