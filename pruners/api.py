@@ -64,12 +64,12 @@ class PruneOptions:
         sensitivity: the table of :func:`pruners.sensitivity` for ``strategy="sensitivity"``.
         round_to: keep every pruned group's width a multiple of this (8 or 16 for speed), or
             "auto": the multiple the backend's kernels reward, measured on the model's
-            costliest layers (``pruners.latency.staircase``) and, for a FLOPs, params or
-            channel target, on the whole model planned at 1, 8, 16 and 32 and timed: the
-            smallest multiple within 2% of the fastest per FLOP kept (the few layers a
-            staircase samples can miss a step the whole model takes). The report's notes
-            say which, and the times, and in eager mode on the CPU whether channels-last
-            ran the plan 5% faster or more.
+            costliest layers (``pruners.latency.staircase``), then on the whole model
+            planned at 1, 8, 16 and 32 and timed: the smallest multiple within 2% of the
+            fastest per FLOP kept (the few layers a staircase samples can miss a step the
+            whole model takes; for a latency target, the plan that keeps the most FLOPs for
+            its time). The report's notes say which, and the times, and in eager mode on
+            the CPU whether channels-last ran the plan 5% faster or more.
         min_channels: the fewest channels any layer dim keeps.
         max_ratio: the largest fraction of a group's units that may go.
         heads: how attention heads prune: "auto" (default: every head narrows alike, except

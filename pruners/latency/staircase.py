@@ -9,10 +9,10 @@ trend through all widths (1 when none does: every channel costs alike).
 A staircase samples a few layers, the costliest by MACs, and those can show no step where
 the whole model does: channels-last in eager PyTorch, MobileNetV2's 1x1 convs timed alone
 stepped at no multiple, yet its plan at ``round_to=16`` ran 10% faster than at
-``round_to=1``, whose widths differ from it by the rounding only (27% in OpenVINO). So for a
-FLOPs, params or channel target, ``prune`` also times the whole model planned at each of
-:data:`MODEL_CANDIDATES` (and the staircase's pick) and :func:`pick_by_model` keeps the
-multiple that runs fastest per FLOP.
+``round_to=1``, whose widths differ from it by the rounding only (27% in OpenVINO). So
+``prune`` also times the whole model planned at each of :data:`MODEL_CANDIDATES` (and the
+staircase's pick) and :func:`pick_by_model` keeps the multiple that runs fastest per FLOP
+(for a latency target, whose plans stop at one predicted time: the one keeping most FLOPs).
 """
 
 from __future__ import annotations
