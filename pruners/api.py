@@ -751,23 +751,27 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
     at its own moment, and on a machine whose load changes between them the comparison of
     those timings picks the moment rather than the plan. Every plan is made on ``analysis``
     (one capture, analysis and repair)."""
-    from .latency import measure_models
+    from .latency import Runners, measure_models
     from .report import LatencyReport
 
     work, lifted, dense, example_inputs, target, opts, patterns, clock = prepared
+    # the dense model (timed first by the latency model) and each plan: exported once for
+    # the ONNX runtimes, their sessions dropped when the target is settled
+    runners = analysis.hardware.runners if analysis.hardware is not None else Runners()
 
     def timed(candidates: list[nn.Module]):
         labels = [f"plan {i + 1}" for i in range(len(candidates))]
         m = measure_models({"dense": work, **dict(zip(labels, candidates))}, example_inputs,
                            backend=planned.latency.backend, device=planned.latency.device,
                            threads=planned.latency.threads, timer=planned.latency.timer,
-                           dtype=planned.latency.dtype)
+                           dtype=planned.latency.dtype, runners=runners)
         return m, [m.ratio(label) for label in labels]
 
     def miss(ratio: float) -> float:
         return abs(ratio / target.value - 1)
 
     measured, (ratio,) = timed([pruned])
+    clock.lap("latency")  # each timing is this stage's, not the next plan's first
     plans = [(planned, pruned)]
     aim = target.value
     tried = [(aim, ratio)]  # (aim, measured share)
@@ -781,6 +785,7 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
             floor = exc
             break
         measured, (ratio,) = timed([plans[-1][1]])
+        clock.lap("latency")
         tried.append((aim, ratio))
     chosen = 0
     if len(plans) > 1:
@@ -791,6 +796,7 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
             f"{', '.join(f'{r:.3f}' for r in ratios)}; kept plan {chosen + 1}")
     _latency_out_of_reach(target, [m for _, m in tried] if len(plans) == 1 else ratios,
                           planned.predicted_latency, planned.latency, floor is not None)
+    runners.clear()
     planned, pruned = plans[chosen]
     if planned.target != target:
         planned.notes.append(f"latency target re-aimed at {planned.target.value:.4f} of the "
@@ -847,6 +853,12 @@ def _next_aim(tried: list[tuple[float, float]], target: float) -> float:
     return min(1.0, aim * target / ratio)
 
 
+def _runners() -> Any:
+    from .latency import Runners  # imported with the latency stages only
+
+    return Runners()
+
+
 @dataclass
 class _Hardware:
     """What latency targets and ``round_to="auto"`` measure once per ``_search``: the
@@ -870,6 +882,8 @@ class _Hardware:
     # the multiple a latency table is timed at: the staircase's, kept when the whole models
     # choose another (their plans' widths lie on its grid or between its points)
     grid_step: int = 1
+    # the whole models' runners, made once: the dense model's, for every plan's timing
+    runners: Any = field(default_factory=_runners)  # latency.Runners
 
     @classmethod
     def of(cls, work: nn.Module, dense: DenseRun, opts: PruneOptions, target: Target
@@ -999,7 +1013,8 @@ class _Hardware:
 
         lm = latency_model(self.work, self.example_inputs, cost, self.table, run=self.run,
                            step=self.grid_step, dense_s=self.dense_s, calls=self.calls,
-                           context=self.context, smaller=self.smaller, dtype=self.dtype)
+                           context=self.context, smaller=self.smaller, dtype=self.dtype,
+                           runners=self.runners)
         self.dense_s, self.context = lm.dense_s, lm.context
         return lm
 

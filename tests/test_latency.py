@@ -809,3 +809,61 @@ def test_a_cuda_graph_call_replays_several_forwards_counted_as_one(monkeypatch):
     assert set(asked) == {GRAPH_COPIES}
     with pytest.raises(ValueError, match="needs device='cuda'"):
         LatencyTable(None, backend="cudagraph")
+
+
+def test_each_plans_timing_counts_as_latency_not_as_the_next_plans_scoring(monkeypatch):
+    """The report's stage seconds: timing a plan against the dense model is the "latency"
+    stage. It was counted in the next plan's first stage ("score"), which on RetinaNet in
+    onnxruntime read 17 s for scoring by weight norms."""
+    import time
+
+    import pruners.latency as latency
+
+    model, x = _net()
+    real, timings = latency.measure_models, []
+
+    def slow(models, *args, **kwargs):
+        timings.append(list(models))
+        time.sleep(0.3)
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "measure_models", slow)
+
+    def hidden(m):  # a cost the layer table cannot see: the first plan misses, a second is made
+        return 0.4 + 0.6 * _conv_width(m) / 680
+
+    table = LatencyTable(None, timer=FakeClock(bias=hidden))
+    result = prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
+    seconds = result.report.seconds
+    assert result.report.latency.attempts > 1
+    assert seconds["latency"] >= 0.3 * len(timings) * 0.9
+    assert seconds["score"] < 0.3
+
+
+def test_an_onnx_latency_target_exports_the_dense_model_and_each_plan_once(monkeypatch):
+    """The latency model times the dense model, re-aiming times it with every plan, and the
+    plans are timed again together at the end: in onnxruntime each timing was an export and a
+    session per model (RetinaNet: 2.2 s an export). The runners are made once and reused."""
+    pytest.importorskip("onnxruntime")
+    from pruners.latency import timing
+
+    model, x = _net()
+    real, exported = timing._onnx_bytes, []
+
+    def counted(m, args, passes=True):
+        if isinstance(m, Net):  # whole models, not the layer table's single layers
+            exported.append(m)
+        return real(m, args, passes)
+
+    monkeypatch.setattr(timing, "_onnx_bytes", counted)
+
+    def hidden(m):  # the first plan misses: a second is made, then both timed again
+        return 0.4 + 0.6 * _conv_width(m) / 680
+
+    table = LatencyTable(None, backend="onnxruntime", timer=FakeClock(bias=hidden))
+    result = prune(model, x, target_latency=0.5, round_to=8, backend="onnxruntime",
+                   latency_table=table)
+    plans = result.report.latency.attempts
+    assert plans > 1 and "timed again together" in " ".join(result.report.notes)
+    assert len(exported) == 1 + plans  # the dense model and each plan, once each
+    assert len({id(m) for m in exported}) == len(exported)

@@ -38,7 +38,7 @@ from depgraph.cost import CostModel
 from depgraph.graph import ChannelGraph
 
 from .table import LatencyTable, LayerShape, shape_of
-from .timing import ModelCall, WallTimer, dtype_name, model_runner, time_call
+from .timing import ModelCall, Runners, WallTimer, dtype_name, model_runner, time_call
 
 __all__ = ["InContext", "LatencyModel", "LayerCall", "latency_model", "layer_calls",
            "time_in_context"]
@@ -229,7 +229,7 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
                   calls: Optional[list[LayerCall]] = None,
                   context: Optional[InContext] = None,
                   smaller: Optional[Callable[[], Any]] = None,
-                  dtype: Any = None) -> LatencyModel:
+                  dtype: Any = None, runners: Optional[Runners] = None) -> LatencyModel:
     """Measure (or read from ``table``) what the :class:`LatencyModel` of ``model`` needs.
 
     ``run`` runs ``model`` on the example (default: ``model(*example_inputs)``) once, to see
@@ -241,7 +241,8 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
     model run at half resolution) for the fixed part. ``dtype`` (float16, bfloat16: the
     precision the model is deployed in) times the whole model as a copy cast to it; the
     layers are timed in their ``calls``' dtype, which the caller sets to match. In-model
-    timing then does not apply (``run`` runs the model as it is).
+    timing then does not apply (``run`` runs the model as it is). ``runners``: where the
+    whole model's runner for an ONNX runtime is kept, for later timings of it to reuse.
     """
     name = dtype_name(dtype)
     if run is None:
@@ -291,8 +292,12 @@ def latency_model(model: nn.Module, example_inputs: Any, cost: CostModel, table:
     floor = [_floor(in_curves[j] if vin else None, out_curves[j] if vout else None, lstep)
              for j, (vin, vout, lstep) in enumerate(varied)]
     if dense_s is None:
-        fn = _no_grad(run) if as_run else model_runner(
-            model, example_inputs, table.backend, table.device, table.threads, name)
+        def make() -> Callable[[], Any]:
+            return model_runner(model, example_inputs, table.backend, table.device,
+                                table.threads, name)
+
+        fn = _no_grad(run) if as_run else make() if runners is None else \
+            runners.get(model, make)
         dense_s = time_call(fn, ModelCall("dense", model, example_inputs, table.backend, name),
                             table.timer, repeats=max(table.repeats, 9))
     layers_s = float(sum(full))
