@@ -740,17 +740,19 @@ _LATENCY_SLACK = 0.03
 #: ... and prune() raises when the plan it would return is slower than the target by more
 #: than this (relative) and no plan of a lower aim exists: a miss it cannot close.
 _LATENCY_MISS = 0.07
+#: Plans a latency target makes at most, and one more while none is within _LATENCY_MISS.
+_LATENCY_PLANS = 3
 
 
 def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
                     analysis: _Analysis) -> tuple[PlannedPruning, nn.Module, Any]:
     """Time the pruned model against the dense one; when the measured share of latency is
     off the target by more than ``_LATENCY_SLACK``, re-aim (:func:`_next_aim`) and plan
-    again (twice at most). When several plans were made, they are timed again together with
-    the dense model and the one closest to the target is kept: each plan's first timing ran
-    at its own moment, and on a machine whose load changes between them the comparison of
-    those timings picks the moment rather than the plan. Every plan is made on ``analysis``
-    (one capture, analysis and repair)."""
+    again (twice, three times while none is within ``_LATENCY_MISS``). When several plans
+    were made, they are timed again together with the dense model and the one closest to
+    the target is kept: each plan's first timing ran at its own moment, and on a machine
+    whose load changes between them the comparison of those timings picks the moment rather
+    than the plan. Every plan is made on ``analysis`` (one capture, analysis and repair)."""
     from .latency import Runners, measure_models
     from .report import LatencyReport
 
@@ -776,7 +778,18 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
     aim = target.value
     tried = [(aim, ratio)]  # (aim, measured share)
     floor: Optional[InfeasibleTargetError] = None  # set when no lower aim can be planned
-    while len(plans) < 3 and miss(ratio) > _LATENCY_SLACK:  # a median is steady even if noisy
+
+    def again() -> bool:
+        """Plan once more: the last plan is off by more than the slack (a median is steady
+        even if noisy), within ``_LATENCY_PLANS`` plans, or one beyond while no plan is
+        within ``_LATENCY_MISS``: MobileNetV2 in eager mode once kept a plan at 0.457 after
+        three."""
+        if miss(ratio) <= _LATENCY_SLACK:
+            return False
+        return len(plans) < _LATENCY_PLANS or (
+            len(plans) == _LATENCY_PLANS and min(miss(m) for _, m in tried) > _LATENCY_MISS)
+
+    while again():
         aim = _next_aim(tried, target.value)
         try:
             plans.append(_plan(analysis, work, lifted, example_inputs, Target("latency", aim),

@@ -867,3 +867,34 @@ def test_an_onnx_latency_target_exports_the_dense_model_and_each_plan_once(monke
     assert plans > 1 and "timed again together" in " ".join(result.report.notes)
     assert len(exported) == 1 + plans  # the dense model and each plan, once each
     assert len({id(m) for m in exported}) == len(exported)
+
+
+def test_a_latency_target_plans_once_more_while_no_plan_is_within_seven_percent(monkeypatch):
+    """Three plans that all miss by more than 7% (re-aiming held at the first aim, as a
+    machine whose timings jump between plans can leave it) get a fourth, which lands; with
+    the miss allowed wide enough that those plans are within it, three stay three."""
+    import sys
+
+    api = sys.modules["pruners.api"]
+    real, aims = api._next_aim, []
+
+    def stuck(tried, target):  # the first two re-aims repeat the first aim
+        aims.append(len(tried))
+        return tried[0][0] if len(aims) <= 2 else real(tried, target)
+
+    monkeypatch.setattr(api, "_next_aim", stuck)
+    model, x = _net()
+
+    def hidden(m):  # the layer table cannot see it: the first aim measures far from 0.5
+        return 0.4 + 0.6 * _conv_width(m) / 680
+
+    table = LatencyTable(None, timer=FakeClock(bias=hidden))
+    result = prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
+    lat = result.report.latency
+    assert lat.attempts == 4 and aims == [1, 2, 3]
+    assert lat.ratio == pytest.approx(0.5, rel=0.07)
+
+    aims.clear()
+    monkeypatch.setattr(api, "_LATENCY_MISS", 1.0)
+    result = prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
+    assert result.report.latency.attempts == 3 and aims == [1, 2]
