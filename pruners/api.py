@@ -753,13 +753,13 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
     the target is kept: each plan's first timing ran at its own moment, and on a machine
     whose load changes between them the comparison of those timings picks the moment rather
     than the plan. Every plan is made on ``analysis`` (one capture, analysis and repair)."""
-    from .latency import Runners, measure_models
+    from .latency import measure_models
     from .report import LatencyReport
 
     work, lifted, dense, example_inputs, target, opts, patterns, clock = prepared
     # the dense model (timed first by the latency model) and each plan: exported once for
     # the ONNX runtimes, their sessions dropped when the target is settled
-    runners = analysis.hardware.runners if analysis.hardware is not None else Runners()
+    runners = analysis.hardware.runners
 
     def timed(candidates: list[nn.Module]):
         labels = [f"plan {i + 1}" for i in range(len(candidates))]

@@ -15,18 +15,14 @@ from .staircase import (MODEL_CANDIDATES, RoundTo, auto_round_to, pick_by_model,
                         staircase)
 from .table import LatencyTable, LayerShape, default_cache_path, shape_of
 from .timing import (BACKENDS, Measurement, ModelCall, Runners, Timer, Timing, WallTimer,
-                     dtype_name,
-                     environment, graph_runner, installed, interleave, machine_id,
+                     dtype_name, environment, graph_runner, installed, interleave, machine_id,
                      measure_models, model_runner, onnx_runner, openvino_config,
-                     openvino_request, ort_options, page_faults, require, steady,
-                     time_call)
+                     openvino_request, ort_options, page_faults, require, steady, time_call)
 
 __all__ = ["BACKENDS", "InContext", "LatencyModel", "LayerCall", "latency_model", "layer_calls",
            "RoundTo", "auto_round_to", "pick_round_to", "pick_by_model", "MODEL_CANDIDATES",
-           "staircase", "LatencyTable", "LayerShape",
-           "default_cache_path", "shape_of", "Measurement", "ModelCall", "Runners", "Timer",
-           "Timing",
-           "WallTimer", "dtype_name", "environment", "graph_runner", "installed", "interleave",
-           "machine_id", "measure_models", "model_runner", "onnx_runner", "openvino_config",
-           "openvino_request", "ort_options", "page_faults",
-           "require", "steady", "time_call", "time_in_context"]
+           "staircase", "LatencyTable", "LayerShape", "default_cache_path", "shape_of",
+           "Measurement", "ModelCall", "Runners", "Timer", "Timing", "WallTimer", "dtype_name",
+           "environment", "graph_runner", "installed", "interleave", "machine_id",
+           "measure_models", "model_runner", "onnx_runner", "openvino_config", "openvino_request",
+           "ort_options", "page_faults", "require", "steady", "time_call", "time_in_context"]
