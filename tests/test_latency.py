@@ -898,3 +898,38 @@ def test_a_latency_target_plans_once_more_while_no_plan_is_within_seven_percent(
     monkeypatch.setattr(api, "_LATENCY_MISS", 1.0)
     result = prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
     assert result.report.latency.attempts == 3 and aims == [1, 2]
+
+
+def test_a_latency_target_re_aims_from_the_plans_timed_together_when_they_read_off(
+        monkeypatch):
+    """The second plan lands as timed alone; then the machine changes (the dense model runs
+    faster from the third timing on) and, timed together, every plan reads far over the
+    target. prune() re-aims once more from that timing, at one moment for all plans, and
+    keeps the plan that lands there."""
+    import pruners.latency as latency
+
+    model, x = _net()
+    dense = _conv_width(model)
+    calls: list[list[str]] = []
+    factor = {"dense": 1.0}
+
+    def hidden(m):  # the first plan misses (a cost the layer table cannot see)
+        base = 0.4 + 0.6 * _conv_width(m) / 680
+        return base * (factor["dense"] if _conv_width(m) == dense else 1.0)
+
+    real = latency.measure_models
+
+    def changing(models, *args, **kwargs):
+        calls.append(list(models))
+        factor["dense"] = 0.85 if len(calls) >= 3 else 1.0
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "measure_models", changing)
+    table = LatencyTable(None, timer=FakeClock(bias=hidden))
+    result = prune(model, x, target_latency=0.5, round_to=8, latency_table=table)
+    lat = result.report.latency
+    alone = ["dense", "plan 1"]  # a plan timed with the dense model
+    assert calls == [alone, alone, ["dense", "plan 1", "plan 2"],
+                     ["dense", "plan 1", "plan 2", "plan 3"]]
+    assert lat.attempts == 3 and lat.ratio == pytest.approx(0.5, rel=0.07)
+    assert any("kept plan 3" in n for n in result.report.notes)
