@@ -802,26 +802,28 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
         measured, (ratio,) = timed([plans[-1][1]])
         clock.lap("latency")
         tried.append((aim, ratio))
+    def together() -> tuple[Any, list[float], int]:
+        """Every plan timed again with the dense model, and the one closest to the target."""
+        m, shares = timed([p for _, p in plans])
+        clock.lap("latency")
+        return m, shares, min(range(len(plans)), key=lambda i: miss(shares[i]))
+
     chosen = 0
     if len(plans) > 1:
-        measured, ratios = timed([p for _, p in plans])
-        clock.lap("latency")
-        chosen = min(range(len(plans)), key=lambda i: miss(ratios[i]))
+        measured, ratios, chosen = together()
         if miss(ratios[chosen]) > _LATENCY_MISS and len(plans) <= _LATENCY_PLANS \
                 and floor is None:
             # timed together, at one moment, the plans read otherwise than each did alone
             # (the machine changed between them): re-aim from this timing, once more
-            tried = [(p.target.value, r) for (p, _), r in zip(plans, ratios)]
-            aim = _next_aim(tried, target.value)
+            aim = _next_aim([(p.target.value, r) for (p, _), r in zip(plans, ratios)],
+                            target.value)
             try:
                 plans.append(_plan(analysis, work, lifted, example_inputs,
                                    Target("latency", aim), opts, patterns, clock))
             except InfeasibleTargetError as exc:
                 floor = exc
             else:
-                measured, ratios = timed([p for _, p in plans])
-                clock.lap("latency")
-                chosen = min(range(len(plans)), key=lambda i: miss(ratios[i]))
+                measured, ratios, chosen = together()
         plans[chosen][0].notes.append(
             f"{len(plans)} plans timed again together: measured shares "
             f"{', '.join(f'{r:.3f}' for r in ratios)}; kept plan {chosen + 1}")
