@@ -791,17 +791,26 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
         return len(plans) < _LATENCY_PLANS or (
             len(plans) == _LATENCY_PLANS and min(miss(m) for _, m in tried) > _LATENCY_MISS)
 
-    while again():
-        aim = _next_aim(tried, target.value)
+    def plan_at(aim: float) -> bool:
+        """A plan aimed at ``aim`` added to ``plans``; False (``floor`` set) where no plan
+        of that aim can be made."""
+        nonlocal floor
         try:
             plans.append(_plan(analysis, work, lifted, example_inputs, Target("latency", aim),
                                opts, patterns, clock))
         except InfeasibleTargetError as exc:
             floor = exc
+            return False
+        return True
+
+    while again():
+        aim = _next_aim(tried, target.value)
+        if not plan_at(aim):
             break
         measured, (ratio,) = timed([plans[-1][1]])
         clock.lap("latency")
         tried.append((aim, ratio))
+
     def together() -> tuple[Any, list[float], int]:
         """Every plan timed again with the dense model, and the one closest to the target."""
         m, shares = timed([p for _, p in plans])
@@ -817,12 +826,7 @@ def _toward_latency(prepared: tuple, planned: PlannedPruning, pruned: nn.Module,
             # (the machine changed between them): re-aim from this timing, once more
             aim = _next_aim([(p.target.value, r) for (p, _), r in zip(plans, ratios)],
                             target.value)
-            try:
-                plans.append(_plan(analysis, work, lifted, example_inputs,
-                                   Target("latency", aim), opts, patterns, clock))
-            except InfeasibleTargetError as exc:
-                floor = exc
-            else:
+            if plan_at(aim):
                 measured, ratios, chosen = together()
         plans[chosen][0].notes.append(
             f"{len(plans)} plans timed again together: measured shares "
